@@ -118,6 +118,8 @@ def affine_flow(matrix: tf.Tensor, translation: tf.Tensor, spatial_shape) -> tf.
     Returns:
       ``[B, D, H, W, 3]`` flow.
     """
+    matrix = tf.convert_to_tensor(matrix, tf.float32)
+    translation = tf.convert_to_tensor(translation, tf.float32)
     if matrix.shape.rank != 3 or tuple(matrix.shape[1:]) != (3, 3):
         raise ValueError(f"matrix: expected shape [B, 3, 3], got {matrix.shape}")
     if translation.shape.rank != 2 or translation.shape[-1] != 3:
