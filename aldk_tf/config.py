@@ -1,0 +1,129 @@
+"""One configuration object shared by train, evaluate and export.
+
+Saved as ``config.json`` beside the weights, so ``evaluate.py -c weights/run`` and
+``export.py -c weights/run`` need nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class ModelConfig:
+    """Which registration network: a teacher (VTN/VoxelMorph cascades) or a student."""
+    role: str = "student"                 # "teacher" | "student"
+    base: str = "student"                 # "vtn" | "voxelmorph" | "student"
+    n_cascades: int = 1
+    rep: int = 1
+    affine: str | None = "student"        # "vtn" | "student" | None
+    channels: int = 16
+    student_variant: str = "seed"         # "seed" | "release"
+    image_size: tuple[int, int, int] = (128, 128, 128)
+
+    def build(self, rep: int | None = None, name: str | None = None):
+        from aldk_tf.networks.cascade import RecursiveCascade
+        return RecursiveCascade(self.image_size, base=self.base, n_cascades=self.n_cascades,
+                                rep=self.rep if rep is None else rep, affine=self.affine,
+                                channels=self.channels,
+                                student_variant=self.student_variant,
+                                name=name or self.role)
+
+
+@dataclass
+class LossWeights:
+    similarity: float = 1.0
+    smoothness: float = 1.0
+    det: float = 0.1
+    ortho: float = 0.1
+
+
+@dataclass
+class ALDKConfig:
+    """Adversarial learning with distilled knowledge (seed 001, Algorithm 1)."""
+    enabled: bool = False
+    beta: float = 0.1                     # phi_hat = beta * teacher + (1 - beta) * student
+    gamma: float = 0.3                    # L = gamma * l_rec + (1 - gamma) * l_dis
+    lamb: float = 0.1                     # gradient-penalty weight
+    critic_lr: float = 1e-4
+    adversarial_period: int = 3           # the adversarial term on every k-th step ...
+    adversarial_until: int = 8000         # ... until this step; pure l_rec afterwards
+    critic_period: int = 3                # critic updated on every k-th step
+    teacher: str | None = None            # weights/<teacher run>
+
+
+@dataclass
+class TrainConfig:
+    batch: int = 4
+    round: int = 20000                    # steps per epoch
+    epochs: int = 5
+    lr: float = 1e-4
+    seed: int = 0
+    augment: bool = True
+    checkpoint_every: int = 500
+    validate_every: int = 1000
+    validation_pairs: int = 16
+    schedule: str = "auto"                # "auto" | "step" | "cosine" | "constant"
+
+
+@dataclass
+class RunConfig:
+    dataset: str = ""                     # path of the dataset JSON (RCN layout)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    losses: LossWeights = field(default_factory=LossWeights)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    aldk: ALDKConfig = field(default_factory=ALDKConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        model = dict(data.get("model", {}))
+        if "image_size" in model:
+            model["image_size"] = tuple(model["image_size"])
+        return cls(dataset=data.get("dataset", ""),
+                   model=ModelConfig(**model),
+                   losses=LossWeights(**data.get("losses", {})),
+                   train=TrainConfig(**data.get("train", {})),
+                   aldk=ALDKConfig(**data.get("aldk", {})))
+
+    def save(self, run_dir: str) -> str:
+        os.makedirs(run_dir, exist_ok=True)
+        path = os.path.join(run_dir, CONFIG_NAME)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, run_dir: str) -> "RunConfig":
+        path = os.path.join(run_dir, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{run_dir}: no {CONFIG_NAME} here; expected a run directory written by "
+                f"train.py (weights/<run>)")
+        with open(path) as handle:
+            try:
+                return cls.from_dict(json.load(handle))
+            except (json.JSONDecodeError, TypeError) as error:
+                raise ValueError(f"{path}: not a valid run configuration ({error})") \
+                    from None
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise

@@ -1,0 +1,122 @@
+"""Loss functions. Each returns one value per sample (``[B]``); callers reduce.
+
+Similarity and regularisers follow the RCN/VTN release; the WGAN-GP pieces follow the
+ALDK paper (seed 001) and Gulrajani et al.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+PEARSON_EPS = 1e-6
+ORTHO_EPS = 1e-5
+
+
+def _per_sample(tensor: tf.Tensor) -> tf.Tensor:
+    return tf.reshape(tensor, [tf.shape(tensor)[0], -1])
+
+
+def similarity_loss(fixed_image: tf.Tensor, warped_image: tf.Tensor) -> tf.Tensor:
+    """``1 - Pearson correlation`` over the whole volume of each pair, ``[B]``."""
+    fixed = _per_sample(tf.cast(fixed_image, tf.float32))
+    warped = _per_sample(tf.cast(warped_image, tf.float32))
+    fixed = fixed - tf.reduce_mean(fixed, axis=1, keepdims=True)
+    warped = warped - tf.reduce_mean(warped, axis=1, keepdims=True)
+    covariance = tf.reduce_mean(fixed * warped, axis=1)
+    fixed_var = tf.reduce_mean(fixed * fixed, axis=1)
+    warped_var = tf.reduce_mean(warped * warped, axis=1)
+    return 1.0 - covariance / tf.sqrt(fixed_var * warped_var + PEARSON_EPS)
+
+
+def smoothness_loss(flow: tf.Tensor) -> tf.Tensor:
+    """Sum over the 3 axes of ``0.5 * sum(forward difference ** 2) / (D H W 3)``, ``[B]``."""
+    flow = tf.cast(flow, tf.float32)
+    total = 0.0
+    for axis in (1, 2, 3):
+        n = tf.shape(flow)[axis]
+        difference = (tf.gather(flow, tf.range(1, n), axis=axis)
+                      - tf.gather(flow, tf.range(0, n - 1), axis=axis))
+        total += 0.5 * tf.reduce_sum(_per_sample(difference) ** 2, axis=1)
+    voxels = tf.cast(tf.reduce_prod(tf.shape(flow)[1:]), tf.float32)   # D * H * W * 3
+    return total / voxels
+
+
+def det_loss(matrix: tf.Tensor) -> tf.Tensor:
+    """``0.5 * (det(I + W) - 1) ** 2``, ``[B]``."""
+    affine = tf.cast(matrix, tf.float32) + tf.eye(3)
+    return 0.5 * (tf.linalg.det(affine) - 1.0) ** 2
+
+
+def ortho_loss(matrix: tf.Tensor) -> tf.Tensor:
+    """Deviation of ``A = I + W`` from orthogonality, ``[B]``.
+
+    With ``C = A^T A + eps I`` and ``s1, s2, s3`` the elementary symmetric polynomials of
+    C's eigenvalues (trace, sum of principal 2x2 minors, det):
+    ``s1 + (1 + eps)^2 s2 / s3 - 6 (1 + eps)``; zero for a rotation.
+    """
+    affine = tf.cast(matrix, tf.float32) + tf.eye(3)
+    c = tf.matmul(affine, affine, transpose_a=True) + ORTHO_EPS * tf.eye(3)
+    s1 = tf.linalg.trace(c)
+    s2 = (c[:, 0, 0] * c[:, 1, 1] - c[:, 0, 1] * c[:, 1, 0]
+          + c[:, 0, 0] * c[:, 2, 2] - c[:, 0, 2] * c[:, 2, 0]
+          + c[:, 1, 1] * c[:, 2, 2] - c[:, 1, 2] * c[:, 2, 1])
+    s3 = tf.linalg.det(c)
+    return s1 + (1.0 + ORTHO_EPS) ** 2 * s2 / s3 - 6.0 * (1.0 + ORTHO_EPS)
+
+
+def registration_losses(outputs: dict, fixed_image: tf.Tensor, weights) -> dict:
+    """The RCN unsupervised loss terms of a :class:`RecursiveCascade`'s outputs.
+
+    Similarity on the final warped image only; smoothness on every deformable cascade's
+    own flow; det/ortho on the affine stage. ``weights`` has ``similarity``,
+    ``smoothness``, ``det`` and ``ortho``. Returns per-sample terms (``[B]`` each, already
+    weighted) and their sum under ``"total"``.
+    """
+    terms = {"similarity": weights.similarity * similarity_loss(fixed_image,
+                                                                outputs["warped"])}
+    flows = sorted(key for key in outputs if key.startswith("cascade_flow_"))
+    terms["smoothness"] = weights.smoothness * tf.add_n(
+        [smoothness_loss(outputs[key]) for key in flows])
+    if "matrix" in outputs:
+        terms["det"] = weights.det * det_loss(outputs["matrix"])
+        terms["ortho"] = weights.ortho * ortho_loss(outputs["matrix"])
+    terms["total"] = tf.add_n(list(terms.values()))
+    return terms
+
+
+def gradient_penalty(critic, real_flow: tf.Tensor, fake_flow: tf.Tensor,
+                     alpha: tf.Tensor) -> tf.Tensor:
+    """``(||grad critic(x_hat)||_2 - 1)^2`` at ``x_hat = alpha real + (1 - alpha) fake``.
+
+    ``alpha`` broadcasts as ``[B, 1, 1, 1, 1]`` (a scalar gives the same point for every
+    sample); the norm is over all non-batch axes. Returns ``[B]``.
+    """
+    real_flow = tf.convert_to_tensor(real_flow, tf.float32)
+    fake_flow = tf.convert_to_tensor(fake_flow, tf.float32)
+    interpolate = alpha * real_flow + (1.0 - alpha) * fake_flow
+    with tf.GradientTape() as tape:
+        tape.watch(interpolate)
+        score = critic(interpolate, training=True)
+    gradient = tape.gradient(score, interpolate)
+    norm = tf.sqrt(tf.reduce_sum(_per_sample(gradient) ** 2, axis=1) + 1e-12)
+    return (norm - 1.0) ** 2
+
+
+def critic_loss(critic, teacher_flow, student_flow, alpha, penalty_weight):
+    """WGAN-GP critic objective per sample: ``D(student) - D(teacher) + lambda GP``."""
+    student_score = tf.reshape(critic(student_flow, training=True), [-1])
+    teacher_score = tf.reshape(critic(teacher_flow, training=True), [-1])
+    penalty = gradient_penalty(critic, teacher_flow, student_flow, alpha)
+    return student_score - teacher_score + penalty_weight * penalty, penalty
+
+
+def distillation_loss(critic, teacher_flow, student_flow, beta, penalty_weight):
+    """ALDK's ``l_dis`` per sample: ``||D(s) - D(t)||^2 + lambda (||grad D(phi_hat)|| - 1)^2``.
+
+    ``phi_hat = beta * teacher + (1 - beta) * student``; gradients reach the student
+    through both terms, the critic is only evaluated here.
+    """
+    student_score = tf.reshape(critic(student_flow, training=False), [-1])
+    teacher_score = tf.reshape(critic(teacher_flow, training=False), [-1])
+    penalty = gradient_penalty(critic, teacher_flow, student_flow, beta)
+    return (student_score - teacher_score) ** 2 + penalty_weight * penalty

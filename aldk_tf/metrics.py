@@ -1,0 +1,114 @@
+"""Evaluation metrics (RCN evaluation format plus current practice).
+
+Segmentations are compared as boolean masks, one per label: a binary 0/255 mask
+(liver; ``label_values=None``, threshold > 128) or one mask per value listed in the
+dataset's ``segmentation_class_value`` (brain). The moving segmentation is warped with
+the library's trilinear warp as per-label masks x 255, thresholded at 128, like the
+original evaluation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from aldk_tf import spatial
+
+MASK_THRESHOLD = 128.0
+
+
+def segmentation_masks(segmentation, label_values=None) -> np.ndarray:
+    """``[B, D, H, W, 1]`` label map -> boolean masks ``[B, D, H, W, L]``."""
+    segmentation = np.asarray(segmentation)
+    if label_values is None:
+        return segmentation > MASK_THRESHOLD
+    return np.concatenate([segmentation == value for value in label_values], axis=-1)
+
+
+def warp_segmentation(segmentation, flow, label_values=None) -> np.ndarray:
+    """Warp a label map by ``flow``; boolean masks ``[B, D, H, W, L]``."""
+    masks = segmentation_masks(segmentation, label_values).astype(np.float32) * 255.0
+    warped = spatial.warp(tf.constant(masks), flow).numpy()
+    return warped > MASK_THRESHOLD
+
+
+def dice(masks_a, masks_b) -> np.ndarray:
+    """Per-sample, per-label Dice ``[B, L]``; NaN where a label is empty in both."""
+    a, b = np.asarray(masks_a, bool), np.asarray(masks_b, bool)
+    axes = (1, 2, 3)
+    intersection = np.logical_and(a, b).sum(axis=axes)
+    total = a.sum(axis=axes) + b.sum(axis=axes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, 2.0 * intersection / total, np.nan)
+
+
+def jaccard(masks_a, masks_b) -> np.ndarray:
+    """Per-sample, per-label Jaccard ``[B, L]``; NaN where a label is empty in both."""
+    a, b = np.asarray(masks_a, bool), np.asarray(masks_b, bool)
+    axes = (1, 2, 3)
+    intersection = np.logical_and(a, b).sum(axis=axes)
+    union = np.logical_or(a, b).sum(axis=axes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, intersection / union, np.nan)
+
+
+def sample_flow(flow, points) -> np.ndarray:
+    """Trilinear sample of one flow ``[D, H, W, 3]`` at voxel ``points`` ``[P, 3]``."""
+    coordinate = tf.reshape(tf.constant(points, tf.float32), [-1, 1, 1, 3])
+    values = spatial.resample(tf.constant(flow, tf.float32)[None], coordinate, 1)
+    return values.numpy().reshape(-1, 3)
+
+
+def landmark_distance(fixed_points, moving_points, flow) -> np.ndarray:
+    """Mean Euclidean distance (voxels) between ``p + flow(p)`` and the moving landmark.
+
+    A fixed landmark ``p`` corresponds to ``p + flow(p)`` in the moving image. Points with
+    any coordinate < 0 (absent) in either image are skipped; NaN when none remain.
+    Shapes: points ``[B, P, 3]``, flow ``[B, D, H, W, 3]``; returns ``[B]``.
+    """
+    fixed_points, moving_points = np.asarray(fixed_points), np.asarray(moving_points)
+    flow = np.asarray(flow)
+    distances = np.full(fixed_points.shape[0], np.nan)
+    for b in range(fixed_points.shape[0]):
+        valid = (fixed_points[b] >= 0).all(axis=1) & (moving_points[b] >= 0).all(axis=1)
+        if valid.any():
+            mapped = fixed_points[b, valid] + sample_flow(flow[b], fixed_points[b, valid])
+            distances[b] = np.linalg.norm(mapped - moving_points[b, valid], axis=1).mean()
+    return distances
+
+
+def jacobian_statistics(flow) -> dict[str, np.ndarray]:
+    """Per-sample std of det(J(x + flow)) and the percentage of voxels with det <= 0."""
+    determinant = spatial.jacobian_determinant(flow).numpy()
+    flat = determinant.reshape(determinant.shape[0], -1)
+    return {"jacobian_det_std": flat.std(axis=1),
+            "folding_percent": 100.0 * (flat <= 0).mean(axis=1)}
+
+
+def pair_metrics(fixed_seg, moving_seg, flow, label_values=None, fixed_points=None,
+                 moving_points=None) -> dict[str, np.ndarray]:
+    """Everything the evaluation reports for a batch of registered pairs.
+
+    Returns per-sample arrays: ``dice`` and ``jacc`` (mean over labels), ``dice_labels``
+    and ``jacc_labels`` (``[B, L]``), ``landmark_distance``, ``jacobian_det_std`` and
+    ``folding_percent``.
+    """
+    fixed_masks = segmentation_masks(fixed_seg, label_values)
+    warped_masks = warp_segmentation(moving_seg, flow, label_values)
+    dice_labels, jacc_labels = dice(fixed_masks, warped_masks), jaccard(fixed_masks,
+                                                                        warped_masks)
+    result = {"dice_labels": dice_labels, "jacc_labels": jacc_labels,
+              "dice": _nanmean_rows(dice_labels), "jacc": _nanmean_rows(jacc_labels)}
+    if fixed_points is not None and moving_points is not None:
+        result["landmark_distance"] = landmark_distance(fixed_points, moving_points, flow)
+    else:
+        result["landmark_distance"] = np.full(len(dice_labels), np.nan)
+    result.update(jacobian_statistics(flow))
+    return result
+
+
+def _nanmean_rows(values: np.ndarray) -> np.ndarray:
+    counts = np.sum(~np.isnan(values), axis=1)
+    sums = np.nansum(values, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)

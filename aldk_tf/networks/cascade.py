@@ -1,0 +1,150 @@
+"""Recursive cascades (RCN): an affine stage, then n deformable cascades of a base network.
+
+Every cascade sees ``(fixed, moving warped by the current aggregate flow)``; its own flow
+is composed into the aggregate (``agg_k(x) = agg_{k-1}(x + flow_k(x)) + flow_k(x)``, in
+the exact ``A flow + affine`` form right after the affine stage), and the original moving
+image is warped once by the aggregate, so interpolation never accumulates.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from aldk_tf.layers import ComposeAffine, ComposeFlows, Warp
+from aldk_tf.networks.affine import AFFINE_VARIANTS, AffineStem
+from aldk_tf.networks.blocks import check_image_size
+from aldk_tf.networks.student import StudentNet
+from aldk_tf.networks.voxelmorph import VoxelMorphNet
+from aldk_tf.networks.vtn import VTNNet
+
+BASES = ("vtn", "voxelmorph", "student")
+
+
+def _base_network(base, image_size, flow_multiplier, name, channels, student_variant):
+    if base == "vtn":
+        return VTNNet(image_size, channels=channels, flow_multiplier=flow_multiplier,
+                      name=name)
+    if base == "voxelmorph":
+        return VoxelMorphNet(image_size, flow_multiplier=flow_multiplier, name=name)
+    return StudentNet(image_size, variant=student_variant, flow_multiplier=flow_multiplier,
+                      name=name)
+
+
+@keras.saving.register_keras_serializable(package="aldk_tf")
+class RecursiveCascade(keras.Model):
+    """``{"fixed", "moving"}`` (``[B, D, H, W, 1]`` each) -> a dict of outputs.
+
+    Outputs: ``flow`` (final aggregate, ``[B, D, H, W, 3]``), ``warped`` (moving warped
+    by it), ``matrix`` / ``translation`` / ``affine_flow`` (affine stage; zeros-free
+    only when ``affine`` is set), and per deformable step k = 1..n·rep
+    ``cascade_flow_k`` (the step's own flow) and ``warped_k``.
+
+    Args:
+      image_size: (D, H, W), each divisible by 16.
+      base: "vtn", "voxelmorph" or "student".
+      n_cascades: number of distinct deformable cascades; each has flow multiplier 1/n.
+      rep: shared-weight repetition: every cascade is applied ``rep`` times in a row
+        (RCN's test-time trick); the weights are those of the ``rep=1`` model.
+      affine: "vtn", "student" or None (no affine stage).
+      channels: VTN/student base width.
+      student_variant: "seed" (paper) or "release" (released code's decoder).
+    """
+
+    def __init__(self, image_size=(128, 128, 128), base="vtn", n_cascades=1, rep=1,
+                 affine="vtn", channels=16, student_variant="seed", name="cascade",
+                 **kwargs):
+        if base not in BASES:
+            raise ValueError(f"RecursiveCascade: base must be one of {BASES}, got {base!r}")
+        if affine is not None and affine not in AFFINE_VARIANTS:
+            raise ValueError(f"RecursiveCascade: affine must be one of "
+                             f"{sorted(AFFINE_VARIANTS)} or None, got {affine!r}")
+        if int(n_cascades) < 1 or int(rep) < 1:
+            raise ValueError(f"RecursiveCascade: n_cascades and rep must be >= 1, got "
+                             f"n_cascades={n_cascades}, rep={rep}")
+        image_size = check_image_size("RecursiveCascade", image_size, 16)
+        fixed = keras.Input(shape=(*image_size, 1), name="fixed")
+        moving = keras.Input(shape=(*image_size, 1), name="moving")
+        outputs = {}
+        warp = Warp(name="warp")
+        concat = keras.layers.Concatenate(name="pair")
+
+        aggregate = matrix = None
+        warped = moving
+        if affine is not None:
+            stem = AffineStem(image_size, variant=affine, name="affine_stem")
+            affine_out = stem(concat([fixed, moving]))
+            matrix, aggregate = affine_out["matrix"], affine_out["flow"]
+            outputs.update(matrix=matrix, translation=affine_out["translation"],
+                           affine_flow=aggregate)
+            warped = warp([moving, aggregate])
+
+        networks = [_base_network(base, image_size, 1.0 / n_cascades, f"cascade_{k + 1}",
+                                  channels, student_variant)
+                    for k in range(n_cascades)]
+        step = 0
+        for network in networks:
+            for _ in range(rep):
+                step += 1
+                flow = network(concat([fixed, warped]))
+                if aggregate is None:
+                    aggregate = flow
+                elif step == 1:
+                    aggregate = ComposeAffine(name="compose_affine")(
+                        [matrix, aggregate, flow])
+                else:
+                    aggregate = ComposeFlows(name=f"compose_{step}")([aggregate, flow])
+                warped = warp([moving, aggregate])
+                outputs[f"cascade_flow_{step}"] = flow
+                outputs[f"warped_{step}"] = warped
+        outputs.update(flow=aggregate, warped=warped)
+        super().__init__(inputs={"fixed": fixed, "moving": moving}, outputs=outputs,
+                         name=name, **kwargs)
+        self.image_size, self.base, self.affine = image_size, base, affine
+        self.n_cascades, self.rep, self.channels = int(n_cascades), int(rep), channels
+        self.student_variant = student_variant
+        self.steps = step
+
+    def get_config(self):
+        return {"image_size": list(self.image_size), "base": self.base,
+                "n_cascades": self.n_cascades, "rep": self.rep, "affine": self.affine,
+                "channels": self.channels, "student_variant": self.student_variant,
+                "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def with_rep(self, rep: int) -> "RecursiveCascade":
+        """The same weights applied with ``rep`` shared-weight repetitions."""
+        model = RecursiveCascade(**{**self.get_config(), "rep": rep})
+        model.set_weights(self.get_weights())
+        return model
+
+    def registration_model(self) -> keras.Model:
+        """Inference graph: ``{"fixed", "moving"}`` -> ``{"flow", "warped"}`` only."""
+        outputs = {key: self.output[key] for key in ("flow", "warped")}
+        return keras.Model(inputs=self.input, outputs=outputs, name=f"{self.name}_register")
+
+    def deformable_flow_keys(self) -> list[str]:
+        return [f"cascade_flow_{k}" for k in range(1, self.steps + 1)]
+
+    def parameter_report(self) -> dict[str, int]:
+        """Trainable + non-trainable parameters per stage, and the total."""
+        report = {layer.name: int(layer.count_params()) for layer in self.layers
+                  if isinstance(layer, keras.Model)}
+        report["total"] = int(self.count_params())
+        return report
+
+
+def build_teacher(image_size=(128, 128, 128), n_cascades=3, base="vtn", rep=1,
+                  name="teacher") -> RecursiveCascade:
+    """The RCN teacher: VTN affine stem + ``n_cascades`` VTN (or VoxelMorph) cascades."""
+    return RecursiveCascade(image_size, base=base, n_cascades=n_cascades, rep=rep,
+                            affine="vtn", name=name)
+
+
+def build_student(image_size=(128, 128, 128), n_cascades=1, variant="seed", rep=1,
+                  name="student") -> RecursiveCascade:
+    """The light-weight student: cheap affine stage + ``n_cascades`` student cascades."""
+    return RecursiveCascade(image_size, base="student", n_cascades=n_cascades, rep=rep,
+                            affine="student", student_variant=variant, name=name)

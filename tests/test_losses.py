@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from aldk_tf import losses
+from aldk_tf.config import LossWeights
+from aldk_tf.networks import build_student
+
+
+def test_similarity_is_one_minus_pearson(rng):
+    a = rng.random((3, 8, 8, 8, 1)).astype(np.float32)
+    b = (a * 0.5 + rng.random(a.shape) * 0.5).astype(np.float32)
+    expected = [1 - np.corrcoef(a[i].ravel(), b[i].ravel())[0, 1] for i in range(3)]
+    # The 1e-6 inside the square root shifts the value by ~1e-4 at these variances.
+    np.testing.assert_allclose(losses.similarity_loss(a, b).numpy(), expected, atol=3e-4)
+    cov = [np.cov(a[i].ravel(), b[i].ravel(), bias=True) for i in range(3)]
+    with_eps = [1 - c[0, 1] / np.sqrt(c[0, 0] * c[1, 1] + 1e-6) for c in cov]
+    np.testing.assert_allclose(losses.similarity_loss(a, b).numpy(), with_eps, atol=1e-5)
+    np.testing.assert_allclose(losses.similarity_loss(a, a).numpy(), 0.0, atol=1e-4)
+
+
+def test_smoothness_matches_numpy(rng):
+    flow = rng.standard_normal((2, 6, 7, 8, 3)).astype(np.float32)
+    expected = sum(0.5 * (np.diff(flow, axis=a) ** 2).sum(axis=(1, 2, 3, 4))
+                   for a in (1, 2, 3)) / (6 * 7 * 8 * 3)
+    np.testing.assert_allclose(losses.smoothness_loss(flow).numpy(), expected, rtol=1e-5)
+    assert losses.smoothness_loss(np.ones_like(flow)).numpy().max() == 0
+
+
+def test_det_and_ortho_vanish_on_rotations_only():
+    angle = 0.3
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle),
+                         np.cos(angle), 0], [0, 0, 1]], np.float32)
+    scaling = np.diag([1.2, 0.9, 1.0]).astype(np.float32)
+    w = np.stack([rotation - np.eye(3), scaling - np.eye(3)]).astype(np.float32)
+    det = losses.det_loss(w).numpy()
+    ortho = losses.ortho_loss(w).numpy()
+    assert det[0] < 1e-8 and abs(ortho[0]) < 1e-3
+    np.testing.assert_allclose(det[1], 0.5 * (1.08 - 1) ** 2, rtol=1e-4)
+    # Independent: eigenvalues of C = A^T A + eps I.
+    c = scaling.T @ scaling + 1e-5 * np.eye(3)
+    lam = np.linalg.eigvalsh(c)
+    s1, s2, s3 = lam.sum(), lam[0] * lam[1] + lam[0] * lam[2] + lam[1] * lam[2], lam.prod()
+    expected = s1 + (1 + 1e-5) ** 2 * s2 / s3 - 6 * (1 + 1e-5)
+    np.testing.assert_allclose(ortho[1], expected, rtol=1e-4)
+
+
+def test_registration_losses_terms(rng):
+    model = build_student((16, 16, 16), n_cascades=2)
+    fixed = rng.random((2, 16, 16, 16, 1)).astype(np.float32)
+    outputs = model({"fixed": fixed, "moving": fixed[::-1]})
+    terms = losses.registration_losses(outputs, fixed, LossWeights())
+    assert set(terms) == {"similarity", "smoothness", "det", "ortho", "total"}
+    for value in terms.values():
+        assert value.shape == (2,) and np.all(np.isfinite(value))
+    expected_smooth = (losses.smoothness_loss(outputs["cascade_flow_1"])
+                       + losses.smoothness_loss(outputs["cascade_flow_2"]))
+    np.testing.assert_allclose(terms["smoothness"], expected_smooth, rtol=1e-5)
+
+
+def test_gradient_penalty_zero_for_unit_norm_linear_critic(rng):
+    """A linear critic with a unit-norm weight has gradient norm 1 everywhere."""
+    weight = rng.standard_normal((4, 4, 4, 3)).astype(np.float32)
+    weight /= np.linalg.norm(weight)
+
+    def critic(flow, training=False):
+        return tf.reduce_sum(flow * weight, axis=[1, 2, 3, 4])[:, None]
+
+    real = rng.standard_normal((2, 4, 4, 4, 3)).astype(np.float32)
+    fake = rng.standard_normal((2, 4, 4, 4, 3)).astype(np.float32)
+    alpha = tf.constant(rng.random((2, 1, 1, 1, 1)), tf.float32)
+    np.testing.assert_allclose(losses.gradient_penalty(critic, real, fake, alpha), 0.0,
+                               atol=1e-6)
+
+    def steep(flow, training=False):
+        return 3.0 * critic(flow)
+
+    np.testing.assert_allclose(losses.gradient_penalty(steep, real, fake, alpha), 4.0,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 1.0])
+def test_distillation_loss_zero_when_flows_match(rng, beta):
+    weight = rng.standard_normal((4, 4, 4, 3)).astype(np.float32)
+    weight /= np.linalg.norm(weight)
+
+    def critic(flow, training=False):
+        return tf.reduce_sum(flow * weight, axis=[1, 2, 3, 4])[:, None]
+
+    flow = rng.standard_normal((2, 4, 4, 4, 3)).astype(np.float32)
+    np.testing.assert_allclose(losses.distillation_loss(critic, flow, flow, beta, 0.1),
+                               0.0, atol=1e-6)
+    other = flow + 1.0
+    assert np.all(losses.distillation_loss(critic, flow, other, beta, 0.1).numpy() > 0)

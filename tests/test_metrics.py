@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+
+from aldk_tf import metrics, spatial
+
+
+def reference_dice(a, b):
+    a, b = a.ravel().astype(bool), b.ravel().astype(bool)
+    return 2 * np.sum(a & b) / (np.sum(a) + np.sum(b))
+
+
+def test_dice_and_jaccard_per_label(rng):
+    seg_a = rng.integers(0, 4, (2, 10, 10, 10, 1))
+    seg_b = rng.integers(0, 4, (2, 10, 10, 10, 1))
+    labels = [1, 2, 3]
+    a, b = metrics.segmentation_masks(seg_a, labels), metrics.segmentation_masks(seg_b,
+                                                                                 labels)
+    d, j = metrics.dice(a, b), metrics.jaccard(a, b)
+    for s in range(2):
+        for i, v in enumerate(labels):
+            expected = reference_dice(seg_a[s] == v, seg_b[s] == v)
+            assert d[s, i] == pytest.approx(expected)
+            assert j[s, i] == pytest.approx(expected / (2 - expected))
+
+
+def test_binary_mask_threshold():
+    seg = np.zeros((1, 4, 4, 4, 1))
+    seg[0, :2] = 255
+    masks = metrics.segmentation_masks(seg)
+    assert masks.shape == (1, 4, 4, 4, 1) and masks.sum() == 32
+
+
+def test_identity_registration_gives_perfect_dice(rng):
+    seg = rng.integers(0, 3, (1, 8, 8, 8, 1)).astype(np.float32)
+    flow = np.zeros((1, 8, 8, 8, 3), np.float32)
+    result = metrics.pair_metrics(seg, seg, flow, label_values=[1, 2])
+    np.testing.assert_allclose(result["dice"], 1.0)
+    np.testing.assert_allclose(result["jacobian_det_std"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(result["folding_percent"], 0.0)
+
+
+def test_warp_segmentation_translation():
+    seg = np.zeros((1, 8, 8, 8, 1), np.float32)
+    seg[0, 2:4, 2:4, 2:4] = 2
+    flow = np.zeros((1, 8, 8, 8, 3), np.float32)
+    flow[..., 0] = 1.0           # samples moving at z + 1: content moves to z - 1
+    warped = metrics.warp_segmentation(seg, flow, [2])
+    assert warped[0, 1:3, 2:4, 2:4, 0].all() and warped.sum() == 8
+
+
+def test_landmark_distance():
+    flow = np.zeros((1, 8, 8, 8, 3), np.float32)
+    flow[..., 2] = 2.0
+    fixed = np.array([[[1, 1, 1], [3, 3, 3], [-1, -1, -1]]], np.float32)
+    moving = np.array([[[1, 1, 3], [3, 3, 6], [2, 2, 2]]], np.float32)
+    # First maps exactly, second is 1 voxel off, third is absent.
+    np.testing.assert_allclose(metrics.landmark_distance(fixed, moving, flow), [0.5])
+
+
+def test_folding_percentage():
+    flow = np.zeros((1, 8, 8, 8, 3), np.float32)
+    flow[..., 0] = -1.5 * np.arange(8)[:, None, None]   # d(z + u)/dz = -0.5
+    stats = metrics.jacobian_statistics(flow)
+    np.testing.assert_allclose(stats["folding_percent"], 100.0)
+    determinant = spatial.jacobian_determinant(flow).numpy()
+    np.testing.assert_allclose(determinant, -0.5, atol=1e-6)

@@ -1,0 +1,129 @@
+import numpy as np
+import pytest
+
+import keras
+
+from aldk_tf.critic import FlowCritic
+from aldk_tf.networks import (AffineStem, RecursiveCascade, StudentNet, VoxelMorphNet,
+                              VTNNet, build_student, build_teacher)
+
+SIZE = (16, 16, 16)
+
+
+def pair(rng, batch=1, size=SIZE):
+    return {"fixed": rng.random((batch, *size, 1)).astype(np.float32),
+            "moving": rng.random((batch, *size, 1)).astype(np.float32)}
+
+
+def test_parameter_counts_at_128():
+    """The counts the README quotes: VTN subnetwork ~28 M, seed student <= 1.6 M."""
+    size = (128, 128, 128)
+    assert abs(VTNNet(size).count_params() - 28.25e6) < 0.1e6
+    assert StudentNet(size).count_params() <= 1.6e6
+    assert StudentNet(size).count_params() * 10 < VTNNet(size).count_params() * 0.6
+
+
+@pytest.mark.parametrize("network", [
+    lambda: VTNNet(SIZE), lambda: VoxelMorphNet(SIZE), lambda: StudentNet(SIZE),
+    lambda: StudentNet(SIZE, variant="release"), lambda: FlowCritic(SIZE),
+    lambda: AffineStem(SIZE), lambda: AffineStem(SIZE, variant="student")])
+def test_config_round_trip_gives_identical_outputs(rng, network):
+    model = network()
+    clone = type(model).from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    channels = model.input.shape[-1]
+    x = rng.random((2, *SIZE, channels)).astype(np.float32)
+    out, out_clone = model(x), clone(x)
+    if isinstance(out, dict):
+        for key in out:
+            np.testing.assert_array_equal(out[key], out_clone[key])
+    else:
+        np.testing.assert_array_equal(out, out_clone)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: build_teacher(SIZE, n_cascades=2),
+    lambda: build_student(SIZE, n_cascades=3),
+    lambda: RecursiveCascade(SIZE, base="voxelmorph", n_cascades=1, affine=None)])
+def test_cascade_save_and_load(tmp_path, rng, build):
+    model = build()
+    # Move weights away from the zero-initialised affine heads so the test can fail.
+    model.set_weights([w + rng.normal(0, 1e-3, w.shape).astype(w.dtype)
+                       for w in model.get_weights()])
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    inputs = pair(rng, batch=2)
+    out, out_loaded = model(inputs), loaded(inputs)
+    assert set(out) == set(out_loaded)
+    for key in out:
+        np.testing.assert_allclose(out[key], out_loaded[key], atol=1e-6)
+
+
+@pytest.mark.parametrize("n_cascades", [1, 2, 3])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_student_cascade_shapes(rng, n_cascades, batch):
+    model = build_student(SIZE, n_cascades=n_cascades)
+    out = model(pair(rng, batch))
+    assert out["flow"].shape == (batch, *SIZE, 3)
+    assert out["warped"].shape == (batch, *SIZE, 1)
+    assert out["matrix"].shape == (batch, 3, 3)
+    assert model.deformable_flow_keys() == [f"cascade_flow_{k}"
+                                            for k in range(1, n_cascades + 1)]
+
+
+def test_teacher_at_32_and_non_cubic(rng):
+    model = build_teacher((32, 16, 48), n_cascades=1)
+    out = model(pair(rng, size=(32, 16, 48)))
+    assert out["flow"].shape == (1, 32, 16, 48, 3)
+
+
+def test_aggregate_flow_is_the_composition(rng):
+    """The final flow equals composing the affine flow with each cascade's own flow."""
+    from aldk_tf import spatial
+    model = build_student(SIZE, n_cascades=2)
+    model.set_weights([w + rng.normal(0, 2e-3, w.shape).astype(w.dtype)
+                       for w in model.get_weights()])
+    inputs = pair(rng)
+    out = model(inputs)
+    aggregate = spatial.compose_affine(out["matrix"], out["affine_flow"],
+                                       out["cascade_flow_1"])
+    aggregate = spatial.compose(aggregate, out["cascade_flow_2"])
+    np.testing.assert_allclose(out["flow"], aggregate, atol=1e-5)
+    np.testing.assert_allclose(out["warped"], spatial.warp(inputs["moving"], aggregate),
+                               atol=1e-5)
+
+
+def test_shared_weight_repetition(rng):
+    model = build_student(SIZE, n_cascades=1)
+    repeated = model.with_rep(3)
+    assert repeated.count_params() == model.count_params()
+    out = repeated(pair(rng))
+    assert {"cascade_flow_3", "warped_3"} <= set(out)
+    assert "cascade_flow_4" not in out
+
+
+def test_registration_model_outputs_flow_and_warped(rng):
+    model = build_student(SIZE)
+    inference = model.registration_model()
+    inputs = pair(rng)
+    out = inference(inputs)
+    assert set(out) == {"flow", "warped"}
+    np.testing.assert_array_equal(out["flow"], model(inputs)["flow"])
+
+
+def test_parameter_report_sums_to_total():
+    report = build_teacher(SIZE, n_cascades=2).parameter_report()
+    assert set(report) == {"affine_stem", "cascade_1", "cascade_2", "total"}
+    assert sum(v for k, v in report.items() if k != "total") == report["total"]
+
+
+@pytest.mark.parametrize("bad", [(15, 16, 16), (16, 16), (8, 8, 8)])
+def test_bad_image_size_is_rejected(bad):
+    with pytest.raises(ValueError, match="divisible by 16"):
+        StudentNet(bad)
+
+
+def test_bad_base_is_rejected():
+    with pytest.raises(ValueError, match="base must be one of"):
+        RecursiveCascade(SIZE, base="unet")
