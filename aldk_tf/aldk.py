@@ -1,0 +1,144 @@
+"""ALDK: adversarial learning with distilled knowledge (seed 001, parts 2 and 3).
+
+One Keras model holds the student, the critic and (optionally) the frozen teacher; its
+``train_step`` makes, on the schedule of Algorithm 1,
+
+* a student update with ``gamma * l_rec + (1 - gamma) * l_dis`` on adversarial steps and
+  ``l_rec`` alone otherwise, where ``l_rec`` is the unsupervised RCN objective and
+  ``l_dis = ||D(phi_s) - D(phi_t)||^2 + lambda (||grad D(phi_hat)|| - 1)^2`` with
+  ``phi_hat = beta phi_t + (1 - beta) phi_s``;
+* a critic update (its own optimizer) with the WGAN-GP objective
+  ``mean D(phi_s) - mean D(phi_t) + lambda GP``, interpolates uniform per sample.
+
+Step ``s`` (0-based, the student optimizer's iteration count, so it is checkpointed and a
+resumed run continues on the same schedule) is adversarial when ``s % period == 0`` and
+``s < until``; the critic is updated when ``s % critic_period == 0`` and ``s < until``.
+
+The teacher flow comes from the batch (``teacher_flow``, stored once by the extraction
+step) or, when the batch has none, from the frozen teacher run on that very batch (exact
+for augmented pairs, at the cost of a teacher forward pass per step).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from aldk_tf.losses import critic_loss, distillation_loss, registration_losses
+from aldk_tf.training import LOSS_TERMS, average_over_batch, network_inputs
+
+ALDK_METRICS = ("loss", "rec", "dis", "critic", "gp", "adversarial") + LOSS_TERMS
+
+
+class ALDKTrainer(keras.Model):
+    """``compile(g_optimizer=..., d_optimizer=...)``, then ``fit``."""
+
+    def __init__(self, student, critic, loss_weights, aldk, teacher=None,
+                 global_batch_size=None, **kwargs):
+        super().__init__(**kwargs)
+        self.student, self.critic, self.teacher = student, critic, teacher
+        if teacher is not None:
+            teacher.trainable = False
+        self.loss_weights, self.aldk = loss_weights, aldk
+        self.global_batch_size = global_batch_size
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in ALDK_METRICS}
+
+    def compile(self, g_optimizer, d_optimizer, **kwargs):
+        super().compile(**kwargs)
+        self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
+        # Built up front so the conditional updates never create variables in a branch.
+        g_optimizer.build(self.student.trainable_variables)
+        d_optimizer.build(self.critic.trainable_variables)
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    @property
+    def step(self):
+        return self.g_optimizer.iterations
+
+    def call(self, inputs, training=False):
+        return self.student(inputs, training=training)
+
+    def schedule(self, step):
+        """``(adversarial, critic_update)`` booleans for a 0-based step."""
+        before_cut = step < self.aldk.adversarial_until
+        adversarial = tf.logical_and(before_cut,
+                                     step % self.aldk.adversarial_period == 0)
+        critic_update = tf.logical_and(before_cut, step % self.aldk.critic_period == 0)
+        return adversarial, critic_update
+
+    def teacher_flow(self, batch):
+        if "teacher_flow" in batch:
+            return tf.cast(batch["teacher_flow"], tf.float32)
+        if self.teacher is None:
+            raise ValueError("ALDK batch has no 'teacher_flow' and no teacher model was "
+                             "given")
+        return tf.stop_gradient(self.teacher(network_inputs(batch), training=False)["flow"])
+
+    def _alpha(self, batch_size):
+        return tf.random.uniform([batch_size, 1, 1, 1, 1])
+
+    def student_update(self, batch, teacher_flow, adversarial):
+        """One student step; returns its outputs, loss terms, ``l_rec``, ``l_dis``, loss."""
+        aldk = self.aldk
+        gamma = tf.where(adversarial, aldk.gamma, 1.0)
+        with tf.GradientTape() as tape:
+            outputs = self.student(network_inputs(batch), training=True)
+            terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
+            rec = average_over_batch(terms["total"], self.global_batch_size)
+            dis = tf.cond(
+                adversarial,
+                lambda: average_over_batch(
+                    distillation_loss(self.critic, teacher_flow, outputs["flow"],
+                                      aldk.beta, aldk.lamb), self.global_batch_size),
+                lambda: tf.constant(0.0))
+            loss = gamma * rec + (1.0 - gamma) * dis
+        variables = self.student.trainable_variables
+        self.g_optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return outputs, terms, rec, dis, loss
+
+    def critic_update(self, teacher_flow, student_flow):
+        """One WGAN-GP critic step; returns ``(objective, mean gradient penalty)``."""
+        student_flow = tf.stop_gradient(student_flow)
+        alpha = self._alpha(tf.shape(student_flow)[0])
+        with tf.GradientTape() as tape:
+            per_sample, penalty = critic_loss(self.critic, teacher_flow, student_flow,
+                                              alpha, self.aldk.lamb)
+            objective = average_over_batch(per_sample, self.global_batch_size)
+        variables = self.critic.trainable_variables
+        self.d_optimizer.apply_gradients(zip(tape.gradient(objective, variables),
+                                             variables))
+        return objective, tf.reduce_mean(penalty)
+
+    def train_step(self, batch):
+        step = tf.cast(self.step, tf.int64)
+        adversarial, critic_update = self.schedule(step)
+        teacher_flow = self.teacher_flow(batch)                  # [B, D, H, W, 3]
+        outputs, terms, rec, dis, loss = self.student_update(batch, teacher_flow,
+                                                             adversarial)
+        # The critic judges the flow the student produced in this step.
+        critic_value, penalty = tf.cond(
+            critic_update, lambda: self.critic_update(teacher_flow, outputs["flow"]),
+            lambda: (tf.constant(0.0), tf.constant(0.0)))
+
+        values = {"loss": loss, "rec": rec, "adversarial": tf.cast(adversarial, tf.float32)}
+        for name in LOSS_TERMS:
+            if name in terms:
+                values[name] = tf.reduce_mean(terms[name])
+        for name, value in values.items():
+            self.trackers[name].update_state(value)
+        # Adversarial-only quantities are averaged over the steps where they exist.
+        self.trackers["dis"].update_state(dis, sample_weight=tf.cast(adversarial,
+                                                                     tf.float32))
+        critic_weight = tf.cast(critic_update, tf.float32)
+        self.trackers["critic"].update_state(critic_value, sample_weight=critic_weight)
+        self.trackers["gp"].update_state(penalty, sample_weight=critic_weight)
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
+
+    def test_step(self, batch):
+        outputs = self.student(network_inputs(batch), training=False)
+        terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
+        self.trackers["rec"].update_state(tf.reduce_mean(terms["total"]))
+        return {"rec": self.trackers["rec"].result()}

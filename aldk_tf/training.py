@@ -1,0 +1,64 @@
+"""Unsupervised training of a registration network (the teacher, or a plain student)."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from aldk_tf.losses import registration_losses
+
+LOSS_TERMS = ("similarity", "smoothness", "det", "ortho")
+
+
+def average_over_batch(per_sample: tf.Tensor, global_batch_size=None) -> tf.Tensor:
+    """Mean over the global batch (correct under a tf.distribute strategy)."""
+    return tf.nn.compute_average_loss(per_sample, global_batch_size=global_batch_size)
+
+
+def network_inputs(batch: dict) -> dict:
+    return {"fixed": batch["fixed"], "moving": batch["moving"]}
+
+
+class RegistrationTrainer(keras.Model):
+    """Wraps a :class:`RecursiveCascade` with the RCN unsupervised objective.
+
+    ``compile(optimizer=...)`` then ``fit`` on batches of ``{"fixed", "moving", ...}``.
+    The loss is similarity on the final warp + smoothness on every deformable cascade
+    + det/ortho on the affine stage (see :func:`registration_losses`).
+    """
+
+    def __init__(self, network, loss_weights, global_batch_size=None, **kwargs):
+        super().__init__(**kwargs)
+        self.network = network
+        self.loss_weights = loss_weights
+        self.global_batch_size = global_batch_size
+        self.trackers = {name: keras.metrics.Mean(name=name)
+                         for name in ("loss",) + LOSS_TERMS}
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def call(self, inputs, training=False):
+        return self.network(inputs, training=training)
+
+    def _update_trackers(self, terms: dict, loss) -> dict:
+        self.trackers["loss"].update_state(loss)
+        for name in LOSS_TERMS:
+            if name in terms:
+                self.trackers[name].update_state(tf.reduce_mean(terms[name]))
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
+
+    def train_step(self, batch):
+        with tf.GradientTape() as tape:
+            outputs = self.network(network_inputs(batch), training=True)
+            terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
+            loss = average_over_batch(terms["total"], self.global_batch_size)
+        variables = self.network.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return self._update_trackers(terms, loss)
+
+    def test_step(self, batch):
+        outputs = self.network(network_inputs(batch), training=False)
+        terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
+        return self._update_trackers(terms, tf.reduce_mean(terms["total"]))
