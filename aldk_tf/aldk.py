@@ -25,7 +25,7 @@ import keras
 import tensorflow as tf
 
 from aldk_tf.losses import critic_loss, distillation_loss, registration_losses
-from aldk_tf.training import LOSS_TERMS, average_over_batch, network_inputs
+from aldk_tf.training import LOSS_TERMS, average_over_batch, network_inputs, unpack
 
 ALDK_METRICS = ("loss", "rec", "dis", "critic", "gp", "adversarial") + LOSS_TERMS
 
@@ -112,7 +112,8 @@ class ALDKTrainer(keras.Model):
                                              variables))
         return objective, tf.reduce_mean(penalty)
 
-    def train_step(self, batch):
+    def train_step(self, data):
+        batch = unpack(data)
         step = tf.cast(self.step, tf.int64)
         adversarial, critic_update = self.schedule(step)
         teacher_flow = self.teacher_flow(batch)                  # [B, D, H, W, 3]
@@ -137,7 +138,8 @@ class ALDKTrainer(keras.Model):
         self.trackers["gp"].update_state(penalty, sample_weight=critic_weight)
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
-    def test_step(self, batch):
+    def test_step(self, data):
+        batch = unpack(data)
         outputs = self.student(network_inputs(batch), training=False)
         terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
         self.trackers["rec"].update_state(tf.reduce_mean(terms["total"]))

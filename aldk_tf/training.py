@@ -19,6 +19,11 @@ def network_inputs(batch: dict) -> dict:
     return {"fixed": batch["fixed"], "moving": batch["moving"]}
 
 
+def unpack(data) -> dict:
+    """The batch dict of a Keras data element (``batch`` or ``(batch,)``)."""
+    return keras.utils.unpack_x_y_sample_weight(data)[0]
+
+
 class RegistrationTrainer(keras.Model):
     """Wraps a :class:`RecursiveCascade` with the RCN unsupervised objective.
 
@@ -49,7 +54,8 @@ class RegistrationTrainer(keras.Model):
                 self.trackers[name].update_state(tf.reduce_mean(terms[name]))
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
-    def train_step(self, batch):
+    def train_step(self, data):
+        batch = unpack(data)
         with tf.GradientTape() as tape:
             outputs = self.network(network_inputs(batch), training=True)
             terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
@@ -58,7 +64,8 @@ class RegistrationTrainer(keras.Model):
         self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return self._update_trackers(terms, loss)
 
-    def test_step(self, batch):
+    def test_step(self, data):
+        batch = unpack(data)
         outputs = self.network(network_inputs(batch), training=False)
         terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
         return self._update_trackers(terms, tf.reduce_mean(terms["total"]))

@@ -1,0 +1,77 @@
+"""Checkpoints of a training run: network, critic, both optimizers (hence the step).
+
+``tf.train.CheckpointManager`` under ``weights/<run>/checkpoints`` keeps the last few;
+the step counter is the student/teacher optimizer's ``iterations``, so a restored run
+continues at the same step and the same position of every schedule. A run killed at
+any moment loses at most one checkpoint interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import keras
+import tensorflow as tf
+
+from aldk_tf.runs import CHECKPOINT_DIR, weights_path
+
+log = logging.getLogger(__name__)
+
+
+class RunCheckpoint:
+    """Save/restore everything a run needs to continue exactly."""
+
+    def __init__(self, run_dir: str, network, optimizer, critic=None, critic_optimizer=None,
+                 max_to_keep: int = 2):
+        objects = {"network": network, "optimizer": optimizer}
+        if critic is not None:
+            objects.update(critic=critic, critic_optimizer=critic_optimizer)
+        self.optimizer = optimizer
+        self.checkpoint = tf.train.Checkpoint(**objects)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, os.path.join(run_dir, CHECKPOINT_DIR), max_to_keep=max_to_keep)
+
+    @property
+    def step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    def restore(self) -> int:
+        """Restore the latest checkpoint if there is one; return the step reached."""
+        latest = self.manager.latest_checkpoint
+        if latest:
+            self.checkpoint.restore(latest).expect_partial()
+            log.info("restored %s at step %d", latest, self.step)
+        return self.step
+
+    def save(self) -> str:
+        return self.manager.save(checkpoint_number=self.step)
+
+
+def save_weights_atomic(network, run_dir: str) -> str:
+    """Write ``model.weights.h5`` through a temporary file and a rename."""
+    path = weights_path(run_dir)
+    temporary = os.path.join(run_dir, ".saving.weights.h5")
+    network.save_weights(temporary)
+    os.replace(temporary, path)
+    return path
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Checkpoint every ``every`` steps and at the end of training."""
+
+    def __init__(self, run_checkpoint: RunCheckpoint, every: int, run_dir: str, network):
+        super().__init__()
+        self.run_checkpoint, self.every = run_checkpoint, max(int(every), 1)
+        self.run_dir, self.network = run_dir, network
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.run_checkpoint.step % self.every == 0:
+            self.run_checkpoint.save()
+
+    def on_epoch_end(self, epoch, logs=None):
+        save_weights_atomic(self.network, self.run_dir)
+
+    def on_train_end(self, logs=None):
+        self.run_checkpoint.save()
+        save_weights_atomic(self.network, self.run_dir)

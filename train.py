@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Train a teacher (affine + VTN/VoxelMorph cascades) or a student (with or without ALDK).
+
+Flags follow the original releases (-b, -n, -r, -c, -d, --batch, --round, --epochs,
+--output, --lr, --aldk, --beta, --gamma, --lamb). Runs land in weights/<output>/ with
+config.json, model.weights.h5, checkpoints/ and logs/ (TensorBoard).
+
+  python train.py -b VTN -n 3 -d datasets/demo.json --output teacher
+  python train.py -b LDR -n 1 -d datasets/demo.json --output student
+  python train.py -b LDR -n 1 -d datasets/demo.json --aldk --teacher weights/teacher \\
+      --output student_aldk
+  python train.py -c weights/student_aldk          # resume where it stopped
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+BASES = {"vtn": ("teacher", "vtn", "vtn"), "voxelmorph": ("teacher", "voxelmorph", "vtn"),
+         "ldr": ("student", "student", "student")}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-b", "--base_network", default="VTN",
+                        help="VTN or VoxelMorph (teacher cascades) or LDR (student)")
+    parser.add_argument("-n", "--n_cascades", type=int, default=1)
+    parser.add_argument("-r", "--rep", type=int, default=1,
+                        help="shared-weight repetitions of every cascade")
+    parser.add_argument("-c", "--checkpoint", help="resume the run in this directory")
+    parser.add_argument("-d", "--dataset", help="dataset JSON (RCN layout)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--round", type=int, default=20000, help="steps per epoch")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--output", help="run name under weights/ (default: a timestamp)")
+    parser.add_argument("--weights_dir", default="weights")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--schedule", default="auto",
+                        choices=("auto", "step", "cosine", "constant"))
+    parser.add_argument("--image_size", type=int, nargs="+",
+                        help="one or three sizes; default: the dataset's image_size")
+    parser.add_argument("--student_variant", default="seed", choices=("seed", "release"))
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no_augment", action="store_true",
+                        help="no random free-form augmentation of the moving image")
+    parser.add_argument("--checkpoint_every", type=int, default=500)
+    parser.add_argument("--validate_every", type=int, default=1000)
+    parser.add_argument("--validation_pairs", type=int, default=16)
+    parser.add_argument("--max_steps", type=int,
+                        help="stop at this global step (the run can be resumed later)")
+    aldk = parser.add_argument_group("ALDK (student only)")
+    aldk.add_argument("--aldk", action="store_true", help="adversarial distillation")
+    aldk.add_argument("--teacher", help="teacher run directory, weights/<run>")
+    aldk.add_argument("--teacher_online", action="store_true",
+                      help="run the frozen teacher on every (augmented) batch instead of "
+                           "using stored teacher flows")
+    aldk.add_argument("--beta", type=float, default=0.1)
+    aldk.add_argument("--gamma", type=float, default=0.3)
+    aldk.add_argument("--lamb", type=float, default=0.1)
+    aldk.add_argument("--critic_lr", type=float, default=1e-4)
+    aldk.add_argument("--adv_period", type=int, default=3,
+                      help="adversarial term on every k-th step")
+    aldk.add_argument("--adv_until", type=int, default=8000,
+                      help="adversarial term only before this step")
+    aldk.add_argument("--critic_period", type=int, default=3,
+                      help="critic update on every k-th step (before --adv_until)")
+    parser.add_argument("-v", "--verbose", type=int, default=None,
+                        help="Keras verbosity (default: progress bar on a terminal)")
+    return parser.parse_args(argv)
+
+
+def build_config(args):
+    from aldk_tf.config import ALDKConfig, ModelConfig, RunConfig, TrainConfig
+    from aldk_tf.data import load_dataset_config
+    base = args.base_network.lower()
+    if base not in BASES:
+        raise ValueError(f"-b/--base_network: expected VTN, VoxelMorph or LDR, got "
+                         f"{args.base_network!r}")
+    if not args.dataset:
+        raise ValueError("-d/--dataset: a dataset JSON is required for a new run")
+    role, network, affine = BASES[base]
+    dataset_config = load_dataset_config(args.dataset)
+    image_size = tuple(dataset_config.image_size)
+    if args.image_size:
+        wanted = tuple(args.image_size * 3 if len(args.image_size) == 1 else args.image_size)
+        if wanted != image_size:
+            raise ValueError(f"--image_size {wanted} differs from {args.dataset}'s "
+                             f"image_size {image_size}; prepare the data at that size")
+    if args.aldk and role != "student":
+        raise ValueError("--aldk applies to the student (-b LDR)")
+    if args.aldk and not args.teacher:
+        raise ValueError("--aldk needs --teacher weights/<teacher run>")
+    return RunConfig(
+        dataset=os.path.abspath(args.dataset),
+        model=ModelConfig(role=role, base=network, n_cascades=args.n_cascades,
+                          rep=args.rep, affine=affine, channels=args.channels,
+                          student_variant=args.student_variant, image_size=image_size),
+        train=TrainConfig(batch=args.batch, round=args.round, epochs=args.epochs,
+                          lr=args.lr, seed=args.seed, augment=not args.no_augment,
+                          checkpoint_every=args.checkpoint_every,
+                          validate_every=args.validate_every,
+                          validation_pairs=args.validation_pairs, schedule=args.schedule),
+        aldk=ALDKConfig(enabled=args.aldk, beta=args.beta, gamma=args.gamma,
+                        lamb=args.lamb, critic_lr=args.critic_lr,
+                        adversarial_period=args.adv_period,
+                        adversarial_until=args.adv_until,
+                        critic_period=args.critic_period,
+                        teacher=os.path.abspath(args.teacher) if args.teacher else None))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from aldk_tf import runs
+    from aldk_tf.data import DataError
+    from aldk_tf.train_run import train
+    try:
+        if args.checkpoint:
+            run_dir = args.checkpoint
+            config = runs.load_run_config(run_dir)
+        else:
+            config = build_config(args)
+            name = args.output or datetime.datetime.now().strftime(
+                f"%b%d-%H%M_{args.base_network}{args.n_cascades}")
+            run_dir = os.path.join(args.weights_dir, name)
+            if os.path.exists(os.path.join(run_dir, "config.json")):
+                raise ValueError(f"{run_dir}: a run already exists here; resume it with "
+                                 f"-c {run_dir} or choose another --output")
+        verbose = args.verbose if args.verbose is not None else (
+            "auto" if sys.stderr.isatty() else 2)
+        print(f"run directory: {run_dir}", file=sys.stderr)
+        train(config, run_dir, teacher_online=args.teacher_online, verbose=verbose,
+              max_steps=args.max_steps)
+    except (DataError, runs.RunError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"weights: {runs.weights_path(run_dir)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
