@@ -15,3 +15,35 @@ def pytest_configure(config):
     # Keras converts eager tensors with np.array(x, copy=False) internally (numpy 2 noise).
     config.addinivalue_line(
         "filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword")
+
+
+# --- evaluation / export / registration fixtures (tests/test_evaluation.py, test_serving.py,
+# test_register.py): a small demo dataset and a student run directory at 32^3, built once.
+DEMO_SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def demo_dataset_32(tmp_path_factory):
+    """``demo.json`` of a 6-subject demo dataset at 32^3 (2 train, 2 val, 2 test)."""
+    from aldk_tf.data.demo_set import build_demo
+    folder = tmp_path_factory.mktemp("demo32")
+    return str(build_demo(folder, size=DEMO_SIZE, seed=0, subjects=6, validation=2,
+                          test=2, log=None))
+
+
+@pytest.fixture(scope="session")
+def student_run_32(tmp_path_factory, demo_dataset_32):
+    """``weights/<run>`` of an untrained 32^3 student whose weights are perturbed enough
+    (N(0, 0.05)) that its flows reach a few voxels, so output comparisons can fail."""
+    from aldk_tf import runs
+    from aldk_tf.config import ModelConfig, RunConfig
+    run_dir = tmp_path_factory.mktemp("weights") / "student32"
+    config = RunConfig(dataset=demo_dataset_32,
+                       model=ModelConfig(image_size=(DEMO_SIZE,) * 3))
+    model = config.model.build()
+    noise = np.random.default_rng(0)
+    model.set_weights([w + noise.normal(0, 0.05, w.shape).astype(w.dtype)
+                       for w in model.get_weights()])
+    config.save(str(run_dir))
+    model.save_weights(runs.weights_path(str(run_dir)))
+    return str(run_dir)

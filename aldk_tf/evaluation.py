@@ -1,0 +1,217 @@
+"""Register every pair of a scheme or subset and report the RCN evaluation metrics.
+
+:func:`evaluate_pairs` is shared by ``evaluate.py`` and the demo, so both print the same
+numbers. Warping and metrics are the library's (:mod:`aldk_tf.metrics`); this module only
+batches pairs, times the model and formats reports.
+
+The text report keeps the original evaluation script's format: one line per pair
+``id1 id2 dice jacc landmark_distance jacobian_det_std``, a line ``Summary``, then
+``Dice score: <mean> (<std>)`` and the same for ``Jacc score``, ``Landmark distance`` and
+``Jacobian determinant`` (std over pairs). NaN entries (a pair without segmentation or
+landmarks) are left out of the summary means.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+
+import keras
+import numpy as np
+
+from aldk_tf import metrics
+from aldk_tf.config import atomic_write_text
+from aldk_tf.data import DataError, ScanStore, load_pair
+
+#: (record key, report label) of the summary lines, in the original's order.
+RCN_SUMMARY = (("dice", "Dice score"), ("jacc", "Jacc score"),
+               ("landmark_distance", "Landmark distance"),
+               ("jacobian_det_std", "Jacobian determinant"))
+#: Per-pair scalars summarised in the JSON report.
+SCALAR_KEYS = ("dice", "jacc", "landmark_distance", "jacobian_det_std", "folding_percent",
+               "seconds")
+
+
+class EvaluationError(ValueError):
+    """An evaluation that cannot run (one-line message)."""
+
+
+def label_names(dataset_config, label_values) -> list[str]:
+    """A name per evaluated label: the config's class names (joined when they share a
+    value), the value itself when unnamed, or ``"mask"`` for a binary segmentation."""
+    if label_values is None:
+        return ["mask"]
+    by_value: dict[int, list[str]] = {}
+    for name, value in (dataset_config.segmentation_class_value or {}).items():
+        by_value.setdefault(value, []).append(name)
+    return ["+".join(by_value.get(value, [str(value)])) for value in label_values]
+
+
+def check_image_size(model_size, dataset_config) -> None:
+    """:class:`EvaluationError` unless the model was built for the dataset's volumes."""
+    if tuple(model_size) != tuple(dataset_config.image_size):
+        raise EvaluationError(
+            f"size mismatch: the model takes {tuple(model_size)} volumes but "
+            f"{dataset_config.where} has image_size {tuple(dataset_config.image_size)}")
+
+
+def _flow_function(model):
+    """``flow(fixed, moving) -> [B, D, H, W, 3]`` numpy for a Keras model or a callable."""
+    if isinstance(model, keras.Model):
+        from aldk_tf.serving import RegistrationModule   # one trace, dynamic batch
+        register = RegistrationModule(model).register
+        return lambda fixed, moving: register(fixed, moving)["flow"].numpy()
+    return lambda fixed, moving: np.asarray(model(fixed, moving)["flow"])
+
+
+def _batches(items, size):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def evaluate_pairs(model, dataset_config, pairs, batch: int = 1, label_values=None,
+                   progress: bool = True) -> tuple[list[dict], dict]:
+    """Register ``pairs`` and compute the evaluation metrics of each.
+
+    Args:
+      model: a registration model (``RecursiveCascade`` or any Keras model taking
+        ``{"fixed", "moving"}`` and returning ``"flow"``), or a callable
+        ``(fixed, moving) -> {"flow": ...}`` (e.g. a TFLite runner).
+      dataset_config: the :class:`aldk_tf.data.DatasetConfig` the pairs come from.
+      pairs: ``[(fixed id, moving id), ...]`` (e.g. :func:`aldk_tf.data.list_pairs`).
+      batch: pairs registered per model call.
+      label_values: the segmentation label values to score (the config's
+        ``label_values``), or None for a binary 0/255 mask.
+      progress: show a progress bar.
+    Returns:
+      ``(records, summary)``: one dict per pair (``fixed_id``, ``moving_id``, ``dice``,
+      ``jacc``, ``landmark_distance``, ``jacobian_det_std``, ``folding_percent``,
+      ``dice_labels`` / ``jacc_labels`` {label name: value}, ``seconds`` = wall-clock
+      model time per pair on this machine, warm-up excluded), and :func:`summarise`.
+    """
+    if batch < 1:
+        raise EvaluationError(f"--batch must be >= 1, got {batch}")
+    if not pairs:
+        raise EvaluationError(f"{dataset_config.where}: no pairs to evaluate")
+    names = label_names(dataset_config, label_values)
+    flow_of = _flow_function(model)
+    bar = keras.utils.Progbar(len(pairs), unit_name="pair") if progress else None
+    records: list[dict] = []
+    warmed_up = False
+    with ScanStore(dataset_config) as store:
+        for chunk in _batches(list(pairs), batch):
+            samples = [load_pair(dataset_config, fixed_id, moving_id, store)
+                       for fixed_id, moving_id in chunk]
+            stacked = {key: np.stack([sample[key] for sample in samples])
+                       for key in samples[0] if not key.endswith("_id")}
+            if not warmed_up:                       # tracing is not registration time
+                flow_of(stacked["fixed"], stacked["moving"])
+                warmed_up = True
+            start = time.perf_counter()
+            flow = flow_of(stacked["fixed"], stacked["moving"])
+            seconds = (time.perf_counter() - start) / len(chunk)
+            result = metrics.pair_metrics(
+                stacked["fixed_seg"], stacked["moving_seg"], flow, label_values,
+                stacked["fixed_point"], stacked["moving_point"])
+            for index, (fixed_id, moving_id) in enumerate(chunk):
+                records.append(_record(fixed_id, moving_id, result, index, names,
+                                       seconds))
+            if bar is not None:
+                bar.add(len(chunk), values=[("dice", _nanmean(result["dice"]))])
+    return records, summarise(records)
+
+
+def _record(fixed_id, moving_id, result, index, names, seconds) -> dict:
+    record = {"fixed_id": str(fixed_id), "moving_id": str(moving_id)}
+    for key in ("dice", "jacc", "landmark_distance", "jacobian_det_std",
+                "folding_percent"):
+        record[key] = float(result[key][index])
+    for key in ("dice_labels", "jacc_labels"):
+        record[key] = {name: float(value) for name, value in
+                       zip(names, result[key][index])}
+    record["seconds"] = float(seconds)
+    return record
+
+
+def _mean_std(values) -> tuple[float, float]:
+    values = np.asarray(values, np.float64)
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return float("nan"), float("nan")
+    return float(values.mean()), float(values.std())
+
+
+def summarise(records: list[dict]) -> dict:
+    """Mean and std over pairs of every scalar, and the per-label means.
+
+    ``{"pairs": n, "<key>": {"mean", "std"}, "dice_labels": {label: {"mean", "std"}},
+    "jacc_labels": ...}``; NaNs (absent segmentation or landmarks) are left out.
+    """
+    summary: dict = {"pairs": len(records)}
+    for key in SCALAR_KEYS:
+        mean, std = _mean_std([record[key] for record in records])
+        summary[key] = {"mean": mean, "std": std}
+    for key in ("dice_labels", "jacc_labels"):
+        labels = list(records[0][key]) if records else []
+        summary[key] = {}
+        for label in labels:
+            mean, std = _mean_std([record[key][label] for record in records])
+            summary[key][label] = {"mean": mean, "std": std}
+    return summary
+
+
+def rcn_report(records: list[dict]) -> str:
+    """The text of the RCN evaluation report (see the module docstring)."""
+    lines = [f"{r['fixed_id']} {r['moving_id']} {r['dice']} {r['jacc']} "
+             f"{r['landmark_distance']} {r['jacobian_det_std']}" for r in records]
+    lines.append("Summary")
+    summary = summarise(records)
+    for key, label in RCN_SUMMARY:
+        lines.append(f"{label}: {summary[key]['mean']} ({summary[key]['std']})")
+    return "\n".join(lines) + "\n"
+
+
+def write_rcn_report(path, records: list[dict]) -> None:
+    """Write :func:`rcn_report` to ``path`` atomically (temporary file + rename)."""
+    atomic_write_text(str(path), rcn_report(records))
+
+
+def write_json_report(path, records: list[dict], summary: dict,
+                      **metadata) -> None:
+    """Write ``{**metadata, "summary", "pairs"}`` as JSON atomically; NaN -> null."""
+    document = _without_nan({**metadata, "summary": summary, "pairs": records})
+    atomic_write_text(str(path), json.dumps(document, indent=2) + "\n")
+
+
+def _without_nan(value):
+    if isinstance(value, float):
+        return None if np.isnan(value) else value
+    if isinstance(value, dict):
+        return {key: _without_nan(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_nan(item) for item in value]
+    return value
+
+
+def read_rcn_summary(path) -> dict[str, tuple[float, float]]:
+    """``{"Dice score": (mean, std), ...}`` parsed back from a written report."""
+    summary, in_summary = {}, False
+    with open(path) as handle:
+        for line in handle:
+            line = line.rstrip("\n")
+            if line == "Summary":
+                in_summary = True
+            elif in_summary and ": " in line:
+                label, values = line.split(": ", 1)
+                mean, std = values.rstrip(")").split(" (")
+                summary[label] = (float(mean), float(std))
+    if not in_summary:
+        raise DataError(f"{path}: no 'Summary' line; not an RCN evaluation report")
+    return summary
+
+
+def _nanmean(values) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)      # all-NaN: no segmentation
+        return float(np.nanmean(values))

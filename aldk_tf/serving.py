@@ -1,0 +1,393 @@
+"""Export for deployment: a SavedModel laid out for TF Serving, TFLite variants, parity.
+
+Layout written by :func:`export_model` (``base`` is e.g. ``export/aldk``)::
+
+    base/<N>/                      a SavedModel version directory (TF Serving's layout)
+      saved_model.pb, variables/
+      tflite/model_fp32.tflite     batch 1, TFLite builtin ops only
+      tflite/model_fp16.tflite     float16 weights
+      tflite/model_int8.tflite     dynamic-range int8 weights
+      export_info.json             source run, image size, parity numbers
+
+Signatures of the SavedModel:
+
+- ``serving_default``: ``fixed``, ``moving`` ``[B, D, H, W, 1]`` float32 in [0, 1] ->
+  ``flow`` ``[B, D, H, W, 3]`` (voxels), ``warped`` ``[B, D, H, W, 1]``.
+- ``warp_segmentation``: ``segmentation`` ``[B, D, H, W, 1]`` float32 label values,
+  ``flow`` ``[B, D, H, W, 3]`` -> ``warped_segmentation`` (label values), warped one
+  label mask at a time like the evaluation (:func:`aldk_tf.metrics.warp_segmentation`).
+
+A version directory is written under a temporary name and renamed when complete, so TF
+Serving (which only loads numeric directory names) never sees a partial version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from aldk_tf import metrics, spatial
+
+logger = logging.getLogger(__name__)
+
+SERVING_SIGNATURE = "serving_default"
+WARP_SIGNATURE = "warp_segmentation"
+TFLITE_VARIANTS = ("fp32", "fp16", "int8")
+TFLITE_DIR = "tflite"
+INFO_NAME = "export_info.json"
+
+
+class ExportError(ValueError):
+    """An export that cannot be done (one-line message naming the path or the value)."""
+
+
+# ----------------------------------------------------------------------------- graphs
+def registration_graph(model) -> keras.Model:
+    """The inference-only graph (``{"fixed", "moving"} -> {"flow", "warped"}``)."""
+    if hasattr(model, "registration_model"):
+        return model.registration_model()
+    return model
+
+
+def model_image_size(model) -> tuple[int, int, int]:
+    shape = model.input["fixed"].shape if isinstance(model.input, dict) else \
+        model.input[0].shape
+    return tuple(int(n) for n in shape[1:4])
+
+
+def warp_label_map(segmentation: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
+    """Warp a label map ``[B, D, H, W, 1]`` by ``flow``, one label mask at a time.
+
+    Each distinct value's mask (x 255) is warped trilinearly and thresholded at
+    :data:`aldk_tf.metrics.MASK_THRESHOLD`, exactly as the evaluation warps segmentations;
+    the warped masks of all values sum to 255, so at most one of them passes the threshold
+    at any voxel. Voxels where none passes get 0.
+    """
+    values, _ = tf.unique(tf.reshape(segmentation, [-1]))
+
+    def body(index, result):
+        value = values[index]
+        mask = tf.cast(tf.equal(segmentation, value), tf.float32) * 255.0
+        warped_mask = spatial.warp(mask, flow) > metrics.MASK_THRESHOLD
+        return index + 1, tf.where(warped_mask, value, result)
+
+    _, result = tf.while_loop(lambda index, _: index < tf.size(values), body,
+                              [tf.constant(0), tf.zeros_like(segmentation)])
+    return result
+
+
+class RegistrationModule(tf.Module):
+    """A ``tf.Module`` holding the registration graph and its serving functions.
+
+    ``register(fixed, moving)`` and ``warp_segmentation(segmentation, flow)`` are
+    ``tf.function`` s with fixed input signatures (``batch=None`` for a dynamic batch).
+    """
+
+    def __init__(self, model, batch: int | None = None):
+        super().__init__(name="aldk_registration")
+        self.registration = registration_graph(model)
+        # Keras 3 models are not tf.Modules: list the variables so that SavedModel and the
+        # TFLite converter find (and freeze) them.
+        self.model_variables = [weight.value for weight in self.registration.weights]
+        depth, height, width = model_image_size(self.registration)
+        image = tf.TensorSpec([batch, depth, height, width, 1], tf.float32)
+        flow = tf.TensorSpec([batch, depth, height, width, 3], tf.float32)
+        self.register = tf.function(self._register, input_signature=[image, image])
+        self.warp_segmentation = tf.function(self._warp_segmentation,
+                                             input_signature=[image, flow])
+
+    def _register(self, fixed, moving):
+        outputs = self.registration({"fixed": fixed, "moving": moving}, training=False)
+        return {"flow": outputs["flow"], "warped": outputs["warped"]}
+
+    def _warp_segmentation(self, segmentation, flow):
+        return {"warped_segmentation": warp_label_map(segmentation, flow)}
+
+
+def save_savedmodel(model, path: str) -> None:
+    """Write the SavedModel (both signatures, dynamic batch) to ``path``."""
+    module = RegistrationModule(model)
+    tf.saved_model.save(module, path, signatures={
+        SERVING_SIGNATURE: module.register,
+        WARP_SIGNATURE: module.warp_segmentation})
+
+
+# ----------------------------------------------------------------------------- TFLite
+def _separable_average_pool(self, inputs):
+    """``AveragePooling3D.call`` from two builtin ``AVERAGE_POOL_2D`` (H-W, then D).
+
+    A 3-D box average whose padding is left out of the count factorises per axis, so
+    pooling over (H, W) and then over D gives the same numbers as ``AvgPool3D``.
+    """
+    _, depth, height, width, channels = inputs.shape
+    pool_d, pool_h, pool_w = self.pool_size
+    stride_d, stride_h, stride_w = self.strides
+    padding = self.padding.upper()
+    x = tf.reshape(inputs, [-1, height, width, channels])
+    x = tf.nn.avg_pool2d(x, (pool_h, pool_w), (stride_h, stride_w), padding)
+    out_h, out_w = x.shape[1], x.shape[2]
+    x = tf.reshape(x, [-1, depth, out_h * out_w, channels])
+    x = tf.nn.avg_pool2d(x, (pool_d, 1), (stride_d, 1), padding)
+    return tf.reshape(x, [-1, x.shape[1], out_h, out_w, channels])
+
+
+@contextlib.contextmanager
+def builtin_average_pooling():
+    """Trace ``AveragePooling3D`` as builtin 2-D pools while the block runs.
+
+    TFLite has no 3-D pooling builtin (``tf.AvgPool3D`` would need Flex ops); the student's
+    affine stage has one ``AveragePooling3D``. Only the TFLite trace uses this; the
+    SavedModel keeps Keras's own op. (Once the network uses a builtin-friendly pooling
+    layer itself, this has nothing left to replace.)
+    """
+    layer_class = keras.layers.AveragePooling3D
+    original = layer_class.__dict__.get("call")
+    layer_class.call = _separable_average_pool
+    try:
+        yield
+    finally:
+        if original is None:
+            del layer_class.call
+        else:
+            layer_class.call = original
+
+
+def convert_tflite(model, variant: str = "fp32") -> bytes:
+    """A TFLite flatbuffer (batch 1, builtin ops only) of the registration graph.
+
+    ``fp16``: float16 weights (``optimizations=[DEFAULT]`` + ``supported_types=[float16]``);
+    ``int8``: dynamic-range quantisation (``optimizations=[DEFAULT]``).
+    """
+    if variant not in TFLITE_VARIANTS:
+        raise ExportError(f"unknown TFLite variant '{variant}' (known: "
+                          f"{', '.join(TFLITE_VARIANTS)})")
+    module = RegistrationModule(model, batch=1)
+    with builtin_average_pooling():
+        function = module.register.get_concrete_function()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([function], module)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if variant != "fp32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if variant == "fp16":
+        converter.target_spec.supported_types = [tf.float16]
+    try:
+        return converter.convert()
+    except Exception as error:  # the converter raises its own ConverterError types
+        first = next((line for line in str(error).splitlines() if "error:" in line),
+                     str(error).splitlines()[0] if str(error) else repr(error))
+        raise ExportError(f"TFLite conversion ({variant}) failed: {first.strip()}") \
+            from None
+
+
+def tflite_runner(path_or_bytes):
+    """``run(fixed, moving) -> {"flow", "warped"}`` over a TFLite model (batch 1)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # tf.lite.Interpreter's deprecation notice
+        if isinstance(path_or_bytes, (bytes, bytearray)):
+            interpreter = tf.lite.Interpreter(model_content=bytes(path_or_bytes))
+        else:
+            interpreter = tf.lite.Interpreter(model_path=str(path_or_bytes))
+    signature = interpreter.get_signature_runner(SERVING_SIGNATURE)
+
+    def run(fixed, moving):
+        outputs = [signature(fixed=np.asarray(f[None], np.float32),
+                             moving=np.asarray(m[None], np.float32))
+                   for f, m in zip(fixed, moving)]
+        return {key: np.concatenate([out[key] for out in outputs]) for key in
+                ("flow", "warped")}
+    return run
+
+
+def tflite_ops(path_or_bytes) -> list[str]:
+    """The sorted op names of a TFLite model (to check it is builtin-only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        interpreter = (tf.lite.Interpreter(model_content=bytes(path_or_bytes))
+                       if isinstance(path_or_bytes, (bytes, bytearray))
+                       else tf.lite.Interpreter(model_path=str(path_or_bytes)))
+    return sorted({op["op_name"] for op in interpreter._get_ops_details()})
+
+
+def savedmodel_runner(path: str):
+    """``run(fixed, moving) -> {"flow", "warped"}`` over a reloaded SavedModel."""
+    signature = tf.saved_model.load(path).signatures[SERVING_SIGNATURE]
+
+    def run(fixed, moving):
+        outputs = signature(fixed=tf.constant(fixed, tf.float32),
+                            moving=tf.constant(moving, tf.float32))
+        return {key: outputs[key].numpy() for key in ("flow", "warped")}
+    return run
+
+
+# ----------------------------------------------------------------------------- parity
+def parity_report(reference: dict, candidates: dict, sample: dict | None = None,
+                  label_values=None) -> dict[str, dict]:
+    """Differences of each candidate's outputs from the Keras reference outputs.
+
+    Args:
+      reference: ``{"flow", "warped"}`` numpy outputs of the Keras model.
+      candidates: ``{name: {"flow", "warped"}}``.
+      sample: the pair the outputs were computed on; with ``fixed_seg``/``moving_seg`` the
+        report includes the Dice of each flow (library metrics) and its change.
+    Returns ``{name: {max_abs_flow_diff, mean_abs_flow_diff, max_abs_warped_diff,
+    [dice, dice_change]}}``.
+    """
+    with_dice = sample is not None and "fixed_seg" in sample and \
+        np.any(sample["fixed_seg"])
+    reference_dice = None
+    if with_dice:
+        reference_dice = _mean_dice(sample, reference["flow"], label_values)
+    report = {}
+    for name, outputs in candidates.items():
+        flow_diff = np.abs(outputs["flow"] - reference["flow"])
+        entry = {"max_abs_flow_diff": float(flow_diff.max()),
+                 "mean_abs_flow_diff": float(flow_diff.mean()),
+                 "max_abs_warped_diff": float(np.abs(outputs["warped"] -
+                                                     reference["warped"]).max())}
+        if with_dice:
+            dice = _mean_dice(sample, outputs["flow"], label_values)
+            entry.update(dice=dice, dice_change=dice - reference_dice)
+        report[name] = entry
+    if with_dice:
+        report["keras"] = {"dice": reference_dice}
+    return report
+
+
+def _mean_dice(sample, flow, label_values) -> float:
+    result = metrics.pair_metrics(sample["fixed_seg"], sample["moving_seg"], flow,
+                                  label_values)
+    return float(np.nanmean(result["dice"]))
+
+
+def format_parity(report: dict[str, dict]) -> str:
+    """A small text table of :func:`parity_report`."""
+    lines = [f"{'vs keras':<14}{'max |dflow|':>13}{'mean |dflow|':>14}"
+             f"{'max |dwarped|':>15}{'dice':>9}{'d dice':>10}"]
+    for name, entry in report.items():
+        if name == "keras":
+            continue
+        dice = entry.get("dice")
+        lines.append(f"{name:<14}{entry['max_abs_flow_diff']:>13.3g}"
+                     f"{entry['mean_abs_flow_diff']:>14.3g}"
+                     f"{entry['max_abs_warped_diff']:>15.3g}"
+                     + (f"{dice:>9.4f}{entry['dice_change']:>+10.2g}" if dice is not None
+                        else f"{'-':>9}{'-':>10}"))
+    if "keras" in report:
+        lines.append(f"{'keras':<14}{'':>42}{report['keras']['dice']:>9.4f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- export
+def next_version(base: str) -> int:
+    """One more than the largest numeric version directory under ``base`` (or 1)."""
+    if not os.path.isdir(base):
+        return 1
+    versions = [int(name) for name in os.listdir(base) if name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def prepare_base(base: str) -> None:
+    """Create ``base`` and check that a file can be written in it (ExportError if not)."""
+    try:
+        os.makedirs(base, exist_ok=True)
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as error:
+        raise ExportError(f"{base}: output directory not writable "
+                          f"({error.strerror or error})") from None
+
+
+def export_model(model, base: str, version: int | None = None,
+                 tflite=TFLITE_VARIANTS, sample: dict | None = None,
+                 label_values=None, tolerance: float = 1e-4,
+                 info: dict | None = None) -> dict:
+    """Write ``base/<version>/`` (SavedModel + TFLite variants) and check parity.
+
+    ``sample`` (``fixed``/``moving`` ``[B, D, H, W, 1]``, optional segmentations) is the
+    input of the parity check; the SavedModel and the fp32 TFLite model must give the
+    Keras model's flow to ``tolerance`` or nothing is written. Returns the export info
+    (also saved as ``export_info.json``): ``path``, ``version``, ``parity`` ...
+    """
+    prepare_base(base)
+    version = next_version(base) if version is None else int(version)
+    if version < 1:
+        raise ExportError(f"--version must be a positive integer, got {version}")
+    final = os.path.join(base, str(version))
+    if os.path.exists(final):
+        raise ExportError(f"{final}: version {version} already exists (choose another "
+                          f"--version, or omit it for {next_version(base)})")
+    unknown = [v for v in tflite if v not in TFLITE_VARIANTS]
+    if unknown:
+        raise ExportError(f"unknown TFLite variant(s) {unknown} (known: "
+                          f"{', '.join(TFLITE_VARIANTS)})")
+    graph = registration_graph(model)
+    size = model_image_size(graph)
+    if sample is None:
+        sample = synthetic_sample(size)
+    staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=base)
+    try:
+        save_savedmodel(graph, staging)
+        fixed, moving = sample["fixed"], sample["moving"]
+        reference = {key: np.asarray(value) for key, value in
+                     graph({"fixed": fixed, "moving": moving}, training=False).items()}
+        candidates = {"savedmodel": savedmodel_runner(staging)(fixed, moving)}
+        files = {}
+        if tflite:
+            os.makedirs(os.path.join(staging, TFLITE_DIR))
+        for variant in tflite:
+            flatbuffer = convert_tflite(graph, variant)
+            name = os.path.join(TFLITE_DIR, f"model_{variant}.tflite")
+            with open(os.path.join(staging, name), "wb") as handle:
+                handle.write(flatbuffer)
+            files[variant] = name
+            candidates[f"tflite_{variant}"] = tflite_runner(flatbuffer)(fixed, moving)
+        parity = parity_report(reference, candidates, sample, label_values)
+        for name in ("savedmodel", "tflite_fp32"):
+            if name in parity and not parity[name]["max_abs_flow_diff"] <= tolerance:
+                raise ExportError(
+                    f"parity check failed: {name} flow differs from the Keras model's by "
+                    f"{parity[name]['max_abs_flow_diff']:.3g} > {tolerance:g}")
+        record = {**(info or {}), "version": version, "image_size": list(size),
+                  "signatures": {SERVING_SIGNATURE: {"inputs": ["fixed", "moving"],
+                                                     "outputs": ["flow", "warped"]},
+                                 WARP_SIGNATURE: {"inputs": ["segmentation", "flow"],
+                                                  "outputs": ["warped_segmentation"]}},
+                  "tflite": files, "parity_tolerance": tolerance, "parity": parity}
+        with open(os.path.join(staging, INFO_NAME), "w") as handle:
+            json.dump(record, handle, indent=2)
+            handle.write("\n")
+        _make_readable(staging)
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {**record, "path": final}
+
+
+def _make_readable(folder: str) -> None:
+    """Give the staging directory (``mkdtemp``: 0700) the usual umask permissions, so a
+    model server running as another user can read the version directory."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
+def synthetic_sample(image_size, seed: int = 0) -> dict:
+    """A smooth random (fixed, moving) pair for the parity check when no data is given."""
+    rng = np.random.default_rng(seed)
+    coarse_size = [max(2, n // 8) for n in image_size]
+    coarse = tf.constant(rng.random((2, *coarse_size, 1)), tf.float32)
+    # Trilinear upsampling: full-resolution voxel i samples coarse position i * scale.
+    scale = [(c - 1) / max(n - 1, 1) for c, n in zip(coarse_size, image_size)]
+    coordinate = spatial.voxel_grid(image_size) * tf.constant(scale, tf.float32)
+    volumes = spatial.resample(coarse, coordinate, 2).numpy()
+    return {"fixed": volumes[:1], "moving": volumes[1:]}

@@ -1,0 +1,107 @@
+"""Evaluate a trained run on the validation scheme or on named subsets (RCN format).
+
+    python evaluate.py -c weights/<run> [-d dataset.json] [-v subset[,subset]] [--batch B]
+                       [-r rep] [--paired] [--out-dir evaluate]
+
+writes ``evaluate/<run>[-rep<r>][-<subset>].txt`` (one line per pair
+``id1 id2 dice jacc landmark_distance jacobian_det_std``, then ``Summary`` and the mean
+(std) lines) and a ``.json`` beside it with per-label Dice/Jaccard, % folding voxels and
+seconds per pair. Without ``-v`` the dataset's validation scheme ("2") is evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from aldk_tf import runs  # noqa: E402
+from aldk_tf.data import VALIDATION_SCHEME, DataError, load_dataset_config  # noqa: E402
+from aldk_tf.evaluation import EvaluationError  # noqa: E402
+from aldk_tf.serving import ExportError, prepare_base  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-c", "--checkpoint", required=True, help="run directory "
+                        "weights/<run> (holds config.json and model.weights.h5)")
+    parser.add_argument("-d", "--dataset", help="dataset JSON (default: the run's)")
+    parser.add_argument("-v", "--val-subset", help="scheme or subset name(s), comma "
+                        "separated (default: the validation scheme)")
+    parser.add_argument("--batch", type=int, default=1, help="pairs per model call")
+    parser.add_argument("-r", "--rep", type=int, help="shared-weight repetitions of each "
+                        "cascade (default: the run's)")
+    parser.add_argument("--paired", action="store_true", help="pair adjacent entries "
+                        "(both directions) instead of all ordered pairs")
+    parser.add_argument("--out-dir", default="evaluate", help="report folder "
+                        "(default evaluate)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def report_stem(run_dir: str, rep: int | None, subset: str | None) -> str:
+    """``<run>[-rep<r>][-<subset>]`` as the original named its reports (``-r`` > 1)."""
+    stem = os.path.basename(os.path.normpath(run_dir))
+    if rep is not None and rep > 1:
+        stem += f"-rep{rep}"
+    return stem if subset is None else f"{stem}-{subset}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run_config = runs.load_run_config(args.checkpoint)
+        dataset_path = args.dataset or run_config.dataset
+        if not dataset_path:
+            raise EvaluationError(f"{args.checkpoint}: the run names no dataset; pass -d")
+        dataset = load_dataset_config(dataset_path)
+        subsets = ([name.strip() for name in args.val_subset.split(",") if name.strip()]
+                   if args.val_subset else [None])
+        for subset in subsets:               # unknown names fail before any work
+            dataset.scheme_subsets(VALIDATION_SCHEME if subset is None else subset)
+        if args.rep is not None and args.rep < 1:
+            raise EvaluationError(f"-r must be >= 1, got {args.rep}")
+        if args.batch < 1:
+            raise EvaluationError(f"--batch must be >= 1, got {args.batch}")
+        from aldk_tf.evaluation import check_image_size
+        check_image_size(run_config.model.image_size, dataset)
+        prepare_base(args.out_dir)
+        return _evaluate(args, run_config, dataset, subsets)
+    except (runs.RunError, DataError, EvaluationError, ExportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _evaluate(args, run_config, dataset, subsets) -> int:
+    from aldk_tf.data import list_pairs
+    from aldk_tf.evaluation import evaluate_pairs, write_json_report, write_rcn_report
+
+    _, model = runs.load_model(args.checkpoint, rep=args.rep)
+    rep = model.rep
+    for subset in subsets:
+        scheme = VALIDATION_SCHEME if subset is None else subset
+        pairs = list_pairs(dataset, scheme, paired=True if args.paired else None)
+        print(f"Evaluating {len(pairs)} pairs of '{scheme}' "
+              f"({dataset.where}, rep {rep})", flush=True)
+        records, summary = evaluate_pairs(model, dataset, pairs, batch=args.batch,
+                                          label_values=dataset.label_values,
+                                          progress=not args.no_progress)
+        stem = report_stem(args.checkpoint, args.rep, subset)
+        text_path = os.path.join(args.out_dir, f"{stem}.txt")
+        json_path = os.path.join(args.out_dir, f"{stem}.json")
+        write_json_report(json_path, records, summary, run=args.checkpoint,
+                          dataset=str(dataset.where), scheme=scheme, rep=rep,
+                          paired=bool(args.paired), batch=args.batch,
+                          parameters=int(model.count_params()),
+                          model=run_config.to_dict()["model"])
+        write_rcn_report(text_path, records)
+        print(f"Dice {summary['dice']['mean']:.4f} ({summary['dice']['std']:.4f}), "
+              f"folding {summary['folding_percent']['mean']:.3f}%, "
+              f"{summary['seconds']['mean']:.3f} s/pair -> {text_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

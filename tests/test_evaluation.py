@@ -1,0 +1,176 @@
+"""aldk_tf/evaluation.py and the evaluate.py front end, on the 32^3 demo set."""
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aldk_tf import evaluation, metrics, runs
+from aldk_tf.data import list_pairs, load_dataset_config, load_pair
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_cli(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run_and_data(student_run_32, demo_dataset_32):
+    _, model = runs.load_model(student_run_32)
+    return model, load_dataset_config(demo_dataset_32)
+
+
+def test_evaluate_pairs_equals_the_library_metrics_pair_by_pair(run_and_data):
+    model, dataset = run_and_data
+    pairs = list_pairs(dataset, "test")
+    records, summary = evaluation.evaluate_pairs(model, dataset, pairs, batch=2,
+                                                 label_values=dataset.label_values,
+                                                 progress=False)
+    assert [(r["fixed_id"], r["moving_id"]) for r in records] == pairs
+    for record, (fixed_id, moving_id) in zip(records, pairs):
+        pair = load_pair(dataset, fixed_id, moving_id)
+        flow = model({"fixed": pair["fixed"][None], "moving": pair["moving"][None]})["flow"]
+        expected = metrics.pair_metrics(pair["fixed_seg"][None], pair["moving_seg"][None],
+                                        flow, dataset.label_values,
+                                        pair["fixed_point"][None], pair["moving_point"][None])
+        for key in ("dice", "jacc", "landmark_distance", "jacobian_det_std",
+                    "folding_percent"):
+            assert record[key] == pytest.approx(float(expected[key][0]), abs=1e-5), key
+        assert list(record["dice_labels"]) == ["CSF", "GM", "WM"]
+        np.testing.assert_allclose(list(record["dice_labels"].values()),
+                                   expected["dice_labels"][0], atol=1e-5)
+        assert record["seconds"] > 0
+    # The perturbed model moves voxels, so Dice is neither perfect nor trivial.
+    assert 0.05 < summary["dice"]["mean"] < 0.99
+    assert summary["dice"]["mean"] == pytest.approx(np.mean([r["dice"] for r in records]))
+
+
+def test_batch_size_does_not_change_the_metrics(run_and_data):
+    model, dataset = run_and_data
+    pairs = list_pairs(dataset, "test")
+    one, _ = evaluation.evaluate_pairs(model, dataset, pairs, 1, dataset.label_values,
+                                       progress=False)
+    two, _ = evaluation.evaluate_pairs(model, dataset, pairs, 2, dataset.label_values,
+                                       progress=False)
+    for a, b in zip(one, two):
+        assert a["dice"] == pytest.approx(b["dice"], abs=1e-6)
+        assert a["jacobian_det_std"] == pytest.approx(b["jacobian_det_std"], abs=1e-5)
+
+
+def record(fixed, moving, dice, jacc, landmark, jacobian):
+    return {"fixed_id": fixed, "moving_id": moving, "dice": dice, "jacc": jacc,
+            "landmark_distance": landmark, "jacobian_det_std": jacobian,
+            "folding_percent": 0.0, "seconds": 0.5, "dice_labels": {"mask": dice},
+            "jacc_labels": {"mask": jacc}}
+
+
+def test_rcn_report_format(tmp_path):
+    records = [record("a/1", "a/2", 0.5, 0.25, 2.0, 0.1),
+               record("a/2", "a/1", 0.75, 0.5, float("nan"), 0.3)]
+    path = tmp_path / "run.txt"
+    evaluation.write_rcn_report(path, records)
+    lines = path.read_text().splitlines()
+    assert lines[:3] == ["a/1 a/2 0.5 0.25 2.0 0.1", "a/2 a/1 0.75 0.5 nan 0.3", "Summary"]
+    assert lines[3] == f"Dice score: {np.mean([0.5, 0.75])} ({np.std([0.5, 0.75])})"
+    assert lines[4] == f"Jacc score: {np.mean([0.25, 0.5])} ({np.std([0.25, 0.5])})"
+    assert lines[5] == "Landmark distance: 2.0 (0.0)"           # NaN left out
+    assert lines[6] == f"Jacobian determinant: {np.mean([0.1, 0.3])} ({np.std([0.1, 0.3])})"
+    assert len(lines) == 7
+    summary = evaluation.read_rcn_summary(path)
+    assert summary["Dice score"] == pytest.approx((0.625, 0.125))
+    assert list(tmp_path.iterdir()) == [path]                   # no temporary left over
+
+
+def test_cli_writes_reports_that_match_the_library(run_and_data, student_run_32,
+                                                   demo_dataset_32, tmp_path, capsys):
+    model, dataset = run_and_data
+    cli = load_cli("evaluate")
+    out = tmp_path / "evaluate"
+    code = cli.main(["-c", student_run_32, "-v", "demo-test", "--batch", "2",
+                     "--out-dir", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    _, summary = evaluation.evaluate_pairs(model, dataset, list_pairs(dataset, "demo-test"),
+                                           1, dataset.label_values, progress=False)
+    text = out / "student32-demo-test.txt"
+    reported = evaluation.read_rcn_summary(text)
+    assert reported["Dice score"][0] == pytest.approx(summary["dice"]["mean"], abs=1e-6)
+    assert reported["Jacobian determinant"][0] == pytest.approx(
+        summary["jacobian_det_std"]["mean"], abs=1e-5)
+    assert len(text.read_text().splitlines()) == 2 + 1 + 4
+    document = json.loads((out / "student32-demo-test.json").read_text())
+    assert document["scheme"] == "demo-test" and len(document["pairs"]) == 2
+    assert set(document["summary"]["dice_labels"]) == {"CSF", "GM", "WM"}
+    assert document["pairs"][0]["folding_percent"] >= 0
+    assert document["pairs"][0]["seconds"] > 0
+    assert document["parameters"] == model.count_params()
+
+
+def test_cli_default_scheme_and_rep_name(student_run_32, tmp_path, capsys):
+    cli = load_cli("evaluate")
+    code = cli.main(["-c", student_run_32, "-r", "2", "--out-dir", str(tmp_path),
+                     "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student32-rep2.json",
+                                                          "student32-rep2.txt"]
+    document = json.loads((tmp_path / "student32-rep2.json").read_text())
+    assert document["scheme"] == "2" and document["rep"] == 2
+
+
+def write_resized_config(demo_dataset_32, tmp_path):
+    data = json.loads(Path(demo_dataset_32).read_text())
+    data["image_size"] = [64, 64, 64]
+    data["files"]["demo"]["path"] = str(Path(demo_dataset_32).parent / "demo.h5")
+    path = tmp_path / "demo64.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no_config", "no config.json"),
+    ("unknown_subset", "unknown scheme or subset 'nope'"),
+    ("size_mismatch", "size mismatch"),
+    ("not_writable", "not writable"),
+])
+def test_cli_errors_are_one_line_and_leave_nothing(case, expected, student_run_32,
+                                                   demo_dataset_32, tmp_path, capsys):
+    cli = load_cli("evaluate")
+    out = tmp_path / "evaluate"
+    args = ["-c", student_run_32, "-v", "demo-test", "--out-dir", str(out),
+            "--no-progress"]
+    if case == "no_config":
+        empty = tmp_path / "weights" / "empty"
+        empty.mkdir(parents=True)
+        args[1] = str(empty)
+    elif case == "unknown_subset":
+        args[3] = "demo-test,nope"
+    elif case == "size_mismatch":
+        args += ["-d", write_resized_config(demo_dataset_32, tmp_path)]
+    elif case == "not_writable":
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        out = blocker / "evaluate"
+        args[5] = str(out)
+    code = cli.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    if case == "unknown_subset":
+        assert "demo-test" in err[0] and "demo-val" in err[0]      # lists the known ones
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_summary_ignores_missing_landmarks():
+    records = [record("a", "b", 0.5, 0.3, float("nan"), 0.1)]
+    summary = evaluation.summarise(records)
+    assert math.isnan(summary["landmark_distance"]["mean"])
+    assert summary["dice"] == {"mean": 0.5, "std": 0.0}
+    assert os.path.basename(load_cli("evaluate").report_stem("weights/run/", None, None)) \
+        == "run"
