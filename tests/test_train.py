@@ -1,0 +1,202 @@
+"""Training: loss trends, resume, kill + resume, teacher flows, and the CLI's errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from aldk_tf import runs
+from aldk_tf.aldk import ALDKTrainer
+from aldk_tf.checkpoints import save_weights_atomic
+from aldk_tf.config import ALDKConfig, LossWeights, ModelConfig, RunConfig, TrainConfig
+from aldk_tf.critic import FlowCritic
+from aldk_tf.data import list_pairs, load_dataset_config, load_pair
+from aldk_tf.networks import build_student, build_teacher
+from aldk_tf.teacher_flows import (TeacherFlowStore, extract_teacher_flows, flows_path,
+                                   stored_keys)
+from aldk_tf.train_run import train
+from aldk_tf.training import RegistrationTrainer
+
+from synthetic import write_blob_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = (32, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_blob_dataset(str(tmp_path_factory.mktemp("data")), size=32)
+
+
+def fixed_batches(dataset_path, count=2):
+    config = load_dataset_config(dataset_path)
+    pairs = [load_pair(config, f, m) for f, m in list_pairs(config, "1")[:count]]
+    return {key: np.stack([p[key] for p in pairs]) for key in ("fixed", "moving")}
+
+
+def trend_down(values, window=5):
+    values = np.asarray(values)
+    return values[-window:].mean() < values[:window].mean()
+
+
+def test_student_losses_finite_and_decreasing(dataset):
+    keras.utils.set_random_seed(0)
+    batch = fixed_batches(dataset)
+    trainer = RegistrationTrainer(build_student(SIZE), LossWeights())
+    trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
+    history = {k: [] for k in ("loss", "similarity", "smoothness", "det", "ortho")}
+    step = tf.function(trainer.train_step)
+    for _ in range(25):
+        logs = step(batch)
+        for key in history:
+            history[key].append(float(logs[key]))
+        for tracker in trainer.metrics:
+            tracker.reset_state()
+    for key, values in history.items():
+        assert np.all(np.isfinite(values)), key
+    # The objective and the image term fall; smoothness starts at zero with a zero flow
+    # and can only grow as the flow appears, so it is checked for finiteness only.
+    assert trend_down(history["loss"]) and trend_down(history["similarity"])
+
+
+def aldk_history(dataset, critic_lr, steps=24):
+    keras.utils.set_random_seed(0)
+    batch = fixed_batches(dataset)
+    teacher = build_teacher(SIZE, n_cascades=1)
+    batch["teacher_flow"] = np.asarray(teacher(batch)["flow"]) + np.float32(1.0)
+    trainer = ALDKTrainer(build_student(SIZE), FlowCritic(SIZE), LossWeights(),
+                          ALDKConfig(enabled=True, adversarial_period=1, critic_period=1))
+    trainer.compile(g_optimizer=keras.optimizers.Adam(3e-4),
+                    d_optimizer=keras.optimizers.Adam(critic_lr))
+    history = {k: [] for k in ("loss", "rec", "dis", "critic", "gp", "similarity",
+                               "smoothness", "det", "ortho")}
+    step = tf.function(trainer.train_step)
+    for _ in range(steps):
+        logs = step(batch)
+        for key in history:
+            history[key].append(float(logs[key]))
+        for tracker in trainer.metrics:
+            tracker.reset_state()
+    for key, values in history.items():
+        assert np.all(np.isfinite(values)), key
+    return history
+
+
+def test_aldk_student_terms_decrease_against_a_fixed_critic(dataset):
+    """With the critic frozen (lr 0), every student term is an ordinary loss: l_dis,
+    the image term and the total must fall."""
+    history = aldk_history(dataset, critic_lr=0.0)
+    assert trend_down(history["dis"]) and trend_down(history["similarity"])
+    assert trend_down(history["loss"])
+
+
+def test_aldk_critic_objective_decreases(dataset):
+    """With the critic learning, its WGAN-GP objective falls. (l_dis then rises: it is
+    the gap the critic opens between student and teacher flows, the adversarial game.)"""
+    history = aldk_history(dataset, critic_lr=1e-4)
+    assert trend_down(history["critic"]) and trend_down(history["similarity"])
+
+
+def run_config(dataset, **train):
+    settings = dict(batch=2, round=6, epochs=2, lr=1e-3, checkpoint_every=2,
+                    validate_every=0)
+    settings.update(train)
+    return RunConfig(dataset=dataset, model=ModelConfig(image_size=SIZE),
+                     train=TrainConfig(**settings))
+
+
+def test_resume_continues_like_an_uninterrupted_run(dataset, tmp_path):
+    config = run_config(dataset)
+    interrupted, straight = str(tmp_path / "interrupted"), str(tmp_path / "straight")
+    train(config, interrupted, verbose=0, max_steps=4)
+    _, half = runs.load_model(interrupted)
+    train(runs.load_run_config(interrupted), interrupted, verbose=0, max_steps=9)
+    train(config, straight, verbose=0, max_steps=9)
+    _, resumed = runs.load_model(interrupted)
+    _, reference = runs.load_model(straight)
+    assert not all(np.array_equal(a, b) for a, b in zip(half.get_weights(),
+                                                        resumed.get_weights()))
+    for a, b in zip(resumed.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    for run_dir in (interrupted, straight):
+        latest = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+        assert latest.endswith("ckpt-9")
+
+
+def test_sigkill_loses_at_most_one_checkpoint_interval(dataset, tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "-b", "LDR", "-d", dataset,
+               "--batch", "1", "--round", "1000", "--epochs", "1", "--output", "killed",
+               "--weights_dir", str(tmp_path), "--checkpoint_every", "2",
+               "--validate_every", "0", "-v", "0"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(checkpoints.glob("ckpt-4.index")):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = tf.train.latest_checkpoint(str(checkpoints))
+    assert saved is not None
+    saved_step = int(saved.rsplit("-", 1)[1])
+    assert saved_step >= 4
+    resume = subprocess.run(command[:2] + ["-c", str(tmp_path / "killed"), "--max_steps",
+                                           str(saved_step + 2), "-v", "0"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert resume.returncode == 0, resume.stderr[-2000:]
+    latest = tf.train.latest_checkpoint(str(checkpoints))
+    assert latest.endswith(f"ckpt-{saved_step + 2}")
+
+
+def make_teacher_run(folder, dataset, image_size=SIZE):
+    config = RunConfig(dataset=dataset, model=ModelConfig(
+        role="teacher", base="vtn", affine="vtn", image_size=image_size))
+    config.save(folder)
+    teacher = config.model.build()
+    save_weights_atomic(teacher, folder)
+    return teacher
+
+
+def test_teacher_flow_extraction_resumes_and_matches(dataset, tmp_path):
+    teacher_dir = str(tmp_path / "teacher")
+    teacher = make_teacher_run(teacher_dir, dataset)
+    config = load_dataset_config(dataset)
+    pairs = list_pairs(config, "1")[:4]
+    path = flows_path(teacher_dir)
+    assert extract_teacher_flows(teacher, config, pairs[:2], path, progress=False) == 2
+    assert extract_teacher_flows(teacher, config, pairs, path, progress=False) == 2
+    assert stored_keys(path) == {f"{f}-{m}" for f, m in pairs}
+    store = TeacherFlowStore(path)
+    pair = load_pair(config, *pairs[3])
+    expected = teacher({"fixed": pair["fixed"][None], "moving": pair["moving"][None]})
+    np.testing.assert_allclose(store.read(*pairs[3]), expected["flow"][0], atol=2e-2)
+    store.close()
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+
+
+def test_cli_errors(dataset, tmp_path):
+    missing = run_cli("-b", "LDR", "-d", str(tmp_path / "none.json"))
+    assert missing.returncode == 2 and "none.json" in missing.stderr.splitlines()[-1]
+    no_teacher = run_cli("-b", "LDR", "-d", dataset, "--aldk", "--teacher",
+                         str(tmp_path / "absent"), "--weights_dir", str(tmp_path),
+                         "--output", "x")
+    assert no_teacher.returncode == 2 and "absent" in no_teacher.stderr.splitlines()[-1]
+    assert not (tmp_path / "x").exists()          # nothing half-written
+    small = str(tmp_path / "small_teacher")
+    make_teacher_run(small, dataset, image_size=(16, 16, 16))
+    mismatch = run_cli("-b", "LDR", "-d", dataset, "--aldk", "--teacher", small,
+                       "--weights_dir", str(tmp_path), "--output", "y")
+    assert mismatch.returncode == 2
+    assert "teacher image size" in mismatch.stderr.splitlines()[-1]
