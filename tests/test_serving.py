@@ -1,0 +1,246 @@
+"""aldk_tf/serving.py and export.py: SavedModel signatures, TFLite, TF Serving contract."""
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from aldk_tf import metrics, runs, serving
+from aldk_tf.data import list_pairs, load_dataset_config, load_pair
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_cli(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_cli(name, args):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = load_cli(name).main(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def exported(student_run_32, tmp_path_factory):
+    """``export.py`` run once: (version directory, printed output)."""
+    base = tmp_path_factory.mktemp("export") / "aldk"
+    code, out, err = run_cli("export", ["-c", student_run_32, "--out", str(base)])
+    assert code == 0, err
+    return base / "1", out
+
+
+@pytest.fixture(scope="module")
+def demo_pair(demo_dataset_32):
+    dataset = load_dataset_config(demo_dataset_32)
+    fixed_id, moving_id = list_pairs(dataset, "test")[0]       # not the parity input
+    pair = load_pair(dataset, fixed_id, moving_id)
+    return {key: value[None] for key, value in pair.items() if not key.endswith("_id")}
+
+
+@pytest.fixture(scope="module")
+def keras_outputs(student_run_32, demo_pair):
+    _, model = runs.load_model(student_run_32)
+    outputs = model({"fixed": demo_pair["fixed"], "moving": demo_pair["moving"]})
+    return {key: outputs[key].numpy() for key in ("flow", "warped")}
+
+
+def test_export_layout_and_printed_parity(exported):
+    version, out = exported
+    names = sorted(os.listdir(version))
+    assert {"saved_model.pb", "variables", "tflite", serving.INFO_NAME} <= set(names)
+    assert sorted(os.listdir(version / "tflite")) == [
+        "model_fp16.tflite", "model_fp32.tflite", "model_int8.tflite"]
+    assert os.listdir(version.parent) == ["1"]                  # no staging left over
+    assert oct(os.stat(version).st_mode & 0o777) != oct(0o700)  # readable by a server
+    info = json.loads((version / serving.INFO_NAME).read_text())
+    assert info["image_size"] == [32, 32, 32] and info["version"] == 1
+    assert set(info["parity"]) >= {"savedmodel", "tflite_fp32", "tflite_fp16",
+                                   "tflite_int8"}
+    assert "Parity against the Keras model" in out and "tflite_int8" in out
+    assert (version / "tflite" / "model_fp16.tflite").stat().st_size < \
+        0.6 * (version / "tflite" / "model_fp32.tflite").stat().st_size
+
+
+def test_keras_savedmodel_and_tflite_fp32_give_the_same_flow(exported, demo_pair,
+                                                             keras_outputs):
+    version, _ = exported
+    flow = keras_outputs["flow"]
+    assert np.abs(flow).max() > 0.5                             # a real deformation
+    fixed, moving = demo_pair["fixed"], demo_pair["moving"]
+    saved = serving.savedmodel_runner(str(version))(fixed, moving)
+    lite = serving.tflite_runner(version / "tflite" / "model_fp32.tflite")(fixed, moving)
+    np.testing.assert_allclose(saved["flow"], flow, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(lite["flow"], flow, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(lite["warped"], keras_outputs["warped"], atol=1e-4, rtol=0)
+    for variant in ("fp16", "int8"):                            # reported, loosely bound
+        other = serving.tflite_runner(version / "tflite" / f"model_{variant}.tflite")(
+            fixed, moving)
+        assert np.abs(other["flow"] - flow).max() < 0.1, variant
+
+
+def test_tflite_uses_builtin_ops_only(exported):
+    version, _ = exported
+    for variant in serving.TFLITE_VARIANTS:
+        ops = serving.tflite_ops(version / "tflite" / f"model_{variant}.tflite")
+        assert "CONV_3D" in ops and "GATHER" in ops
+        assert not [op for op in ops if op.startswith("Flex") or op in
+                    ("CUSTOM", "DELEGATE", "READ_VARIABLE", "VAR_HANDLE")], ops
+
+
+def test_saved_model_cli_lists_the_named_signatures(exported):
+    version, _ = exported
+    cli = shutil.which("saved_model_cli", path=os.path.dirname(sys.executable)) or \
+        shutil.which("saved_model_cli")
+    assert cli, "saved_model_cli (installed with tensorflow) not found"
+    shown = subprocess.run([cli, "show", "--dir", str(version), "--all"],
+                           capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout
+    serving_block = text.split("signature_def['serving_default']:")[1].split(
+        "signature_def[")[0]
+    for line in ("inputs['fixed']", "inputs['moving']", "outputs['flow']",
+                 "outputs['warped']", "shape: (-1, 32, 32, 32, 1)",
+                 "shape: (-1, 32, 32, 32, 3)", "tensorflow/serving/predict"):
+        assert line in serving_block, line
+    assert "signature_def['warp_segmentation']:" in text
+    assert "outputs['warped_segmentation']" in text
+
+
+def test_tf_serving_predict_request_runs_against_the_signature(exported, demo_pair,
+                                                               keras_outputs):
+    from tensorflow_serving.apis import predict_pb2
+
+    version, _ = exported
+    # Client: a PredictRequest as a gRPC client would send it.
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "aldk"
+    request.model_spec.signature_name = "serving_default"
+    for name in ("fixed", "moving"):
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(demo_pair[name]))
+    wire = request.SerializeToString()
+
+    # Server: parse, look the signature up, convert tensors as the model server does.
+    received = predict_pb2.PredictRequest.FromString(wire)
+    signature = tf.saved_model.load(str(version)).signatures[
+        received.model_spec.signature_name]
+    _, expected_inputs = signature.structured_input_signature
+    assert set(received.inputs) == set(expected_inputs) == {"fixed", "moving"}
+    tensors = {name: tf.constant(tf.make_ndarray(proto))
+               for name, proto in received.inputs.items()}
+    for name, tensor in tensors.items():
+        assert expected_inputs[name].is_compatible_with(tensor)
+    outputs = signature(**tensors)
+    response = predict_pb2.PredictResponse()
+    response.model_spec.CopyFrom(received.model_spec)
+    for name, value in outputs.items():
+        response.outputs[name].CopyFrom(tf.make_tensor_proto(value.numpy()))
+
+    # Client: decode the response.
+    answer = predict_pb2.PredictResponse.FromString(response.SerializeToString())
+    assert set(answer.outputs) == {"flow", "warped"}
+    flow = tf.make_ndarray(answer.outputs["flow"])
+    assert flow.shape == (1, 32, 32, 32, 3)
+    np.testing.assert_allclose(flow, keras_outputs["flow"], atol=1e-4, rtol=0)
+
+
+def test_warp_segmentation_signature_matches_the_evaluation_warp(exported, demo_pair,
+                                                                 keras_outputs):
+    version, _ = exported
+    signature = tf.saved_model.load(str(version)).signatures[serving.WARP_SIGNATURE]
+    segmentation = demo_pair["moving_seg"]
+    warped = signature(segmentation=tf.constant(segmentation),
+                       flow=tf.constant(keras_outputs["flow"]))["warped_segmentation"]
+    warped = warped.numpy()
+    labels = [1, 2, 3]
+    expected = metrics.warp_segmentation(segmentation, keras_outputs["flow"], labels)
+    np.testing.assert_array_equal(metrics.segmentation_masks(warped, labels), expected)
+    assert not np.array_equal(warped, segmentation)           # it did move labels
+    assert set(np.unique(warped)) <= {0.0, 1.0, 2.0, 3.0}
+
+
+@pytest.mark.parametrize("size", [(8, 8, 8), (7, 9, 6)])
+def test_builtin_average_pooling_equals_keras(rng, size):
+    layer = keras.layers.AveragePooling3D(3, strides=2, padding="same")
+    x = rng.random((2, *size, 4)).astype(np.float32)
+    expected = layer(x).numpy()
+    with serving.builtin_average_pooling():
+        replaced = layer(x).numpy()
+        assert "call" in keras.layers.AveragePooling3D.__dict__
+    np.testing.assert_allclose(replaced, expected, atol=1e-6)
+    assert "call" not in keras.layers.AveragePooling3D.__dict__   # restored
+
+
+def test_next_version_and_savedmodel_only_export(student_run_32, exported):
+    version, _ = exported
+    base = version.parent
+    assert serving.next_version(str(base)) == 2
+    code, out, err = run_cli("export", ["-c", student_run_32, "--out", str(base),
+                                        "--tflite", "none"])
+    assert code == 0, err
+    assert sorted(os.listdir(base)) == ["1", "2"]
+    assert not (base / "2" / "tflite").exists()
+    assert "savedmodel" in out
+
+
+def write_resized_config(demo_dataset_32, tmp_path):
+    data = json.loads(Path(demo_dataset_32).read_text())
+    data["image_size"] = [64, 64, 64]
+    data["files"]["demo"]["path"] = str(Path(demo_dataset_32).parent / "demo.h5")
+    path = tmp_path / "demo64.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("existing_version", "already exists"),
+    ("unknown_variant", "unknown variant(s) fp8"),
+    ("no_config", "no config.json"),
+    ("size_mismatch", "size mismatch"),
+    ("not_writable", "not writable"),
+])
+def test_export_errors_are_one_line_and_write_nothing(case, expected, student_run_32,
+                                                      demo_dataset_32, exported,
+                                                      tmp_path):
+    version, _ = exported
+    base = tmp_path / "export" / "aldk"
+    args = ["-c", student_run_32, "--out", str(base), "--tflite", "none"]
+    if case == "existing_version":
+        base = version.parent
+        args[3] = str(base)
+        args += ["--version", "1"]
+    elif case == "unknown_variant":
+        args[5] = "fp16,fp8"
+    elif case == "no_config":
+        empty = tmp_path / "weights" / "empty"
+        empty.mkdir(parents=True)
+        args[1] = str(empty)
+    elif case == "size_mismatch":
+        args += ["-d", write_resized_config(demo_dataset_32, tmp_path)]
+    elif case == "not_writable":
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        base = blocker / "aldk"
+        args[3] = str(base)
+    before = sorted(os.listdir(base)) if base.is_dir() else None
+    code, out, err = run_cli("export", args)
+    lines = err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    after = sorted(os.listdir(base)) if base.is_dir() else None
+    assert after == before or after == []
