@@ -219,10 +219,10 @@ def tflite_ops(path_or_bytes) -> list[str]:
 
 def savedmodel_runner(path: str):
     """``run(fixed, moving) -> {"flow", "warped"}`` over a reloaded SavedModel."""
-    signature = tf.saved_model.load(path).signatures[SERVING_SIGNATURE]
+    loaded = tf.saved_model.load(path)       # kept: signatures hold weak variable refs
 
     def run(fixed, moving):
-        outputs = signature(fixed=tf.constant(fixed, tf.float32),
+        outputs = loaded.signatures[SERVING_SIGNATURE](fixed=tf.constant(fixed, tf.float32),
                             moving=tf.constant(moving, tf.float32))
         return {key: outputs[key].numpy() for key in ("flow", "warped")}
     return run
@@ -365,7 +365,7 @@ def export_model(model, base: str, version: int | None = None,
         with open(os.path.join(staging, INFO_NAME), "w") as handle:
             json.dump(record, handle, indent=2)
             handle.write("\n")
-        _make_readable(staging)
+        make_readable(staging)
         os.rename(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -373,7 +373,7 @@ def export_model(model, base: str, version: int | None = None,
     return {**record, "path": final}
 
 
-def _make_readable(folder: str) -> None:
+def make_readable(folder: str) -> None:
     """Give the staging directory (``mkdtemp``: 0700) the usual umask permissions, so a
     model server running as another user can read the version directory."""
     umask = os.umask(0)

@@ -1,0 +1,154 @@
+"""aldk_tf/register.py: a NIfTI pair registered with an exported SavedModel."""
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from aldk_tf import metrics, register, runs, serving, spatial
+from aldk_tf.data import load_dataset_config, read_dataset
+from aldk_tf.data.preprocess import preprocess_scan
+
+
+@pytest.fixture(scope="module")
+def savedmodel(student_run_32, tmp_path_factory):
+    _, model = runs.load_model(student_run_32)
+    path = tmp_path_factory.mktemp("export") / "aldk" / "1"
+    serving.save_savedmodel(model, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def nifti_pair(demo_dataset_32, tmp_path_factory):
+    """Two demo test subjects as NIfTI; the moving one with its own (shifted) affine."""
+    dataset = load_dataset_config(demo_dataset_32)
+    scans = read_dataset(dataset.resolve_file("demo"))
+    fixed_scan, moving_scan = scans["subject_04"], scans["subject_05"]
+    folder = tmp_path_factory.mktemp("nifti")
+    fixed_affine = fixed_scan["attrs"]["affine"]
+    moving_affine = fixed_affine.copy()
+    moving_affine[:3, 3] += [12.0, -7.0, 3.0]
+    paths = {}
+    for name, data, affine in (("fixed", fixed_scan["volume"], fixed_affine),
+                               ("moving", moving_scan["volume"], moving_affine),
+                               ("moving_seg", moving_scan["segmentation"], moving_affine)):
+        paths[name] = str(folder / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(data, affine), paths[name])
+    return paths
+
+
+def run(savedmodel, pair, out_dir, *extra):
+    return register.main(["--model", savedmodel, "--fixed", pair["fixed"], "--moving",
+                          pair["moving"], "--moving-seg", pair["moving_seg"],
+                          "--out-dir", str(out_dir), "--crop", "none", *extra])
+
+
+@pytest.fixture(scope="module")
+def registered(savedmodel, nifti_pair, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("registered") / "out"
+    assert run(savedmodel, nifti_pair, out_dir) == 0
+    return out_dir
+
+
+def test_outputs_are_in_the_fixed_space_with_its_affine(registered, nifti_pair):
+    fixed = nib.load(nifti_pair["fixed"])
+    moving = nib.load(nifti_pair["moving"])
+    assert not np.allclose(moving.affine, fixed.affine)
+    assert sorted(os.listdir(registered)) == sorted(register.OUTPUT_NAMES)
+    for name in ("warped.nii.gz", "flow.nii.gz", "warped_seg.nii.gz"):
+        image = nib.load(registered / name)
+        np.testing.assert_allclose(image.affine, fixed.affine, atol=1e-5)
+        assert image.shape[:3] == fixed.shape
+    flow = nib.load(registered / "flow.nii.gz")
+    assert flow.shape == (*fixed.shape, 1, 3)
+    assert flow.header.get_intent()[0] == "vector"
+    png = registered / "preview.png"
+    assert png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_outputs_follow_the_model_flow(registered, savedmodel, nifti_pair):
+    """crop none on an unrotated grid: model voxel == fixed voxel, so the written field is
+    the model's flow in mm plus the shift between the two scans' affines, and the written
+    images are the library warp of the moving arrays."""
+    fixed, moving = nib.load(nifti_pair["fixed"]), nib.load(nifti_pair["moving"])
+    size = fixed.shape
+    inputs = [preprocess_scan(image, size=size, crop="none").volume.astype(np.float32)
+              [None, ..., None] / 255.0 for image in (fixed, moving)]
+    loaded = tf.saved_model.load(savedmodel)
+    flow = loaded.signatures["serving_default"](fixed=tf.constant(inputs[0]),
+                                                moving=tf.constant(inputs[1]))["flow"]
+    flow = flow.numpy()
+    assert np.abs(flow).max() > 0.5
+    spacing = np.diag(fixed.affine)[:3]
+    written = nib.load(registered / "flow.nii.gz").get_fdata()[:, :, :, 0, :]
+    shift = moving.affine[:3, 3] - fixed.affine[:3, 3]
+    np.testing.assert_allclose(written, flow[0] * spacing + shift, atol=1e-3)
+
+    moving_data = np.asarray(moving.dataobj, np.float32)[None, ..., None]
+    expected = spatial.warp(tf.constant(moving_data), flow).numpy()[0, ..., 0]
+    warped = nib.load(registered / "warped.nii.gz").get_fdata()
+    np.testing.assert_allclose(warped, expected, atol=1e-2)
+
+    labels = np.asarray(nib.load(nifti_pair["moving_seg"]).dataobj)[None, ..., None]
+    masks = metrics.warp_segmentation(labels, flow, [1, 2, 3])
+    warped_seg = np.asarray(nib.load(registered / "warped_seg.nii.gz").dataobj)
+    np.testing.assert_array_equal(metrics.segmentation_masks(warped_seg[None, ..., None],
+                                                             [1, 2, 3]), masks)
+
+
+def test_storage_orientation_does_not_change_the_result(registered, savedmodel,
+                                                        nifti_pair, tmp_path):
+    """The fixed scan stored x-flipped (same world): outputs are the flipped originals."""
+    fixed = nib.load(nifti_pair["fixed"])
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = fixed.shape[0] - 1
+    flipped = nib.Nifti1Image(np.asarray(fixed.dataobj)[::-1], fixed.affine @ flip)
+    pair = {**nifti_pair, "fixed": str(tmp_path / "fixed_flipped.nii.gz")}
+    nib.save(flipped, pair["fixed"])
+    assert run(savedmodel, pair, tmp_path / "out") == 0
+    for name in ("warped.nii.gz", "warped_seg.nii.gz", "flow.nii.gz"):
+        original = nib.load(registered / name).get_fdata()
+        result = nib.load(tmp_path / "out" / name)
+        np.testing.assert_allclose(result.affine, flipped.affine, atol=1e-5)
+        np.testing.assert_allclose(result.get_fdata()[::-1], original, atol=1e-3)
+
+
+def test_existing_output_directory_is_updated(savedmodel, nifti_pair, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "notes.txt").write_text("kept")
+    assert run(savedmodel, nifti_pair, out_dir) == 0
+    assert sorted(os.listdir(out_dir)) == sorted([*register.OUTPUT_NAMES, "notes.txt"])
+    assert sorted(os.listdir(tmp_path)) == ["out"]              # no staging left over
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("four_d", "expected 3-D"),
+    ("not_writable", "not writable"),
+    ("no_model", "not a SavedModel"),
+    ("missing_file", "file not found"),
+])
+def test_errors_are_one_line_and_write_nothing(case, expected, savedmodel, nifti_pair,
+                                               tmp_path, capsys):
+    pair, model, out_dir = dict(nifti_pair), savedmodel, tmp_path / "out"
+    if case == "four_d":
+        data = np.zeros((8, 8, 8, 2), np.float32)
+        pair["moving"] = str(tmp_path / "four_d.nii.gz")
+        nib.save(nib.Nifti1Image(data, np.eye(4)), pair["moving"])
+    elif case == "not_writable":
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        out_dir = blocker / "out"
+    elif case == "no_model":
+        model = str(tmp_path)
+    elif case == "missing_file":
+        pair["fixed"] = str(tmp_path / "absent.nii.gz")
+    before = sorted(os.listdir(tmp_path))
+    code = run(model, pair, out_dir)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert sorted(os.listdir(tmp_path)) == before
