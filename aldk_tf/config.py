@@ -26,6 +26,7 @@ class ModelConfig:
     channels: int = 16
     student_variant: str = "seed"         # "seed" | "release"
     image_size: tuple[int, int, int] = (128, 128, 128)
+    resolution_factor: int = 1            # > 1: cross-resolution student (seed 002)
 
     def build(self, rep: int | None = None, name: str | None = None):
         from aldk_tf.networks.cascade import RecursiveCascade
@@ -33,6 +34,7 @@ class ModelConfig:
                                 rep=self.rep if rep is None else rep, affine=self.affine,
                                 channels=self.channels,
                                 student_variant=self.student_variant,
+                                resolution_factor=self.resolution_factor,
                                 name=name or self.role)
 
 

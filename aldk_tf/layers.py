@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 
 from aldk_tf import spatial
 
@@ -89,6 +88,39 @@ class JacobianDeterminant(keras.layers.Layer):
         return input_shape[:4]
 
 
-def identity_matrix_like(matrix: tf.Tensor) -> tf.Tensor:
-    """``I + matrix`` for a batch of ``[B, 3, 3]`` matrices."""
-    return matrix + tf.eye(3, dtype=matrix.dtype)
+@keras.saving.register_keras_serializable(package="aldk_tf")
+class Downsample(keras.layers.Layer):
+    """Block average by an integer factor (cell-centred grids)."""
+
+    def __init__(self, factor: int, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = int(factor)
+
+    def call(self, volume):
+        return spatial.downsample(volume, self.factor)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *[n // self.factor for n in input_shape[1:4]],
+                input_shape[4])
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+
+
+@keras.saving.register_keras_serializable(package="aldk_tf")
+class UpsampleFlow(keras.layers.Layer):
+    """Trilinear upsampling of a flow by an integer factor, values scaled by it."""
+
+    def __init__(self, factor: int, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = int(factor)
+
+    def call(self, flow):
+        return spatial.upsample_flow(flow, self.factor)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *[n * self.factor for n in input_shape[1:4]],
+                input_shape[4])
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}

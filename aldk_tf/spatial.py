@@ -183,20 +183,73 @@ def jacobian_determinant(flow: tf.Tensor) -> tf.Tensor:
     return tf.linalg.det(jacobian)
 
 
-def resize_flow(flow: tf.Tensor, spatial_shape) -> tf.Tensor:
-    """Trilinearly resample a flow to ``spatial_shape`` and scale its displacements.
+def _check_factor(volume: tf.Tensor, factor: int, downsampling: bool) -> None:
+    if int(factor) < 1:
+        raise ValueError(f"factor: expected a positive integer, got {factor}")
+    if downsampling and any(n is not None and n % factor for n in volume.shape[1:4]):
+        raise ValueError(f"volume: spatial shape {volume.shape[1:4].as_list()} is not "
+                         f"divisible by the factor {factor}")
 
-    Voxel centres are aligned at the corners (``index * (n_out - 1) / (n_in - 1)``), so
-    displacement values are scaled by the same per-axis factor.
+
+def downsample(volume: tf.Tensor, factor: int) -> tf.Tensor:
+    """Average over ``factor``^3 blocks: ``[B, D, H, W, C] -> [B, D/f, H/f, W/f, C]``.
+
+    Low-resolution voxel ``u`` covers full-resolution voxels ``f u .. f u + f - 1`` (its
+    centre is at ``f u + (f - 1) / 2``), the convention :func:`upsample` inverts.
     """
-    flow = tf.convert_to_tensor(flow)
-    _check_volume("flow", flow, channels=3)
-    source = flow.shape[1:4].as_list()
-    scale = [(o - 1) / (i - 1) for o, i in zip(spatial_shape, source)]
-    target_grid = voxel_grid(spatial_shape)                    # [d, h, w, 3]
-    coordinate = target_grid / tf.constant(scale, tf.float32)
-    batch = tf.shape(flow)[0]
-    return resample(flow, coordinate, batch) * tf.constant(scale, tf.float32)
+    volume = tf.convert_to_tensor(volume)
+    _check_volume("volume", volume)
+    _check_factor(volume, factor, downsampling=True)
+    if factor == 1:
+        return volume
+    for axis in (1, 2, 3):
+        shape = tf.shape(volume)
+        outer = tf.reduce_prod(shape[:axis]) * (shape[axis] // factor)
+        inner = tf.reduce_prod(shape[axis + 1:])
+        blocks = tf.reshape(volume, tf.stack([outer, factor, inner]))
+        new_shape = tf.tensor_scatter_nd_update(shape, [[axis]], [shape[axis] // factor])
+        volume = tf.reshape(tf.reduce_mean(blocks, axis=1), new_shape)
+    return volume
+
+
+def upsample(volume: tf.Tensor, factor: int) -> tf.Tensor:
+    """Trilinear upsampling by an integer factor on cell-centred grids, edges clamped.
+
+    Full-resolution voxel ``x`` samples the low-resolution volume at
+    ``u = (x + 0.5) / f - 0.5`` (the inverse of :func:`downsample`'s block layout), done
+    as three separable 1-D passes of shifted slices (no gathers).
+    """
+    volume = tf.convert_to_tensor(volume)
+    _check_volume("volume", volume)
+    _check_factor(volume, factor, downsampling=False)
+    if factor == 1:
+        return volume
+    for axis in (1, 2, 3):
+        shape = tf.shape(volume)
+        n = shape[axis]
+        outer, inner = tf.reduce_prod(shape[:axis]), tf.reduce_prod(shape[axis + 1:])
+        line = tf.reshape(volume, tf.stack([outer, n, inner]))          # [O, n, I]
+        previous = tf.concat([line[:, :1], line[:, :-1]], axis=1)
+        following = tf.concat([line[:, 1:], line[:, -1:]], axis=1)
+        phases = []
+        for k in range(factor):
+            offset = (k + 0.5) / factor - 0.5                 # in (-0.5, 0.5)
+            neighbour = following if offset >= 0 else previous
+            phases.append((1.0 - abs(offset)) * line + abs(offset) * neighbour)
+        line = tf.stack(phases, axis=2)                                 # [O, n, f, I]
+        new_shape = tf.tensor_scatter_nd_update(shape, [[axis]], [n * factor])
+        volume = tf.reshape(line, new_shape)
+    return volume
+
+
+def downsample_flow(flow: tf.Tensor, factor: int) -> tf.Tensor:
+    """A full-resolution flow on the ``1/factor`` grid, in low-resolution voxels."""
+    return downsample(flow, factor) / float(factor)
+
+
+def upsample_flow(flow: tf.Tensor, factor: int) -> tf.Tensor:
+    """A low-resolution flow on the full grid, in full-resolution voxels."""
+    return upsample(flow, factor) * float(factor)
 
 
 def resample(image: tf.Tensor, coordinate: tf.Tensor, batch) -> tf.Tensor:

@@ -127,3 +127,23 @@ def test_bad_image_size_is_rejected(bad):
 def test_bad_base_is_rejected():
     with pytest.raises(ValueError, match="base must be one of"):
         RecursiveCascade(SIZE, base="unet")
+
+
+def test_cross_resolution_student(rng):
+    from aldk_tf import spatial
+    model = build_student((32, 32, 32), n_cascades=2, resolution_factor=2)
+    model.set_weights([w + rng.normal(0, 2e-3, w.shape).astype(w.dtype)
+                       for w in model.get_weights()])
+    inputs = pair(rng, size=(32, 32, 32))
+    out = model(inputs)
+    assert out["low_flow"].shape == (1, 16, 16, 16, 3)
+    assert out["cascade_flow_1"].shape == (1, 16, 16, 16, 3)
+    np.testing.assert_allclose(out["flow"], spatial.upsample_flow(out["low_flow"], 2),
+                               atol=1e-6)
+    np.testing.assert_allclose(out["warped"], spatial.warp(inputs["moving"], out["flow"]),
+                               atol=1e-6)
+    clone = RecursiveCascade.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    np.testing.assert_array_equal(clone(inputs)["flow"], out["flow"])
+    with pytest.raises(ValueError, match="divisible by 16"):
+        build_student((16, 16, 16), resolution_factor=2)

@@ -166,9 +166,39 @@ def test_exact_affine_composition(rng):
     np.testing.assert_allclose(general[inner], exact[inner], atol=1e-4)
 
 
-def test_resize_flow_scales_translation():
+def test_upsample_matches_map_coordinates(rng):
+    low = rng.random((2, 5, 6, 4, 2)).astype(np.float32)
+    for factor in (2, 3):
+        up = spatial.upsample(low, factor).numpy()
+        assert up.shape == (2, 5 * factor, 6 * factor, 4 * factor, 2)
+        axes = [(np.arange(n * factor) + 0.5) / factor - 0.5 for n in low.shape[1:4]]
+        coords = np.stack(np.meshgrid(*axes, indexing="ij"))
+        for b in range(2):
+            for c in range(2):
+                expected = ndimage.map_coordinates(low[b, ..., c], coords, order=1,
+                                                   mode="nearest")
+                np.testing.assert_allclose(up[b, ..., c], expected, atol=1e-5)
+
+
+def test_downsample_is_block_mean(rng):
+    volume = rng.random((1, 8, 6, 4, 3)).astype(np.float32)
+    expected = volume.reshape(1, 4, 2, 3, 2, 2, 2, 3).mean(axis=(2, 4, 6))
+    np.testing.assert_allclose(spatial.downsample(volume, 2).numpy(), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="divisible"):
+        spatial.downsample(np.zeros((1, 7, 8, 8, 1), np.float32), 2)
+
+
+def test_flow_resolution_round_trip_translation_and_affine(rng):
+    """A known translation scales by the factor; an affine flow survives down- and
+    upsampling exactly away from the clamped outer half-voxel."""
     flow = np.zeros((1, 8, 8, 8, 3), np.float32)
     flow[..., 0] = 1.5
-    resized = spatial.resize_flow(flow, (15, 15, 15)).numpy()
-    np.testing.assert_allclose(resized[..., 0], 3.0, atol=1e-5)
-    np.testing.assert_allclose(resized[..., 1:], 0.0, atol=1e-6)
+    np.testing.assert_allclose(spatial.upsample_flow(flow, 2).numpy()[..., 0], 3.0,
+                               atol=1e-6)
+    np.testing.assert_allclose(spatial.downsample_flow(flow * 2, 2).numpy()[..., 0], 1.5,
+                               atol=1e-6)
+    matrix, translation = random_affine(rng, 1)
+    full = spatial.affine_flow(matrix, translation, (16, 16, 16))
+    round_trip = spatial.upsample_flow(spatial.downsample_flow(full, 2), 2).numpy()
+    inner = (slice(None), slice(1, -1), slice(1, -1), slice(1, -1))
+    np.testing.assert_allclose(round_trip[inner], full.numpy()[inner], atol=1e-4)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import keras
 
-from aldk_tf.layers import ComposeAffine, ComposeFlows, Warp
+from aldk_tf.layers import ComposeAffine, ComposeFlows, Downsample, UpsampleFlow, Warp
 from aldk_tf.networks.affine import AFFINE_VARIANTS, AffineStem
 from aldk_tf.networks.blocks import check_image_size
 from aldk_tf.networks.student import StudentNet
@@ -48,11 +48,16 @@ class RecursiveCascade(keras.Model):
       affine: "vtn", "student" or None (no affine stage).
       channels: VTN/student base width.
       student_variant: "seed" (paper) or "release" (released code's decoder).
+      resolution_factor: cross-resolution model (seed 002): the inputs are
+        ``image_size`` but every stage runs on the pair block-averaged by this factor;
+        the aggregate flow (output ``low_flow``) is upsampled to full resolution (values
+        times the factor) and warps the full-resolution moving image. ``cascade_flow_k``,
+        ``warped_k`` and the affine outputs stay at the low resolution.
     """
 
     def __init__(self, image_size=(128, 128, 128), base="vtn", n_cascades=1, rep=1,
-                 affine="vtn", channels=16, student_variant="seed", name="cascade",
-                 **kwargs):
+                 affine="vtn", channels=16, student_variant="seed", resolution_factor=1,
+                 name="cascade", **kwargs):
         if base not in BASES:
             raise ValueError(f"RecursiveCascade: base must be one of {BASES}, got {base!r}")
         if affine is not None and affine not in AFFINE_VARIANTS:
@@ -61,9 +66,19 @@ class RecursiveCascade(keras.Model):
         if int(n_cascades) < 1 or int(rep) < 1:
             raise ValueError(f"RecursiveCascade: n_cascades and rep must be >= 1, got "
                              f"n_cascades={n_cascades}, rep={rep}")
-        image_size = check_image_size("RecursiveCascade", image_size, 16)
-        fixed = keras.Input(shape=(*image_size, 1), name="fixed")
-        moving = keras.Input(shape=(*image_size, 1), name="moving")
+        factor = int(resolution_factor)
+        full_size = tuple(int(n) for n in image_size)
+        if factor < 1 or any(n % factor for n in full_size):
+            raise ValueError(f"RecursiveCascade: image_size {full_size} must be divisible "
+                             f"by resolution_factor {resolution_factor}")
+        image_size = check_image_size("RecursiveCascade (per-stage grid)",
+                                      [n // factor for n in full_size], 16)
+        fixed_full = keras.Input(shape=(*full_size, 1), name="fixed")
+        moving_full = keras.Input(shape=(*full_size, 1), name="moving")
+        fixed, moving = fixed_full, moving_full
+        if factor > 1:
+            fixed = Downsample(factor, name="downsample_fixed")(fixed_full)
+            moving = Downsample(factor, name="downsample_moving")(moving_full)
         outputs = {}
         warp = Warp(name="warp")
         concat = keras.layers.Concatenate(name="pair")
@@ -96,10 +111,15 @@ class RecursiveCascade(keras.Model):
                 warped = warp([moving, aggregate])
                 outputs[f"cascade_flow_{step}"] = flow
                 outputs[f"warped_{step}"] = warped
+        if factor > 1:
+            outputs["low_flow"] = aggregate
+            aggregate = UpsampleFlow(factor, name="upsample_flow")(aggregate)
+            warped = warp([moving_full, aggregate])
         outputs.update(flow=aggregate, warped=warped)
-        super().__init__(inputs={"fixed": fixed, "moving": moving}, outputs=outputs,
-                         name=name, **kwargs)
-        self.image_size, self.base, self.affine = image_size, base, affine
+        super().__init__(inputs={"fixed": fixed_full, "moving": moving_full},
+                         outputs=outputs, name=name, **kwargs)
+        self.image_size, self.base, self.affine = full_size, base, affine
+        self.resolution_factor = factor
         self.n_cascades, self.rep, self.channels = int(n_cascades), int(rep), channels
         self.student_variant = student_variant
         self.steps = step
@@ -108,7 +128,7 @@ class RecursiveCascade(keras.Model):
         return {"image_size": list(self.image_size), "base": self.base,
                 "n_cascades": self.n_cascades, "rep": self.rep, "affine": self.affine,
                 "channels": self.channels, "student_variant": self.student_variant,
-                "name": self.name}
+                "resolution_factor": self.resolution_factor, "name": self.name}
 
     @classmethod
     def from_config(cls, config):
@@ -144,7 +164,9 @@ def build_teacher(image_size=(128, 128, 128), n_cascades=3, base="vtn", rep=1,
 
 
 def build_student(image_size=(128, 128, 128), n_cascades=1, variant="seed", rep=1,
-                  name="student") -> RecursiveCascade:
-    """The light-weight student: cheap affine stage + ``n_cascades`` student cascades."""
+                  resolution_factor=1, name="student") -> RecursiveCascade:
+    """The light-weight student: cheap affine stage + ``n_cascades`` student cascades;
+    ``resolution_factor > 1`` makes it the cross-resolution student."""
     return RecursiveCascade(image_size, base="student", n_cascades=n_cascades, rep=rep,
-                            affine="student", student_variant=variant, name=name)
+                            affine="student", student_variant=variant,
+                            resolution_factor=resolution_factor, name=name)
