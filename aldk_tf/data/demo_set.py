@@ -1,0 +1,192 @@
+"""The embedded demo dataset, built offline from anatomy that nilearn ships.
+
+Source: the ICBM 2009a nonlinear symmetric T1 template (skull-stripped, 1 mm, RAS) with its
+grey- and white-matter probability maps, read from nilearn's package data by
+``nilearn.datasets.load_mni152_template`` / ``load_mni152_gm_template`` /
+``load_mni152_wm_template`` (no download). Tissue probabilities: GM and WM as given,
+CSF = 1 - GM - WM inside the brain (T1 > 0), background outside; labels are their argmax
+(0 background, 1 CSF, 2 GM, 3 WM). The brain's bounding box is cropped and resampled to
+``size``³ (:mod:`aldk_tf.data.preprocess`).
+
+Each synthetic subject is the template warped (:func:`aldk_tf.spatial.warp`) by a random
+smooth deformation: a stationary velocity field (cubic-spline interpolated 5³ control grid)
+integrated by scaling and squaring, composed with a random affine map (rotation, scaling,
+translation). Tissue probabilities are warped by the same field and their argmax is the
+subject's segmentation; six template landmarks (fixed MNI coordinates) are carried along
+by solving ``q + flow(q) = p`` (:func:`aldk_tf.data.augment.transform_points`). Intensity
+changes follow: a smooth multiplicative bias field, a gamma contrast change, a global gain
+and Gaussian noise. Every random number comes from ``numpy.random.default_rng([seed,
+subject])``, so a subject depends only on the seed, its index and the size.
+
+Caveat: all subjects derive from one template, so test subjects share its anatomy with the
+training subjects; they are unseen deformations, not unseen brains.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from aldk_tf import spatial
+
+from .augment import transform_points, upsample_control
+from .hdf5 import DatasetWriter, write_dataset_config
+from .preprocess import bounding_box, box_affine, resample_box
+
+TISSUES = {"CSF": 1, "GM": 2, "WM": 3}
+# Six landmarks in MNI space (mm, RAS), spread over both hemispheres and the midline.
+LANDMARKS_MNI = np.array([[-30.0, 20.0, 35.0], [30.0, 20.0, 35.0],
+                          [-35.0, -60.0, 20.0], [35.0, -60.0, 20.0],
+                          [0.0, -20.0, 10.0], [0.0, -55.0, -30.0]])
+VELOCITY_STD = 0.03          # std of the velocity control values, times size (voxels)
+SQUARINGS = 6
+MAX_ROTATION_DEG = 10.0
+SCALE_RANGE = (0.9, 1.1)
+MAX_SHIFT = 0.03             # translation, fraction of size
+BIAS_STD = 0.12              # std of the log bias field's control values
+GAMMA_RANGE = (0.75, 1.35)
+GAIN_RANGE = (0.9, 1.1)
+NOISE_RANGE = (0.005, 0.025)
+MARGIN = 8                   # voxels (mm) around the brain's bounding box
+MAX_FLOW_SIZE = 64           # deformations are integrated at most at 64^3, then resized
+
+
+def load_template(size: int) -> dict:
+    """The cropped template at ``size``³: T1 in [0, 1], tissue probabilities, labels."""
+    from nilearn.datasets import (load_mni152_gm_template, load_mni152_template,
+                                  load_mni152_wm_template)
+
+    t1_image = load_mni152_template()
+    t1 = np.asarray(t1_image.get_fdata(), np.float32)
+    gm = np.clip(load_mni152_gm_template().get_fdata(), 0.0, 1.0).astype(np.float32)
+    wm = np.clip(load_mni152_wm_template().get_fdata(), 0.0, 1.0).astype(np.float32)
+    brain = t1 > 0
+    tissue = gm + wm
+    over = np.maximum(tissue, 1.0)
+    gm, wm = gm / over * brain, wm / over * brain
+    csf = np.clip(1.0 - gm - wm, 0.0, 1.0) * brain
+    probabilities = [1.0 - brain, csf, gm, wm]            # background, CSF, GM, WM
+
+    start, stop = bounding_box(brain, MARGIN, where="MNI152 template brain")
+    shape = (size,) * 3
+    t1 = np.clip(resample_box(t1, start, stop, shape, order=1), 0.0, 1.0)
+    probabilities = np.stack([resample_box(p.astype(np.float32), start, stop, shape, 1)
+                              for p in probabilities], axis=-1)
+    affine = box_affine(t1_image.affine, start, stop, shape)
+    landmarks = (np.linalg.inv(affine) @ np.c_[LANDMARKS_MNI, np.ones(6)].T)[:3].T
+    return {"t1": t1.astype(np.float32), "probabilities": probabilities.astype(np.float32),
+            "labels": np.argmax(probabilities, axis=-1).astype(np.uint8),
+            "affine": affine, "landmarks": landmarks.astype(np.float32)}
+
+
+def _rotation(angles) -> np.ndarray:
+    matrix = np.eye(3)
+    for axis, angle in enumerate(angles):
+        i, j = [a for a in range(3) if a != axis]
+        turn = np.eye(3)
+        turn[i, i] = turn[j, j] = np.cos(angle)
+        turn[i, j], turn[j, i] = -np.sin(angle), np.sin(angle)
+        matrix = matrix @ turn
+    return matrix
+
+
+def random_deformation_parameters(rng: np.random.Generator, size: int) -> dict:
+    """Velocity control grid ``[1, 5, 5, 5, 3]`` and affine ``(matrix, shift)`` (voxels)."""
+    control = rng.normal(0.0, VELOCITY_STD * size, (1, 5, 5, 5, 3))
+    angles = np.deg2rad(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG, 3))
+    matrix = _rotation(angles) @ np.diag(rng.uniform(*SCALE_RANGE, 3)) - np.eye(3)
+    shift = rng.uniform(-MAX_SHIFT, MAX_SHIFT, 3) * size
+    return {"control": control.astype(np.float32),
+            "matrix": matrix[None].astype(np.float32),
+            "shift": shift[None].astype(np.float32)}
+
+
+def deformation(control: tf.Tensor, matrix: tf.Tensor, shift: tf.Tensor,
+                size: int) -> tf.Tensor:
+    """Flow ``[1, S, S, S, 3]``: exp of the velocity (scaling and squaring), then affine.
+
+    ``control`` and ``shift`` are in voxels of ``size``. Above :data:`MAX_FLOW_SIZE` the
+    flow is computed at that size and resized (the field is smooth; this saves time).
+    """
+    work = min(size, MAX_FLOW_SIZE)
+    factor = (work - 1.0) / (size - 1.0)
+    shape = (work,) * 3
+    flow = upsample_control(control * factor, shape) / 2.0 ** SQUARINGS
+    for _ in range(SQUARINGS):
+        flow = spatial.compose(flow, flow)
+    flow = spatial.compose(spatial.affine_flow(matrix, shift * factor, shape), flow)
+    return flow if work == size else spatial.resize_flow(flow, (size,) * 3)
+
+
+@tf.function
+def _deform_template(t1, probabilities, landmarks, control, matrix, shift):
+    flow = deformation(control, matrix, shift, t1.shape[1])
+    return (spatial.warp(t1, flow), spatial.warp(probabilities, flow),
+            transform_points(landmarks, flow))
+
+
+def make_subject(template: dict, seed: int, index: int) -> dict:
+    """One synthetic subject: ``{volume, segmentation, point, attrs}`` (RCN scan layout)."""
+    rng = np.random.default_rng([seed, index])
+    size = template["t1"].shape[0]
+    parameters = random_deformation_parameters(rng, size)
+    t1, probabilities, points = _deform_template(
+        template["t1"][None, ..., None], template["probabilities"][None],
+        template["landmarks"][None], parameters["control"], parameters["matrix"],
+        parameters["shift"])
+    log_bias = upsample_control(rng.normal(0.0, BIAS_STD, (1, 4, 4, 4, 1)), (size,) * 3)
+    image = t1.numpy()[0, ..., 0] ** rng.uniform(*GAMMA_RANGE)
+    image = image * np.exp(log_bias.numpy()[0, ..., 0]) * rng.uniform(*GAIN_RANGE)
+    image = image + rng.normal(0.0, rng.uniform(*NOISE_RANGE), image.shape)
+    volume = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return {"volume": volume,
+            "segmentation": np.argmax(probabilities.numpy()[0], axis=-1).astype(np.uint8),
+            "point": points.numpy()[0].astype(np.float32),
+            "attrs": {"affine": template["affine"], "seed": seed, "subject": index}}
+
+
+def build_demo(out_dir="datasets", size: int = 64, seed: int = 0, subjects: int = 20,
+               validation: int = 4, test: int = 4, log=print) -> Path:
+    """Write ``out_dir/demo.h5`` and ``out_dir/demo.json``; returns the JSON path.
+
+    Subjects ``0 .. n-1`` are split in order: training first, then ``validation``, then
+    ``test`` (never used for training). Schemes: "1" training, "2" validation, "test".
+    """
+    train = subjects - validation - test
+    if size < 16 or validation < 1 or test < 1 or train < 2:
+        raise ValueError(f"need size >= 16 and at least 2 training, 1 validation and 1 "
+                         f"test subject, got size {size}, {subjects} subjects, "
+                         f"{validation} validation, {test} test")
+    out_dir = Path(out_dir)
+    template = load_template(size)
+    ids = [f"subject_{index:02d}" for index in range(subjects)]
+    with DatasetWriter(out_dir / "demo.h5") as writer:
+        for index, scan_id in enumerate(ids):
+            writer.add(scan_id, **make_subject(template, seed, index))
+            if log:
+                log(f"[{index + 1}/{subjects}] {scan_id}")
+    entries = [f"demo/{scan_id}" for scan_id in ids]
+    description = (f"Synthetic subjects deformed from nilearn's MNI152 ICBM 2009a template "
+                   f"(T1 + GM/WM maps), size {size}, seed {seed}; built by "
+                   "data_prep/build_demo.py")
+    config = write_dataset_config(
+        out_dir / "demo.json", files={"demo": {"type": "HDF5", "path": "demo.h5"}},
+        subsets={"demo-train": entries[:train],
+                 "demo-val": entries[train:train + validation],
+                 "demo-test": entries[train + validation:]},
+        schemes={"1": {"demo-train": 1.0}, "2": {"demo-val": 1.0},
+                 "test": {"demo-test": 1.0}},
+        image_size=(size,) * 3, image_type="brain", segmentation_class_value=dict(TISSUES),
+        description=description)
+    config.validate(check_labels=True)
+    return config.path
+
+
+def summary(json_path) -> str:
+    """One line describing a built demo dataset."""
+    data = json.loads(Path(json_path).read_text())
+    counts = ", ".join(f"{name} {len(v)}" for name, v in data["subsets"].items())
+    return f"{json_path}: {counts}; image_size {data['image_size']}"

@@ -1,0 +1,198 @@
+"""data_prep: NIfTI → RCN-layout HDF5 (preprocessing, CLI) and the offline demo set."""
+
+import importlib.util
+import socket
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from aldk_tf.data import (DataError, load_dataset_config, read_dataset)
+from aldk_tf.data.preprocess import preprocess_scan, to_source_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "data_prep" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# A scan stored in a non-RAS orientation (axes permuted and flipped), anisotropic voxels.
+AFFINE = np.array([[0.0, 0.0, -2.0, 40.0],
+                   [-1.5, 0.0, 0.0, 30.0],
+                   [0.0, 1.2, 0.0, -20.0],
+                   [0.0, 0.0, 0.0, 1.0]])
+SHAPE = (36, 44, 30)
+
+
+def _phantom(rng, spot=(20, 12, 9)):
+    """A box of tissue (random texture), a bright spot, and two labels."""
+    data = np.zeros(SHAPE, np.float32)
+    data[6:30, 5:40, 4:26] = rng.uniform(40, 60, (24, 35, 22))
+    data[spot[0] - 1:spot[0] + 2, spot[1] - 1:spot[1] + 2, spot[2] - 1:spot[2] + 2] = 400.0
+    labels = np.zeros(SHAPE, np.int16)
+    labels[8:18, 8:30, 6:20] = 1
+    labels[18:28, 8:30, 6:20] = 4
+    return data, labels
+
+
+def _write_phantoms(folder: Path, rng, count=4):
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    for index in range(count):
+        data, labels = _phantom(rng)
+        nib.save(nib.Nifti1Image(data, AFFINE), folder / "images" / f"sub{index}.nii.gz")
+        nib.save(nib.Nifti1Image(labels, AFFINE), folder / "labels" / f"sub{index}.nii.gz")
+
+
+def test_preprocess_reorients_crops_and_keeps_world_coordinates(rng):
+    data, labels = _phantom(rng)
+    image = nib.Nifti1Image(data, AFFINE)
+    scan = preprocess_scan(image, label=nib.Nifti1Image(labels, AFFINE), size=24,
+                           modality="mr", margin=2)
+    assert scan.volume.shape == (24, 24, 24) and scan.volume.dtype == np.uint8
+    assert scan.volume.min() == 0 and scan.volume.max() == 255
+    assert set(np.unique(scan.segmentation)) == {0, 1, 4}
+    # crop box = non-zero box of the RAS-reoriented data (nibabel reference) + margin
+    canonical = nib.as_closest_canonical(image)
+    assert nib.aff2axcodes(canonical.affine) == ("R", "A", "S")
+    np.testing.assert_array_equal(scan.canonical_affine, canonical.affine)
+    nonzero = np.argwhere(np.asarray(canonical.dataobj) != 0)
+    np.testing.assert_array_equal(scan.crop_start, np.maximum(nonzero.min(0) - 2, 0))
+    np.testing.assert_array_equal(scan.crop_stop,
+                                  np.minimum(nonzero.max(0) + 3, canonical.shape))
+    # the bright spot is at the same world position before and after
+    spot_world = (AFFINE @ np.array([20, 12, 9, 1.0]))[:3]
+    bright = scan.volume == 255
+    spot_voxel = np.argwhere(bright).mean(axis=0)
+    spot_after = (scan.affine @ np.append(spot_voxel, 1.0))[:3]
+    voxel_mm = np.linalg.norm(scan.affine[:3, :3], axis=0).max()
+    assert np.linalg.norm(spot_after - spot_world) < voxel_mm
+    # labels map back onto the source grid
+    back = to_source_grid(scan.segmentation, scan.attrs(), order=0)
+    assert back.shape == SHAPE
+    for value in (1, 4):
+        overlap = 2 * np.sum((back == value) & (labels == value))
+        assert overlap / (np.sum(back == value) + np.sum(labels == value)) > 0.85
+
+
+def test_ct_window_and_body_threshold_crop():
+    data = np.full((40, 40, 30), -1000.0, np.float32)          # air
+    data[5:30, 8:32, 3:27] = 50.0                              # body
+    data[5:30, 8:32, 15] = 300.0
+    data[5:30, 8:32, 16] = -200.0
+    data[36:39, 5:35, 2:28] = 100.0                            # table, not joined to it
+    scan = preprocess_scan(nib.Nifti1Image(data, np.eye(4)), size=(25, 24, 24),
+                           modality="ct", margin=0)
+    np.testing.assert_array_equal(scan.crop_start, [5, 8, 3])
+    np.testing.assert_array_equal(scan.crop_stop, [30, 32, 27])
+    assert scan.volume.shape == (25, 24, 24)
+    centre = scan.volume[5:20, 5:19, 3:8]                      # body interior, plain 50 HU
+    assert np.all(centre == round((50 + 200) / 500 * 255))
+    assert scan.volume.max() == 255 and scan.volume.min() == 0
+    assert scan.intensity_range == (-200.0, 300.0)
+
+
+def test_nifti_to_h5_cli(tmp_path, rng, capsys):
+    _write_phantoms(tmp_path, rng)
+    cli = _script("nifti_to_h5")
+    out = tmp_path / "datasets" / "phantom"
+    assert cli.main(["--images", str(tmp_path / "images"), "--labels",
+                     str(tmp_path / "labels" / "*.nii.gz"), "--out", str(out),
+                     "--size", "20", "--val", "1", "--test", "1"]) == 0
+    config = load_dataset_config(out.with_suffix(".json"))
+    assert config.image_size == (20, 20, 20)
+    assert config.segmentation_class_value == {"1": 1, "4": 4}
+    assert sorted(config.schemes) == ["1", "2", "test"]
+    splits = [set(config.scheme_ids(s)) for s in ("1", "2", "test")]
+    assert [len(s) for s in splits] == [2, 1, 1]
+    assert set.union(*splits) == {f"phantom/sub{i}" for i in range(4)}
+    config.validate(check_labels=True)
+    scans = read_dataset(config.resolve_file("phantom"))
+    attrs = scans["sub0"]["attrs"]
+    assert attrs["affine"].shape == (4, 4) and list(attrs["source_shape"]) == list(SHAPE)
+    assert attrs["source"].endswith("sub0.nii.gz")
+
+    capsys.readouterr()
+    assert cli.main(["--images", str(tmp_path / "missing"), "--out",
+                     str(tmp_path / "x")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "missing" in error and "\n" not in error
+    assert cli.main(["--images", str(tmp_path / "images"), "--labels",
+                     str(tmp_path / "labels" / "sub0.nii.gz"), "--out",
+                     str(tmp_path / "y")]) == 2
+    assert "no label file named like image 'sub1'" in capsys.readouterr().err
+    (tmp_path / "images" / "sub9.nii.gz").write_bytes(b"corrupt")
+    assert cli.main(["--images", str(tmp_path / "images"), "--out",
+                     str(tmp_path / "z")]) == 2
+    assert "sub9.nii.gz: cannot read image" in capsys.readouterr().err
+    assert not list(tmp_path.glob("[xyz]*")) and not list(tmp_path.glob(".*tmp"))
+
+
+# ----------------------------------------------------------------------------- demo set
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo set at 32^3 for 5 subjects, built with network access blocked."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(socket.socket, "connect", refuse)
+    patch.setattr(socket, "create_connection", refuse)
+    patch.setattr(socket, "getaddrinfo", refuse)
+    try:
+        from aldk_tf.data.demo_set import build_demo
+        return build_demo(tmp_path_factory.mktemp("demo"), size=32, seed=0, subjects=5,
+                          validation=1, test=1, log=None)
+    finally:
+        patch.undo()
+
+
+def test_demo_builds_offline_with_anatomical_labels(demo):
+    config = load_dataset_config(demo)
+    config.validate(check_labels=True)
+    assert config.image_size == (32, 32, 32)
+    assert config.segmentation_class_value == {"CSF": 1, "GM": 2, "WM": 3}
+    scans = read_dataset(config.resolve_file("demo"))
+    for scan in scans.values():
+        volume, labels = scan["volume"].astype(float), scan["segmentation"]
+        means = [volume[labels == value].mean() for value in (0, 1, 2, 3)]
+        assert means[3] > means[2] > means[1] > means[0]       # T1: WM > GM > CSF > air
+        assert set(np.unique(labels)) == {0, 1, 2, 3}
+        points = scan["point"]
+        assert points.shape == (6, 3) and points.min() > 0 and points.max() < 31
+        # landmarks sit inside the brain
+        assert np.all(ndimage.map_coordinates(labels, points.T, order=0) > 0)
+
+
+def test_demo_is_deterministic_and_test_subjects_are_held_out(demo):
+    from aldk_tf.data.demo_set import load_template, make_subject
+
+    config = load_dataset_config(demo)
+    train = set(config.scheme_ids("1"))
+    held_out = set(config.scheme_ids("2")) | set(config.scheme_ids("test"))
+    assert len(train) == 3 and len(held_out) == 2 and not train & held_out
+    assert config.scheme_ids("test") == ["demo/subject_04"]
+    stored = read_dataset(config.resolve_file("demo"))
+    template = load_template(32)                       # rebuilt from scratch
+    for index in (0, 4):
+        again = make_subject(template, seed=0, index=index)
+        for name in ("volume", "segmentation", "point"):
+            np.testing.assert_array_equal(again[name], stored[f"subject_0{index}"][name])
+    assert not np.array_equal(stored["subject_00"]["volume"], stored["subject_01"]["volume"])
+    other_seed = make_subject(template, seed=1, index=0)
+    assert np.mean(other_seed["segmentation"] != stored["subject_00"]["segmentation"]) > 0.05
+
+
+def test_build_demo_cli_rejects_bad_arguments(tmp_path, capsys):
+    cli = _script("build_demo")
+    assert cli.main(["--out", str(tmp_path), "--size", "32", "--subjects", "3"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(DataError):
+        preprocess_scan(tmp_path / "absent.nii.gz")
