@@ -314,7 +314,7 @@ class DatasetConfig:
                         f"(files: {sorted(self.files)})")
 
     def resolve_file(self, prefix: str) -> Path:
-        """The HDF5 path of ``files[prefix]``: beside the JSON first, then the cwd."""
+        """The absolute HDF5 path of ``files[prefix]``: beside the JSON first, then the cwd."""
         written = Path(self.files[prefix]["path"])
         candidates = [written] if written.is_absolute() else []
         if not written.is_absolute():
@@ -323,7 +323,7 @@ class DatasetConfig:
             candidates.append(Path.cwd() / written)
         for candidate in candidates:
             if candidate.is_file():
-                return candidate
+                return candidate.absolute()
         tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
         raise DataError(f"{self.where}: files['{prefix}'] path '{written}' not found "
                         f"(tried {tried})")
