@@ -69,13 +69,22 @@ def parse_args(argv=None):
                       help="adversarial term only before this step")
     aldk.add_argument("--critic_period", type=int, default=3,
                       help="critic update on every k-th step (before --adv_until)")
+    crd = parser.add_argument_group("cross-resolution student (seed 002)")
+    crd.add_argument("--crd", action="store_true",
+                     help="distil a low-resolution student from the full-resolution "
+                          "--teacher (flow + feature-shifted-teacher feature terms)")
+    crd.add_argument("--resolution_factor", type=int, default=None,
+                     help="run the student on the pair downsampled by this factor "
+                          "(default 2 with --crd, else 1)")
+    crd.add_argument("--crd_flow_weight", type=float, default=0.1)
+    crd.add_argument("--crd_feature_weight", type=float, default=0.05)
     parser.add_argument("-v", "--verbose", type=int, default=None,
                         help="Keras verbosity (default: progress bar on a terminal)")
     return parser.parse_args(argv)
 
 
 def build_config(args):
-    from aldk_tf.config import ALDKConfig, ModelConfig, RunConfig, TrainConfig
+    from aldk_tf.config import ALDKConfig, CRDConfig, ModelConfig, RunConfig, TrainConfig
     from aldk_tf.data import load_dataset_config
     base = args.base_network.lower()
     if base not in BASES:
@@ -95,11 +104,18 @@ def build_config(args):
         raise ValueError("--aldk applies to the student (-b LDR)")
     if args.aldk and not args.teacher:
         raise ValueError("--aldk needs --teacher weights/<teacher run>")
+    if args.crd and role != "student":
+        raise ValueError("--crd applies to the student (-b LDR)")
+    if args.crd and not args.teacher:
+        raise ValueError("--crd needs --teacher weights/<teacher run>")
+    factor = args.resolution_factor or (2 if args.crd else 1)
+    teacher = os.path.abspath(args.teacher) if args.teacher else None
     return RunConfig(
         dataset=os.path.abspath(args.dataset),
         model=ModelConfig(role=role, base=network, n_cascades=args.n_cascades,
                           rep=args.rep, affine=affine, channels=args.channels,
-                          student_variant=args.student_variant, image_size=image_size),
+                          student_variant=args.student_variant, image_size=image_size,
+                          resolution_factor=factor),
         train=TrainConfig(batch=args.batch, round=args.round, epochs=args.epochs,
                           lr=args.lr, seed=args.seed, augment=not args.no_augment,
                           checkpoint_every=args.checkpoint_every,
@@ -109,8 +125,10 @@ def build_config(args):
                         lamb=args.lamb, critic_lr=args.critic_lr,
                         adversarial_period=args.adv_period,
                         adversarial_until=args.adv_until,
-                        critic_period=args.critic_period,
-                        teacher=os.path.abspath(args.teacher) if args.teacher else None))
+                        critic_period=args.critic_period, teacher=teacher,
+                        teacher_online=args.teacher_online),
+        crd=CRDConfig(enabled=args.crd, flow_weight=args.crd_flow_weight,
+                      feature_weight=args.crd_feature_weight, teacher=teacher))
 
 
 def main(argv=None) -> int:
@@ -134,8 +152,7 @@ def main(argv=None) -> int:
         verbose = args.verbose if args.verbose is not None else (
             "auto" if sys.stderr.isatty() else 2)
         print(f"run directory: {run_dir}", file=sys.stderr)
-        train(config, run_dir, teacher_online=args.teacher_online, verbose=verbose,
-              max_steps=args.max_steps)
+        train(config, run_dir, verbose=verbose, max_steps=args.max_steps)
     except (DataError, runs.RunError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -25,34 +25,41 @@ import keras
 import tensorflow as tf
 
 from aldk_tf.losses import critic_loss, distillation_loss, registration_losses
-from aldk_tf.training import LOSS_TERMS, average_over_batch, network_inputs, unpack
+from aldk_tf.training import (add_distillation, average_over_batch, network_inputs,
+                              tracked_terms, unpack)
 
-ALDK_METRICS = ("loss", "rec", "dis", "critic", "gp", "adversarial") + LOSS_TERMS
+ALDK_METRICS = ("loss", "rec", "dis", "critic", "gp", "adversarial")
 
 
 class ALDKTrainer(keras.Model):
     """``compile(g_optimizer=..., d_optimizer=...)``, then ``fit``."""
 
     def __init__(self, student, critic, loss_weights, aldk, teacher=None,
-                 global_batch_size=None, **kwargs):
+                 global_batch_size=None, distiller=None, **kwargs):
         super().__init__(**kwargs)
+        self.distiller = distiller
         self.student, self.critic, self.teacher = student, critic, teacher
         if teacher is not None:
             teacher.trainable = False
         self.loss_weights, self.aldk = loss_weights, aldk
         self.global_batch_size = global_batch_size
-        self.trackers = {name: keras.metrics.Mean(name=name) for name in ALDK_METRICS}
+        self.trackers = {name: keras.metrics.Mean(name=name)
+                         for name in ALDK_METRICS + tracked_terms(distiller)}
 
     def compile(self, g_optimizer, d_optimizer, **kwargs):
         super().compile(**kwargs)
         self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
         # Built up front so the conditional updates never create variables in a branch.
-        g_optimizer.build(self.student.trainable_variables)
+        g_optimizer.build(self.student_variables())
         d_optimizer.build(self.critic.trainable_variables)
 
     @property
     def metrics(self):
         return list(self.trackers.values())
+
+    def student_variables(self):
+        extra = self.distiller.adapter_variables if self.distiller is not None else []
+        return self.student.trainable_variables + extra
 
     @property
     def step(self):
@@ -80,13 +87,18 @@ class ALDKTrainer(keras.Model):
     def _alpha(self, batch_size):
         return tf.random.uniform([batch_size, 1, 1, 1, 1])
 
-    def student_update(self, batch, teacher_flow, adversarial):
-        """One student step; returns its outputs, loss terms, ``l_rec``, ``l_dis``, loss."""
+    def student_update(self, batch, teacher_flow, adversarial, targets=None):
+        """One student step; returns its outputs, loss terms, ``l_rec``, ``l_dis``, loss.
+
+        ``targets`` are the cross-resolution distiller's teacher targets, if any; their
+        terms join ``l_rec``.
+        """
         aldk = self.aldk
         gamma = tf.where(adversarial, aldk.gamma, 1.0)
         with tf.GradientTape() as tape:
             outputs = self.student(network_inputs(batch), training=True)
             terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
+            terms = add_distillation(terms, self.distiller, batch, outputs, targets)
             rec = average_over_batch(terms["total"], self.global_batch_size)
             dis = tf.cond(
                 adversarial,
@@ -95,7 +107,7 @@ class ALDKTrainer(keras.Model):
                                       aldk.beta, aldk.lamb), self.global_batch_size),
                 lambda: tf.constant(0.0))
             loss = gamma * rec + (1.0 - gamma) * dis
-        variables = self.student.trainable_variables
+        variables = self.student_variables()
         self.g_optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return outputs, terms, rec, dis, loss
 
@@ -116,16 +128,21 @@ class ALDKTrainer(keras.Model):
         batch = unpack(data)
         step = tf.cast(self.step, tf.int64)
         adversarial, critic_update = self.schedule(step)
-        teacher_flow = self.teacher_flow(batch)                  # [B, D, H, W, 3]
+        targets = None
+        if self.distiller is not None:
+            targets = self.distiller.teacher_targets(batch)
+            teacher_flow = targets[0]                            # [B, D, H, W, 3]
+        else:
+            teacher_flow = self.teacher_flow(batch)
         outputs, terms, rec, dis, loss = self.student_update(batch, teacher_flow,
-                                                             adversarial)
+                                                             adversarial, targets)
         # The critic judges the flow the student produced in this step.
         critic_value, penalty = tf.cond(
             critic_update, lambda: self.critic_update(teacher_flow, outputs["flow"]),
             lambda: (tf.constant(0.0), tf.constant(0.0)))
 
         values = {"loss": loss, "rec": rec, "adversarial": tf.cast(adversarial, tf.float32)}
-        for name in LOSS_TERMS:
+        for name in tracked_terms(self.distiller):
             if name in terms:
                 values[name] = tf.reduce_mean(terms[name])
         for name, value in values.items():

@@ -23,8 +23,8 @@ class RunCheckpoint:
     """Save/restore everything a run needs to continue exactly."""
 
     def __init__(self, run_dir: str, network, optimizer, critic=None, critic_optimizer=None,
-                 max_to_keep: int = 2):
-        objects = {"network": network, "optimizer": optimizer}
+                 max_to_keep: int = 2, extra: dict | None = None):
+        objects = {"network": network, "optimizer": optimizer, **(extra or {})}
         if critic is not None:
             objects.update(critic=critic, critic_optimizer=critic_optimizer)
         self.optimizer = optimizer

@@ -58,6 +58,17 @@ class ALDKConfig:
     adversarial_until: int = 8000         # ... until this step; pure l_rec afterwards
     critic_period: int = 3                # critic updated on every k-th step
     teacher: str | None = None            # weights/<teacher run>
+    teacher_online: bool = False          # run the teacher per batch, not stored flows
+
+
+@dataclass
+class CRDConfig:
+    """Cross-resolution distillation (seed 002); the factor is ModelConfig's."""
+    enabled: bool = False
+    flow_weight: float = 0.1
+    feature_weight: float = 0.05
+    levels: int = 3
+    teacher: str | None = None            # weights/<teacher run>
 
 
 @dataclass
@@ -81,6 +92,7 @@ class RunConfig:
     losses: LossWeights = field(default_factory=LossWeights)
     train: TrainConfig = field(default_factory=TrainConfig)
     aldk: ALDKConfig = field(default_factory=ALDKConfig)
+    crd: CRDConfig = field(default_factory=CRDConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -94,7 +106,8 @@ class RunConfig:
                    model=ModelConfig(**model),
                    losses=LossWeights(**data.get("losses", {})),
                    train=TrainConfig(**data.get("train", {})),
-                   aldk=ALDKConfig(**data.get("aldk", {})))
+                   aldk=ALDKConfig(**data.get("aldk", {})),
+                   crd=CRDConfig(**data.get("crd", {})))
 
     def save(self, run_dir: str) -> str:
         os.makedirs(run_dir, exist_ok=True)

@@ -19,6 +19,7 @@ from aldk_tf.aldk import ALDKTrainer
 from aldk_tf.checkpoints import CheckpointCallback, RunCheckpoint
 from aldk_tf.config import RunConfig
 from aldk_tf.critic import FlowCritic
+from aldk_tf.crd import CrossResolutionDistiller
 from aldk_tf.schedules import release_schedule
 from aldk_tf.teacher_flows import (TeacherFlowStore, extract_teacher_flows, flows_path,
                                    missing_pairs)
@@ -132,8 +133,8 @@ def _validation_scheme_exists(dataset_config) -> bool:
     return VALIDATION_SCHEME in dataset_config.schemes
 
 
-def train(config: RunConfig, run_dir: str, teacher_online: bool = False,
-          verbose: int | str = "auto", max_steps: int | None = None) -> dict:
+def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
+          max_steps: int | None = None) -> dict:
     """Train (or resume) the run in ``run_dir``; returns the Keras history dict.
 
     ``max_steps`` stops early at that global step (used by tests and to split work).
@@ -146,10 +147,12 @@ def train(config: RunConfig, run_dir: str, teacher_online: bool = False,
             f"{config.dataset}: image_size {tuple(dataset_config.image_size)} differs "
             f"from the model's {tuple(config.model.image_size)}")
     teacher = None
-    if config.aldk.enabled:
-        if not config.aldk.teacher:
-            raise runs.RunError("--aldk needs --teacher weights/<teacher run>")
-        teacher = load_teacher(config.aldk.teacher, config.model.image_size)
+    for name, part in (("--aldk", config.aldk), ("--crd", config.crd)):
+        if part.enabled and not part.teacher:
+            raise runs.RunError(f"{name} needs --teacher weights/<teacher run>")
+    teacher_run = config.aldk.teacher if config.aldk.enabled else config.crd.teacher
+    if config.aldk.enabled or config.crd.enabled:
+        teacher = load_teacher(teacher_run, config.model.image_size)
     os.makedirs(run_dir, exist_ok=True)
     config.save(run_dir)
 
@@ -160,22 +163,29 @@ def train(config: RunConfig, run_dir: str, teacher_online: bool = False,
                                 total_steps, cosine=(config.model.role == "student"
                                                      and not use_aldk))
     optimizer = keras.optimizers.Adam(schedule)
+    distiller = None
+    if config.crd.enabled:
+        # The distiller runs the teacher on every batch, so ALDK uses those flows too.
+        distiller = CrossResolutionDistiller(teacher, network, config.crd.flow_weight,
+                                             config.crd.feature_weight, config.crd.levels)
+    online = config.aldk.teacher_online or distiller is not None
     critic = critic_optimizer = flows = None
     if use_aldk:
-        if not teacher_online:
+        if not online:
             flows = ensure_teacher_flows(config.aldk.teacher, teacher, dataset_config,
                                          list_pairs(dataset_config, TRAINING_SCHEME))
         critic = FlowCritic(config.model.image_size)
         critic_optimizer = keras.optimizers.Adam(config.aldk.critic_lr)
         trainer = ALDKTrainer(network, critic, config.losses, config.aldk,
-                              teacher=teacher if teacher_online else None)
+                              teacher=teacher if online else None, distiller=distiller)
         trainer.compile(g_optimizer=optimizer, d_optimizer=critic_optimizer)
     else:
-        trainer = RegistrationTrainer(network, config.losses)
+        trainer = RegistrationTrainer(network, config.losses, distiller=distiller)
         trainer.compile(optimizer=optimizer)
-        optimizer.build(network.trainable_variables)
+        optimizer.build(trainer.trainable_weights_to_update())
 
-    checkpoint = RunCheckpoint(run_dir, network, optimizer, critic, critic_optimizer)
+    checkpoint = RunCheckpoint(run_dir, network, optimizer, critic, critic_optimizer,
+                               extra={"adapters": distiller.adapters} if distiller else None)
     start = checkpoint.restore()
     end = total_steps if max_steps is None else min(total_steps, max_steps)
     if start >= end:

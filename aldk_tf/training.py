@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from aldk_tf.losses import registration_losses
 
-LOSS_TERMS = ("similarity", "smoothness", "det", "ortho")
+LOSS_TERMS = ("similarity", "smoothness", "det", "ortho", "crd_flow", "crd_feature")
 
 
 def average_over_batch(per_sample: tf.Tensor, global_batch_size=None) -> tf.Tensor:
@@ -17,6 +17,19 @@ def average_over_batch(per_sample: tf.Tensor, global_batch_size=None) -> tf.Tens
 
 def network_inputs(batch: dict) -> dict:
     return {"fixed": batch["fixed"], "moving": batch["moving"]}
+
+
+def tracked_terms(distiller) -> tuple[str, ...]:
+    """The loss terms a trainer reports (the distillation ones only when distilling)."""
+    return tuple(t for t in LOSS_TERMS if distiller is not None or not t.startswith("crd"))
+
+
+def add_distillation(terms: dict, distiller, batch, outputs, targets) -> dict:
+    """Add the cross-resolution distillation terms (if any) to ``terms`` and its total."""
+    if distiller is None:
+        return terms
+    extra = distiller.terms(batch, outputs, targets)
+    return {**terms, **extra, "total": terms["total"] + tf.add_n(list(extra.values()))}
 
 
 def unpack(data) -> dict:
@@ -32,13 +45,15 @@ class RegistrationTrainer(keras.Model):
     + det/ortho on the affine stage (see :func:`registration_losses`).
     """
 
-    def __init__(self, network, loss_weights, global_batch_size=None, **kwargs):
+    def __init__(self, network, loss_weights, global_batch_size=None, distiller=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.network = network
         self.loss_weights = loss_weights
         self.global_batch_size = global_batch_size
+        self.distiller = distiller
         self.trackers = {name: keras.metrics.Mean(name=name)
-                         for name in ("loss",) + LOSS_TERMS}
+                         for name in ("loss",) + tracked_terms(distiller)}
 
     @property
     def metrics(self):
@@ -49,20 +64,27 @@ class RegistrationTrainer(keras.Model):
 
     def _update_trackers(self, terms: dict, loss) -> dict:
         self.trackers["loss"].update_state(loss)
-        for name in LOSS_TERMS:
+        for name in tracked_terms(self.distiller):
             if name in terms:
                 self.trackers[name].update_state(tf.reduce_mean(terms[name]))
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
     def train_step(self, data):
         batch = unpack(data)
+        targets = (self.distiller.teacher_targets(batch) if self.distiller is not None
+                   else None)
         with tf.GradientTape() as tape:
             outputs = self.network(network_inputs(batch), training=True)
             terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
+            terms = add_distillation(terms, self.distiller, batch, outputs, targets)
             loss = average_over_batch(terms["total"], self.global_batch_size)
-        variables = self.network.trainable_variables
+        variables = self.trainable_weights_to_update()
         self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return self._update_trackers(terms, loss)
+
+    def trainable_weights_to_update(self):
+        extra = self.distiller.adapter_variables if self.distiller is not None else []
+        return self.network.trainable_variables + extra
 
     def test_step(self, data):
         batch = unpack(data)

@@ -200,3 +200,34 @@ def test_cli_errors(dataset, tmp_path):
                        "--weights_dir", str(tmp_path), "--output", "y")
     assert mismatch.returncode == 2
     assert "teacher image size" in mismatch.stderr.splitlines()[-1]
+
+
+def test_cross_resolution_distillation_terms(dataset):
+    """The distiller's terms are finite, vanish for a student that reproduces the
+    teacher's flow exactly, and training moves both the student and the adapters."""
+    from aldk_tf import spatial
+    from aldk_tf.crd import CrossResolutionDistiller
+    keras.utils.set_random_seed(0)
+    teacher = build_teacher(SIZE, n_cascades=1)
+    student = build_student(SIZE, resolution_factor=2)
+    distiller = CrossResolutionDistiller(teacher, student)
+    batch = fixed_batches(dataset)
+    targets = distiller.teacher_targets(batch)
+    outputs = student(batch)
+    terms = distiller.terms(batch, outputs, targets)
+    assert set(terms) == {"crd_flow", "crd_feature"}
+    assert all(np.all(np.isfinite(v)) and np.all(v.numpy() > 0) for v in terms.values())
+    perfect = {**outputs, "low_flow": spatial.downsample_flow(targets[0], 2)}
+    np.testing.assert_allclose(distiller.terms(batch, perfect, targets)["crd_flow"], 0.0,
+                               atol=1e-8)
+
+    trainer = RegistrationTrainer(student, LossWeights(), distiller=distiller)
+    trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
+    adapters_before = [v.numpy().copy() for v in distiller.adapter_variables]
+    teacher_before = [v.numpy().copy() for v in teacher.variables]
+    logs = trainer.train_step(batch)
+    assert np.isfinite(float(logs["crd_feature"])) and np.isfinite(float(logs["loss"]))
+    assert any(not np.array_equal(a, v.numpy())
+               for a, v in zip(adapters_before, distiller.adapter_variables))
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(teacher_before,
+                                                             teacher.variables))

@@ -1,0 +1,124 @@
+"""Cross-resolution distillation (seed 002): a low-resolution student guided by the
+full-resolution teacher.
+
+What we built (the seed gives the idea, not the code):
+
+* **Flow distillation** on the student's grid: the teacher's final flow, block-averaged
+  to the low resolution and divided by the factor, against the student's low-resolution
+  aggregate flow (mean squared difference, low-resolution voxels). Comparing where the
+  student computes leaves out the upsampling error it cannot remove, and costs 1/f^3 of
+  a full-resolution comparison.
+* **Feature distillation through a feature-shifted teacher.** A stride-2^k feature of the
+  full-resolution teacher lies on the same voxel grid as the stride-2^(k - log2 f) feature
+  of the low-resolution student, so the teacher's encoder pyramid is *shifted* by
+  ``log2 f`` levels to line up with the student's. At each aligned level the student's
+  features are *fused* into the teacher's channel space by a learned 1x1x1 adapter and
+  pulled towards the (frozen) teacher features, normalised by their mean square.
+  Both sides are the first deformable cascade, fed as in the cascade (fixed image and
+  the moving image after each model's own affine stage).
+
+The frozen teacher runs on every batch (so augmentation stays on); only the student runs
+at inference, and the adapters are dropped with the trainer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+from aldk_tf import spatial
+from aldk_tf.networks.vtn import VTN_ENCODER
+
+# Teacher (VTN) features at strides 2, 4, 8, 16, 32, 64 and the student's at 2..16.
+TEACHER_LEVELS = ("conv1", "conv2", "conv3_1", "conv4_1", "conv5_1", "conv6_1")
+STUDENT_LEVELS = ("conv1", "conv2", "conv3", "conv4")
+
+
+def _feature_model(network, names) -> keras.Model:
+    outputs = [network.get_layer(f"{network.name}_{name}").output for name in names]
+    return keras.Model(network.input, outputs, name=f"{network.name}_features")
+
+
+def _cascade_input(model_outputs, fixed, moving):
+    """(fixed, moving after the model's affine stage) as the first cascade saw it."""
+    if "affine_flow" in model_outputs:
+        moving = spatial.warp(moving, model_outputs["affine_flow"])
+    return tf.concat([fixed, moving], axis=-1)
+
+
+class CrossResolutionDistiller:
+    """Flow and feature distillation terms for a cross-resolution student.
+
+    ``targets = distiller.teacher_targets(batch)`` (frozen teacher, once per step), then
+    ``distiller.terms(batch, student_outputs, targets)`` gives per-sample, weighted
+    ``crd_flow`` and ``crd_feature``. The 1x1x1 adapters (``adapter_variables``) are
+    trained with the student's optimizer and checkpointed with it.
+    """
+
+    def __init__(self, teacher, student, flow_weight: float = 0.1,
+                 feature_weight: float = 0.05, levels: int = 3):
+        factor = student.resolution_factor
+        shift = int(round(math.log2(factor)))
+        if factor < 2 or 2 ** shift != factor:
+            raise ValueError(f"cross-resolution distillation needs a student with a "
+                             f"power-of-2 resolution_factor >= 2, got {factor}")
+        if tuple(teacher.image_size) != tuple(student.image_size):
+            raise ValueError(f"teacher image size {tuple(teacher.image_size)} differs from "
+                             f"the student's {tuple(student.image_size)}")
+        self.teacher, self.factor = teacher, factor
+        self.flow_weight, self.feature_weight = float(flow_weight), float(feature_weight)
+        count = min(levels, len(STUDENT_LEVELS), len(TEACHER_LEVELS) - shift)
+        pairs = [(STUDENT_LEVELS[i], TEACHER_LEVELS[i + shift]) for i in range(count)]
+        teacher_net, student_net = teacher.get_layer("cascade_1"), student.get_layer(
+            "cascade_1")
+        self.teacher_features = _feature_model(teacher_net, [t for _, t in pairs])
+        self.student_features = _feature_model(student_net, [s for s, _ in pairs])
+        teacher_channels = {name: teacher_net.channels * multiple
+                            for name, multiple, _ in VTN_ENCODER}
+        self.adapters = []
+        for (student_name, teacher_name), feature in zip(
+                pairs, _as_list(self.student_features.output)):
+            adapter = keras.layers.Conv3D(teacher_channels[teacher_name], 1,
+                                          name=f"fst_adapter_{student_name}")
+            adapter.build(feature.shape)
+            self.adapters.append(adapter)
+
+    @property
+    def adapter_variables(self):
+        return [v for adapter in self.adapters for v in adapter.trainable_variables]
+
+    def teacher_targets(self, batch):
+        """The teacher's final flow and its shifted feature pyramid (no gradient)."""
+        inputs = {"fixed": batch["fixed"], "moving": batch["moving"]}
+        outputs = self.teacher(inputs, training=False)
+        features = self.teacher_features(
+            _cascade_input(outputs, batch["fixed"], batch["moving"]), training=False)
+        return (tf.stop_gradient(outputs["flow"]),
+                [tf.stop_gradient(f) for f in _as_list(features)])
+
+    def terms(self, batch, student_outputs, targets) -> dict:
+        target_flow, target_features = targets
+        low_target = spatial.downsample_flow(target_flow, self.factor)
+        difference = student_outputs["low_flow"] - low_target
+        flow_term = tf.reduce_mean(tf.square(difference), axis=[1, 2, 3, 4])
+
+        fixed_low = spatial.downsample(batch["fixed"], self.factor)
+        moving_low = spatial.downsample(batch["moving"], self.factor)
+        features = _as_list(self.student_features(
+            _cascade_input(student_outputs, fixed_low, moving_low), training=True))
+        feature_term = 0.0
+        for adapter, student_feature, teacher_feature in zip(self.adapters, features,
+                                                             target_features):
+            scale = tf.reduce_mean(tf.square(teacher_feature), axis=[1, 2, 3, 4]) + 1e-6
+            error = tf.reduce_mean(tf.square(adapter(student_feature) - teacher_feature),
+                                   axis=[1, 2, 3, 4])
+            feature_term += error / scale
+        feature_term = feature_term / len(self.adapters)
+        return {"crd_flow": self.flow_weight * flow_term,
+                "crd_feature": self.feature_weight * feature_term}
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else [value]
