@@ -1,0 +1,168 @@
+"""The whole pipeline, offline, on the embedded demo dataset: ``python -m aldk_tf.demo``.
+
+build the demo set (nilearn's MNI152 template, deformed) -> train the teacher (VTN affine
+stem + VTN cascade) -> extract its flows -> train the student without and with ALDK (and
+the cross-resolution student) -> evaluate all on the test subjects -> export the ALDK
+student (SavedModel + TFLite) -> print a table and write ``DIR/results.json``.
+
+Everything lands in ``--out`` (default ``demo_run/``); a second call reuses what is
+finished (runs resume from their checkpoints), so an interrupted demo continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from aldk_tf import runs  # noqa: E402
+from aldk_tf.config import (ALDKConfig, CRDConfig, ModelConfig, RunConfig,  # noqa: E402
+                            TrainConfig, atomic_write_text)
+
+METHODS = ("before", "teacher", "student", "student_aldk", "student_crd")
+LABELS = {"before": "before registration", "teacher": "teacher (affine + VTN)",
+          "student": "student", "student_aldk": "student + ALDK",
+          "student_crd": "student, cross-resolution (1/2)"}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="demo_run", help="output folder (default demo_run)")
+    parser.add_argument("--size", type=int, default=32, help="volume size (32, 64, 128)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--teacher-steps", type=int, default=600)
+    parser.add_argument("--student-steps", type=int, default=600)
+    parser.add_argument("--teacher-cascades", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="Adam learning rate (constant; the release schedules are for "
+                             "100k-step runs)")
+    parser.add_argument("--no-crd", action="store_true",
+                        help="skip the cross-resolution student")
+    parser.add_argument("--no-export", action="store_true")
+    return parser.parse_args(argv)
+
+
+def run_configs(args, dataset: str, teacher_dir: str) -> dict[str, RunConfig]:
+    size = (args.size,) * 3
+    common = dict(batch=args.batch, lr=args.lr, seed=args.seed, schedule="constant",
+                  epochs=1, checkpoint_every=100, validate_every=0)
+    teacher = RunConfig(dataset=dataset, model=ModelConfig(
+        role="teacher", base="vtn", affine="vtn", n_cascades=args.teacher_cascades,
+        image_size=size), train=TrainConfig(round=args.teacher_steps, **common))
+    student_model = ModelConfig(image_size=size)
+    student_train = TrainConfig(round=args.student_steps, **common)
+    configs = {
+        "teacher": teacher,
+        "student": RunConfig(dataset=dataset, model=student_model, train=student_train),
+        "student_aldk": RunConfig(dataset=dataset, model=student_model,
+                                  train=student_train,
+                                  aldk=ALDKConfig(enabled=True, teacher=teacher_dir)),
+    }
+    if not args.no_crd:
+        configs["student_crd"] = RunConfig(
+            dataset=dataset, model=ModelConfig(image_size=size, resolution_factor=2),
+            train=student_train, crd=CRDConfig(enabled=True, teacher=teacher_dir))
+    return configs
+
+
+class Identity:
+    """The 'before registration' row: a zero flow."""
+
+    def __call__(self, fixed, moving):
+        return {"flow": np.zeros(fixed.shape[:4] + (3,), np.float32)}
+
+
+def evaluate_runs(out: str, dataset_config, models: dict) -> dict:
+    from aldk_tf.data import list_pairs
+    from aldk_tf.evaluation import evaluate_pairs, write_json_report, write_rcn_report
+    pairs = list_pairs(dataset_config, "test")
+    results = {}
+    os.makedirs(os.path.join(out, "evaluate"), exist_ok=True)
+    for method, (model, params) in models.items():
+        print(f"evaluating {method} on {len(pairs)} test pairs", file=sys.stderr)
+        records, summary = evaluate_pairs(model, dataset_config, pairs, batch=1,
+                                          label_values=dataset_config.label_values,
+                                          progress=False)
+        stem = os.path.join(out, "evaluate", f"{method}-test")
+        write_rcn_report(stem + ".txt", records)
+        write_json_report(stem + ".json", records, summary, method=method)
+        results[method] = {"dice": summary["dice"]["mean"],
+                           "dice_std": summary["dice"]["std"],
+                           "jacc": summary["jacc"]["mean"],
+                           "ms_per_pair": 1000.0 * summary["seconds"]["mean"],
+                           "folding_percent": summary["folding_percent"]["mean"],
+                           "params": params}
+    return results
+
+
+def format_table(results: dict, size: int) -> str:
+    lines = [f"Demo results on the test subjects ({size}^3, CPU time per pair on this "
+             f"machine, batch 1):",
+             f"{'method':34s} {'Dice':>14s} {'Jacc':>7s} {'fold %':>7s} {'ms/pair':>8s} "
+             f"{'params':>11s}"]
+    for method in METHODS:
+        if method not in results:
+            continue
+        r = results[method]
+        lines.append(f"{LABELS[method]:34s} {r['dice']:7.4f} ({r['dice_std']:.3f}) "
+                     f"{r['jacc']:7.4f} {r['folding_percent']:7.3f} "
+                     f"{r['ms_per_pair']:8.1f} {r['params']:11,d}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from aldk_tf.data import DataError, load_dataset_config
+    from aldk_tf.data.demo_set import build_demo
+    from aldk_tf.train_run import train
+    started = time.perf_counter()
+    out = os.path.abspath(args.out)
+    data_dir = os.path.join(out, "data")
+    dataset = os.path.join(data_dir, "demo.json")
+    try:
+        os.makedirs(out, exist_ok=True)
+        if not os.path.exists(dataset):
+            print(f"building the demo dataset in {data_dir}", file=sys.stderr)
+            build_demo(data_dir, size=args.size, seed=args.seed, log=None)
+        dataset_config = load_dataset_config(dataset)
+        if tuple(dataset_config.image_size) != (args.size,) * 3:
+            raise DataError(f"{dataset}: built at {dataset_config.image_size}, not "
+                            f"{args.size}^3; use another --out")
+        weights = os.path.join(out, "weights")
+        configs = run_configs(args, dataset, os.path.join(weights, "teacher"))
+        models = {"before": (Identity(), 0)}
+        for name, config in configs.items():
+            run_dir = os.path.join(weights, name)
+            print(f"training {name} ({config.train.round} steps) in {run_dir}",
+                  file=sys.stderr)
+            train(config, run_dir, verbose=2)
+            _, model = runs.load_model(run_dir)
+            models[name] = (model, int(model.count_params()))
+        results = evaluate_runs(out, dataset_config, models)
+        if not args.no_export:
+            from aldk_tf.serving import export_model
+            base = os.path.join(out, "export", "student_aldk")
+            if not os.path.isdir(base) or not os.listdir(base):
+                print(f"exporting the ALDK student to {base}", file=sys.stderr)
+                export_model(models["student_aldk"][0], base, version=1,
+                             label_values=dataset_config.label_values)
+    except (DataError, runs.RunError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    atomic_write_text(os.path.join(out, "results.json"),
+                      json.dumps(results, indent=2) + "\n")
+    print(format_table(results, args.size))
+    print(f"total {time.perf_counter() - started:.0f} s; results in "
+          f"{os.path.join(out, 'results.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

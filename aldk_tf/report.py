@@ -1,0 +1,45 @@
+"""Parameter report: ``python -m aldk_tf.report [--size 128]``.
+
+Parameters per stage (affine stage, each cascade) of the teacher and student models,
+from :meth:`RecursiveCascade.parameter_report`; evaluation and the benchmark use the same
+function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from aldk_tf.networks import build_student, build_teacher  # noqa: E402
+
+MODELS = {
+    "teacher: VTN affine + 1 VTN cascade": lambda s: build_teacher(s, 1),
+    "teacher: VTN affine + 3 VTN cascades": lambda s: build_teacher(s, 3),
+    "student: affine + 1 cascade (seed)": lambda s: build_student(s, 1),
+    "student: affine + 3 cascades (seed)": lambda s: build_student(s, 3),
+    "student: affine + 1 cascade (release variant)": lambda s: build_student(
+        s, 1, variant="release"),
+    "student: cross-resolution 1/2, affine + 1 cascade": lambda s: build_student(
+        s, 1, resolution_factor=2),
+}
+
+
+def parameter_reports(size: int = 128) -> dict[str, dict[str, int]]:
+    shape = (size,) * 3
+    return {name: build(shape).parameter_report() for name, build in MODELS.items()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=128)
+    args = parser.parse_args(argv)
+    for name, report in parameter_reports(args.size).items():
+        stages = ", ".join(f"{stage} {count:,}" for stage, count in report.items()
+                           if stage != "total")
+        print(f"{name}: {report['total']:,} ({stages})")
+
+
+if __name__ == "__main__":
+    main()
