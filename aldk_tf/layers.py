@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 from aldk_tf import spatial
 
@@ -124,3 +125,39 @@ class UpsampleFlow(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "factor": self.factor}
+
+
+@keras.saving.register_keras_serializable(package="aldk_tf")
+class AveragePool3D(keras.layers.Layer):
+    """3-D average pooling built from two 2-D pools (H-W, then D).
+
+    Same numbers as ``AveragePooling3D`` (a box average whose 'same' padding is left out
+    of the count factorises per axis), but made of ``AVERAGE_POOL_2D``, which TFLite has
+    as a builtin while it has no 3-D pooling.
+    """
+
+    def __init__(self, pool_size=3, strides=2, padding="same", **kwargs):
+        super().__init__(**kwargs)
+        self.pool_size, self.strides = int(pool_size), int(strides)
+        self.padding = padding.upper()
+
+    def call(self, inputs):
+        _, depth, height, width, channels = inputs.shape
+        k, s = self.pool_size, self.strides
+        x = tf.reshape(inputs, [-1, height, width, channels])
+        x = tf.nn.avg_pool2d(x, (k, k), (s, s), self.padding)
+        out_h, out_w = x.shape[1], x.shape[2]
+        x = tf.reshape(x, [-1, depth, out_h * out_w, channels])
+        x = tf.nn.avg_pool2d(x, (k, 1), (s, 1), self.padding)
+        return tf.reshape(x, [-1, x.shape[1], out_h, out_w, channels])
+
+    def compute_output_shape(self, input_shape):
+        def out(n):
+            if self.padding == "SAME":
+                return -(-n // self.strides)
+            return (n - self.pool_size) // self.strides + 1
+        return (input_shape[0], *[out(n) for n in input_shape[1:4]], input_shape[4])
+
+    def get_config(self):
+        return {**super().get_config(), "pool_size": self.pool_size,
+                "strides": self.strides, "padding": self.padding.lower()}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import keras
 
-from aldk_tf.layers import AffineFlow
+from aldk_tf.layers import AffineFlow, AveragePool3D
 from aldk_tf.networks.blocks import check_image_size, conv, pair_input
 
 # (filters, stride) per 3x3x3 conv.
@@ -46,8 +46,7 @@ class AffineStem(keras.Model):
         for i, (filters, strides) in enumerate(spec["encoder"], start=1):
             x = conv(filters, 3, strides, f"{name}_conv{i}")(x)
         if spec["pool"]:
-            x = keras.layers.AveragePooling3D(3, strides=2, padding="same",
-                                              name=f"{name}_pool")(x)
+            x = AveragePool3D(3, strides=2, padding="same", name=f"{name}_pool")(x)
         grid = tuple(int(n) for n in x.shape[1:4])
         matrix = keras.layers.Conv3D(9, grid, padding="valid", use_bias=False,
                                      kernel_initializer="zeros", name=f"{name}_W")(x)
