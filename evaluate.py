@@ -35,18 +35,41 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "cascade (default: the run's)")
     parser.add_argument("--paired", action="store_true", help="pair adjacent entries "
                         "(both directions) instead of all ordered pairs")
+    parser.add_argument("--exported", help="evaluate an exported form instead of the "
+                        "run's Keras model: a SavedModel version directory or a .tflite "
+                        "file (from export.py)")
+    parser.add_argument("-n", "--name", help="suffix of the report names (default: the "
+                        "exported file's name with --exported)")
     parser.add_argument("--out-dir", default="evaluate", help="report folder "
                         "(default evaluate)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
 
-def report_stem(run_dir: str, rep: int | None, subset: str | None) -> str:
-    """``<run>[-rep<r>][-<subset>]`` as the original named its reports (``-r`` > 1)."""
+def report_stem(run_dir: str, rep: int | None, subset: str | None,
+                name: str | None = None) -> str:
+    """``<run>[-rep<r>][-<name>][-<subset>]`` as the original named its reports."""
     stem = os.path.basename(os.path.normpath(run_dir))
     if rep is not None and rep > 1:
         stem += f"-rep{rep}"
+    if name:
+        stem += f"-{name}"
     return stem if subset is None else f"{stem}-{subset}"
+
+
+def exported_model(path: str, dataset):
+    """(callable ``(fixed, moving) -> {"flow", ...}``, default report name)."""
+    from aldk_tf import serving
+    from aldk_tf.evaluation import check_image_size
+    if path.endswith(".tflite") and os.path.isfile(path):
+        runner, name = serving.tflite_runner(path), os.path.basename(path)[:-7]
+    elif os.path.isfile(os.path.join(path, "saved_model.pb")):
+        runner, name = serving.savedmodel_runner(path), "savedmodel"
+    else:
+        raise EvaluationError(f"{path}: --exported needs a .tflite file or a SavedModel "
+                              "version directory (export/<name>/<N>)")
+    check_image_size(runner.image_size, dataset)
+    return runner, name
 
 
 def main(argv=None) -> int:
@@ -79,7 +102,10 @@ def _evaluate(args, run_config, dataset, subsets) -> int:
     from aldk_tf.evaluation import evaluate_pairs, write_json_report, write_rcn_report
 
     _, model = runs.load_model(args.checkpoint, rep=args.rep)
-    rep = model.rep
+    rep, parameters, name = model.rep, int(model.count_params()), args.name
+    if args.exported:
+        model, default_name = exported_model(args.exported, dataset)
+        name = name or default_name
     for subset in subsets:
         scheme = VALIDATION_SCHEME if subset is None else subset
         pairs = list_pairs(dataset, scheme, paired=True if args.paired else None)
@@ -88,13 +114,13 @@ def _evaluate(args, run_config, dataset, subsets) -> int:
         records, summary = evaluate_pairs(model, dataset, pairs, batch=args.batch,
                                           label_values=dataset.label_values,
                                           progress=not args.no_progress)
-        stem = report_stem(args.checkpoint, args.rep, subset)
+        stem = report_stem(args.checkpoint, args.rep, subset, name)
         text_path = os.path.join(args.out_dir, f"{stem}.txt")
         json_path = os.path.join(args.out_dir, f"{stem}.json")
         write_json_report(json_path, records, summary, run=args.checkpoint,
                           dataset=str(dataset.where), scheme=scheme, rep=rep,
                           paired=bool(args.paired), batch=args.batch,
-                          parameters=int(model.count_params()),
+                          exported=args.exported, parameters=parameters,
                           model=run_config.to_dict()["model"])
         write_rcn_report(text_path, records)
         print(f"Dice {summary['dice']['mean']:.4f} ({summary['dice']['std']:.4f}), "

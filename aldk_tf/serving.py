@@ -204,6 +204,8 @@ def tflite_runner(path_or_bytes):
                    for f, m in zip(fixed, moving)]
         return {key: np.concatenate([out[key] for out in outputs]) for key in
                 ("flow", "warped")}
+    run.image_size = tuple(int(n) for n in
+                           signature.get_input_details()["fixed"]["shape"][1:4])
     return run
 
 
@@ -220,11 +222,15 @@ def tflite_ops(path_or_bytes) -> list[str]:
 def savedmodel_runner(path: str):
     """``run(fixed, moving) -> {"flow", "warped"}`` over a reloaded SavedModel."""
     loaded = tf.saved_model.load(path)       # kept: signatures hold weak variable refs
+    signature = loaded.signatures[SERVING_SIGNATURE]
 
     def run(fixed, moving):
-        outputs = loaded.signatures[SERVING_SIGNATURE](fixed=tf.constant(fixed, tf.float32),
+        outputs = signature(fixed=tf.constant(fixed, tf.float32),
                             moving=tf.constant(moving, tf.float32))
         return {key: outputs[key].numpy() for key in ("flow", "warped")}
+    run.loaded = loaded
+    _, inputs = signature.structured_input_signature
+    run.image_size = tuple(int(n) for n in inputs["fixed"].shape[1:4])
     return run
 
 

@@ -244,3 +244,38 @@ def test_export_errors_are_one_line_and_write_nothing(case, expected, student_ru
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
     after = sorted(os.listdir(base)) if base.is_dir() else None
     assert after == before or after == []
+
+
+def test_two_cascade_student_converts_with_parity(rng):
+    """Composition of cascades (ComposeFlows: a warp of the flow) stays builtin-only."""
+    from aldk_tf.config import ModelConfig
+    model = ModelConfig(image_size=(32, 32, 32), n_cascades=2).build()
+    model.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype)
+                       for w in model.get_weights()])
+    sample = serving.synthetic_sample((32, 32, 32))
+    reference = model({"fixed": sample["fixed"], "moving": sample["moving"]})["flow"]
+    assert np.abs(reference).max() > 0.5
+    flatbuffer = serving.convert_tflite(model, "fp32")
+    flow = serving.tflite_runner(flatbuffer)(sample["fixed"], sample["moving"])["flow"]
+    np.testing.assert_allclose(flow, reference, atol=1e-4, rtol=0)
+
+
+def test_evaluate_exported_tflite_reproduces_the_keras_dice(exported, student_run_32,
+                                                            tmp_path):
+    from aldk_tf import evaluation
+    version, _ = exported
+    args = ["-c", student_run_32, "-v", "demo-test", "--out-dir", str(tmp_path),
+            "--no-progress"]
+    assert run_cli("evaluate", args)[0] == 0
+    lite = str(version / "tflite" / "model_fp32.tflite")
+    code, _, err = run_cli("evaluate", [*args, "--exported", lite])
+    assert code == 0, err
+    keras_dice = evaluation.read_rcn_summary(tmp_path / "student32-demo-test.txt")
+    lite_dice = evaluation.read_rcn_summary(tmp_path /
+                                            "student32-model_fp32-demo-test.txt")
+    assert lite_dice["Dice score"][0] == pytest.approx(keras_dice["Dice score"][0],
+                                                       abs=1e-6)
+    document = json.loads((tmp_path / "student32-model_fp32-demo-test.json").read_text())
+    assert document["exported"] == lite
+    code, _, err = run_cli("evaluate", [*args, "--exported", str(tmp_path)])
+    assert code == 2 and "--exported needs" in err
