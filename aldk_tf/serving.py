@@ -114,11 +114,61 @@ class RegistrationModule(tf.Module):
 
 
 def save_savedmodel(model, path: str) -> None:
-    """Write the SavedModel (both signatures, dynamic batch) to ``path``."""
+    """Write the SavedModel (both signatures, dynamic batch) to ``path``.
+
+    Functions traced with ``jit_compile=True`` (the library's warp) are saved as plain
+    TensorFlow functions: TF Serving runs XLA-on-CPU only behind an experimental flag
+    (``--xla_cpu_compilation_enabled``), and the same ops run without it.
+    """
     module = RegistrationModule(model)
     tf.saved_model.save(module, path, signatures={
         SERVING_SIGNATURE: module.register,
         WARP_SIGNATURE: module.warp_segmentation})
+    strip_xla_must_compile(path)
+
+
+XLA_MUST_COMPILE = "_XlaMustCompile"
+
+
+def strip_xla_must_compile(path: str) -> int:
+    """Remove the ``_XlaMustCompile`` marks from a SavedModel's graph; returns how many.
+
+    The fingerprint (a checksum of ``saved_model.pb``) is rewritten to match.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto_path = os.path.join(path, "saved_model.pb")
+    saved_model = saved_model_pb2.SavedModel()
+    with open(proto_path, "rb") as handle:
+        saved_model.ParseFromString(handle.read())
+    removed = 0
+    for meta_graph in saved_model.meta_graphs:
+        graph = meta_graph.graph_def
+        holders = [node.attr for node in graph.node]
+        for function in graph.library.function:
+            holders.append(function.attr)
+            holders.extend(node.attr for node in function.node_def)
+        for attributes in holders:
+            if XLA_MUST_COMPILE in attributes:
+                del attributes[XLA_MUST_COMPILE]
+                removed += 1
+    if removed:
+        with open(proto_path, "wb") as handle:
+            handle.write(saved_model.SerializeToString())
+        _rewrite_fingerprint(path)
+    return removed
+
+
+def _rewrite_fingerprint(path: str) -> None:
+    fingerprint = os.path.join(path, "fingerprint.pb")
+    try:
+        from tensorflow.python.saved_model import fingerprinting_utils
+        os.remove(fingerprint)
+        fingerprinting_utils.write_fingerprint(path)
+    except (ImportError, AttributeError, OSError) as error:   # private TF helper
+        logger.warning("SavedModel fingerprint not rewritten (%s); removed instead", error)
+        if os.path.exists(fingerprint):
+            os.remove(fingerprint)
 
 
 # ----------------------------------------------------------------------------- TFLite

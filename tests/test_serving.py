@@ -279,3 +279,22 @@ def test_evaluate_exported_tflite_reproduces_the_keras_dice(exported, student_ru
     assert document["exported"] == lite
     code, _, err = run_cli("evaluate", [*args, "--exported", str(tmp_path)])
     assert code == 2 and "--exported needs" in err
+
+
+def test_savedmodel_has_no_xla_must_compile_functions(exported, tmp_path):
+    """TF Serving runs XLA on CPU only behind an experimental flag: exports run without."""
+    version, _ = exported
+    assert b"_XlaMustCompile" not in (version / "saved_model.pb").read_bytes()
+
+    module = tf.Module()
+    module.double = tf.function(lambda x: 2.0 * x + 1.0, jit_compile=True,
+                                input_signature=[tf.TensorSpec([None], tf.float32)])
+    path = str(tmp_path / "xla")
+    tf.saved_model.save(module, path, signatures={"serving_default": module.double})
+    assert b"_XlaMustCompile" in (tmp_path / "xla" / "saved_model.pb").read_bytes()
+    assert serving.strip_xla_must_compile(path) >= 1
+    assert b"_XlaMustCompile" not in (tmp_path / "xla" / "saved_model.pb").read_bytes()
+    tf.saved_model.experimental.read_fingerprint(path)          # still consistent
+    signature = tf.saved_model.load(path).signatures["serving_default"]
+    result = list(signature(x=tf.constant([1.0, 2.0])).values())[0]
+    np.testing.assert_allclose(result, [3.0, 5.0])
