@@ -1,6 +1,6 @@
 """Register a new NIfTI pair with an exported model: ``python -m aldk_tf.register``.
 
-    python -m aldk_tf.register --model export/<name>/<N> --fixed F.nii.gz \\
+    python -m aldk_tf.register --model export/<name>[/<N>] --fixed F.nii.gz \\
         --moving M.nii.gz --out-dir DIR [--moving-seg S.nii.gz] [--modality mr|ct]
         [--crop auto|mask|nonzero|threshold|none]
 
@@ -60,6 +60,7 @@ def load_serving_model(path: str):
     """
     import tensorflow as tf
 
+    path = latest_version(path)
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):
         raise RegisterError(f"{path}: not a SavedModel version directory (no "
                             "saved_model.pb); expected export/<name>/<N> from export.py")
@@ -78,6 +79,16 @@ def load_serving_model(path: str):
                             "expected fixed and moving")
     shape = inputs["fixed"].shape
     return loaded, tuple(int(n) for n in shape[1:4])
+
+
+def latest_version(path: str) -> str:
+    """``path`` itself, or its highest numeric version subdirectory when ``path`` is a
+    model base directory (``export/<name>``), as TF Serving would pick."""
+    if os.path.isfile(os.path.join(path, "saved_model.pb")) or not os.path.isdir(path):
+        return path
+    versions = [int(name) for name in os.listdir(path) if name.isdigit() and
+                os.path.isfile(os.path.join(path, name, "saved_model.pb"))]
+    return os.path.join(path, str(max(versions))) if versions else path
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -267,8 +278,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m aldk_tf.register",
                                      description="Register a NIfTI pair with an exported "
                                      "model (export.py).")
-    parser.add_argument("--model", required=True, help="SavedModel version directory, "
-                        "export/<name>/<N>")
+    parser.add_argument("--model", required=True, help="SavedModel version directory "
+                        "export/<name>/<N> (or export/<name>: its latest version)")
     parser.add_argument("--fixed", required=True, help="fixed image (NIfTI)")
     parser.add_argument("--moving", required=True, help="moving image (NIfTI)")
     parser.add_argument("--out-dir", required=True, help="output folder")

@@ -120,7 +120,9 @@ def test_existing_output_directory_is_updated(savedmodel, nifti_pair, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "notes.txt").write_text("kept")
-    assert run(savedmodel, nifti_pair, out_dir) == 0
+    base = os.path.dirname(savedmodel)                          # export/<name>: latest
+    assert register.latest_version(base) == savedmodel
+    assert run(base, nifti_pair, out_dir) == 0
     assert sorted(os.listdir(out_dir)) == sorted([*register.OUTPUT_NAMES, "notes.txt"])
     assert sorted(os.listdir(tmp_path)) == ["out"]              # no staging left over
 
