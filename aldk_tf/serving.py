@@ -23,7 +23,6 @@ Serving (which only loads numeric directory names) never sees a partial version.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -172,45 +171,6 @@ def _rewrite_fingerprint(path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- TFLite
-def _separable_average_pool(self, inputs):
-    """``AveragePooling3D.call`` from two builtin ``AVERAGE_POOL_2D`` (H-W, then D).
-
-    A 3-D box average whose padding is left out of the count factorises per axis, so
-    pooling over (H, W) and then over D gives the same numbers as ``AvgPool3D``.
-    """
-    _, depth, height, width, channels = inputs.shape
-    pool_d, pool_h, pool_w = self.pool_size
-    stride_d, stride_h, stride_w = self.strides
-    padding = self.padding.upper()
-    x = tf.reshape(inputs, [-1, height, width, channels])
-    x = tf.nn.avg_pool2d(x, (pool_h, pool_w), (stride_h, stride_w), padding)
-    out_h, out_w = x.shape[1], x.shape[2]
-    x = tf.reshape(x, [-1, depth, out_h * out_w, channels])
-    x = tf.nn.avg_pool2d(x, (pool_d, 1), (stride_d, 1), padding)
-    return tf.reshape(x, [-1, x.shape[1], out_h, out_w, channels])
-
-
-@contextlib.contextmanager
-def builtin_average_pooling():
-    """Trace ``AveragePooling3D`` as builtin 2-D pools while the block runs.
-
-    TFLite has no 3-D pooling builtin (``tf.AvgPool3D`` would need Flex ops); the student's
-    affine stage has one ``AveragePooling3D``. Only the TFLite trace uses this; the
-    SavedModel keeps Keras's own op. (Once the network uses a builtin-friendly pooling
-    layer itself, this has nothing left to replace.)
-    """
-    layer_class = keras.layers.AveragePooling3D
-    original = layer_class.__dict__.get("call")
-    layer_class.call = _separable_average_pool
-    try:
-        yield
-    finally:
-        if original is None:
-            del layer_class.call
-        else:
-            layer_class.call = original
-
-
 def convert_tflite(model, variant: str = "fp32") -> bytes:
     """A TFLite flatbuffer (batch 1, builtin ops only) of the registration graph.
 
@@ -221,8 +181,7 @@ def convert_tflite(model, variant: str = "fp32") -> bytes:
         raise ExportError(f"unknown TFLite variant '{variant}' (known: "
                           f"{', '.join(TFLITE_VARIANTS)})")
     module = RegistrationModule(model, batch=1)
-    with builtin_average_pooling():
-        function = module.register.get_concrete_function()
+    function = module.register.get_concrete_function()
     converter = tf.lite.TFLiteConverter.from_concrete_functions([function], module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if variant != "fp32":

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -172,18 +171,6 @@ def test_warp_segmentation_signature_matches_the_evaluation_warp(exported, demo_
     np.testing.assert_array_equal(metrics.segmentation_masks(warped, labels), expected)
     assert not np.array_equal(warped, segmentation)           # it did move labels
     assert set(np.unique(warped)) <= {0.0, 1.0, 2.0, 3.0}
-
-
-@pytest.mark.parametrize("size", [(8, 8, 8), (7, 9, 6)])
-def test_builtin_average_pooling_equals_keras(rng, size):
-    layer = keras.layers.AveragePooling3D(3, strides=2, padding="same")
-    x = rng.random((2, *size, 4)).astype(np.float32)
-    expected = layer(x).numpy()
-    with serving.builtin_average_pooling():
-        replaced = layer(x).numpy()
-        assert "call" in keras.layers.AveragePooling3D.__dict__
-    np.testing.assert_allclose(replaced, expected, atol=1e-6)
-    assert "call" not in keras.layers.AveragePooling3D.__dict__   # restored
 
 
 def test_next_version_and_savedmodel_only_export(student_run_32, exported):
