@@ -48,9 +48,14 @@ def warp(image: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
 
     Sample positions are clamped to the volume, which is the same as replicating the edge
     voxels outwards (``scipy.ndimage.map_coordinates(order=1, mode='nearest')``).
+    Differentiable with respect to ``image`` and ``flow``; where a position was clamped
+    the flow gets no gradient along that axis (as through ``tf.clip_by_value``).
 
-    The eight neighbours of every voxel are stacked once (edge-padded shifts of the
-    image), so the interpolation needs a single gather of ``8 * C`` values per voxel.
+    Speed: the forward pass is one XLA-compiled function (eight gathers from the flat,
+    edge-padded image and the interpolation fused into one loop), the hand-written
+    gradient two more; only gathers, a scatter and elementwise math, no convolutions.
+    The same ops are correct without XLA, which is how TFLite conversion sees them
+    (builtin ops only). ``bench/warp.py`` times it against the previous formulations.
 
     Args:
       image: ``[B, D, H, W, C]`` any float dtype, any channel count.
@@ -63,40 +68,130 @@ def warp(image: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
     _check_volume("image", image)
     _check_volume("flow", flow, channels=3)
     _check_same_grid(image, flow)
-    flow = tf.cast(flow, tf.float32)
-    dtype = image.dtype
+    # Half precision interpolates in float32, float64 in float64 (no-op casts for float32).
+    compute_dtype = tf.float64 if image.dtype == tf.float64 else tf.float32
+    warped = _trilinear(tf.cast(image, compute_dtype), tf.cast(flow, tf.float32))
+    return tf.cast(warped, image.dtype)
+
+
+@tf.custom_gradient
+def _trilinear(image: tf.Tensor, flow: tf.Tensor):
+    """:func:`warp` on validated inputs (image float32/64, flow float32), with its gradient."""
+    # Inputs cut from any tape, so that the call does not also record (and compile) its
+    # own autodiff gradient, which the function below replaces.
+    warped = _trilinear_forward_xla(tf.stop_gradient(image), tf.stop_gradient(flow))
+
+    def gradient(upstream):
+        cells = _cells_xla(flow)
+        return _trilinear_backward_xla(image, upstream, *cells)
+
+    return warped, gradient
+
+
+def _cells(flow: tf.Tensor):
+    """Where each voxel samples: the lower corner of its cell and the position inside it.
+
+    Returns:
+      corner: ``[B, D, H, W]`` int32 flat index of the cell's lower corner in the image
+        padded by one voxel at the end of each spatial axis (see :func:`_pad_end`).
+      fractions: ``(z, y, x)``, each ``[B, D, H, W]`` float32 in ``[0, 1]``.
+      inside: ``(z, y, x)``, each ``[B, D, H, W]`` bool, False where the position was
+        clamped (no flow gradient there).
+    """
+    shape = tf.shape(flow)
+    batch, sizes = shape[0], (shape[1], shape[2], shape[3])
+    lower, fractions, inside = [], [], []
+    for axis, (displacement, size) in enumerate(zip(tf.unstack(flow, axis=-1), sizes)):
+        along_axis = [1, 1, 1, 1]
+        along_axis[axis + 1] = -1
+        position = displacement + tf.reshape(tf.range(size, dtype=tf.float32), along_axis)
+        last = tf.cast(size - 1, tf.float32)
+        inside.append((position >= 0.0) & (position <= last))
+        position = tf.clip_by_value(position, 0.0, last)
+        index = tf.cast(position, tf.int32)                     # floor: position >= 0
+        lower.append(index)
+        fractions.append(position - tf.cast(index, tf.float32))
+    depth, height, width = sizes
+    padded_volume = (depth + 1) * (height + 1) * (width + 1)
+    corner = (lower[0] * (height + 1) + lower[1]) * (width + 1) + lower[2]
+    corner += tf.reshape(tf.range(batch) * padded_volume, [-1, 1, 1, 1])
+    return corner, tuple(fractions), tuple(inside)
+
+
+def _pad_end(image: tf.Tensor) -> tf.Tensor:
+    """``image`` with the last voxel repeated once along D, H and W.
+
+    Every cell's upper corners then exist; where they fall in the padding, the position
+    sits on the last voxel and their interpolation weight is exactly 0.
+    """
+    return tf.pad(image, [[0, 0], [0, 1], [0, 1], [0, 1], [0, 0]], mode="SYMMETRIC")
+
+
+def _corner_offsets(image_shape) -> list:
+    """Flat offsets of the 8 cell corners in the padded image, in (dz, dy, dx) order."""
+    row = image_shape[3] + 1
+    plane = (image_shape[2] + 1) * row
+    return [dz * plane + dy * row + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
+
+
+def _lerp(a, b, t):
+    return a + t * (b - a)
+
+
+def _trilinear_forward(image: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
+    corner, fractions, _ = _cells(flow)
+    flat = tf.reshape(_pad_end(image), [-1, tf.shape(image)[4]])      # [voxels, C]
+    v = [tf.gather(flat, corner + offset) for offset in _corner_offsets(tf.shape(image))]
+    tz, ty, tx = [tf.cast(f, image.dtype)[..., None] for f in fractions]
+    # Along x, then y, then z; a fraction of exactly 0 returns the lower corner exactly.
+    return _lerp(_lerp(_lerp(v[0], v[1], tx), _lerp(v[2], v[3], tx), ty),
+                 _lerp(_lerp(v[4], v[5], tx), _lerp(v[6], v[7], tx), ty), tz)
+
+
+def _trilinear_backward(image, upstream, corner, fractions, inside):
+    """Gradients of ``sum(upstream * warp(image, flow))`` for image and flow."""
     shape = tf.shape(image)
-    batch, depth, height, width, channels = (shape[0], shape[1], shape[2], shape[3],
-                                             shape[4])
+    channels = shape[4]
+    offsets = _corner_offsets(shape)
+    t = [tf.cast(f, image.dtype)[..., None] for f in fractions]   # z, y, x: [B, D, H, W, 1]
 
-    # Sample positions, clamped to [0, n - 1] per axis.       # [B, D, H, W, 3]
-    size = tf.cast(tf.stack([depth, height, width]), tf.float32)
-    grid = voxel_grid_dynamic(depth, height, width)
-    position = tf.clip_by_value(grid[None] + flow, 0.0, size - 1.0)
-    base = tf.floor(position)
-    fraction = position - base                                  # [B, D, H, W, 3]
-    base = tf.cast(base, tf.int32)
+    # Flow: the derivative along an axis is the bilinear interpolation (over the other
+    # two axes) of the image's forward difference along that axis, from the cell's lower
+    # face; 4 gathers per axis. The difference is 0 at the last voxel and in the padding.
+    padded = _pad_end(image)
+    flow_gradient = []
+    for axis in range(3):
+        difference = (_slice(padded, axis + 1, 1, None)
+                      - _slice(padded, axis + 1, 0, -1))
+        difference = tf.pad(difference, [[0, 0]] + [[0, int(a == axis)] for a in range(3)]
+                            + [[0, 0]])
+        difference = tf.reshape(difference, [-1, channels])
+        lower_face = [k for k in range(8) if not (k >> (2 - axis)) & 1]
+        v = [tf.gather(difference, corner + offsets[k]) for k in lower_face]
+        first, second = [t[a] for a in range(3) if a != axis]
+        derivative = _lerp(_lerp(v[0], v[1], second), _lerp(v[2], v[3], second), first)
+        flow_gradient.append(
+            tf.where(inside[axis], tf.reduce_sum(upstream * derivative, axis=-1), 0.0))
 
-    # The 8 corner values of each cell, one edge-padded shift per corner.
-    padded = tf.pad(image, [[0, 0], [0, 1], [0, 1], [0, 1], [0, 0]], mode="SYMMETRIC")
-    corners = tf.concat(
-        [padded[:, dz:dz + depth, dy:dy + height, dx:dx + width, :]
-         for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)],
-        axis=-1)                                                # [B, D, H, W, 8C]
-    corners = tf.reshape(corners, [-1, 8, channels])            # [B*D*H*W, 8, C]
+    # Image: scatter-add upstream * weight to each corner (the adjoint of the gathers),
+    # all 8 corners in one scatter.
+    tz, ty, tx = t
+    weighted = [upstream * wz * wy * wx for wz in (1.0 - tz, tz) for wy in (1.0 - ty, ty)
+                for wx in (1.0 - tx, tx)]
+    padded_gradient = tf.tensor_scatter_nd_add(
+        tf.zeros([tf.reduce_prod(tf.shape(padded)[:4]), channels], image.dtype),
+        tf.reshape(corner[..., None] + tf.stack(offsets), [-1, 1]),  # [B*D*H*W*8, 1]
+        tf.reshape(tf.stack(weighted, axis=-2), [-1, channels]))     # [B*D*H*W*8, C]
+    # The padding only ever got weight 0; drop it.
+    image_gradient = tf.reshape(padded_gradient, tf.shape(padded))[:, :-1, :-1, :-1]
+    return image_gradient, tf.cast(tf.stack(flow_gradient, axis=-1), tf.float32)
 
-    voxels = depth * height * width
-    index = ((base[..., 0] * height + base[..., 1]) * width + base[..., 2])
-    index = index + tf.range(batch)[:, None, None, None] * voxels
-    sampled = tf.gather(corners, tf.reshape(index, [-1]))       # [N, 8, C]
 
-    fz, fy, fx = tf.unstack(tf.reshape(fraction, [-1, 3]), axis=-1)
-    wz = tf.stack([1.0 - fz, fz], axis=-1)[:, :, None, None]
-    wy = tf.stack([1.0 - fy, fy], axis=-1)[:, None, :, None]
-    wx = tf.stack([1.0 - fx, fx], axis=-1)[:, None, None, :]
-    weights = tf.reshape(wz * wy * wx, [-1, 8, 1])              # [N, 8, 1]
-    warped = tf.reduce_sum(sampled * tf.cast(weights, dtype), axis=1)
-    return tf.reshape(warped, shape)
+_trilinear_forward_xla = tf.function(_trilinear_forward, jit_compile=True,
+                                     reduce_retracing=True)
+_cells_xla = tf.function(_cells, jit_compile=True, reduce_retracing=True)
+_trilinear_backward_xla = tf.function(_trilinear_backward, jit_compile=True,
+                                      reduce_retracing=True)
 
 
 def voxel_grid_dynamic(depth, height, width) -> tf.Tensor:
@@ -208,7 +303,10 @@ def downsample(volume: tf.Tensor, factor: int) -> tf.Tensor:
         inner = tf.reduce_prod(shape[axis + 1:])
         blocks = tf.reshape(volume, tf.stack([outer, factor, inner]))
         new_shape = tf.tensor_scatter_nd_update(shape, [[axis]], [shape[axis] // factor])
+        static = volume.shape.as_list()
+        static[axis] = None if static[axis] is None else static[axis] // factor
         volume = tf.reshape(tf.reduce_mean(blocks, axis=1), new_shape)
+        volume.set_shape(static)
     return volume
 
 
@@ -238,7 +336,10 @@ def upsample(volume: tf.Tensor, factor: int) -> tf.Tensor:
             phases.append((1.0 - abs(offset)) * line + abs(offset) * neighbour)
         line = tf.stack(phases, axis=2)                                 # [O, n, f, I]
         new_shape = tf.tensor_scatter_nd_update(shape, [[axis]], [n * factor])
+        static = volume.shape.as_list()
+        static[axis] = None if static[axis] is None else static[axis] * factor
         volume = tf.reshape(line, new_shape)
+        volume.set_shape(static)
     return volume
 
 

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import scipy.ndimage as ndimage
@@ -78,6 +80,118 @@ def test_flow_gradient_matches_finite_difference(rng):
         numeric = (spatial.warp(image, up).numpy().sum()
                    - spatial.warp(image, down).numpy().sum()) / (2 * eps)
         assert abs(numeric - grad[index]) < 2e-2
+
+
+def gradients(warp, image, flow, upstream):
+    image, flow = tf.constant(image), tf.constant(flow)
+    with tf.GradientTape() as tape:
+        tape.watch([image, flow])
+        loss = tf.reduce_sum(upstream * warp(image, flow))
+    return [g.numpy() for g in tape.gradient(loss, [image, flow])]
+
+
+def edge_case_flow(rng, shape):
+    """Random flow with some positions far outside, on voxel centres and on the border."""
+    flow = rng.standard_normal(shape[:4] + (3,)) * 2.0
+    flow[:, 0] = 30.0                                           # clamped at the far end
+    flow[:, 1, ..., 1] = -40.0                                  # clamped at 0 along H
+    flow[:, 2] = np.round(flow[:, 2])                           # voxel centres
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape[1:4]], indexing="ij"), -1)
+    flow[:, 3] = -grid[3]                                       # exactly at index 0
+    flow[:, 4] = np.array(shape[1:4]) - 1.0 - grid[4]           # exactly at index n - 1
+    return flow.astype(np.float32)
+
+
+def test_custom_gradient_matches_autodiff_of_plain_ops(rng):
+    """warp's gradient (XLA, hand-written) equals autodiff through the forward's own ops
+    run without XLA, including clamped positions and positions on voxels and borders."""
+    shape = (2, 7, 8, 6, 2)
+    image = rng.random(shape).astype(np.float32)
+    flow = edge_case_flow(rng, shape)
+    upstream = rng.standard_normal(shape).astype(np.float32)
+    expected = gradients(spatial._trilinear_forward, image, flow, upstream)
+    for actual, reference in zip(gradients(spatial.warp, image, flow, upstream), expected):
+        np.testing.assert_allclose(actual, reference, atol=1e-5)
+    # The backward ops also give the same without XLA.
+    plain = spatial._trilinear_backward(tf.constant(image), tf.constant(upstream),
+                                        *spatial._cells(tf.constant(flow)))
+    for actual, reference in zip(plain, expected):
+        np.testing.assert_allclose(actual.numpy(), reference, atol=1e-5)
+
+
+def test_warp_without_xla_matches_scipy(rng):
+    """The forward ops run op by op (as after TFLite conversion) give the same result."""
+    shape = (2, 9, 10, 8, 2)
+    image = rng.random(shape).astype(np.float32)
+    flow = edge_case_flow(rng, shape)
+    np.testing.assert_allclose(spatial._trilinear_forward(image, flow).numpy(),
+                               scipy_warp(image, flow), atol=1e-5)
+
+
+def test_image_gradient_matches_finite_difference(rng):
+    image = rng.random((1, 6, 6, 6, 1)).astype(np.float32)
+    flow = (rng.standard_normal((1, 6, 6, 6, 3)) * 1.5).astype(np.float32)
+    upstream = rng.standard_normal(image.shape).astype(np.float32)
+    grad = gradients(spatial.warp, image, flow, upstream)[0]
+    for index in [(0, 2, 3, 1, 0), (0, 5, 0, 2, 0), (0, 3, 3, 5, 0)]:
+        up, down = image.copy(), image.copy()
+        up[index] += 0.5
+        down[index] -= 0.5
+        numeric = np.sum(upstream * (spatial.warp(up, flow).numpy()
+                                     - spatial.warp(down, flow).numpy()))
+        assert abs(numeric - grad[index]) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [tf.float64, tf.float16])
+def test_warp_keeps_the_image_dtype(rng, dtype):
+    image = rng.random((1, 6, 7, 5, 2))
+    flow = (rng.standard_normal((1, 6, 7, 5, 3)) * 2).astype(np.float32)
+    warped = spatial.warp(tf.constant(image, dtype), flow)
+    assert warped.dtype == dtype
+    tolerance = 1e-5 if dtype == tf.float64 else 2e-3
+    np.testing.assert_allclose(warped.numpy(), scipy_warp(image, flow), atol=tolerance)
+
+
+def test_graph_mode_with_unknown_batch(rng):
+    shape = (8, 9, 7)
+    signature = [tf.TensorSpec((None,) + shape + (2,)), tf.TensorSpec((None,) + shape + (3,))]
+    forward = tf.function(spatial.warp, input_signature=signature)
+
+    @tf.function(input_signature=signature)
+    def backward(image, flow):
+        with tf.GradientTape() as tape:
+            tape.watch([image, flow])
+            loss = tf.reduce_sum(spatial.warp(image, flow) ** 2)
+        return tape.gradient(loss, [image, flow])
+
+    for batch in (1, 3):
+        image = rng.random((batch,) + shape + (2,)).astype(np.float32)
+        flow = (rng.standard_normal((batch,) + shape + (3,)) * 3).astype(np.float32)
+        np.testing.assert_allclose(forward(image, flow).numpy(), scipy_warp(image, flow),
+                                   atol=1e-5)
+        upstream = 2 * spatial._trilinear_forward(image, flow)
+        expected = gradients(spatial._trilinear_forward, image, flow, upstream)
+        for actual, reference in zip(backward(image, flow), expected):
+            np.testing.assert_allclose(actual.numpy(), reference, atol=1e-5)
+
+
+def test_tflite_builtins_match(rng):
+    shape = (1, 16, 16, 16, 2)
+    image = rng.random(shape).astype(np.float32)
+    flow = (rng.standard_normal(shape[:4] + (3,)) * 4).astype(np.float32)
+    function = tf.function(spatial.warp, input_signature=[
+        tf.TensorSpec(shape), tf.TensorSpec(shape[:4] + (3,))]).get_concrete_function()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # tf.lite.Interpreter's deprecation notice
+        interpreter = tf.lite.Interpreter(model_content=converter.convert())
+    interpreter.allocate_tensors()
+    for detail, value in zip(interpreter.get_input_details(), (image, flow)):
+        interpreter.set_tensor(detail["index"], value)
+    interpreter.invoke()
+    warped = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(warped, scipy_warp(image, flow), atol=1e-5)
 
 
 @pytest.mark.parametrize("bad_image, bad_flow, message", [
