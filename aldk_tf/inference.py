@@ -1,0 +1,311 @@
+"""Fast in-process inference: a fixed-signature ``tf.function`` over a prepared graph.
+
+:func:`registration_function` is what to call in-process (and what ``bench/inference.py``
+times)::
+
+    register = registration_function(model)                 # model: a RecursiveCascade
+    outputs = register(fixed, moving)        # [1, D, H, W, 1] float32 each
+    outputs["flow"], outputs["warped"]       # [1, D, H, W, 3], [1, D, H, W, 1] float32
+
+It traces once (fixed ``input_signature``), on a private copy of the model's
+registration graph (:func:`inference_graph`) with two inference-only choices:
+
+- ``subpixel`` (default on): every stride-2, kernel-4 ``Conv3DTranspose`` runs as the
+  equivalent forward convolution (kernel 2, eight output phases at once) followed by a
+  depth-to-space shuffle (:func:`transposed_conv3d`). Same numbers (to float rounding);
+  on this 2-core CPU the full-resolution 3-channel flow head goes from ~170 ms to ~55 ms
+  of CPU time at 128^3, because oneDNN's backward-data kernel behind
+  ``Conv3DBackpropInputV2`` is slow for few output channels.
+- ``dtype="bfloat16"``: the convolutions (and their activations, concatenations,
+  poolings) compute in bfloat16 (Keras ``mixed_bfloat16`` policy: float32 weights cast
+  on use); the layers that produce geometry -- 3- and 9-channel flow/affine heads, warps,
+  flow composition, affine flow, up/downsampling -- stay float32, so ``flow`` and
+  ``warped`` are float32 either way.
+
+:func:`graph_ops` / :func:`slow_ops` list what a traced or exported graph will run, to
+check that nothing falls back to a slow path (see ``bench/inference.py --check-ops``).
+"""
+
+from __future__ import annotations
+
+import types
+from collections import Counter
+
+import keras
+import tensorflow as tf
+
+from aldk_tf import layers as spatial_layers
+
+DTYPES = ("float32", "bfloat16")
+
+#: Op types that should not appear in a registration graph, and why.
+SLOW_OPS = {
+    "PyFunc": "Python callback", "EagerPyFunc": "Python callback",
+    "NumpyFunction": "Python callback",
+    "While": "graph loop (per-sample or per-label work)",
+    "StatelessWhile": "graph loop (per-sample or per-label work)",
+}
+#: Op types that are slow outside an XLA cluster (the warp's gathers and scatters).
+SLOW_WITHOUT_XLA = ("GatherV2", "GatherNd", "ResourceGather", "TensorScatterAdd",
+                    "ScatterNd")
+
+# Layers that carry geometry (flows, matrices) keep float32 under dtype="bfloat16".
+_FLOAT32_LAYERS = (spatial_layers.Warp, spatial_layers.AffineFlow,
+                   spatial_layers.ComposeFlows, spatial_layers.ComposeAffine,
+                   spatial_layers.Scale, spatial_layers.Downsample,
+                   spatial_layers.UpsampleFlow, spatial_layers.JacobianDeterminant)
+# Feature layers that compute in bfloat16 under dtype="bfloat16".
+_BFLOAT16_LAYERS = (keras.layers.Conv3D, keras.layers.Conv3DTranspose,
+                    keras.layers.Concatenate, keras.layers.AveragePooling3D,
+                    keras.layers.Cropping3D, keras.layers.UpSampling3D,
+                    keras.layers.LeakyReLU)
+_GEOMETRY_CHANNELS = (3, 9)        # flow heads and the affine W head
+# The sub-pixel form only pays off for few output channels (measured at 128^3: 3 -> 3.5x
+# faster; 16 or more -> no gain or slower), i.e. for the flow heads.
+SUBPIXEL_MAX_FILTERS = 8
+
+
+# ----------------------------------------------------------------------------- sub-pixel
+# A stride-2, kernel-4, 'same' transposed convolution writes output 2j + p (p = 0, 1)
+# from inputs j - 1 + p + a (a = 0, 1) through kernel taps 3 - p - 2a, per axis. All
+# eight output phases therefore read the same 2x2x2 input windows of the input padded by
+# one voxel: one kernel-2 'valid' convolution with 8 x filters output channels, then a
+# depth-to-space shuffle that takes phase (pd, ph, pw) from the window offset by it.
+# Kernel taps used by phase p for inputs j - 1 + p + a, a = 0, 1: (3, 1) and (2, 0).
+_PHASE_TAPS = (slice(3, None, -2), slice(2, None, -2))
+
+
+def _phase_kernel(kernel: tf.Tensor) -> tf.Tensor:
+    """``[4, 4, 4, filters, in]`` transposed-conv kernel -> ``[2, 2, 2, in, 8 * filters]``.
+
+    Output channel ``((pd * 2 + ph) * 2 + pw) * filters + c`` is phase (pd, ph, pw)."""
+    kernel = tf.transpose(kernel, [0, 1, 2, 4, 3])                     # [4, 4, 4, in, f]
+    return tf.concat([kernel[_PHASE_TAPS[pd], _PHASE_TAPS[ph], _PHASE_TAPS[pw]]
+                      for pd in (0, 1) for ph in (0, 1) for pw in (0, 1)], axis=-1)
+
+
+def _depth_to_space(phases: tf.Tensor) -> tf.Tensor:
+    """Phase outputs ``[B, n+1, m+1, l+1, 8 f]`` (padded grid) -> ``[B, 2n, 2m, 2l, f]``."""
+    shape = tf.shape(phases)
+    n, m, l = shape[1] - 1, shape[2] - 1, shape[3] - 1
+    parts = tf.split(phases, 8, axis=-1)
+    picked = [parts[(pd * 2 + ph) * 2 + pw][:, pd:pd + n, ph:ph + m, pw:pw + l, :]
+              for pd in (0, 1) for ph in (0, 1) for pw in (0, 1)]
+    filters = shape[4] // 8
+    stacked = tf.reshape(tf.stack(picked, axis=4),
+                         tf.stack([shape[0], n, m, l, 2, 2, 2, filters]))
+    stacked = tf.transpose(stacked, [0, 1, 4, 2, 5, 3, 6, 7])
+    return tf.reshape(stacked, tf.stack([shape[0], 2 * n, 2 * m, 2 * l, filters]))
+
+
+# XLA fuses the eight slices, the stack and the transpose into one loop (~5x faster).
+_depth_to_space_xla = tf.function(_depth_to_space, jit_compile=True, reduce_retracing=True)
+
+
+def transposed_conv3d(inputs: tf.Tensor, kernel: tf.Tensor, bias=None,
+                      activation=None) -> tf.Tensor:
+    """``Conv3DTranspose(kernel_size=4, strides=2, padding="same")`` as a forward conv.
+
+    Args:
+      inputs: ``[B, n, m, l, in]``.
+      kernel: ``[4, 4, 4, filters, in]`` (Keras's transposed-conv layout).
+      bias: ``[filters]`` or None; activation: a callable or None (applied elementwise
+        before the shuffle, which commutes with it).
+    Returns:
+      ``[B, 2n, 2m, 2l, filters]``, equal to ``tf.nn.conv3d_transpose(inputs, kernel,
+      strides 2, "SAME")`` (+ bias, activation) up to float rounding.
+    """
+    inputs = tf.convert_to_tensor(inputs)
+    kernel = tf.cast(kernel, inputs.dtype)
+    if kernel.shape.rank != 5 or tuple(kernel.shape[:3]) != (4, 4, 4):
+        raise ValueError(f"kernel: expected shape [4, 4, 4, filters, in], got "
+                         f"{kernel.shape}")
+    padded = tf.pad(inputs, [[0, 0], [1, 1], [1, 1], [1, 1], [0, 0]])
+    phases = tf.nn.conv3d(padded, _phase_kernel(kernel), [1, 1, 1, 1, 1], "VALID")
+    if bias is not None:
+        phases = tf.nn.bias_add(phases, tf.tile(tf.cast(bias, phases.dtype), [8]))
+    if activation is not None:
+        phases = activation(phases)
+    return _depth_to_space_xla(phases)
+
+
+def _subpixel_eligible(layer) -> bool:
+    return (isinstance(layer, keras.layers.Conv3DTranspose)
+            and tuple(layer.kernel_size) == (4, 4, 4) and tuple(layer.strides) == (2, 2, 2)
+            and layer.padding == "same" and layer.data_format == "channels_last"
+            and tuple(layer.dilation_rate) == (1, 1, 1) and layer.output_padding is None
+            and getattr(layer, "groups", 1) == 1 and layer.filters <= SUBPIXEL_MAX_FILTERS)
+
+
+def _subpixel_call(self, inputs):
+    """``Conv3DTranspose.call`` through :func:`transposed_conv3d` (bound per layer)."""
+    return transposed_conv3d(inputs, self.kernel, self.bias if self.use_bias else None,
+                             self.activation)
+
+
+# ----------------------------------------------------------------------------- graph
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+def _copy(model) -> keras.Model:
+    """A copy with the same weights, so per-layer changes never touch ``model``."""
+    if hasattr(model, "registration_model"):          # RecursiveCascade
+        clone = type(model).from_config(model.get_config())
+    else:
+        clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def _use_bfloat16(layer) -> None:
+    if isinstance(layer, _FLOAT32_LAYERS) or not isinstance(layer, _BFLOAT16_LAYERS):
+        return
+    if getattr(layer, "filters", None) in _GEOMETRY_CHANNELS:
+        return                                          # flow / affine heads
+    layer.dtype_policy = "mixed_bfloat16"
+    if isinstance(getattr(layer, "activation", None), keras.layers.Layer):
+        layer.activation.dtype_policy = "mixed_bfloat16"
+
+
+def inference_graph(model, dtype: str = "float32", subpixel: bool = True) -> keras.Model:
+    """A copy of ``model``'s registration graph prepared for inference.
+
+    Args:
+      model: a :class:`~aldk_tf.networks.RecursiveCascade` or a Keras model taking
+        ``{"fixed", "moving"}`` and returning at least ``flow`` and ``warped``.
+      dtype: "float32" or "bfloat16" (see the module docstring).
+      subpixel: run kernel-4 stride-2 transposed convolutions as forward convolutions.
+    Returns:
+      ``{"fixed", "moving"} -> {"flow", "warped"}`` (float32), weights copied.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    clone = _copy(model)
+    for layer in _all_layers(clone):
+        if subpixel and _subpixel_eligible(layer):
+            layer.call = types.MethodType(_subpixel_call, layer)
+        if dtype == "bfloat16":
+            _use_bfloat16(layer)
+    if hasattr(clone, "registration_model"):
+        return clone.registration_model()
+    return keras.Model(clone.input, {key: clone.output[key] for key in ("flow", "warped")})
+
+
+def _image_size(model) -> tuple[int, int, int]:
+    inputs = model.input["fixed"] if isinstance(model.input, dict) else model.input[0]
+    return tuple(int(n) for n in inputs.shape[1:4])
+
+
+def registration_function(model, batch: int = 1, dtype: str = "float32",
+                          subpixel: bool = True):
+    """``register(fixed, moving) -> {"flow", "warped"}``: a ``tf.function`` with a fixed
+    ``input_signature`` (``[batch, D, H, W, 1]`` float32 each) over
+    :func:`inference_graph`; both outputs float32.
+
+    The function carries ``graph`` (the prepared Keras model, e.g. for
+    :func:`aldk_tf.serving.save_savedmodel`) and ``image_size``.
+    """
+    graph = inference_graph(model, dtype=dtype, subpixel=subpixel)
+    size = _image_size(graph)
+    image = tf.TensorSpec([batch, *size, 1], tf.float32)
+
+    @tf.function(input_signature=[image, image])
+    def register(fixed, moving):
+        outputs = graph({"fixed": fixed, "moving": moving}, training=False)
+        return {key: tf.cast(outputs[key], tf.float32) for key in ("flow", "warped")}
+
+    register.graph, register.image_size = graph, size
+    return register
+
+
+# ----------------------------------------------------------------------------- op check
+def _walk(function):
+    """Yield ``(node, nodes_by_name, compiled)`` for every node a concrete function runs,
+    following nested functions; ``compiled``: inside an ``_XlaMustCompile`` function
+    or call (and below it)."""
+    graph_def = function.graph.as_graph_def()
+    library = {f.signature.name: f for f in graph_def.library.function}
+    seen = set()
+
+    def called(node):
+        for value in node.attr.values():
+            if value.HasField("func") and value.func.name in library:
+                yield value.func.name
+            for item in value.list.func:
+                if item.name in library:
+                    yield item.name
+
+    def marked(attributes) -> bool:
+        value = attributes.get(XLA_MUST_COMPILE)
+        return bool(value is not None and value.b)
+
+    def visit(nodes, compiled):
+        by_name = {node.name: node for node in nodes}
+        for node in nodes:
+            yield node, by_name, compiled
+            for name in called(node):
+                inner = compiled or marked(node.attr) or marked(library[name].attr)
+                if (name, inner) not in seen:
+                    seen.add((name, inner))
+                    yield from visit(library[name].node_def, inner)
+
+    yield from visit(graph_def.node, False)
+
+
+XLA_MUST_COMPILE = "_XlaMustCompile"
+
+
+def graph_ops(function) -> dict[str, Counter]:
+    """Op types a concrete function will run: ``{"graph": Counter, "xla": Counter}``.
+
+    ``function``: a ``ConcreteFunction`` (e.g. ``register.get_concrete_function()`` or a
+    reloaded SavedModel's ``signatures["serving_default"]``). Nested functions are
+    followed; ops under an ``_XlaMustCompile`` function or call count under ``"xla"``
+    (they run as one compiled cluster).
+    """
+    counts = {"graph": Counter(), "xla": Counter()}
+    for node, _, compiled in _walk(function):
+        counts["xla" if compiled else "graph"][node.op] += 1
+    return counts
+
+
+def _constant(node) -> list | None:
+    if node is None or node.op != "Const":
+        return None
+    return tf.make_ndarray(node.attr["value"].tensor).reshape(-1).tolist()
+
+
+def _transposed_conv_filters(node, by_name) -> int | None:
+    """Output channels of a ``Conv3DBackpropInputV2`` node (its ``input_sizes``' last
+    entry), when the graph holds them as constants."""
+    def producer(name):
+        return by_name.get(name.lstrip("^").split(":")[0])
+    sizes = producer(node.input[0])
+    values = _constant(sizes)
+    if values is None and sizes is not None and sizes.op == "Pack":
+        values = _constant(producer(sizes.input[-1]))
+    return int(values[-1]) if values else None
+
+
+def slow_ops(function) -> dict[str, str]:
+    """``{op type: reason}`` for what should not be in a registration graph (empty when
+    clean): :data:`SLOW_OPS`, gathers/scatters outside XLA, and transposed convolutions
+    with at most :data:`SUBPIXEL_MAX_FILTERS` output channels (the sub-pixel form is
+    faster there)."""
+    found = {}
+    for node, by_name, compiled in _walk(function):
+        if node.op == "Conv3DBackpropInputV2":
+            filters = _transposed_conv_filters(node, by_name)
+            if filters is None or filters <= SUBPIXEL_MAX_FILTERS:
+                found[node.op] = (f"transposed 3-D convolution to "
+                                  f"{filters or 'unknown'} channels (oneDNN backward-data "
+                                  f"kernel; the sub-pixel form is ~3x faster here)")
+        elif node.op in SLOW_OPS:
+            found[node.op] = SLOW_OPS[node.op]
+        elif node.op in SLOW_WITHOUT_XLA and not compiled:
+            found[node.op] = "gather/scatter outside XLA (the warp without its XLA cluster)"
+    return found

@@ -1,0 +1,233 @@
+"""aldk_tf/inference.py and bench/inference.py: fast paths against the reference, no timing.
+
+Every fast path (fixed-signature function, sub-pixel flow heads, bfloat16 convolutions,
+SavedModel of the prepared graph) is compared with the Keras model's outputs and with the
+library warp; the benchmark script is run once at 32^3 for its JSON keys.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from aldk_tf import serving, spatial
+from aldk_tf.inference import (graph_ops, inference_graph, registration_function,
+                               slow_ops, transposed_conv3d)
+from aldk_tf.networks import build_student, build_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = (32, 32, 32)
+FLOAT32_TOLERANCE = 1e-5      # voxels; float rounding only
+# bfloat16 keeps 8 significant bits: features carry ~0.4% relative error into the flow
+# head (which stays float32). Measured on these perturbed 32^3 students: <= 0.012 voxel.
+BFLOAT16_TOLERANCE = 0.05     # voxels
+
+
+def perturbed(model, seed=0, scale=0.05):
+    """Weights moved away from the initialisation (zero affine heads) so that flows reach
+    a few voxels and comparisons can fail."""
+    noise = np.random.default_rng(seed)
+    model.set_weights([w + noise.normal(0, scale, w.shape).astype(w.dtype)
+                       for w in model.get_weights()])
+    return model
+
+
+def smooth_pair(size=SIZE, seed=0):
+    sample = serving.synthetic_sample(size, seed=seed)
+    return sample["fixed"].astype(np.float32), sample["moving"].astype(np.float32)
+
+
+MODELS = {
+    "student_1": lambda: perturbed(build_student(SIZE, 1)),
+    "student_2": lambda: perturbed(build_student(SIZE, 2)),
+    "student_crd_1": lambda: perturbed(build_student(SIZE, 1, resolution_factor=2)),
+    "teacher_1": lambda: build_teacher(SIZE, 1),     # random init: flows of a few voxels
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model_and_reference(request):
+    keras.utils.set_random_seed(0)
+    model = MODELS[request.param]()
+    fixed, moving = smooth_pair()
+    outputs = model({"fixed": fixed, "moving": moving}, training=False)
+    reference = {key: outputs[key].numpy() for key in ("flow", "warped")}
+    assert np.abs(reference["flow"]).max() > 0.5, "flows too small to test anything"
+    return model, fixed, moving, reference
+
+
+# ----------------------------------------------------------------------------- sub-pixel
+@pytest.mark.parametrize("shape, filters", [
+    ((1, 4, 4, 4, 8), 3), ((2, 5, 3, 6, 4), 3), ((1, 8, 8, 8, 16), 9),
+    ((1, 3, 3, 3, 2), 1)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_transposed_conv3d_matches_conv3d_transpose(rng, shape, filters, with_bias):
+    x = rng.standard_normal(shape).astype(np.float32)
+    kernel = rng.standard_normal((4, 4, 4, filters, shape[-1])).astype(np.float32)
+    bias = rng.standard_normal(filters).astype(np.float32) if with_bias else None
+    out_shape = [shape[0], 2 * shape[1], 2 * shape[2], 2 * shape[3], filters]
+    expected = tf.nn.conv3d_transpose(x, kernel, out_shape, [1, 2, 2, 2, 1], "SAME")
+    if with_bias:
+        expected = expected + bias
+    ours = transposed_conv3d(x, kernel, bias)
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_transposed_conv3d_applies_activation_and_checks_kernel(rng):
+    x = rng.standard_normal((1, 4, 4, 4, 2)).astype(np.float32)
+    kernel = rng.standard_normal((4, 4, 4, 3, 2)).astype(np.float32)
+    plain = transposed_conv3d(x, kernel).numpy()
+    activated = transposed_conv3d(x, kernel, activation=tf.nn.relu).numpy()
+    np.testing.assert_allclose(activated, np.maximum(plain, 0.0), atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[4, 4, 4, filters, in\]"):
+        transposed_conv3d(x, kernel[:3])
+
+
+# ----------------------------------------------------------------------------- paths
+@pytest.mark.parametrize("subpixel", [False, True])
+def test_float32_function_matches_keras(model_and_reference, subpixel):
+    model, fixed, moving, reference = model_and_reference
+    register = registration_function(model, subpixel=subpixel)
+    outputs = register(fixed, moving)
+    assert outputs["flow"].dtype == tf.float32 and outputs["warped"].dtype == tf.float32
+    np.testing.assert_allclose(outputs["flow"], reference["flow"], atol=FLOAT32_TOLERANCE,
+                               rtol=1e-5)
+    np.testing.assert_allclose(outputs["warped"], reference["warped"], atol=1e-5)
+
+
+def test_bfloat16_function_within_tolerance(model_and_reference):
+    model, fixed, moving, reference = model_and_reference
+    outputs = registration_function(model, dtype="bfloat16")(fixed, moving)
+    assert outputs["flow"].dtype == tf.float32 and outputs["warped"].dtype == tf.float32
+    difference = np.abs(outputs["flow"].numpy() - reference["flow"])
+    assert difference.max() <= BFLOAT16_TOLERANCE
+    assert difference.max() > 0.0, "bfloat16 path computed in float32"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_warped_is_the_reference_warp_of_the_returned_flow(model_and_reference, dtype):
+    """The warp/composition stay float32 in every path: the returned ``warped`` is the
+    library warp (itself tested against scipy) of the original moving image by ``flow``."""
+    model, fixed, moving, _ = model_and_reference
+    outputs = registration_function(model, dtype=dtype)(fixed, moving)
+    expected = spatial.warp(moving, outputs["flow"])
+    np.testing.assert_allclose(outputs["warped"], expected, atol=1e-5)
+
+
+def test_inference_graph_leaves_the_model_alone(rng):
+    model = perturbed(build_student(SIZE, 1))
+    graph = inference_graph(model, dtype="bfloat16")
+    assert all(layer.dtype_policy.name == "float32" for layer in model.layers)
+    head = model.get_layer("cascade_1").get_layer("cascade_1_flow_head")
+    assert "call" not in vars(head)
+    assert graph is not model.registration_model()
+    with pytest.raises(ValueError, match="dtype"):
+        inference_graph(model, dtype="float16")
+
+
+def test_fixed_signature_rejects_other_shapes():
+    register = registration_function(build_student(SIZE, 1))
+    wrong = np.zeros((1, 16, 16, 16, 1), np.float32)
+    with pytest.raises((TypeError, ValueError)):
+        register(wrong, wrong)
+
+
+def test_savedmodel_of_the_prepared_graph_matches_keras(model_and_reference, tmp_path):
+    model, fixed, moving, reference = model_and_reference
+    register = registration_function(model)
+    serving.save_savedmodel(register.graph, str(tmp_path / "model"))
+    outputs = serving.savedmodel_runner(str(tmp_path / "model"))(fixed, moving)
+    np.testing.assert_allclose(outputs["flow"], reference["flow"], atol=FLOAT32_TOLERANCE,
+                               rtol=1e-5)
+    np.testing.assert_allclose(outputs["warped"], reference["warped"], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- op check
+def test_slow_ops_flags_thin_transposed_convs_only_in_the_keras_graph():
+    model = build_student(SIZE, 1)
+    stock = registration_function(model, subpixel=False).get_concrete_function()
+    fast = registration_function(model).get_concrete_function()
+    assert "Conv3DBackpropInputV2" in slow_ops(stock)
+    assert slow_ops(fast) == {}
+    # The wide (16+ channel) transposed convs stay: the sub-pixel form is no faster there.
+    assert graph_ops(fast)["graph"]["Conv3DBackpropInputV2"] == 3
+    assert graph_ops(fast)["xla"]["GatherV2"] > 0            # the warp's XLA cluster
+
+
+def test_slow_ops_flags_gathers_outside_xla_and_python():
+    spec = tf.TensorSpec([8], tf.float32)
+    index = tf.constant([1, 2])
+    plain = tf.function(lambda x: tf.gather(x, index), input_signature=[spec])
+    compiled = tf.function(lambda x: tf.gather(x, index), jit_compile=True)
+    nested = tf.function(lambda x: compiled(x), input_signature=[spec])
+    python = tf.function(lambda x: tf.py_function(np.sort, [x], tf.float32),
+                         input_signature=[spec])
+    assert "GatherV2" in slow_ops(plain.get_concrete_function())
+    assert slow_ops(nested.get_concrete_function()) == {}
+    assert "EagerPyFunc" in slow_ops(python.get_concrete_function())
+
+
+# ----------------------------------------------------------------------------- scripts
+def load_bench(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" /
+                                                  f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module          # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_row_names():
+    bench = load_bench("inference")
+    row = bench.parse_row("savedmodel_student_crd_1_bf16")
+    assert (row.source, row.model, row.dtype, row.subpixel) == \
+        ("savedmodel", "student_crd_1", "bfloat16", True)
+    assert bench.parse_row("savedmodel_xla_student_1").source == "savedmodel_xla"
+    assert bench.parse_row("tflite_int8_teacher_affine_vtn3").tflite == "int8"
+    assert bench.parse_row("student_1_keras_upconv").subpixel is False
+    for name in bench.DEFAULT_ROWS:
+        bench.parse_row(name)
+    for bad in ("student_4", "tflite_fp32_student_1_bf16", "savedmodel_warp", ""):
+        with pytest.raises(ValueError, match="unknown row"):
+            bench.parse_row(bad)
+
+
+def test_bench_script_writes_the_required_rows(tmp_path):
+    out = tmp_path / "out.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "inference.py"), "--size", "32",
+         "--repeats", "1", "--rows", "warp,student_1,savedmodel_student_1",
+         "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert list(results) == ["warp", "student_1", "savedmodel_student_1"]
+    for entry in results.values():
+        assert entry["median_ms"] > 0 and isinstance(entry["params"], int)
+    assert results["warp"]["params"] == 0
+    assert results["student_1"]["params"] == results["savedmodel_student_1"]["params"] \
+        == build_student(SIZE, 1).count_params()
+    assert "savedmodel_student_1 / student_1" in result.stdout
+
+
+def test_bench_script_rejects_unknown_rows():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "inference.py"),
+                             "--rows", "student_9"], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and "unknown row 'student_9'" in result.stderr
+
+
+def test_bf16_dice_script(student_run_32, tmp_path, capsys):
+    out = tmp_path / "dice.json"
+    assert load_bench("bf16_dice").main(["-c", student_run_32, "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results) == {"keras", "float32", "bfloat16"}
+    assert results["float32"]["max_abs_flow_diff"] <= FLOAT32_TOLERANCE
+    assert results["bfloat16"]["max_abs_flow_diff"] <= BFLOAT16_TOLERANCE
+    assert abs(results["float32"]["dice_change"]) < 1e-6
+    assert "bfloat16" in capsys.readouterr().out
