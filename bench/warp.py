@@ -158,8 +158,9 @@ def main() -> None:
               f"  {difference:.1e}")
     current = rows[0]
     for name, forward, both, _ in rows[1:]:
-        print(f"speed-up vs {name}: forward {forward[0] / current[1][0]:.1f}x, "
-              f"forward+backward {both[0] / current[2][0]:.1f}x (wall medians)")
+        print(f"speed-up vs {name}: forward {forward[0] / current[1][0]:.1f}x wall, "
+              f"{forward[1] / current[1][1]:.1f}x cpu; forward+backward "
+              f"{both[0] / current[2][0]:.1f}x wall, {both[1] / current[2][1]:.1f}x cpu")
 
 
 if __name__ == "__main__":
