@@ -54,6 +54,7 @@ class ALDKConfig:
     gamma: float = 0.3                    # L = gamma * l_rec + (1 - gamma) * l_dis
     lamb: float = 0.1                     # gradient-penalty weight
     critic_lr: float = 1e-4
+    critic_output: str = "sigmoid"        # "sigmoid" (paper's figure) | "raw" (WGAN score)
     adversarial_period: int = 3           # the adversarial term on every k-th step ...
     adversarial_until: int = 8000         # ... until this step; pure l_rec afterwards
     critic_period: int = 3                # critic updated on every k-th step

@@ -14,10 +14,14 @@ class FlowCritic(keras.Model):
     """Flow ``[B, D, H, W, 3]`` -> raw score ``[B, 1]`` (WGAN critic, no sigmoid).
 
     Five 4x4x4 stride-2 convs (16..256 channels, LeakyReLU), flattened, one linear unit.
+    ``output="sigmoid"`` squashes the score into (0, 1) as the ALDK paper's figure has it;
+    the default raw score is the WGAN critic of DESIGN.md.
     """
 
-    def __init__(self, image_size=(128, 128, 128), filters=CRITIC_FILTERS, name="critic",
-                 **kwargs):
+    def __init__(self, image_size=(128, 128, 128), filters=CRITIC_FILTERS, output="raw",
+                 name="critic", **kwargs):
+        if output not in ("raw", "sigmoid"):
+            raise ValueError(f"FlowCritic: output must be 'raw' or 'sigmoid', got {output!r}")
         image_size = check_image_size("FlowCritic", image_size, 16)
         flow = keras.Input(shape=(*image_size, 3), name="flow")
         x = flow
@@ -26,13 +30,15 @@ class FlowCritic(keras.Model):
                                     activation=keras.layers.LeakyReLU(LEAKY_SLOPE),
                                     name=f"{name}_conv{i}")(x)
         x = keras.layers.Flatten(name=f"{name}_flatten")(x)
-        score = keras.layers.Dense(1, name=f"{name}_score")(x)
+        score = keras.layers.Dense(1, name=f"{name}_score",
+                                   activation="sigmoid" if output == "sigmoid" else None)(x)
         super().__init__(inputs=flow, outputs=score, name=name, **kwargs)
         self.image_size, self.filters = image_size, tuple(int(n) for n in filters)
+        self.output_kind = output
 
     def get_config(self):
         return {"image_size": list(self.image_size), "filters": list(self.filters),
-                "name": self.name}
+                "output": self.output_kind, "name": self.name}
 
     @classmethod
     def from_config(cls, config):

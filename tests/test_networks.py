@@ -147,3 +147,16 @@ def test_cross_resolution_student(rng):
     np.testing.assert_array_equal(clone(inputs)["flow"], out["flow"])
     with pytest.raises(ValueError, match="divisible by 16"):
         build_student((16, 16, 16), resolution_factor=2)
+
+
+def test_critic_output_kinds(rng):
+    flows = rng.normal(0, 50, (3, *SIZE, 3)).astype(np.float32)
+    sigmoid = FlowCritic(SIZE, output="sigmoid")
+    scores = np.asarray(sigmoid(flows))
+    assert scores.shape == (3, 1) and np.all((scores > 0) & (scores < 1))
+    raw = FlowCritic.from_config({**sigmoid.get_config(), "output": "raw"})
+    raw.set_weights(sigmoid.get_weights())
+    np.testing.assert_allclose(1 / (1 + np.exp(-np.asarray(raw(flows)))), scores,
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="output must be"):
+        FlowCritic(SIZE, output="tanh")
