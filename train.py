@@ -10,6 +10,10 @@ config.json, model.weights.h5, checkpoints/ and logs/ (TensorBoard).
   python train.py -b LDR -n 1 -d datasets/demo.json --aldk --teacher weights/teacher \\
       --output student_aldk
   python train.py -c weights/student_aldk          # resume where it stopped
+
+Several devices: -g 0,1,2,3 trains under MirroredStrategy on those GPUs, splitting each
+--batch (the global batch) across them; -g -1 uses the CPU only. Several machines: the
+same command on every machine with --strategy multiworker and each machine's TF_CONFIG.
 """
 
 from __future__ import annotations
@@ -53,6 +57,19 @@ def parse_args(argv=None):
     parser.add_argument("--validation_pairs", type=int, default=16)
     parser.add_argument("--max_steps", type=int,
                         help="stop at this global step (the run can be resumed later)")
+    devices = parser.add_argument_group("devices (--batch is the global batch, split "
+                                        "across replicas)")
+    devices.add_argument("-g", "--gpu", help="GPU ids as in the release, e.g. 0 or 0,1,2,3 "
+                         "(MirroredStrategy over them), or -1 for the CPU only; default: "
+                         "TensorFlow's default device, no strategy")
+    devices.add_argument("--strategy", default="auto",
+                         choices=("auto", "mirrored", "multiworker"),
+                         help="auto: mirrored when several devices are given; multiworker: "
+                              "MultiWorkerMirroredStrategy configured by TF_CONFIG (run the "
+                              "same command on every worker)")
+    devices.add_argument("--cpu_replicas", type=int, default=1,
+                         help="mirror over this many logical CPU devices of this host "
+                              "(testing and CPU-only rehearsal of a multi-GPU run)")
     aldk = parser.add_argument_group("ALDK (student only)")
     aldk.add_argument("--aldk", action="store_true", help="adversarial distillation")
     aldk.add_argument("--teacher", help="teacher run directory, weights/<run>")
@@ -63,6 +80,8 @@ def parse_args(argv=None):
     aldk.add_argument("--gamma", type=float, default=0.3)
     aldk.add_argument("--lamb", type=float, default=0.1)
     aldk.add_argument("--critic_lr", type=float, default=1e-4)
+    aldk.add_argument("--critic_output", default="sigmoid", choices=("sigmoid", "raw"),
+                      help="critic score squashed by a sigmoid (default, stable) or raw")
     aldk.add_argument("--adv_period", type=int, default=3,
                       help="adversarial term on every k-th step")
     aldk.add_argument("--adv_until", type=int, default=8000,
@@ -123,6 +142,7 @@ def build_config(args):
                           validation_pairs=args.validation_pairs, schedule=args.schedule),
         aldk=ALDKConfig(enabled=args.aldk, beta=args.beta, gamma=args.gamma,
                         lamb=args.lamb, critic_lr=args.critic_lr,
+                        critic_output=args.critic_output,
                         adversarial_period=args.adv_period,
                         adversarial_until=args.adv_until,
                         critic_period=args.critic_period, teacher=teacher,
@@ -134,10 +154,15 @@ def build_config(args):
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from aldk_tf import runs
+    from aldk_tf import distribute, runs
     from aldk_tf.data import DataError
-    from aldk_tf.train_run import train
     try:
+        # Devices and the strategy first: TensorFlow must not have started yet.
+        strategy = distribute.make_strategy(args.gpu, args.strategy, args.cpu_replicas)
+        if distribute.is_multi_worker(strategy) and not (args.checkpoint or args.output):
+            raise ValueError("--strategy multiworker needs --output (or -c): every "
+                             "worker must name the same run")
+        from aldk_tf.train_run import train
         if args.checkpoint:
             run_dir = args.checkpoint
             config = runs.load_run_config(run_dir)
@@ -146,13 +171,18 @@ def main(argv=None) -> int:
             name = args.output or datetime.datetime.now().strftime(
                 f"%b%d-%H%M_{args.base_network}{args.n_cascades}")
             run_dir = os.path.join(args.weights_dir, name)
-            if os.path.exists(os.path.join(run_dir, "config.json")):
+            if (distribute.is_chief(strategy)
+                    and os.path.exists(os.path.join(run_dir, "config.json"))):
                 raise ValueError(f"{run_dir}: a run already exists here; resume it with "
                                  f"-c {run_dir} or choose another --output")
         verbose = args.verbose if args.verbose is not None else (
             "auto" if sys.stderr.isatty() else 2)
         print(f"run directory: {run_dir}", file=sys.stderr)
-        train(config, run_dir, verbose=verbose, max_steps=args.max_steps)
+        if strategy.num_replicas_in_sync > 1:
+            print(f"{type(strategy).__name__}: {strategy.num_replicas_in_sync} replicas, "
+                  f"global batch {config.train.batch}", file=sys.stderr)
+        train(config, run_dir, verbose=verbose, max_steps=args.max_steps,
+              strategy=strategy)
     except (DataError, runs.RunError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -13,6 +13,16 @@ One Keras model holds the student, the critic and (optionally) the frozen teache
 Step ``s`` (0-based, the student optimizer's iteration count, so it is checkpointed and a
 resumed run continues on the same schedule) is adversarial when ``s % period == 0`` and
 ``s < until``; the critic is updated when ``s % critic_period == 0`` and ``s < until``.
+Under ``fit`` the schedule is decided on the host before each step and every case gets its
+own traced step, so no optimizer update sits inside a ``tf.cond`` (a cross-replica
+synchronisation in a conditional branch is not allowed under a ``tf.distribute``
+strategy); a ``train_step`` called directly branches with ``tf.cond`` on the step.
+
+Losses are averaged over the global batch (``global_batch_size``), so the all-reduced
+gradients of several replicas equal those of one device. The interpolation weights of the
+critic's gradient penalty are uniform per sample and a function of ``(seed, step, index
+of the sample in the global batch)``: any split of a batch across replicas draws the
+same ones.
 
 The teacher flow comes from the batch (``teacher_flow``, stored once by the extraction
 step) or, when the batch has none, from the frozen teacher run on that very batch (exact
@@ -25,18 +35,21 @@ import keras
 import tensorflow as tf
 
 from aldk_tf.losses import critic_loss, distillation_loss, registration_losses
-from aldk_tf.training import (add_distillation, average_over_batch, network_inputs,
-                              tracked_terms, unpack)
+from aldk_tf.training import (BuiltTrainer, add_distillation, average_over_batch,
+                              network_inputs, replica_mean, tracked_terms, unpack)
 
 ALDK_METRICS = ("loss", "rec", "dis", "critic", "gp", "adversarial")
 
 
-class ALDKTrainer(keras.Model):
+class ALDKTrainer(BuiltTrainer):
     """``compile(g_optimizer=..., d_optimizer=...)``, then ``fit``."""
 
     def __init__(self, student, critic, loss_weights, aldk, teacher=None,
-                 global_batch_size=None, distiller=None, **kwargs):
+                 global_batch_size=None, distiller=None, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
+        self.seed = int(seed)
+        self.host_schedule = None         # (adversarial, critic_update) of the step ``fit``
+                                          # runs next, set on the host (see module doc)
         self.distiller = distiller
         self.student, self.critic, self.teacher = student, critic, teacher
         if teacher is not None:
@@ -66,15 +79,39 @@ class ALDKTrainer(keras.Model):
         return self.g_optimizer.iterations
 
     def call(self, inputs, training=False):
-        return self.student(inputs, training=training)
+        return self.student(network_inputs(inputs), training=training)
 
     def schedule(self, step):
-        """``(adversarial, critic_update)`` booleans for a 0-based step."""
+        """``(adversarial, critic_update)`` for a 0-based step (Python bools for an int,
+        boolean tensors for a tensor)."""
         before_cut = step < self.aldk.adversarial_until
-        adversarial = tf.logical_and(before_cut,
-                                     step % self.aldk.adversarial_period == 0)
-        critic_update = tf.logical_and(before_cut, step % self.aldk.critic_period == 0)
+        adversarial = before_cut & (step % self.aldk.adversarial_period == 0)
+        critic_update = before_cut & (step % self.aldk.critic_period == 0)
         return adversarial, critic_update
+
+    def make_train_function(self, force=False):
+        """Keras' train function, traced once per schedule case and picked on the host."""
+        if self.train_function is not None and not force:
+            return self.train_function
+        if self.steps_per_execution != 1:
+            raise ValueError("ALDKTrainer schedules each step on the host; compile it "
+                             "with steps_per_execution=1")
+        traced = {}
+        make = super().make_train_function
+
+        def train_function(iterator):
+            self.host_schedule = self.schedule(int(self.step.numpy()))
+            try:                      # (a case is traced on its first call, in here)
+                if self.host_schedule not in traced:
+                    make(force=True)                    # sets self.train_function
+                    traced[self.host_schedule] = self.train_function
+                    self.train_function = train_function
+                return traced[self.host_schedule](iterator)
+            finally:
+                self.host_schedule = None
+
+        self.train_function = train_function
+        return train_function
 
     def teacher_flow(self, batch):
         if "teacher_flow" in batch:
@@ -84,8 +121,17 @@ class ALDKTrainer(keras.Model):
                              "given")
         return tf.stop_gradient(self.teacher(network_inputs(batch), training=False)["flow"])
 
-    def _alpha(self, batch_size):
-        return tf.random.uniform([batch_size, 1, 1, 1, 1])
+    def _alpha(self, batch_size, step):
+        """Uniform ``[B, 1, 1, 1, 1]`` weights for this replica's samples: the slice of a
+        draw over the global batch seeded by ``(seed, step)``."""
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        context = tf.distribute.get_replica_context()
+        replica = context.replica_id_in_sync_group if context is not None else 0
+        global_batch = self.global_batch_size or batch_size * replicas
+        seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)])
+        alpha = tf.random.stateless_uniform([global_batch], seed=seed)
+        first = tf.cast(replica, tf.int32) * batch_size
+        return tf.reshape(alpha[first:first + batch_size], [-1, 1, 1, 1, 1])
 
     def student_update(self, batch, teacher_flow, adversarial, targets=None):
         """One student step; returns its outputs, loss terms, ``l_rec``, ``l_dis``, loss.
@@ -100,7 +146,7 @@ class ALDKTrainer(keras.Model):
             terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
             terms = add_distillation(terms, self.distiller, batch, outputs, targets)
             rec = average_over_batch(terms["total"], self.global_batch_size)
-            dis = tf.cond(
+            dis = _branch(
                 adversarial,
                 lambda: average_over_batch(
                     distillation_loss(self.critic, teacher_flow, outputs["flow"],
@@ -111,10 +157,11 @@ class ALDKTrainer(keras.Model):
         self.g_optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return outputs, terms, rec, dis, loss
 
-    def critic_update(self, teacher_flow, student_flow):
-        """One WGAN-GP critic step; returns ``(objective, mean gradient penalty)``."""
+    def critic_update(self, teacher_flow, student_flow, step=None):
+        """One WGAN-GP critic step at ``step`` (default: the current one); returns
+        ``(objective, mean gradient penalty)``."""
         student_flow = tf.stop_gradient(student_flow)
-        alpha = self._alpha(tf.shape(student_flow)[0])
+        alpha = self._alpha(tf.shape(student_flow)[0], self.step if step is None else step)
         with tf.GradientTape() as tape:
             per_sample, penalty = critic_loss(self.critic, teacher_flow, student_flow,
                                               alpha, self.aldk.lamb)
@@ -127,7 +174,10 @@ class ALDKTrainer(keras.Model):
     def train_step(self, data):
         batch = unpack(data)
         step = tf.cast(self.step, tf.int64)
-        adversarial, critic_update = self.schedule(step)
+        if self.host_schedule is None:
+            adversarial, critic_update = self.schedule(step)
+        else:                         # known while tracing: plain branches, no tf.cond
+            adversarial, critic_update = (tf.constant(flag) for flag in self.host_schedule)
         targets = None
         if self.distiller is not None:
             targets = self.distiller.teacher_targets(batch)
@@ -137,10 +187,13 @@ class ALDKTrainer(keras.Model):
         outputs, terms, rec, dis, loss = self.student_update(batch, teacher_flow,
                                                              adversarial, targets)
         # The critic judges the flow the student produced in this step.
-        critic_value, penalty = tf.cond(
-            critic_update, lambda: self.critic_update(teacher_flow, outputs["flow"]),
+        critic_value, penalty = _branch(
+            critic_update, lambda: self.critic_update(teacher_flow, outputs["flow"], step),
             lambda: (tf.constant(0.0), tf.constant(0.0)))
 
+        # Trackers see per-replica means; Keras averages them over replicas.
+        loss, rec, dis, critic_value = (replica_mean(value)
+                                        for value in (loss, rec, dis, critic_value))
         values = {"loss": loss, "rec": rec, "adversarial": tf.cast(adversarial, tf.float32)}
         for name in tracked_terms(self.distiller):
             if name in terms:
@@ -153,7 +206,8 @@ class ALDKTrainer(keras.Model):
         critic_weight = tf.cast(critic_update, tf.float32)
         self.trackers["critic"].update_state(critic_value, sample_weight=critic_weight)
         self.trackers["gp"].update_state(penalty, sample_weight=critic_weight)
-        return {name: tracker.result() for name, tracker in self.trackers.items()}
+        return self.step_logs({name: tracker.result()
+                               for name, tracker in self.trackers.items()})
 
     def test_step(self, data):
         batch = unpack(data)
@@ -161,3 +215,11 @@ class ALDKTrainer(keras.Model):
         terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
         self.trackers["rec"].update_state(tf.reduce_mean(terms["total"]))
         return {"rec": self.trackers["rec"].result()}
+
+
+def _branch(condition, true_fn, false_fn):
+    """``tf.cond``, or just the taken branch when ``condition`` is known while tracing."""
+    known = tf.get_static_value(condition)
+    if known is not None:
+        return true_fn() if known else false_fn()
+    return tf.cond(condition, true_fn, false_fn)

@@ -4,12 +4,20 @@
 the step counter is the student/teacher optimizer's ``iterations``, so a restored run
 continues at the same step and the same position of every schedule. A run killed at
 any moment loses at most one checkpoint interval.
+
+Checkpoints hold each variable once (a mirrored variable's value, not one copy per
+replica), so a run saved under a ``tf.distribute`` strategy restores without one and
+the other way round. In a multi-worker run every worker takes part in each save, as
+TensorFlow asks, but only the chief writes the run directory; the others write to a
+scratch folder they delete straight away.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 
 import keras
 import tensorflow as tf
@@ -23,7 +31,7 @@ class RunCheckpoint:
     """Save/restore everything a run needs to continue exactly."""
 
     def __init__(self, run_dir: str, network, optimizer, critic=None, critic_optimizer=None,
-                 max_to_keep: int = 2, extra: dict | None = None):
+                 max_to_keep: int = 2, extra: dict | None = None, chief: bool = True):
         objects = {"network": network, "optimizer": optimizer, **(extra or {})}
         if critic is not None:
             objects.update(critic=critic, critic_optimizer=critic_optimizer)
@@ -31,6 +39,7 @@ class RunCheckpoint:
         self.checkpoint = tf.train.Checkpoint(**objects)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, os.path.join(run_dir, CHECKPOINT_DIR), max_to_keep=max_to_keep)
+        self.chief = chief
 
     @property
     def step(self) -> int:
@@ -44,8 +53,15 @@ class RunCheckpoint:
             log.info("restored %s at step %d", latest, self.step)
         return self.step
 
-    def save(self) -> str:
-        return self.manager.save(checkpoint_number=self.step)
+    def save(self) -> str | None:
+        if self.chief:
+            return self.manager.save(checkpoint_number=self.step)
+        scratch = tempfile.mkdtemp(prefix="aldk-worker-checkpoint-")
+        try:
+            self.checkpoint.write(os.path.join(scratch, "ckpt"))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return None
 
 
 def save_weights_atomic(network, run_dir: str) -> str:
@@ -60,18 +76,22 @@ def save_weights_atomic(network, run_dir: str) -> str:
 class CheckpointCallback(keras.callbacks.Callback):
     """Checkpoint every ``every`` steps and at the end of training."""
 
-    def __init__(self, run_checkpoint: RunCheckpoint, every: int, run_dir: str, network):
+    def __init__(self, run_checkpoint: RunCheckpoint, every: int, run_dir: str, network,
+                 write_weights: bool = True):
         super().__init__()
         self.run_checkpoint, self.every = run_checkpoint, max(int(every), 1)
         self.run_dir, self.network = run_dir, network
+        self.write_weights = write_weights          # False on non-chief workers
 
     def on_train_batch_end(self, batch, logs=None):
         if self.run_checkpoint.step % self.every == 0:
             self.run_checkpoint.save()
 
     def on_epoch_end(self, epoch, logs=None):
-        save_weights_atomic(self.network, self.run_dir)
+        if self.write_weights:
+            save_weights_atomic(self.network, self.run_dir)
 
     def on_train_end(self, logs=None):
         self.run_checkpoint.save()
-        save_weights_atomic(self.network, self.run_dir)
+        if self.write_weights:
+            save_weights_atomic(self.network, self.run_dir)

@@ -194,6 +194,71 @@ def _without_nan(value):
     return value
 
 
+def read_json_report(path) -> dict:
+    """A report written by :func:`write_json_report`, with the records' NaNs restored."""
+    try:
+        with open(path) as handle:
+            document = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise EvaluationError(f"{path}: not a readable evaluation report ({error})") \
+            from None
+    if not isinstance(document, dict) or "pairs" not in document:
+        raise EvaluationError(f"{path}: not an evaluation report (no 'pairs')")
+    document["pairs"] = [_with_nan(record) for record in document["pairs"]]
+    return document
+
+
+def _with_nan(value):
+    if value is None:
+        return float("nan")
+    if isinstance(value, dict):
+        return {key: _with_nan(item) for key, item in value.items()}
+    return value
+
+
+# --- sharded evaluation: evaluate.py --shard i/n writes parts, --merge joins them.
+
+def shard_metadata(shard, total_pairs: int) -> dict:
+    """What a part's JSON report records about its shard (``shard=`` of the writer)."""
+    return {"index": shard.index, "count": shard.count, "pairs": total_pairs}
+
+
+def merge_json_reports(paths) -> tuple[dict, list[dict]]:
+    """``(metadata, records)`` of the unsharded evaluation, from its shard parts' JSON.
+
+    The parts must be exactly shards 1/n .. n/n of one evaluation (same run, data,
+    scheme and settings); records come back in the unsharded pair order.
+    """
+    from aldk_tf.shards import Shard, ShardError, check_complete
+    documents = [read_json_report(path) for path in paths]
+    for path, document in zip(paths, documents):
+        if not isinstance(document.get("shard"), dict):
+            raise EvaluationError(f"{path}: not a shard part (no 'shard' entry)")
+    shards = [Shard(d["shard"]["index"], d["shard"]["count"]) for d in documents]
+    try:
+        check_complete(shards, paths[0] if len(paths) == 1 else f"{len(paths)} parts")
+    except ShardError as error:
+        raise EvaluationError(str(error)) from None
+
+    def settings(document):
+        return {key: value for key, value in document.items()
+                if key not in ("summary", "pairs", "shard")}
+
+    total = documents[0]["shard"]["pairs"]
+    merged: list = [None] * total
+    for path, shard, document in zip(paths, shards, documents):
+        if settings(document) != settings(documents[0]) or document["shard"]["pairs"] != total:
+            raise EvaluationError(f"{path}: a part of a different evaluation than "
+                                  f"{paths[0]} (run, data or settings differ)")
+        positions = shard.positions(total)
+        if len(positions) != len(document["pairs"]):
+            raise EvaluationError(f"{path}: {len(document['pairs'])} pairs, expected "
+                                  f"{len(positions)} for shard {shard} of {total}")
+        for position, record in zip(positions, document["pairs"]):
+            merged[position] = record
+    return settings(documents[0]), merged
+
+
 def read_rcn_summary(path) -> dict[str, tuple[float, float]]:
     """``{"Dice score": (mean, std), ...}`` parsed back from a written report."""
     summary, in_summary = {}, False

@@ -1,7 +1,10 @@
 """Running a training job: data, model, trainer, schedules, checkpoints, validation.
 
 ``train.py`` and the demo both call :func:`train`; everything a run needs is in its
-:class:`RunConfig`, saved beside the weights before the first step.
+:class:`RunConfig`, saved beside the weights before the first step. Given a
+``tf.distribute`` strategy (:mod:`aldk_tf.distribute`), the models, optimizers and
+trainers are built in its scope and ``config.train.batch`` is the global batch, split
+across the replicas.
 """
 
 from __future__ import annotations
@@ -9,12 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from aldk_tf import metrics, runs
+from aldk_tf import distribute, metrics, runs
 from aldk_tf.aldk import ALDKTrainer
 from aldk_tf.checkpoints import CheckpointCallback, RunCheckpoint
 from aldk_tf.config import RunConfig
@@ -29,6 +33,8 @@ log = logging.getLogger(__name__)
 
 TRAINING_SCHEME = "1"
 VALIDATION_SCHEME = "2"
+#: What the trainers read from a training batch.
+TRAINING_KEYS = ("fixed", "moving", "teacher_flow")
 
 
 def load_teacher(teacher_run: str, image_size):
@@ -85,12 +91,83 @@ def training_dataset(config: RunConfig, dataset_config, start_step: int,
     if teacher_flows is not None:
         dataset = _with_teacher_flows(dataset, teacher_flows, config.model.image_size)
     dataset = dataset.map(lambda batch: {key: value for key, value in batch.items()
-                                         if not key.endswith("_id")})
+                                         if key in TRAINING_KEYS})
     if start_step:
         # Replays the pipeline (reading and augmenting, no network) so a resumed run sees
         # exactly the batches an uninterrupted one would.
         dataset = dataset.skip(start_step)
     return dataset
+
+
+class BatchStream:
+    """The training batches as one numbered stream that every ``fit`` call continues.
+
+    Batch ``k`` is the one trained at step ``k``. Keras pulls batches ahead of the step it
+    runs (prefetching; under a strategy also one batch to build the model), so a ``fit``
+    call ends with batches pulled but never trained on. The stream keeps those until the
+    host has seen their step done (:meth:`progress`), and each ``fit`` starts again at
+    :meth:`seek`: every batch is trained exactly once, and a resumed run (its source
+    positioned at ``start``) sees exactly the batches of an uninterrupted one.
+    """
+
+    def __init__(self, dataset: tf.data.Dataset, start: int):
+        self.spec = dataset.element_spec
+        self.source = iter(dataset)
+        self.next_index = start            # index of the source's next batch
+        self.pending: dict[int, dict] = {}   # pulled from the source, not yet trained
+        self.start = self.trained = start
+        self.lock = threading.Lock()       # readers of an abandoned iterator may linger
+
+    def seek(self, step: int) -> None:
+        """Start the next iterator at batch ``step`` (the step the next ``fit`` runs)."""
+        with self.lock:
+            self.start = step
+            self._release(step)
+
+    def _release(self, trained: int) -> None:
+        self.trained = trained
+        for index in [k for k in self.pending if k < trained]:
+            del self.pending[index]
+
+    def progress(self, step_variable) -> keras.callbacks.Callback:
+        """A callback telling the stream which steps are done (read on the host between
+        steps: inside a step the counter may move before the batch is read)."""
+        stream = self
+
+        class Progress(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                with stream.lock:
+                    stream._release(int(step_variable.numpy()))
+
+        return Progress()
+
+    def batch(self, index: int):
+        """Batch ``index``, or None when it has been trained already (a stale reader)."""
+        with self.lock:
+            if index < self.trained:
+                return None
+            while self.next_index <= index:
+                self.pending[self.next_index] = next(self.source)
+                self.next_index += 1
+            return self.pending[index]
+
+    def generate(self):
+        index = self.start
+        while (batch := self.batch(index)) is not None:
+            yield batch
+            index += 1
+
+    def dataset(self) -> tf.data.Dataset:
+        """A dataset each of whose iterators continues the stream at :meth:`seek`.
+
+        Every worker of a multi-worker run builds the same stream and keeps its share of
+        each global batch (sharding by data, not by file).
+        """
+        dataset = tf.data.Dataset.from_generator(self.generate, output_signature=self.spec)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = \
+            tf.data.experimental.AutoShardPolicy.DATA
+        return dataset.with_options(options)
 
 
 class ValidationDice(keras.callbacks.Callback):
@@ -134,12 +211,21 @@ def _validation_scheme_exists(dataset_config) -> bool:
 
 
 def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
-          max_steps: int | None = None) -> dict:
+          max_steps: int | None = None, strategy=None) -> dict:
     """Train (or resume) the run in ``run_dir``; returns the Keras history dict.
 
     ``max_steps`` stops early at that global step (used by tests and to split work).
+    ``strategy`` is a ``tf.distribute.Strategy`` (default: the current one). In a
+    multi-worker run only the chief writes the run directory; the other workers take
+    part in every checkpoint save but write it to a scratch folder.
     """
     from aldk_tf.data import list_pairs, load_dataset_config
+    strategy = strategy or tf.distribute.get_strategy()
+    replicas = strategy.num_replicas_in_sync
+    if config.train.batch % replicas:
+        raise runs.RunError(f"--batch {config.train.batch} is the global batch; it must "
+                            f"be a multiple of the {replicas} replicas")
+    chief = distribute.is_chief(strategy)
     keras.utils.set_random_seed(config.train.seed)
     dataset_config = load_dataset_config(config.dataset)
     if tuple(dataset_config.image_size) != tuple(config.model.image_size):
@@ -152,40 +238,52 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
             raise runs.RunError(f"{name} needs --teacher weights/<teacher run>")
     teacher_run = config.aldk.teacher if config.aldk.enabled else config.crd.teacher
     if config.aldk.enabled or config.crd.enabled:
-        teacher = load_teacher(teacher_run, config.model.image_size)
+        with strategy.scope():
+            teacher = load_teacher(teacher_run, config.model.image_size)
     os.makedirs(run_dir, exist_ok=True)
-    config.save(run_dir)
+    if chief:
+        config.save(run_dir)
 
-    network = config.model.build()
     total_steps = config.train.round * config.train.epochs
     use_aldk = config.aldk.enabled
-    schedule = release_schedule(config.train.schedule, config.train.lr, config.train.round,
-                                total_steps, cosine=(config.model.role == "student"
-                                                     and not use_aldk))
-    optimizer = keras.optimizers.Adam(schedule)
-    distiller = None
-    if config.crd.enabled:
-        # The distiller runs the teacher on every batch, so ALDK uses those flows too.
-        distiller = CrossResolutionDistiller(teacher, network, config.crd.flow_weight,
-                                             config.crd.feature_weight, config.crd.levels)
-    online = config.aldk.teacher_online or distiller is not None
-    critic = critic_optimizer = flows = None
-    if use_aldk:
-        if not online:
-            flows = ensure_teacher_flows(config.aldk.teacher, teacher, dataset_config,
-                                         list_pairs(dataset_config, TRAINING_SCHEME))
-        critic = FlowCritic(config.model.image_size)
-        critic_optimizer = keras.optimizers.Adam(config.aldk.critic_lr)
-        trainer = ALDKTrainer(network, critic, config.losses, config.aldk,
-                              teacher=teacher if online else None, distiller=distiller)
-        trainer.compile(g_optimizer=optimizer, d_optimizer=critic_optimizer)
-    else:
-        trainer = RegistrationTrainer(network, config.losses, distiller=distiller)
-        trainer.compile(optimizer=optimizer)
-        optimizer.build(trainer.trainable_weights_to_update())
+    online = config.aldk.teacher_online or config.crd.enabled
+    flows = None
+    if use_aldk and not online:
+        flows = _shared_teacher_flows(strategy, chief, config.aldk.teacher, teacher,
+                                      dataset_config,
+                                      list_pairs(dataset_config, TRAINING_SCHEME))
+    with strategy.scope():            # variables mirrored on every replica
+        network = config.model.build()
+        schedule = release_schedule(config.train.schedule, config.train.lr,
+                                    config.train.round, total_steps,
+                                    cosine=(config.model.role == "student"
+                                            and not use_aldk))
+        optimizer = keras.optimizers.Adam(schedule)
+        distiller = None
+        if config.crd.enabled:
+            # The distiller runs the teacher on every batch, so ALDK uses those flows too.
+            distiller = CrossResolutionDistiller(teacher, network, config.crd.flow_weight,
+                                                 config.crd.feature_weight,
+                                                 config.crd.levels)
+        critic = critic_optimizer = None
+        if use_aldk:
+            critic = FlowCritic(config.model.image_size, output=config.aldk.critic_output)
+            critic_optimizer = keras.optimizers.Adam(config.aldk.critic_lr)
+            trainer = ALDKTrainer(network, critic, config.losses, config.aldk,
+                                  teacher=teacher if online else None,
+                                  global_batch_size=config.train.batch,
+                                  distiller=distiller, seed=config.train.seed)
+            trainer.compile(g_optimizer=optimizer, d_optimizer=critic_optimizer)
+        else:
+            trainer = RegistrationTrainer(network, config.losses,
+                                          global_batch_size=config.train.batch,
+                                          distiller=distiller)
+            trainer.compile(optimizer=optimizer)
+            optimizer.build(trainer.trainable_weights_to_update())
 
     checkpoint = RunCheckpoint(run_dir, network, optimizer, critic, critic_optimizer,
-                               extra={"adapters": distiller.adapters} if distiller else None)
+                               extra={"adapters": distiller.adapters} if distiller else None,
+                               chief=chief)
     start = checkpoint.restore()
     end = total_steps if max_steps is None else min(total_steps, max_steps)
     if start >= end:
@@ -195,29 +293,30 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
 
     log_dir = os.path.join(run_dir, runs.LOG_DIR)
     callbacks = [CheckpointCallback(checkpoint, config.train.checkpoint_every, run_dir,
-                                    network),
-                 keras.callbacks.TensorBoard(log_dir, update_freq=50)]
+                                    network, write_weights=chief)]
     validation = None
-    if _validation_scheme_exists(dataset_config) and config.train.validate_every > 0:
-        validation = ValidationDice(network, dataset_config, optimizer.iterations,
-                                    config.train.validate_every,
-                                    config.train.validation_pairs, log_dir)
-        callbacks.append(validation)
+    if chief:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir, update_freq=50))
+        if _validation_scheme_exists(dataset_config) and config.train.validate_every > 0:
+            validation = ValidationDice(network, dataset_config, optimizer.iterations,
+                                        config.train.validate_every,
+                                        config.train.validation_pairs, log_dir)
+            callbacks.append(validation)
+    else:
+        verbose = 0
 
-    iterator = iter(training_dataset(config, dataset_config, start, flows))
-
-    def batches():                     # one stream shared by every fit call below
-        while True:
-            yield (next(iterator),)
-
-    stream = batches()
+    # One stream shared by every fit call below (see BatchStream).
+    stream = BatchStream(training_dataset(config, dataset_config, start, flows), start)
+    callbacks.append(stream.progress(optimizer.iterations))
+    batches = stream.dataset()
     history: dict[str, list] = {}
     epoch, step = start // config.train.round, start
     while step < end:
         # One Keras epoch per release epoch ("round" steps); a resumed or capped run
         # does only the part of the epoch that is left.
         steps = min((epoch + 1) * config.train.round, end) - step
-        result = trainer.fit(stream, epochs=epoch + 1, initial_epoch=epoch,
+        stream.seek(step)
+        result = trainer.fit(batches, epochs=epoch + 1, initial_epoch=epoch,
                              steps_per_epoch=steps, callbacks=callbacks, verbose=verbose,
                              shuffle=False)
         for key, values in result.history.items():
@@ -227,3 +326,17 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
     if validation is not None:
         history["validation_dice"] = validation.history
     return history
+
+
+def _shared_teacher_flows(strategy, chief: bool, teacher_run: str, teacher,
+                          dataset_config, pairs) -> str:
+    """The stored teacher flows of ``pairs``, extracted first where missing: by the chief
+    of a multi-worker run, whose other workers wait for it and read the same file."""
+    if chief:
+        ensure_teacher_flows(teacher_run, teacher, dataset_config, pairs)
+    distribute.barrier(strategy)
+    path = flows_path(teacher_run)
+    if not chief and missing_pairs(path, pairs):
+        raise runs.RunError(f"{path}: the chief's teacher flows are not visible to this "
+                            f"worker; put weights/ on a filesystem all workers share")
+    return path

@@ -15,6 +15,15 @@ def average_over_batch(per_sample: tf.Tensor, global_batch_size=None) -> tf.Tens
     return tf.nn.compute_average_loss(per_sample, global_batch_size=global_batch_size)
 
 
+def replica_mean(loss: tf.Tensor) -> tf.Tensor:
+    """A loss from :func:`average_over_batch` as the mean over this replica's samples.
+
+    That is what a ``keras.metrics.Mean`` tracker should see: Keras averages trackers over
+    replicas, so they report the global-batch mean (= ``loss`` on a single device).
+    """
+    return loss * tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)
+
+
 def network_inputs(batch: dict) -> dict:
     return {"fixed": batch["fixed"], "moving": batch["moving"]}
 
@@ -37,7 +46,29 @@ def unpack(data) -> dict:
     return keras.utils.unpack_x_y_sample_weight(data)[0]
 
 
-class RegistrationTrainer(keras.Model):
+class BuiltTrainer(keras.Model):
+    """A trainer whose networks, optimizers and trackers exist before ``fit``.
+
+    Under a strategy Keras would otherwise pull one batch before training and all-reduce
+    it to build the model symbolically (which fails for a dict batch under
+    ``MultiWorkerMirroredStrategy``); these trainers have nothing left to build.
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        return None
+
+    @staticmethod
+    def step_logs(values: dict) -> dict:
+        """A train step's logs. Under ``MultiWorkerMirroredStrategy`` Keras averages them
+        over replicas with ``strategy.reduce("MEAN", axis=0)``, which needs rank-1 values
+        (scalars fail: tensorflow/tensorflow#72388)."""
+        if isinstance(tf.distribute.get_strategy(),
+                      tf.distribute.MultiWorkerMirroredStrategy):
+            return {name: tf.reshape(value, [1]) for name, value in values.items()}
+        return values
+
+
+class RegistrationTrainer(BuiltTrainer):
     """Wraps a :class:`RecursiveCascade` with the RCN unsupervised objective.
 
     ``compile(optimizer=...)`` then ``fit`` on batches of ``{"fixed", "moving", ...}``.
@@ -60,7 +91,7 @@ class RegistrationTrainer(keras.Model):
         return list(self.trackers.values())
 
     def call(self, inputs, training=False):
-        return self.network(inputs, training=training)
+        return self.network(network_inputs(inputs), training=training)
 
     def _update_trackers(self, terms: dict, loss) -> dict:
         self.trackers["loss"].update_state(loss)
@@ -80,7 +111,7 @@ class RegistrationTrainer(keras.Model):
             loss = average_over_batch(terms["total"], self.global_batch_size)
         variables = self.trainable_weights_to_update()
         self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return self._update_trackers(terms, loss)
+        return self.step_logs(self._update_trackers(terms, replica_mean(loss)))
 
     def trainable_weights_to_update(self):
         extra = self.distiller.adapter_variables if self.distiller is not None else []
