@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "into the graph (default: the run's)")
     parser.add_argument("-d", "--dataset", help="dataset JSON whose first validation "
                         "pair is the parity input (default: the run's, if present)")
+    parser.add_argument("--portable", action="store_true", help="strip the XLA marks of "
+                        "the warp: for TF Serving without --xla_cpu_compilation_enabled "
+                        "(slower warps)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max flow "
                         "difference allowed for the SavedModel and fp32 TFLite "
                         "(default 1e-4 voxels)")
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
         from aldk_tf.serving import export_model, format_parity
         info = export_model(
             model, args.out, version=args.version, tflite=variants, sample=sample,
-            label_values=label_values, tolerance=args.tolerance,
+            label_values=label_values, tolerance=args.tolerance, portable=args.portable,
             info={"run": args.checkpoint, "rep": model.rep,
                   "model": run_config.to_dict()["model"], "parity_input": described,
                   "parameters": int(model.count_params())})

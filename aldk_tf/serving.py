@@ -112,18 +112,21 @@ class RegistrationModule(tf.Module):
         return {"warped_segmentation": warp_label_map(segmentation, flow)}
 
 
-def save_savedmodel(model, path: str) -> None:
+def save_savedmodel(model, path: str, portable: bool = False) -> None:
     """Write the SavedModel (both signatures, dynamic batch) to ``path``.
 
-    Functions traced with ``jit_compile=True`` (the library's warp) are saved as plain
-    TensorFlow functions: TF Serving runs XLA-on-CPU only behind an experimental flag
-    (``--xla_cpu_compilation_enabled``), and the same ops run without it.
+    The library's warp is traced with ``jit_compile=True``; by default the SavedModel
+    keeps it that way (TensorFlow's Python and C++ loaders compile it: the exported model
+    runs as fast as in-process). TF Serving runs XLA on CPU only with
+    ``--xla_cpu_compilation_enabled=true``; ``portable=True`` removes the XLA marks so the
+    same ops run without XLA on any server (the warp is then several times slower).
     """
     module = RegistrationModule(model)
     tf.saved_model.save(module, path, signatures={
         SERVING_SIGNATURE: module.register,
         WARP_SIGNATURE: module.warp_segmentation})
-    strip_xla_must_compile(path)
+    if portable:
+        strip_xla_must_compile(path)
 
 
 XLA_MUST_COMPILE = "_XlaMustCompile"
@@ -324,7 +327,7 @@ def prepare_base(base: str) -> None:
 def export_model(model, base: str, version: int | None = None,
                  tflite=TFLITE_VARIANTS, sample: dict | None = None,
                  label_values=None, tolerance: float = 1e-4,
-                 info: dict | None = None) -> dict:
+                 info: dict | None = None, portable: bool = False) -> dict:
     """Write ``base/<version>/`` (SavedModel + TFLite variants) and check parity.
 
     ``sample`` (``fixed``/``moving`` ``[B, D, H, W, 1]``, optional segmentations) is the
@@ -350,7 +353,7 @@ def export_model(model, base: str, version: int | None = None,
         sample = synthetic_sample(size)
     staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=base)
     try:
-        save_savedmodel(graph, staging)
+        save_savedmodel(graph, staging, portable=portable)
         fixed, moving = sample["fixed"], sample["moving"]
         reference = {key: np.asarray(value) for key, value in
                      graph({"fixed": fixed, "moving": moving}, training=False).items()}
@@ -372,6 +375,7 @@ def export_model(model, base: str, version: int | None = None,
                     f"parity check failed: {name} flow differs from the Keras model's by "
                     f"{parity[name]['max_abs_flow_diff']:.3g} > {tolerance:g}")
         record = {**(info or {}), "version": version, "image_size": list(size),
+                  "xla": not portable,
                   "signatures": {SERVING_SIGNATURE: {"inputs": ["fixed", "moving"],
                                                      "outputs": ["flow", "warped"]},
                                  WARP_SIGNATURE: {"inputs": ["segmentation", "flow"],

@@ -10,7 +10,7 @@ randomly initialised weights: the time does not depend on the weights' values), 
 ``--warmup`` times (tracing, XLA compilation, TFLite allocation), then timed ``--repeats``
 times with ``time.perf_counter`` around the call and the fetch of both outputs.
 
-Row names: ``[savedmodel_ | savedmodel_xla_ | tflite_<fp32|fp16|int8>_]<model>
+Row names: ``[savedmodel_ | savedmodel_portable_ | tflite_<fp32|fp16|int8>_]<model>
 [_bf16 | _keras_upconv]``
 with ``<model>`` one of ``teacher_affine_vtn1``, ``teacher_affine_vtn3``,
 ``student_1``, ``student_2``, ``student_3``, ``student_crd_1`` (cross-resolution,
@@ -24,9 +24,9 @@ with ``<model>`` one of ``teacher_affine_vtn1``, ``teacher_affine_vtn3``,
 - ``savedmodel_``: the row's graph saved with :func:`aldk_tf.serving.save_savedmodel`
   to a temporary directory, reloaded with ``tf.saved_model.load``, called through its
   ``serving_default`` signature.
-- ``savedmodel_xla_``: the same module saved by plain ``tf.saved_model.save``, i.e.
-  keeping the ``_XlaMustCompile`` marks that ``save_savedmodel`` strips (for TF Serving);
-  shows what the stripped warps cost.
+- ``savedmodel_portable_``: the same module saved with ``portable=True`` (``export.py
+  --portable``, for TF Serving without XLA): the ``_XlaMustCompile`` marks stripped,
+  which shows what the warps cost without XLA.
 - ``tflite_<variant>_``: :func:`aldk_tf.serving.convert_tflite` of the model as
   ``export.py`` converts it, run by ``tf.lite.Interpreter(num_threads=2)``.
 
@@ -84,7 +84,7 @@ DEFAULT_ROWS = (
     "student_1_bf16", "student_3_bf16", "student_crd_1_bf16", "student_1_keras_upconv",
     "savedmodel_student_1", "savedmodel_student_3", "savedmodel_student_crd_1",
     "savedmodel_teacher_affine_vtn1", "savedmodel_student_1_keras_upconv",
-    "savedmodel_xla_student_1", "savedmodel_xla_student_3",
+    "savedmodel_portable_student_1", "savedmodel_portable_student_3",
     "tflite_fp32_student_1", "tflite_fp16_student_1", "tflite_int8_student_1",
 )
 #: (numerator, denominator) rows of the printed ratios.
@@ -92,7 +92,7 @@ RATIOS = (("teacher_affine_vtn1", "student_1"), ("teacher_affine_vtn3", "student
           ("teacher_affine_vtn3", "student_1"), ("teacher_affine_vtn3", "student_crd_1"),
           ("student_1", "student_crd_1"))
 TFLITE_THREADS = 2
-_ROW = re.compile(r"^(?:(?P<savedmodel>savedmodel_(?P<xla>xla_)?)|"
+_ROW = re.compile(r"^(?:(?P<savedmodel>savedmodel_(?P<portable>portable_)?)|"
                   r"tflite_(?P<tflite>fp32|fp16|int8)_)?"
                   r"(?P<model>" + "|".join(MODELS) + r")(?P<variant>_bf16|_keras_upconv)?$")
 
@@ -100,7 +100,7 @@ _ROW = re.compile(r"^(?:(?P<savedmodel>savedmodel_(?P<xla>xla_)?)|"
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
-    source: str = "in-process"  # "in-process" | "savedmodel" | "savedmodel_xla" | "tflite"
+    source: str = "in-process"  # "in-process" | "savedmodel" | "savedmodel_portable" | "tflite"
                                 #  | "warp"
     model: str | None = None
     dtype: str = "float32"
@@ -115,12 +115,12 @@ def parse_row(name: str) -> Row:
     match = _ROW.match(name)
     if not match or (match["tflite"] and match["variant"]):
         raise ValueError(
-            f"unknown row {name!r}: expected 'warp' or [savedmodel_ | savedmodel_xla_ | "
+            f"unknown row {name!r}: expected 'warp' or [savedmodel_ | savedmodel_portable_ | "
             f"tflite_<fp32|fp16|int8>_]<model>[_bf16 | _keras_upconv] with <model> one of "
             f"{', '.join(MODELS)} (TFLite rows take no suffix)")
     source = "in-process"
     if match["savedmodel"]:
-        source = "savedmodel_xla" if match["xla"] else "savedmodel"
+        source = "savedmodel_portable" if match["portable"] else "savedmodel"
     elif match["tflite"]:
         source = "tflite"
     return Row(name, source=source, model=match["model"],
@@ -195,12 +195,8 @@ def prepare(row: Row, size: int, workdir: str):
     if row.source == "in-process":
         return register, params, slow_ops(register.get_concrete_function()), register
     path = os.path.join(workdir, row.name)
-    if row.source == "savedmodel":
-        serving.save_savedmodel(register.graph, path)
-    else:                       # the same module, saved without stripping the XLA marks
-        module = serving.RegistrationModule(register.graph)
-        tf.saved_model.save(module, path,
-                            signatures={serving.SERVING_SIGNATURE: module.register})
+    serving.save_savedmodel(register.graph, path,
+                            portable=row.source == "savedmodel_portable")
     loaded = tf.saved_model.load(path)
     signature = loaded.signatures[serving.SERVING_SIGNATURE]
     return (lambda fixed, moving: signature(fixed=fixed, moving=moving)), params, \
@@ -264,7 +260,7 @@ def ratios(results: dict) -> list[tuple[str, float, float]]:
     """``(label, ratio of median wall times, ratio of median CPU times)``."""
     pairs = list(RATIOS)
     for name in results:
-        for prefix in ("savedmodel_", "savedmodel_xla_"):
+        for prefix in ("savedmodel_", "savedmodel_portable_"):
             if name.startswith(prefix) and name[len(prefix):] in results:
                 pairs.append((name, name[len(prefix):]))
         if name.endswith("_bf16") and name[:-len("_bf16")] in results:
