@@ -67,6 +67,7 @@ def _with_teacher_flows(dataset: tf.data.Dataset, path: str, image_size):
         return np.stack([store.read(f.decode(), m.decode())
                          for f, m in zip(fixed_ids.numpy(), moving_ids.numpy())])
 
+    @tf.autograph.experimental.do_not_convert
     def attach(batch):
         flow = tf.py_function(read, [batch["fixed_id"], batch["moving_id"]], tf.float32)
         flow.set_shape([None, *image_size, 3])
