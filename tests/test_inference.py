@@ -188,7 +188,7 @@ def test_bench_row_names():
     row = bench.parse_row("savedmodel_student_crd_1_bf16")
     assert (row.source, row.model, row.dtype, row.subpixel) == \
         ("savedmodel", "student_crd_1", "bfloat16", True)
-    assert bench.parse_row("savedmodel_xla_student_1").source == "savedmodel_xla"
+    assert bench.parse_row("savedmodel_portable_student_1").source == "savedmodel_portable"
     assert bench.parse_row("tflite_int8_teacher_affine_vtn3").tflite == "int8"
     assert bench.parse_row("student_1_keras_upconv").subpixel is False
     for name in bench.DEFAULT_ROWS:
