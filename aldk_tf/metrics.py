@@ -54,9 +54,9 @@ def jaccard(masks_a, masks_b) -> np.ndarray:
 
 def sample_flow(flow, points) -> np.ndarray:
     """Trilinear sample of one flow ``[D, H, W, 3]`` at voxel ``points`` ``[P, 3]``."""
-    coordinate = tf.reshape(tf.constant(points, tf.float32), [-1, 1, 1, 3])
-    values = spatial.resample(tf.constant(flow, tf.float32)[None], coordinate, 1)
-    return values.numpy().reshape(-1, 3)
+    values = spatial.sample_points(tf.constant(flow, tf.float32)[None],
+                                   tf.constant(points, tf.float32)[None])
+    return values.numpy()[0]
 
 
 def landmark_distance(fixed_points, moving_points, flow) -> np.ndarray:

@@ -353,6 +353,31 @@ def upsample_flow(flow: tf.Tensor, factor: int) -> tf.Tensor:
     return upsample(flow, factor) * float(factor)
 
 
+def sample_points(field: tf.Tensor, points: tf.Tensor) -> tf.Tensor:
+    """Trilinear values of ``field`` ``[B, D, H, W, C]`` at ``points`` ``[B, N, 3]``.
+
+    Positions are clamped to the volume like :func:`warp`. Used for landmarks (metrics,
+    augmentation).
+    Returns ``[B, N, C]``.
+    """
+    field = tf.convert_to_tensor(field, tf.float32)
+    points = tf.convert_to_tensor(points, tf.float32)
+    size = tf.shape(field)[1:4]
+    position = tf.clip_by_value(points, 0.0, tf.cast(size - 1, tf.float32))
+    lower = tf.floor(position)
+    fraction = position - lower                                  # [B, N, 3]
+    lower = tf.cast(lower, tf.int32)
+    offsets = tf.constant([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)],
+                          tf.int32)                              # [8, 3]
+    corners = tf.minimum(lower[:, :, None, :] + offsets, size - 1)  # [B, N, 8, 3]
+    offsets = tf.cast(offsets, tf.float32)
+    weights = tf.reduce_prod(offsets * fraction[:, :, None, :] +
+                             (1.0 - offsets) * (1.0 - fraction[:, :, None, :]),
+                             axis=-1)                            # [B, N, 8]
+    values = tf.gather_nd(field, corners, batch_dims=1)         # [B, N, 8, C]
+    return tf.reduce_sum(values * weights[..., None], axis=2)
+
+
 def resample(image: tf.Tensor, coordinate: tf.Tensor, batch) -> tf.Tensor:
     """Sample ``image`` ``[B, D, H, W, C]`` at absolute voxel ``coordinate`` ``[d, h, w, 3]``.
 

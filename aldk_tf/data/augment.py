@@ -24,6 +24,7 @@ import tensorflow as tf
 from scipy.interpolate import CubicSpline
 
 from aldk_tf import spatial
+from aldk_tf.spatial import sample_points  # noqa: F401  (re-exported)
 
 CONTROL_GRID = (5, 5, 5)
 CONTROL_RANGE = 0.4
@@ -84,30 +85,6 @@ def free_form_flow(batch, image_size, seed_or_generator) -> tf.Tensor:
     scale = tf.constant([n // 4 for n in image_size], tf.float32)
     control = sample_power(shape, seed_or_generator) * scale      # [B, 5, 5, 5, 3]
     return upsample_control(control, image_size)
-
-
-def sample_points(field: tf.Tensor, points: tf.Tensor) -> tf.Tensor:
-    """Trilinear values of ``field`` ``[B, D, H, W, C]`` at ``points`` ``[B, N, 3]``.
-
-    Positions are clamped to the volume like :func:`aldk_tf.spatial.warp`.
-    Returns ``[B, N, C]``.
-    """
-    field = tf.convert_to_tensor(field, tf.float32)
-    points = tf.convert_to_tensor(points, tf.float32)
-    size = tf.shape(field)[1:4]
-    position = tf.clip_by_value(points, 0.0, tf.cast(size - 1, tf.float32))
-    lower = tf.floor(position)
-    fraction = position - lower                                  # [B, N, 3]
-    lower = tf.cast(lower, tf.int32)
-    offsets = tf.constant([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)],
-                          tf.int32)                              # [8, 3]
-    corners = tf.minimum(lower[:, :, None, :] + offsets, size - 1)  # [B, N, 8, 3]
-    offsets = tf.cast(offsets, tf.float32)
-    weights = tf.reduce_prod(offsets * fraction[:, :, None, :] +
-                             (1.0 - offsets) * (1.0 - fraction[:, :, None, :]),
-                             axis=-1)                            # [B, N, 8]
-    values = tf.gather_nd(field, corners, batch_dims=1)         # [B, N, 8, C]
-    return tf.reduce_sum(values * weights[..., None], axis=2)
 
 
 def transform_points(points: tf.Tensor, flow: tf.Tensor,
