@@ -233,10 +233,13 @@ def test_export_errors_are_one_line_and_write_nothing(case, expected, student_ru
     assert after == before or after == []
 
 
-def test_two_cascade_student_converts_with_parity(rng):
-    """Composition of cascades (ComposeFlows: a warp of the flow) stays builtin-only."""
+@pytest.mark.parametrize("n_cascades, factor", [(2, 1), (1, 2)])
+def test_student_variants_convert_with_parity(rng, n_cascades, factor):
+    """Composition of cascades (ComposeFlows: a warp of the flow) and the
+    cross-resolution student's in-graph down/upsampling stay builtin-only."""
     from aldk_tf.config import ModelConfig
-    model = ModelConfig(image_size=(32, 32, 32), n_cascades=2).build()
+    model = ModelConfig(image_size=(32, 32, 32), n_cascades=n_cascades,
+                        resolution_factor=factor).build()
     model.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype)
                        for w in model.get_weights()])
     sample = serving.synthetic_sample((32, 32, 32))
