@@ -97,6 +97,10 @@ def parse_args(argv=None):
                           "(default 2 with --crd, else 1)")
     crd.add_argument("--crd_flow_weight", type=float, default=0.1)
     crd.add_argument("--crd_feature_weight", type=float, default=0.05)
+    crd.add_argument("--crd_gate", choices=("teacher_better", "always"),
+                     default="teacher_better",
+                     help="distil a pair only where the teacher registers it better than "
+                          "the student (default), or always")
     parser.add_argument("-v", "--verbose", type=int, default=None,
                         help="Keras verbosity (default: progress bar on a terminal)")
     return parser.parse_args(argv)
@@ -148,7 +152,8 @@ def build_config(args):
                         critic_period=args.critic_period, teacher=teacher,
                         teacher_online=args.teacher_online),
         crd=CRDConfig(enabled=args.crd, flow_weight=args.crd_flow_weight,
-                      feature_weight=args.crd_feature_weight, teacher=teacher))
+                      feature_weight=args.crd_feature_weight, gate=args.crd_gate,
+                      teacher=teacher))
 
 
 def main(argv=None) -> int:

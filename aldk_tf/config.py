@@ -69,6 +69,7 @@ class CRDConfig:
     flow_weight: float = 0.1
     feature_weight: float = 0.05
     levels: int = 3
+    gate: str = "teacher_better"          # "teacher_better" | "always" (see crd.py)
     teacher: str | None = None            # weights/<teacher run>
 
 

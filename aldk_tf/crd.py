@@ -29,7 +29,10 @@ import keras
 import tensorflow as tf
 
 from aldk_tf import spatial
+from aldk_tf.losses import similarity_loss
 from aldk_tf.networks.vtn import VTN_ENCODER
+
+GATES = ("teacher_better", "always")
 
 # Teacher (VTN) features at strides 2, 4, 8, 16, 32, 64 and the student's at 2..16.
 TEACHER_LEVELS = ("conv1", "conv2", "conv3_1", "conv4_1", "conv5_1", "conv6_1")
@@ -58,7 +61,8 @@ class CrossResolutionDistiller:
     """
 
     def __init__(self, teacher, student, flow_weight: float = 0.1,
-                 feature_weight: float = 0.05, levels: int = 3):
+                 feature_weight: float = 0.05, levels: int = 3,
+                 gate: str = "teacher_better"):
         factor = student.resolution_factor
         shift = int(round(math.log2(factor)))
         if factor < 2 or 2 ** shift != factor:
@@ -67,7 +71,10 @@ class CrossResolutionDistiller:
         if tuple(teacher.image_size) != tuple(student.image_size):
             raise ValueError(f"teacher image size {tuple(teacher.image_size)} differs from "
                              f"the student's {tuple(student.image_size)}")
-        self.teacher, self.factor = teacher, factor
+        if gate not in GATES:
+            raise ValueError(f"cross-resolution distillation: gate must be one of {GATES}, "
+                             f"got {gate!r}")
+        self.teacher, self.factor, self.gate = teacher, factor, gate
         self.flow_weight, self.feature_weight = float(flow_weight), float(feature_weight)
         count = min(levels, len(STUDENT_LEVELS), len(TEACHER_LEVELS) - shift)
         pairs = [(STUDENT_LEVELS[i], TEACHER_LEVELS[i + shift]) for i in range(count)]
@@ -90,16 +97,30 @@ class CrossResolutionDistiller:
         return [v for adapter in self.adapters for v in adapter.trainable_variables]
 
     def teacher_targets(self, batch):
-        """The teacher's final flow and its shifted feature pyramid (no gradient)."""
+        """The teacher's final flow, its shifted feature pyramid and its similarity loss
+        per pair (no gradient)."""
         inputs = {"fixed": batch["fixed"], "moving": batch["moving"]}
         outputs = self.teacher(inputs, training=False)
         features = self.teacher_features(
             _cascade_input(outputs, batch["fixed"], batch["moving"]), training=False)
+        similarity = similarity_loss(batch["fixed"], outputs["warped"])
         return (tf.stop_gradient(outputs["flow"]),
-                [tf.stop_gradient(f) for f in _as_list(features)])
+                [tf.stop_gradient(f) for f in _as_list(features)],
+                tf.stop_gradient(similarity))
+
+    def weights(self, batch, student_outputs, teacher_similarity) -> tf.Tensor:
+        """Per-pair weight of the distillation terms, ``[B]``: with the
+        ``teacher_better`` gate, 1 where the teacher's warp matches the fixed image
+        better than the student's (lower similarity loss), else 0; always 1 otherwise."""
+        if self.gate == "always":
+            return tf.ones_like(teacher_similarity)
+        student_similarity = tf.stop_gradient(
+            similarity_loss(batch["fixed"], student_outputs["warped"]))
+        return tf.cast(teacher_similarity < student_similarity, tf.float32)
 
     def terms(self, batch, student_outputs, targets) -> dict:
-        target_flow, target_features = targets
+        target_flow, target_features, teacher_similarity = targets
+        gate = self.weights(batch, student_outputs, teacher_similarity)
         low_target = spatial.downsample_flow(target_flow, self.factor)
         difference = student_outputs["low_flow"] - low_target
         flow_term = tf.reduce_mean(tf.square(difference), axis=[1, 2, 3, 4])
@@ -116,8 +137,8 @@ class CrossResolutionDistiller:
                                    axis=[1, 2, 3, 4])
             feature_term += error / scale
         feature_term = feature_term / len(self.adapters)
-        return {"crd_flow": self.flow_weight * flow_term,
-                "crd_feature": self.feature_weight * feature_term}
+        return {"crd_flow": self.flow_weight * gate * flow_term,
+                "crd_feature": self.feature_weight * gate * feature_term}
 
 
 def _as_list(value):

@@ -210,7 +210,7 @@ def test_cross_resolution_distillation_terms(dataset):
     keras.utils.set_random_seed(0)
     teacher = build_teacher(SIZE, n_cascades=1)
     student = build_student(SIZE, resolution_factor=2)
-    distiller = CrossResolutionDistiller(teacher, student)
+    distiller = CrossResolutionDistiller(teacher, student, gate="always")
     batch = fixed_batches(dataset)
     targets = distiller.teacher_targets(batch)
     outputs = student(batch)
@@ -231,3 +231,34 @@ def test_cross_resolution_distillation_terms(dataset):
                for a, v in zip(adapters_before, distiller.adapter_variables))
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(teacher_before,
                                                              teacher.variables))
+
+
+def test_cross_resolution_gate_keeps_only_pairs_the_teacher_registers_better(dataset):
+    """``teacher_better``: a pair is distilled iff the teacher's warp has the lower
+    similarity loss than the student's; ``always`` distils every pair."""
+    from aldk_tf.crd import CrossResolutionDistiller
+    from aldk_tf.losses import similarity_loss
+    keras.utils.set_random_seed(0)
+    teacher = build_teacher(SIZE, n_cascades=1)
+    student = build_student(SIZE, resolution_factor=2)
+    batch = fixed_batches(dataset)
+    gated = CrossResolutionDistiller(teacher, student)
+    targets = gated.teacher_targets(batch)
+    outputs = dict(student(batch))
+    teacher_similarity = targets[2].numpy()
+    # Pair 0: the student's warp is the fixed image itself (better than any teacher);
+    # the others: the student's warp is noise (worse than the teacher's warp).
+    noise = tf.random.stateless_uniform(batch["fixed"].shape, seed=(1, 2))
+    outputs["warped"] = tf.concat([batch["fixed"][:1], noise[1:]], axis=0)
+    student_similarity = similarity_loss(batch["fixed"], outputs["warped"]).numpy()
+    expected = (teacher_similarity < student_similarity).astype(np.float32)
+    assert expected[0] == 0 and expected[1:].all()
+    np.testing.assert_array_equal(gated.weights(batch, outputs, targets[2]), expected)
+    terms = gated.terms(batch, outputs, targets)
+    assert terms["crd_flow"][0] == 0 and terms["crd_feature"][0] == 0
+    assert np.all(terms["crd_flow"].numpy()[1:] > 0)
+    always = CrossResolutionDistiller(teacher, student, gate="always")
+    np.testing.assert_array_equal(always.weights(batch, outputs, targets[2]),
+                                  np.ones_like(expected))
+    with pytest.raises(ValueError, match="gate"):
+        CrossResolutionDistiller(teacher, student, gate="sometimes")
