@@ -19,8 +19,8 @@ with ``<model>`` one of ``teacher_affine_vtn1``, ``teacher_affine_vtn3``,
 - ``<model>``: in-process, :func:`aldk_tf.inference.registration_function` (fixed
   input signature; flow heads as sub-pixel convolutions, float32).
 - ``_bf16``: the same with the convolutions in bfloat16 (``dtype="bfloat16"``).
-- ``_keras_upconv``: the Keras graph unchanged (``subpixel=False``), i.e. what
-  ``export.py`` writes today.
+- ``_keras_upconv``: the Keras graph unchanged (``subpixel=False``), i.e. what the
+  TFLite files are converted from (``export.py``'s SavedModel has the sub-pixel heads).
 - ``savedmodel_``: the row's graph saved with :func:`aldk_tf.serving.save_savedmodel`
   to a temporary directory, reloaded with ``tf.saved_model.load``, called through its
   ``serving_default`` signature.

@@ -271,6 +271,19 @@ def test_evaluate_exported_tflite_reproduces_the_keras_dice(exported, student_ru
     assert code == 2 and "--exported needs" in err
 
 
+def test_savedmodel_serves_the_fast_inference_graph(exported):
+    """The SavedModel runs the graph bench/inference.py times: no transposed convolution
+    to few channels (sub-pixel flow heads), no gathers outside XLA, no graph loops."""
+    from aldk_tf.inference import graph_ops, slow_ops
+    version, _ = exported
+    info = json.loads((version / serving.INFO_NAME).read_text())
+    assert info["subpixel_flow_heads"] is True and info["xla"] is True
+    signature = tf.saved_model.load(str(version)).signatures["serving_default"]
+    assert slow_ops(signature) == {}
+    ops = graph_ops(signature)
+    assert ops["graph"]["Conv3D"] + ops["xla"]["Conv3D"] > 0    # the walk sees the convs
+
+
 def test_portable_savedmodel_has_no_xla_must_compile_functions(exported, tmp_path):
     """The default export keeps the XLA-compiled warp (fast); the portable one, for TF
     Serving without --xla_cpu_compilation_enabled, has no XLA marks left."""
