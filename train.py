@@ -101,6 +101,9 @@ def parse_args(argv=None):
                      default="teacher_better",
                      help="distil a pair only where the teacher registers it better than "
                           "the student (default), or always")
+    crd.add_argument("--crd_anneal", type=int, default=0, metavar="STEPS",
+                     help="decay the distillation weights linearly to 0 by this step "
+                          "(0: constant)")
     parser.add_argument("-v", "--verbose", type=int, default=None,
                         help="Keras verbosity (default: progress bar on a terminal)")
     return parser.parse_args(argv)
@@ -153,6 +156,7 @@ def build_config(args):
                         teacher_online=args.teacher_online),
         crd=CRDConfig(enabled=args.crd, flow_weight=args.crd_flow_weight,
                       feature_weight=args.crd_feature_weight, gate=args.crd_gate,
+                      anneal_steps=args.crd_anneal,
                       teacher=teacher))
 
 

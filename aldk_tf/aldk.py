@@ -180,7 +180,7 @@ class ALDKTrainer(BuiltTrainer):
             adversarial, critic_update = (tf.constant(flag) for flag in self.host_schedule)
         targets = None
         if self.distiller is not None:
-            targets = self.distiller.teacher_targets(batch)
+            targets = self.distiller.teacher_targets(batch, step)
             teacher_flow = targets[0]                            # [B, D, H, W, 3]
         else:
             teacher_flow = self.teacher_flow(batch)

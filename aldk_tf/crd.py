@@ -62,19 +62,23 @@ class CrossResolutionDistiller:
 
     def __init__(self, teacher, student, flow_weight: float = 0.1,
                  feature_weight: float = 0.05, levels: int = 3,
-                 gate: str = "teacher_better"):
+                 gate: str = "teacher_better", anneal_steps: int = 0):
         factor = student.resolution_factor
         shift = int(round(math.log2(factor)))
-        if factor < 2 or 2 ** shift != factor:
+        if factor < 1 or 2 ** shift != factor:
             raise ValueError(f"cross-resolution distillation needs a student with a "
-                             f"power-of-2 resolution_factor >= 2, got {factor}")
+                             f"power-of-2 resolution_factor, got {factor}")
         if tuple(teacher.image_size) != tuple(student.image_size):
             raise ValueError(f"teacher image size {tuple(teacher.image_size)} differs from "
                              f"the student's {tuple(student.image_size)}")
         if gate not in GATES:
             raise ValueError(f"cross-resolution distillation: gate must be one of {GATES}, "
                              f"got {gate!r}")
+        if int(anneal_steps) < 0:
+            raise ValueError(f"cross-resolution distillation: anneal_steps must be >= 0, "
+                             f"got {anneal_steps}")
         self.teacher, self.factor, self.gate = teacher, factor, gate
+        self.anneal_steps = int(anneal_steps)
         self.flow_weight, self.feature_weight = float(flow_weight), float(feature_weight)
         count = min(levels, len(STUDENT_LEVELS), len(TEACHER_LEVELS) - shift)
         pairs = [(STUDENT_LEVELS[i], TEACHER_LEVELS[i + shift]) for i in range(count)]
@@ -96,9 +100,17 @@ class CrossResolutionDistiller:
     def adapter_variables(self):
         return [v for adapter in self.adapters for v in adapter.trainable_variables]
 
-    def teacher_targets(self, batch):
-        """The teacher's final flow, its shifted feature pyramid and its similarity loss
-        per pair (no gradient)."""
+    def schedule(self, step) -> tf.Tensor:
+        """Weight factor of the distillation terms at training ``step``: 1, or with
+        ``anneal_steps`` a linear decay from 1 at step 0 to 0 at ``anneal_steps``."""
+        if not self.anneal_steps or step is None:
+            return tf.constant(1.0)
+        progress = tf.cast(step, tf.float32) / float(self.anneal_steps)
+        return tf.maximum(0.0, 1.0 - progress)
+
+    def teacher_targets(self, batch, step=None):
+        """The teacher's final flow, its shifted feature pyramid, its similarity loss per
+        pair (no gradient) and the :meth:`schedule` factor at ``step``."""
         inputs = {"fixed": batch["fixed"], "moving": batch["moving"]}
         outputs = self.teacher(inputs, training=False)
         features = self.teacher_features(
@@ -106,7 +118,7 @@ class CrossResolutionDistiller:
         similarity = similarity_loss(batch["fixed"], outputs["warped"])
         return (tf.stop_gradient(outputs["flow"]),
                 [tf.stop_gradient(f) for f in _as_list(features)],
-                tf.stop_gradient(similarity))
+                tf.stop_gradient(similarity), self.schedule(step))
 
     def weights(self, batch, student_outputs, teacher_similarity) -> tf.Tensor:
         """Per-pair weight of the distillation terms, ``[B]``: with the
@@ -119,10 +131,12 @@ class CrossResolutionDistiller:
         return tf.cast(teacher_similarity < student_similarity, tf.float32)
 
     def terms(self, batch, student_outputs, targets) -> dict:
-        target_flow, target_features, teacher_similarity = targets
-        gate = self.weights(batch, student_outputs, teacher_similarity)
+        target_flow, target_features, teacher_similarity, scale = targets
+        gate = self.weights(batch, student_outputs, teacher_similarity) * scale
         low_target = spatial.downsample_flow(target_flow, self.factor)
-        difference = student_outputs["low_flow"] - low_target
+        # Factor 1 (the same terms at full resolution, the control run): no "low_flow".
+        student_flow = student_outputs.get("low_flow", student_outputs["flow"])
+        difference = student_flow - low_target
         flow_term = tf.reduce_mean(tf.square(difference), axis=[1, 2, 3, 4])
 
         fixed_low = spatial.downsample(batch["fixed"], self.factor)

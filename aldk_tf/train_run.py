@@ -265,7 +265,8 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
             # The distiller runs the teacher on every batch, so ALDK uses those flows too.
             distiller = CrossResolutionDistiller(teacher, network, config.crd.flow_weight,
                                                  config.crd.feature_weight,
-                                                 config.crd.levels, config.crd.gate)
+                                                 config.crd.levels, config.crd.gate,
+                                                 config.crd.anneal_steps)
         critic = critic_optimizer = None
         if use_aldk:
             critic = FlowCritic(config.model.image_size, output=config.aldk.critic_output)

@@ -102,8 +102,8 @@ class RegistrationTrainer(BuiltTrainer):
 
     def train_step(self, data):
         batch = unpack(data)
-        targets = (self.distiller.teacher_targets(batch) if self.distiller is not None
-                   else None)
+        targets = (self.distiller.teacher_targets(batch, self.optimizer.iterations)
+                   if self.distiller is not None else None)
         with tf.GradientTape() as tape:
             outputs = self.network(network_inputs(batch), training=True)
             terms = registration_losses(outputs, batch["fixed"], self.loss_weights)

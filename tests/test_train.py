@@ -262,3 +262,42 @@ def test_cross_resolution_gate_keeps_only_pairs_the_teacher_registers_better(dat
                                   np.ones_like(expected))
     with pytest.raises(ValueError, match="gate"):
         CrossResolutionDistiller(teacher, student, gate="sometimes")
+
+
+def test_distillation_terms_at_full_resolution_and_bad_factors(dataset):
+    """Factor 1 (the control: the same terms without the resolution change) compares
+    the student's full-resolution flow and unshifted features; factor 3 is refused."""
+    from aldk_tf.crd import CrossResolutionDistiller
+    keras.utils.set_random_seed(0)
+    teacher = build_teacher(SIZE, n_cascades=1)
+    student = build_student(SIZE)
+    distiller = CrossResolutionDistiller(teacher, student, gate="always")
+    assert [a.filters for a in distiller.adapters] == [16, 32, 64]   # conv1, conv2, conv3
+    batch = fixed_batches(dataset)
+    targets = distiller.teacher_targets(batch)
+    outputs = student(batch)
+    assert "low_flow" not in outputs
+    flow_term = distiller.terms(batch, outputs, targets)["crd_flow"].numpy()
+    expected = 0.1 * np.mean((outputs["flow"].numpy() - targets[0].numpy()) ** 2,
+                             axis=(1, 2, 3, 4))
+    np.testing.assert_allclose(flow_term, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="power-of-2"):
+        CrossResolutionDistiller(teacher, build_student((48, 48, 48), resolution_factor=3))
+
+
+def test_distillation_anneal_schedule_scales_the_terms(dataset):
+    """``anneal_steps``: the terms scale by 1 - step / anneal_steps (0 after it)."""
+    from aldk_tf.crd import CrossResolutionDistiller
+    keras.utils.set_random_seed(0)
+    teacher = build_teacher(SIZE, n_cascades=1)
+    student = build_student(SIZE, resolution_factor=2)
+    distiller = CrossResolutionDistiller(teacher, student, gate="always", anneal_steps=100)
+    np.testing.assert_allclose([float(distiller.schedule(s)) for s in (0, 25, 100, 250)],
+                               [1.0, 0.75, 0.0, 0.0])
+    batch = fixed_batches(dataset)
+    outputs = student(batch)
+    full = distiller.terms(batch, outputs, distiller.teacher_targets(batch, 0))
+    quarter = distiller.terms(batch, outputs, distiller.teacher_targets(batch, 75))
+    for name in ("crd_flow", "crd_feature"):
+        np.testing.assert_allclose(quarter[name], 0.25 * full[name].numpy(), rtol=1e-4)
+    assert float(CrossResolutionDistiller(teacher, student).schedule(10 ** 6)) == 1.0
