@@ -97,10 +97,10 @@ def parse_args(argv=None):
                           "(default 2 with --crd, else 1)")
     crd.add_argument("--crd_flow_weight", type=float, default=0.1)
     crd.add_argument("--crd_feature_weight", type=float, default=0.05)
-    crd.add_argument("--crd_gate", choices=("teacher_better", "always"),
-                     default="teacher_better",
-                     help="distil a pair only where the teacher registers it better than "
-                          "the student (default), or always")
+    crd.add_argument("--crd_gate", choices=("always", "teacher_better"),
+                     default="always",
+                     help="distil every pair (default), or only pairs the teacher "
+                          "registers better than the student (lower similarity loss)")
     crd.add_argument("--crd_anneal", type=int, default=0, metavar="STEPS",
                      help="decay the distillation weights linearly to 0 by this step "
                           "(0: constant)")

@@ -69,7 +69,7 @@ class CRDConfig:
     flow_weight: float = 0.1
     feature_weight: float = 0.05
     levels: int = 3
-    gate: str = "teacher_better"          # "teacher_better" | "always" (see crd.py)
+    gate: str = "always"                  # "always" | "teacher_better" (see crd.py)
     anneal_steps: int = 0                 # > 0: weights decay linearly to 0 by this step
     teacher: str | None = None            # weights/<teacher run>
 

@@ -1,8 +1,9 @@
 """The whole pipeline, offline, on the embedded demo dataset: ``python -m aldk_tf.demo``.
 
 build the demo set (nilearn's MNI152 template, deformed) -> train the teacher (VTN affine
-stem + VTN cascade) -> extract its flows -> train the student without and with ALDK (and
-the cross-resolution student) -> evaluate all on the test subjects -> export the ALDK
+stem + VTN cascade) -> extract its flows -> train the student without and with ALDK, and
+with the cross-resolution distillation terms at full resolution (the control) and at 1/2
+(the cross-resolution student) -> evaluate all on the test subjects -> export the ALDK
 student (SavedModel + TFLite) -> print a table and write ``DIR/results.json``.
 
 Everything lands in ``--out`` (default ``demo_run/``); a second call reuses what is
@@ -25,9 +26,11 @@ from aldk_tf import runs  # noqa: E402
 from aldk_tf.config import (ALDKConfig, CRDConfig, ModelConfig, RunConfig,  # noqa: E402
                             TrainConfig, atomic_write_text)
 
-METHODS = ("before", "teacher", "student", "student_aldk", "student_crd")
+METHODS = ("before", "teacher", "student", "student_aldk", "student_distilled",
+           "student_crd")
 LABELS = {"before": "before registration", "teacher": "teacher (affine + VTN)",
           "student": "student", "student_aldk": "student + ALDK",
+          "student_distilled": "student + CRD terms, full res.",
           "student_crd": "student, cross-resolution (1/2)"}
 
 
@@ -44,7 +47,7 @@ def parse_args(argv=None):
                         help="Adam learning rate (constant; the release schedules are for "
                              "100k-step runs)")
     parser.add_argument("--no-crd", action="store_true",
-                        help="skip the cross-resolution student")
+                        help="skip the cross-resolution student and its control")
     parser.add_argument("--no-export", action="store_true")
     return parser.parse_args(argv)
 
@@ -66,9 +69,12 @@ def run_configs(args, dataset: str, teacher_dir: str) -> dict[str, RunConfig]:
                                   aldk=ALDKConfig(enabled=True, teacher=teacher_dir)),
     }
     if not args.no_crd:
-        configs["student_crd"] = RunConfig(
-            dataset=dataset, model=ModelConfig(image_size=size, resolution_factor=2),
-            train=student_train, crd=CRDConfig(enabled=True, teacher=teacher_dir))
+        # The control first: the same distillation terms, teacher and budget at full
+        # resolution, so the two rows differ only in the resolution.
+        for name, factor in (("student_distilled", 1), ("student_crd", 2)):
+            configs[name] = RunConfig(
+                dataset=dataset, model=ModelConfig(image_size=size, resolution_factor=factor),
+                train=student_train, crd=CRDConfig(enabled=True, teacher=teacher_dir))
     return configs
 
 

@@ -242,7 +242,7 @@ def test_cross_resolution_gate_keeps_only_pairs_the_teacher_registers_better(dat
     teacher = build_teacher(SIZE, n_cascades=1)
     student = build_student(SIZE, resolution_factor=2)
     batch = fixed_batches(dataset)
-    gated = CrossResolutionDistiller(teacher, student)
+    gated = CrossResolutionDistiller(teacher, student, gate="teacher_better")
     targets = gated.teacher_targets(batch)
     outputs = dict(student(batch))
     teacher_similarity = targets[2].numpy()

@@ -1,0 +1,43 @@
+"""aldk_tf/demo.py: the whole pipeline end to end, with a tiny budget."""
+
+import json
+import shutil
+from pathlib import Path
+
+from aldk_tf import demo, runs
+from aldk_tf.config import RunConfig
+
+
+def test_run_configs_differ_only_where_the_rows_say(tmp_path):
+    args = demo.parse_args(["--student-steps", "7", "--teacher-steps", "5"])
+    configs = demo.run_configs(args, "data/demo.json", "weights/teacher")
+    assert list(configs) == ["teacher", "student", "student_aldk", "student_distilled",
+                             "student_crd"]
+    assert configs["teacher"].train.round == 5
+    students = [configs[name] for name in list(configs)[1:]]
+    assert all(c.train == students[0].train and c.train.round == 7 for c in students)
+    control, crd = configs["student_distilled"], configs["student_crd"]
+    assert control.model.resolution_factor == 1 and crd.model.resolution_factor == 2
+    assert control.crd == crd.crd and crd.crd.enabled and crd.crd.teacher == "weights/teacher"
+    assert not configs["student"].crd.enabled and not configs["student"].aldk.enabled
+    assert "student_crd" not in demo.run_configs(demo.parse_args(["--no-crd"]), "d", "t")
+
+
+def test_demo_end_to_end_tiny_budget(demo_dataset_32, tmp_path, capsys):
+    out = tmp_path / "demo"
+    shutil.copytree(Path(demo_dataset_32).parent, out / "data")   # skip building it
+    code = demo.main(["--out", str(out), "--teacher-steps", "2", "--student-steps", "2",
+                      "--no-export"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == list(demo.METHODS)
+    for method, row in results.items():
+        assert 0.0 < row["dice"] <= 1.0 and 0.0 < row["jacc"] <= row["dice"], method
+        assert demo.LABELS[method] in printed
+    assert results["before"]["params"] == 0
+    config = RunConfig.load(str(out / "weights" / "student_crd"))
+    assert config.model.resolution_factor == 2 and config.train.round == 2
+    _, model = runs.load_model(str(out / "weights" / "student_crd"))
+    assert model.resolution_factor == 2
+    assert (out / "evaluate" / "student_distilled-test.json").is_file()
