@@ -153,10 +153,10 @@ class CrossResolutionDistiller:
         feature_term = 0.0
         for adapter, student_feature, teacher_feature in zip(self.adapters, features,
                                                              target_features):
-            scale = tf.reduce_mean(tf.square(teacher_feature), axis=[1, 2, 3, 4]) + 1e-6
+            norm = tf.reduce_mean(tf.square(teacher_feature), axis=[1, 2, 3, 4]) + 1e-6
             error = tf.reduce_mean(tf.square(adapter(student_feature) - teacher_feature),
                                    axis=[1, 2, 3, 4])
-            feature_term += error / scale
+            feature_term += error / norm
         feature_term = feature_term / len(self.adapters)
         return {"crd_flow": self.flow_weight * gate * flow_term,
                 "crd_feature": self.feature_weight * gate * feature_term}

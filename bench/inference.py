@@ -66,6 +66,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from aldk_tf import serving, spatial  # noqa: E402
+from aldk_tf.config import atomic_write_text  # noqa: E402
 from aldk_tf.inference import registration_function, slow_ops  # noqa: E402
 from aldk_tf.networks import build_student, build_teacher  # noqa: E402
 
@@ -325,6 +326,15 @@ def main(argv=None) -> int:
     if args.repeats < 1 or args.warmup < 1:
         print("error: --repeats and --warmup must be >= 1", file=sys.stderr)
         return 2
+    if args.json:
+        try:                  # checked now, not after minutes of measuring
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(args.json))):
+                pass
+        except OSError as error:
+            print(f"error: --json {args.json}: cannot write there "
+                  f"({error.strerror or error})", file=sys.stderr)
+            return 2
     print(f"full registration of one {args.size}^3 pair (batch 1), randomly initialised "
           f"weights; median of {args.repeats} after {args.warmup} warm-up call(s)")
     print(f"machine: {machine_description()}; load average at start "
@@ -347,9 +357,7 @@ def main(argv=None) -> int:
     print(format_table(results))
     print(f"\nload average at end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
-            handle.write("\n")
+        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
     return 0 if len(results) == len(rows) else 1
 
 

@@ -1,5 +1,6 @@
 """aldk_tf/demo.py: the whole pipeline end to end, with a tiny budget."""
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -41,3 +42,19 @@ def test_demo_end_to_end_tiny_budget(demo_dataset_32, tmp_path, capsys):
     _, model = runs.load_model(str(out / "weights" / "student_crd"))
     assert model.resolution_factor == 2
     assert (out / "evaluate" / "student_distilled-test.json").is_file()
+
+    # bench/crd_ablation.py on the finished demo: one row, the demo's budget and teacher.
+    spec = importlib.util.spec_from_file_location(
+        "crd_ablation", Path(__file__).resolve().parents[1] / "bench" / "crd_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    report = tmp_path / "ablation.json"
+    assert ablation.main(["--demo", str(out), "--rows", "full_gated",
+                          "--json", str(report)]) == 0
+    row = json.loads(report.read_text())["ablation"]["full_gated"]
+    assert row["factor"] == 1 and row["crd"]["gate"] == "teacher_better"
+    assert 0.0 < row["dice"] <= 1.0
+    gated = RunConfig.load(str(out / "ablation" / "full_gated"))
+    assert gated.train == config.train and gated.model.resolution_factor == 1
+    assert ablation.main(["--demo", str(out), "--rows", "nope"]) == 2
+    assert ablation.main(["--demo", str(tmp_path / "missing")]) == 2

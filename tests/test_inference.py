@@ -199,7 +199,7 @@ def test_bench_row_names():
 
 
 def test_bench_script_writes_the_required_rows(tmp_path):
-    out = tmp_path / "out.json"
+    out = tmp_path / "results" / "out.json"          # the folder is created
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "inference.py"), "--size", "32",
          "--repeats", "1", "--rows", "warp,student_1,savedmodel_student_1",
@@ -220,6 +220,16 @@ def test_bench_script_rejects_unknown_rows():
                              "--rows", "student_9"], capture_output=True, text=True,
                             timeout=120, cwd=ROOT)
     assert result.returncode == 2 and "unknown row 'student_9'" in result.stderr
+
+
+def test_bench_script_checks_the_json_path_before_measuring(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "inference.py"),
+                             "--rows", "warp", "--json", str(blocker / "out.json")],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and "--json" in result.stderr.splitlines()[-1]
+    assert "median" not in result.stdout
 
 
 def test_bf16_dice_script(student_run_32, tmp_path, capsys):
