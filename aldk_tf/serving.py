@@ -336,8 +336,8 @@ def export_model(model, base: str, version: int | None = None,
     input of the parity check; the SavedModel and the fp32 TFLite model must give the
     Keras model's flow to ``tolerance`` or nothing is written. ``subpixel``: the
     SavedModel runs :func:`aldk_tf.inference.inference_graph` (stride-2 flow heads as
-    forward convolutions, ~3x faster on CPU) instead of the Keras graph. Returns the export info
-    (also saved as ``export_info.json``): ``path``, ``version``, ``parity`` ...
+    forward convolutions, ~3x faster on CPU) instead of the Keras graph. Returns the
+    export info (also saved as ``export_info.json``): ``path``, ``version``, ``parity``...
     """
     prepare_base(base)
     version = next_version(base) if version is None else int(version)

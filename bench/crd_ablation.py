@@ -101,14 +101,14 @@ def main(argv=None) -> int:
 
     print(f"Dice on the demo's {base.model.image_size[0]}^3 test pairs, {steps} steps each "
           f"(teacher: {base.crd.teacher})")
-    print(f"{'row':20s} {'factor':>6s} {'Dice':>16s}  distillation")
+    print(f"{'row':26s} {'factor':>6s} {'Dice':>16s}  distillation")
     for name in DEMO_ROWS:
         if name in demo_results:
             r = demo_results[name]
-            print(f"{name + ' (demo)':20s} {'':6s} {r['dice']:8.4f} ({r['dice_std']:.3f})")
+            print(f"{name + ' (demo)':26s} {'':6s} {r['dice']:8.4f} ({r['dice_std']:.3f})")
     for name, r in results.items():
         crd = r["crd"]
-        print(f"{name:20s} {r['factor']:6d} {r['dice']:8.4f} ({r['dice_std']:.3f})  "
+        print(f"{name:26s} {r['factor']:6d} {r['dice']:8.4f} ({r['dice_std']:.3f})  "
               f"flow {crd['flow_weight']:g}, feature {crd['feature_weight']:g}, "
               f"gate {crd['gate']}, anneal {crd['anneal_steps']}")
     if args.json:

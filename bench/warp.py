@@ -1,4 +1,5 @@
-"""Time :func:`aldk_tf.spatial.warp` against reference formulations, in one run.
+"""Time :func:`aldk_tf.spatial.warp` against reference formulations, in one run (and
+the cross-resolution flow upsampling with and without XLA).
 
     python bench/warp.py [--size 128] [--repeats 5] [--channels 1] [--batch 1] [--eager]
 
@@ -161,6 +162,33 @@ def main() -> None:
         print(f"speed-up vs {name}: forward {forward[0] / current[1][0]:.1f}x wall, "
               f"{forward[1] / current[1][1]:.1f}x cpu; forward+backward "
               f"{both[0] / current[2][0]:.1f}x wall, {both[1] / current[2][1]:.1f}x cpu")
+
+    # The cross-resolution student's flow upsampling (factor 2 onto this grid).
+    if args.size % 2 == 0:
+        low = tf.constant(smooth_flow(rng, args.batch, args.size // 2) / 2.0)
+        upsampled = {
+            "spatial.upsample_flow (XLA, library)": lambda f: spatial.upsample_flow(f, 2),
+            "reference: same ops without XLA": lambda f: 2.0 * spatial._upsample(f, 2)}
+        print(f"\nflow upsampling {list(low.shape)} -> {args.size}^3 (factor 2)")
+        # A random upstream gradient (an input, so that nothing is constant-folded).
+        upstream = tf.constant(rng.random(image.shape[:4] + (3,), dtype=np.float32))
+        timings = []
+        for name, function in upsampled.items():
+            forward = time_call(wrap(function), (low,), args.repeats)
+
+            def backward(f, weights, function=function):
+                with tf.GradientTape() as tape:
+                    tape.watch(f)
+                    total = tf.reduce_sum(function(f) * weights)
+                return tape.gradient(total, f)
+            both = time_call(wrap(backward), (low, upstream), args.repeats)
+            timings.append((forward, both))
+            print(f"{name:44s} {forward[0]:8.1f}{forward[1]:8.1f} {both[0]:8.1f}"
+                  f"{both[1]:8.1f}")
+        (forward, both), (reference, reference_both) = timings
+        print(f"speed-up vs the same ops without XLA: forward "
+              f"{reference[0] / forward[0]:.1f}x wall, {reference[1] / forward[1]:.1f}x "
+              f"cpu; forward+backward {reference_both[0] / both[0]:.1f}x wall")
 
 
 if __name__ == "__main__":

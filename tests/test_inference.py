@@ -241,3 +241,16 @@ def test_bf16_dice_script(student_run_32, tmp_path, capsys):
     assert results["bfloat16"]["max_abs_flow_diff"] <= BFLOAT16_TOLERANCE
     assert abs(results["float32"]["dice_change"]) < 1e-6
     assert "bfloat16" in capsys.readouterr().out
+
+
+def test_warp_bench_script_compares_every_implementation():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "warp.py"), "--size", "16",
+                             "--repeats", "1"], capture_output=True, text=True, timeout=300,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    differences = [float(line.split()[-1]) for line in lines
+                   if line.startswith("reference:") and "without XLA" not in line]
+    assert len(differences) == 2 and max(differences) < 1e-5     # same warp, all forms
+    assert sum("speed-up vs" in line for line in lines) == 3
+    assert any(line.startswith("spatial.upsample_flow (XLA, library)") for line in lines)
