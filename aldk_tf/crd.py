@@ -63,7 +63,8 @@ class CrossResolutionDistiller:
 
     ``targets = distiller.teacher_targets(batch)`` (frozen teacher, once per step), then
     ``distiller.terms(batch, student_outputs, targets)`` gives per-sample, weighted
-    ``crd_flow`` and ``crd_feature``. The 1x1x1 adapters (``adapter_variables``) are
+    ``crd_flow`` and ``crd_feature``, plus ``crd_weight`` (the per-pair factor applied to
+    both: gate x anneal; reported, not a loss). The 1x1x1 adapters (``adapter_variables``) are
     trained with the student's optimizer and checkpointed with it.
     """
 
@@ -159,7 +160,8 @@ class CrossResolutionDistiller:
             feature_term += error / norm
         feature_term = feature_term / len(self.adapters)
         return {"crd_flow": self.flow_weight * gate * flow_term,
-                "crd_feature": self.feature_weight * gate * feature_term}
+                "crd_feature": self.feature_weight * gate * feature_term,
+                "crd_weight": tf.stop_gradient(gate)}
 
 
 def _as_list(value):

@@ -7,7 +7,11 @@ import tensorflow as tf
 
 from aldk_tf.losses import registration_losses
 
-LOSS_TERMS = ("similarity", "smoothness", "det", "ortho", "crd_flow", "crd_feature")
+LOSS_TERMS = ("similarity", "smoothness", "det", "ortho", "crd_flow", "crd_feature",
+              "crd_weight")
+# Distillation terms that join the loss (``crd_weight`` is only reported: the per-pair
+# weight of the distillation terms, i.e. the gate's open fraction times the anneal).
+DISTILLATION_LOSSES = ("crd_flow", "crd_feature")
 
 
 def average_over_batch(per_sample: tf.Tensor, global_batch_size=None) -> tf.Tensor:
@@ -38,7 +42,8 @@ def add_distillation(terms: dict, distiller, batch, outputs, targets) -> dict:
     if distiller is None:
         return terms
     extra = distiller.terms(batch, outputs, targets)
-    return {**terms, **extra, "total": terms["total"] + tf.add_n(list(extra.values()))}
+    losses = [extra[name] for name in DISTILLATION_LOSSES]
+    return {**terms, **extra, "total": terms["total"] + tf.add_n(losses)}
 
 
 def unpack(data) -> dict:

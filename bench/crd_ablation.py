@@ -6,8 +6,10 @@ Trains extra students on the demo's data with its teacher and budget (the settin
 its ``student_crd`` run: steps, batch, learning rate, seed), each a variation of the
 distillation terms, evaluates them on the demo's test pairs like the demo does, and
 prints them next to the demo's own rows (``student``, ``student_distilled``,
-``student_crd`` from ``DIR/results.json``). Runs land in ``DIR/ablation/<row>`` and
-resume like any run; a finished row is only evaluated again.
+``student_crd`` from ``DIR/results.json``), with the mean per-pair weight of the
+distillation terms over the run (``crd_weight``: how often the gate was open, times the
+anneal). Runs land in ``DIR/ablation/<row>`` and resume like any run; a finished row is
+only evaluated again (no weight then).
 
 Rows (factor 2 = the cross-resolution student, 1 = full resolution):
 
@@ -93,11 +95,15 @@ def main(argv=None) -> int:
         run_dir = os.path.join(out, name)
         started = time.perf_counter()
         print(f"training {name} ({steps} steps) in {run_dir}", file=sys.stderr, flush=True)
-        train(config, run_dir, verbose=0)
+        history = train(config, run_dir, verbose=0)
         _, model = runs.load_model(run_dir)
         row = evaluate_runs(out, dataset_config, {name: (model, int(model.count_params()))})
+        # Mean per-pair weight of the distillation terms over the run's last epoch (the
+        # gate's open fraction x the anneal); None when the run was already finished.
+        weight = (history or {}).get("crd_weight")
         results[name] = {**row[name], "factor": factor, "crd": dataclasses.asdict(
-            config.crd), "seconds": time.perf_counter() - started}
+            config.crd), "crd_weight": None if not weight else float(weight[-1]),
+            "seconds": time.perf_counter() - started}
 
     print(f"Dice on the demo's {base.model.image_size[0]}^3 test pairs, {steps} steps each "
           f"(teacher: {base.crd.teacher})")
@@ -108,9 +114,10 @@ def main(argv=None) -> int:
             print(f"{name + ' (demo)':26s} {'':6s} {r['dice']:8.4f} ({r['dice_std']:.3f})")
     for name, r in results.items():
         crd = r["crd"]
+        weight = "" if r["crd_weight"] is None else f", mean weight {r['crd_weight']:.2f}"
         print(f"{name:26s} {r['factor']:6d} {r['dice']:8.4f} ({r['dice_std']:.3f})  "
               f"flow {crd['flow_weight']:g}, feature {crd['feature_weight']:g}, "
-              f"gate {crd['gate']}, anneal {crd['anneal_steps']}")
+              f"gate {crd['gate']}, anneal {crd['anneal_steps']}{weight}")
     if args.json:
         atomic_write_text(args.json, json.dumps(
             {"demo": {n: demo_results.get(n) for n in DEMO_ROWS}, "ablation": results},

@@ -53,7 +53,7 @@ def test_demo_end_to_end_tiny_budget(demo_dataset_32, tmp_path, capsys):
                           "--json", str(report)]) == 0
     row = json.loads(report.read_text())["ablation"]["full_gated"]
     assert row["factor"] == 1 and row["crd"]["gate"] == "teacher_better"
-    assert 0.0 < row["dice"] <= 1.0
+    assert 0.0 < row["dice"] <= 1.0 and 0.0 <= row["crd_weight"] <= 1.0
     gated = RunConfig.load(str(out / "ablation" / "full_gated"))
     assert gated.train == config.train and gated.model.resolution_factor == 1
     assert ablation.main(["--demo", str(out), "--rows", "nope"]) == 2

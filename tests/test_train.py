@@ -215,8 +215,9 @@ def test_cross_resolution_distillation_terms(dataset):
     targets = distiller.teacher_targets(batch)
     outputs = student(batch)
     terms = distiller.terms(batch, outputs, targets)
-    assert set(terms) == {"crd_flow", "crd_feature"}
+    assert set(terms) == {"crd_flow", "crd_feature", "crd_weight"}
     assert all(np.all(np.isfinite(v)) and np.all(v.numpy() > 0) for v in terms.values())
+    np.testing.assert_array_equal(terms["crd_weight"], [1.0, 1.0])
     perfect = {**outputs, "low_flow": spatial.downsample_flow(targets[0], 2)}
     np.testing.assert_allclose(distiller.terms(batch, perfect, targets)["crd_flow"], 0.0,
                                atol=1e-8)
@@ -227,6 +228,10 @@ def test_cross_resolution_distillation_terms(dataset):
     teacher_before = [v.numpy().copy() for v in teacher.variables]
     logs = trainer.train_step(batch)
     assert np.isfinite(float(logs["crd_feature"])) and np.isfinite(float(logs["loss"]))
+    assert float(logs["crd_weight"]) == 1.0                      # reported, not a loss
+    total = sum(float(logs[name]) for name in ("similarity", "smoothness", "det", "ortho",
+                                               "crd_flow", "crd_feature"))
+    np.testing.assert_allclose(float(logs["loss"]), total, rtol=1e-5)
     assert any(not np.array_equal(a, v.numpy())
                for a, v in zip(adapters_before, distiller.adapter_variables))
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(teacher_before,
@@ -256,6 +261,7 @@ def test_cross_resolution_gate_keeps_only_pairs_the_teacher_registers_better(dat
     np.testing.assert_array_equal(gated.weights(batch, outputs, targets[2]), expected)
     terms = gated.terms(batch, outputs, targets)
     assert terms["crd_flow"][0] == 0 and terms["crd_feature"][0] == 0
+    np.testing.assert_array_equal(terms["crd_weight"], expected)
     assert np.all(terms["crd_flow"].numpy()[1:] > 0)
     always = CrossResolutionDistiller(teacher, student, gate="always")
     np.testing.assert_array_equal(always.weights(batch, outputs, targets[2]),
