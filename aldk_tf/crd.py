@@ -64,8 +64,9 @@ class CrossResolutionDistiller:
     ``targets = distiller.teacher_targets(batch)`` (frozen teacher, once per step), then
     ``distiller.terms(batch, student_outputs, targets)`` gives per-sample, weighted
     ``crd_flow`` and ``crd_feature``, plus ``crd_weight`` (the per-pair factor applied to
-    both: gate x anneal; reported, not a loss). The 1x1x1 adapters (``adapter_variables``) are
-    trained with the student's optimizer and checkpointed with it.
+    both: gate x anneal; reported, not a loss). The 1x1x1 adapters
+    (``adapter_variables``) are trained with the student's optimizer and checkpointed
+    with it.
     """
 
     def __init__(self, teacher, student, flow_weight: float = 0.1,

@@ -347,9 +347,9 @@ def _upsample(volume: tf.Tensor, factor: int) -> tf.Tensor:
     return volume
 
 
-# XLA fuses the three passes' slices, blends and stacks into one loop: 3x faster than
-# the separate ops at 128^3 (19.5 -> 6.5 ms for a 3-channel flow, measured with
-# bench/inference.py's student_crd_1 row in mind).
+# XLA fuses the three passes' slices, blends and stacks into one loop: for a 64^3 -> 128^3
+# flow 2.8x faster forward and 1.4x forward + backward than the same ops without XLA
+# (`python bench/warp.py --size 128`).
 _upsample_xla = tf.function(_upsample, jit_compile=True, reduce_retracing=True)
 
 
