@@ -66,6 +66,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from aldk_tf import serving, spatial  # noqa: E402
+from bench.timing import repeat_timed  # noqa: E402
 from aldk_tf.config import atomic_write_text  # noqa: E402
 from aldk_tf.inference import registration_function, slow_ops  # noqa: E402
 from aldk_tf.networks import build_student, build_teacher  # noqa: E402
@@ -211,12 +212,7 @@ def measure(run, fixed, moving, warmup: int, repeats: int) -> dict:
     has_peak = reset_peak_memory()
     for _ in range(warmup):
         call()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        start_wall, start_cpu = time.perf_counter(), time.process_time()
-        call()
-        wall.append(time.perf_counter() - start_wall)
-        cpu.append(time.process_time() - start_cpu)
+    wall, cpu = repeat_timed(call, repeats)
     peak = _status_kb("VmHWM") if has_peak else None
     result = {"median_ms": 1e3 * float(np.median(wall)), "min_ms": 1e3 * min(wall),
               "max_ms": 1e3 * max(wall), "cpu_ms": 1e3 * float(np.median(cpu)),

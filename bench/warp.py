@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,6 +27,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from aldk_tf import spatial  # noqa: E402
+from bench.timing import repeat_timed  # noqa: E402
 
 
 # --- Reference implementations, kept here for comparison only (not used by the library).
@@ -113,12 +113,7 @@ def time_call(function, args, repeats: int) -> tuple[float, float]:
         for result in tf.nest.flatten(function(*args)):
             result.numpy()
     call()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        start_wall, start_cpu = time.perf_counter(), time.process_time()
-        call()
-        wall.append(time.perf_counter() - start_wall)
-        cpu.append(time.process_time() - start_cpu)
+    wall, cpu = repeat_timed(call, repeats)
     return 1e3 * float(np.median(wall)), 1e3 * float(np.median(cpu))
 
 

@@ -1,6 +1,5 @@
 """data_prep: NIfTI → RCN-layout HDF5 (preprocessing, CLI) and the offline demo set."""
 
-import importlib.util
 import socket
 from pathlib import Path
 
@@ -11,15 +10,13 @@ from scipy import ndimage
 
 from aldk_tf.data import (DataError, load_dataset_config, read_dataset)
 from aldk_tf.data.preprocess import preprocess_scan, to_source_grid
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "data_prep" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"data_prep/{name}.py")
 
 
 # A scan stored in a non-RAS orientation (axes permuted and flipped), anisotropic voxels.

@@ -1,12 +1,12 @@
 """aldk_tf/demo.py: the whole pipeline end to end, with a tiny budget."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 from aldk_tf import demo, runs
 from aldk_tf.config import RunConfig
+from scripts import load_script
 
 
 def test_run_configs_differ_only_where_the_rows_say(tmp_path):
@@ -44,10 +44,7 @@ def test_demo_end_to_end_tiny_budget(demo_dataset_32, tmp_path, capsys):
     assert (out / "evaluate" / "student_distilled-test.json").is_file()
 
     # bench/crd_ablation.py on the finished demo: one row, the demo's budget and teacher.
-    spec = importlib.util.spec_from_file_location(
-        "crd_ablation", Path(__file__).resolve().parents[1] / "bench" / "crd_ablation.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
+    ablation = load_script("bench/crd_ablation.py")
     report = tmp_path / "ablation.json"
     assert ablation.main(["--demo", str(out), "--rows", "full_gated",
                           "--json", str(report)]) == 0

@@ -7,7 +7,6 @@ MultiWorkerMirroredStrategy. Each runs in fresh processes (devices and the colle
 runtime can only be set up before TensorFlow starts), bounded by timeouts.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ import tensorflow as tf
 
 from aldk_tf import distribute
 from synthetic import write_blob_dataset
+from scripts import load_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -91,10 +91,7 @@ def free_ports(count):
 
 
 def load_train_cli():
-    spec = importlib.util.spec_from_file_location("train_cli", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_cli("train")
 
 
 def test_multi_worker_aldk_on_loopback(dataset, tmp_path):

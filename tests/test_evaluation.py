@@ -1,6 +1,5 @@
 """aldk_tf/evaluation.py and the evaluate.py front end, on the 32^3 demo set."""
 
-import importlib.util
 import json
 import math
 import os
@@ -11,15 +10,9 @@ import pytest
 
 from aldk_tf import evaluation, metrics, runs
 from aldk_tf.data import list_pairs, load_dataset_config, load_pair
+from scripts import load_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_cli(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ SavedModel of the prepared graph) is compared with the Keras model's outputs and
 library warp; the benchmark script is run once at 32^3 for its JSON keys.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from aldk_tf import serving, spatial
 from aldk_tf.inference import (graph_ops, inference_graph, registration_function,
                                slow_ops, transposed_conv3d)
 from aldk_tf.networks import build_student, build_teacher
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (32, 32, 32)
@@ -175,12 +175,7 @@ def test_slow_ops_flags_gathers_outside_xla_and_python():
 
 # ----------------------------------------------------------------------------- scripts
 def load_bench(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" /
-                                                  f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"bench/{name}.py")
 
 
 def test_bench_row_names():

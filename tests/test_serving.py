@@ -1,7 +1,6 @@
 """aldk_tf/serving.py and export.py: SavedModel signatures, TFLite, TF Serving contract."""
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -16,15 +15,9 @@ import tensorflow as tf
 
 from aldk_tf import metrics, runs, serving
 from aldk_tf.data import list_pairs, load_dataset_config, load_pair
+from scripts import load_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_cli(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_cli(name, args):

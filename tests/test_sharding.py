@@ -1,7 +1,6 @@
 """Sharded evaluation (evaluate.py --shard/--merge) and sharded teacher-flow extraction
 (python -m aldk_tf.teacher_flows --shard/--merge): merged parts equal the unsharded run."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -16,16 +15,10 @@ from aldk_tf.checkpoints import save_weights_atomic
 from aldk_tf.config import ModelConfig, RunConfig
 from aldk_tf.shards import Shard, ShardError
 from synthetic import write_blob_dataset
+from scripts import load_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (16, 16, 16)
-
-
-def load_cli(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
