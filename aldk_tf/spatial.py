@@ -233,6 +233,21 @@ def compose(aggregate_flow: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
     return warp(aggregate_flow, flow) + flow
 
 
+def invert_flow(flow: tf.Tensor, iterations: int = 20) -> tf.Tensor:
+    """The inverse of the map ``x -> x + flow(x)``, as a flow ``inverse``.
+
+    ``y + inverse(y)`` is the ``x`` with ``x + flow(x) = y``, i.e. ``compose(flow,
+    inverse)`` is (close to) zero. Solved by the fixed-point iteration
+    ``inverse <- -flow(y + inverse(y))``, which converges when the flow's Lipschitz
+    constant is below 1 (smooth fields of a few voxels, such as the augmentation's).
+    """
+    flow = tf.convert_to_tensor(flow, tf.float32)
+    inverse = -flow
+    for _ in range(int(iterations)):
+        inverse = -warp(flow, inverse)
+    return inverse
+
+
 def compose_affine(matrix: tf.Tensor, affine: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
     """Exact composition after an affine first stage: ``(I + matrix) @ flow + affine``.
 
