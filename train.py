@@ -76,6 +76,15 @@ def parse_args(argv=None):
     aldk.add_argument("--teacher_online", action="store_true",
                       help="run the frozen teacher on every (augmented) batch instead of "
                            "using stored teacher flows")
+    aldk.add_argument("--flow-distill", "--flow_distill", dest="flow_distill", type=float,
+                      default=0.0, metavar="W",
+                      help="add W * mean |student flow - teacher flow|^2 (plain flow "
+                           "distillation from the stored teacher flows; without --aldk "
+                           "there is no critic)")
+    aldk.add_argument("--refine-targets", "--refine_targets", dest="refine_targets",
+                      type=int, default=0, metavar="N",
+                      help="distil from teacher flows refined by N instance-optimisation "
+                           "steps per training pair (stored once beside the teacher)")
     aldk.add_argument("--beta", type=float, default=0.1)
     aldk.add_argument("--gamma", type=float, default=0.3)
     aldk.add_argument("--lamb", type=float, default=0.1)
@@ -130,6 +139,15 @@ def build_config(args):
         raise ValueError("--aldk applies to the student (-b LDR)")
     if args.aldk and not args.teacher:
         raise ValueError("--aldk needs --teacher weights/<teacher run>")
+    if not 0.0 <= args.flow_distill < float("inf"):
+        raise ValueError(f"--flow-distill: expected a finite weight >= 0, got "
+                         f"{args.flow_distill}")
+    if args.flow_distill and role != "student":
+        raise ValueError("--flow-distill applies to the student (-b LDR)")
+    if args.flow_distill and not args.teacher:
+        raise ValueError("--flow-distill needs --teacher weights/<teacher run>")
+    if args.refine_targets < 0:
+        raise ValueError(f"--refine-targets: expected N >= 0, got {args.refine_targets}")
     if args.crd and role != "student":
         raise ValueError("--crd applies to the student (-b LDR)")
     if args.crd and not args.teacher:
@@ -153,7 +171,8 @@ def build_config(args):
                         adversarial_period=args.adv_period,
                         adversarial_until=args.adv_until,
                         critic_period=args.critic_period, teacher=teacher,
-                        teacher_online=args.teacher_online),
+                        teacher_online=args.teacher_online,
+                        flow_weight=args.flow_distill, refine=args.refine_targets),
         crd=CRDConfig(enabled=args.crd, flow_weight=args.crd_flow_weight,
                       feature_weight=args.crd_feature_weight, gate=args.crd_gate,
                       anneal_steps=args.crd_anneal,

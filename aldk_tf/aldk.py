@@ -35,8 +35,9 @@ import keras
 import tensorflow as tf
 
 from aldk_tf.losses import critic_loss, distillation_loss, registration_losses
-from aldk_tf.training import (BuiltTrainer, add_distillation, average_over_batch,
-                              network_inputs, replica_mean, tracked_terms, unpack)
+from aldk_tf.training import (BuiltTrainer, add_distillation, add_flow_distillation,
+                              average_over_batch, network_inputs, replica_mean,
+                              tracked_terms, unpack)
 
 ALDK_METRICS = ("loss", "rec", "dis", "critic", "gp", "adversarial")
 
@@ -57,7 +58,8 @@ class ALDKTrainer(BuiltTrainer):
         self.loss_weights, self.aldk = loss_weights, aldk
         self.global_batch_size = global_batch_size
         self.trackers = {name: keras.metrics.Mean(name=name)
-                         for name in ALDK_METRICS + tracked_terms(distiller)}
+                         for name in ALDK_METRICS + tracked_terms(distiller,
+                                                                  aldk.flow_weight)}
 
     def compile(self, g_optimizer, d_optimizer, **kwargs):
         super().compile(**kwargs)
@@ -145,6 +147,7 @@ class ALDKTrainer(BuiltTrainer):
             outputs = self.student(network_inputs(batch), training=True)
             terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
             terms = add_distillation(terms, self.distiller, batch, outputs, targets)
+            terms = add_flow_distillation(terms, aldk.flow_weight, teacher_flow, outputs)
             rec = average_over_batch(terms["total"], self.global_batch_size)
             dis = _branch(
                 adversarial,
@@ -195,7 +198,7 @@ class ALDKTrainer(BuiltTrainer):
         loss, rec, dis, critic_value = (replica_mean(value)
                                         for value in (loss, rec, dis, critic_value))
         values = {"loss": loss, "rec": rec, "adversarial": tf.cast(adversarial, tf.float32)}
-        for name in tracked_terms(self.distiller):
+        for name in tracked_terms(self.distiller, self.aldk.flow_weight):
             if name in terms:
                 values[name] = tf.reduce_mean(terms[name])
         for name, value in values.items():
@@ -208,13 +211,6 @@ class ALDKTrainer(BuiltTrainer):
         self.trackers["gp"].update_state(penalty, sample_weight=critic_weight)
         return self.step_logs({name: tracker.result()
                                for name, tracker in self.trackers.items()})
-
-    def test_step(self, data):
-        batch = unpack(data)
-        outputs = self.student(network_inputs(batch), training=False)
-        terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
-        self.trackers["rec"].update_state(tf.reduce_mean(terms["total"]))
-        return {"rec": self.trackers["rec"].result()}
 
 
 def _branch(condition, true_fn, false_fn):

@@ -48,7 +48,8 @@ class LossWeights:
 
 @dataclass
 class ALDKConfig:
-    """Adversarial learning with distilled knowledge (seed 001, Algorithm 1)."""
+    """Distillation from a teacher's flows: adversarial (ALDK, seed 001, Algorithm 1, when
+    ``enabled``) and/or a plain flow term (``flow_weight``)."""
     enabled: bool = False
     beta: float = 0.1                     # phi_hat = beta * teacher + (1 - beta) * student
     gamma: float = 0.3                    # L = gamma * l_rec + (1 - gamma) * l_dis
@@ -60,6 +61,11 @@ class ALDKConfig:
     critic_period: int = 3                # critic updated on every k-th step
     teacher: str | None = None            # weights/<teacher run>
     teacher_online: bool = False          # run the teacher per batch, not stored flows
+    flow_weight: float = 0.0              # > 0: add flow_weight * mean |phi_s - phi_t|^2
+                                          # (plain flow distillation; with enabled=False
+                                          # the student learns from the targets, no critic)
+    refine: int = 0                       # > 0: targets refined by this many instance-
+                                          # optimisation steps per pair (refine.py)
 
 
 @dataclass

@@ -53,8 +53,10 @@ def release_schedule(kind: str, base_lr: float, steps_per_epoch: int, total_step
                      cosine: bool):
     """The schedule for ``kind`` ("auto", "step", "cosine" or "constant").
 
-    "auto" is what the release used: the cosine form for a student trained without
-    ALDK (``cosine=True``), the step form for everything else.
+    "auto": the cosine form for every student (``cosine=True``), the step form for a
+    teacher. (The release gave only the student *without* ALDK the cosine form, so its
+    ALDK rows differed from their control in the schedule too; here distilled and plain
+    students share one schedule.)
     """
     if kind == "auto":
         kind = "cosine" if cosine else "step"

@@ -59,8 +59,8 @@ def ensure_teacher_flows(teacher_run: str, teacher, dataset_config, pairs,
     return path
 
 
-def _with_teacher_flows(dataset: tf.data.Dataset, path: str, image_size):
-    """Attach each pair's stored teacher flow (read by pair ids) to the batches."""
+def teacher_flow_reader(path: str, image_size):
+    """A batch map attaching each pair's stored teacher flow (read by pair ids)."""
     store = TeacherFlowStore(path)
 
     def read(fixed_ids, moving_ids):
@@ -73,24 +73,25 @@ def _with_teacher_flows(dataset: tf.data.Dataset, path: str, image_size):
         flow.set_shape([None, *image_size, 3])
         return {**batch, "teacher_flow": flow}
 
-    return dataset.map(attach)
+    return attach
 
 
 def training_dataset(config: RunConfig, dataset_config, start_step: int,
                      teacher_flows: str | None):
     """Infinite training batches, positioned at ``start_step`` for an exact resume.
 
-    With stored teacher flows the pairs are not augmented: a stored flow belongs to the
-    un-augmented pair (as in the release). Augmentation stays on for the teacher, the
-    plain student, and ALDK with the teacher run online (``--teacher-online``).
+    Every run with the same seed sees the same pairs in the same order with the same
+    augmentation. Stored teacher flows belong to the un-augmented pair; the augmentation
+    maps each onto its deformed pair (:func:`aldk_tf.data.augment.augmented_target`), so
+    distilled students train on exactly the plain student's batches.
     """
     from aldk_tf.data import pair_dataset
-    augment = config.train.augment and teacher_flows is None
+    attach = (teacher_flow_reader(teacher_flows, config.model.image_size)
+              if teacher_flows is not None else None)
     dataset = pair_dataset(dataset_config, TRAINING_SCHEME, config.train.batch,
-                           shuffle=True, seed=config.train.seed, augment=augment,
-                           repeat=True, with_ids=True, drop_remainder=True)
-    if teacher_flows is not None:
-        dataset = _with_teacher_flows(dataset, teacher_flows, config.model.image_size)
+                           shuffle=True, seed=config.train.seed,
+                           augment=config.train.augment, repeat=True, with_ids=True,
+                           drop_remainder=True, attach=attach)
     dataset = dataset.map(lambda batch: {key: value for key, value in batch.items()
                                          if key in TRAINING_KEYS})
     if start_step:
@@ -237,8 +238,11 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
     for name, part in (("--aldk", config.aldk), ("--crd", config.crd)):
         if part.enabled and not part.teacher:
             raise runs.RunError(f"{name} needs --teacher weights/<teacher run>")
-    teacher_run = config.aldk.teacher if config.aldk.enabled else config.crd.teacher
-    if config.aldk.enabled or config.crd.enabled:
+    if config.aldk.flow_weight > 0 and not config.aldk.teacher:
+        raise runs.RunError("--flow-distill needs --teacher weights/<teacher run>")
+    distilling = config.aldk.enabled or config.aldk.flow_weight > 0
+    teacher_run = config.aldk.teacher if distilling else config.crd.teacher
+    if distilling or config.crd.enabled:
         with strategy.scope():
             teacher = load_teacher(teacher_run, config.model.image_size)
     os.makedirs(run_dir, exist_ok=True)
@@ -248,8 +252,11 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
     total_steps = config.train.round * config.train.epochs
     use_aldk = config.aldk.enabled
     online = config.aldk.teacher_online or config.crd.enabled
+    if config.aldk.flow_weight > 0 and online and not use_aldk:
+        raise runs.RunError("--flow-distill reads stored teacher flows; it cannot be "
+                            "combined with --teacher-online or --crd without --aldk")
     flows = None
-    if use_aldk and not online:
+    if (use_aldk or config.aldk.flow_weight > 0) and not online:
         flows = _shared_teacher_flows(strategy, chief, config.aldk.teacher, teacher,
                                       dataset_config,
                                       list_pairs(dataset_config, TRAINING_SCHEME))
@@ -257,8 +264,7 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
         network = config.model.build()
         schedule = release_schedule(config.train.schedule, config.train.lr,
                                     config.train.round, total_steps,
-                                    cosine=(config.model.role == "student"
-                                            and not use_aldk))
+                                    cosine=config.model.role == "student")
         optimizer = keras.optimizers.Adam(schedule)
         distiller = None
         if config.crd.enabled:
@@ -279,7 +285,8 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
         else:
             trainer = RegistrationTrainer(network, config.losses,
                                           global_batch_size=config.train.batch,
-                                          distiller=distiller)
+                                          distiller=distiller,
+                                          flow_weight=config.aldk.flow_weight)
             trainer.compile(optimizer=optimizer)
             optimizer.build(trainer.trainable_weights_to_update())
 

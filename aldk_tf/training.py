@@ -7,8 +7,8 @@ import tensorflow as tf
 
 from aldk_tf.losses import registration_losses
 
-LOSS_TERMS = ("similarity", "smoothness", "det", "ortho", "crd_flow", "crd_feature",
-              "crd_weight")
+LOSS_TERMS = ("similarity", "smoothness", "det", "ortho", "flow_distill", "crd_flow",
+              "crd_feature", "crd_weight")
 # Distillation terms that join the loss (``crd_weight`` is only reported: the per-pair
 # weight of the distillation terms, i.e. the gate's open fraction times the anneal).
 DISTILLATION_LOSSES = ("crd_flow", "crd_feature")
@@ -32,9 +32,28 @@ def network_inputs(batch: dict) -> dict:
     return {"fixed": batch["fixed"], "moving": batch["moving"]}
 
 
-def tracked_terms(distiller) -> tuple[str, ...]:
+def tracked_terms(distiller, flow_weight: float = 0.0) -> tuple[str, ...]:
     """The loss terms a trainer reports (the distillation ones only when distilling)."""
-    return tuple(t for t in LOSS_TERMS if distiller is not None or not t.startswith("crd"))
+    return tuple(t for t in LOSS_TERMS
+                 if (distiller is not None or not t.startswith("crd"))
+                 and (flow_weight > 0 or t != "flow_distill"))
+
+
+def flow_distillation_loss(student_flow: tf.Tensor, teacher_flow: tf.Tensor) -> tf.Tensor:
+    """Mean squared difference of two flows over voxels and components, ``[B]``."""
+    difference = tf.cast(student_flow, tf.float32) - tf.cast(teacher_flow, tf.float32)
+    return tf.reduce_mean(tf.reshape(difference ** 2, [tf.shape(difference)[0], -1]), 1)
+
+
+def add_flow_distillation(terms: dict, weight: float, teacher_flow, outputs) -> dict:
+    """Add ``weight * flow_distillation_loss`` (plain distillation from the teacher's
+    flow, no critic) to ``terms`` and its total; nothing when ``weight`` is 0."""
+    if not weight:
+        return terms
+    if teacher_flow is None:
+        raise ValueError("flow distillation needs a 'teacher_flow' in the batch")
+    term = weight * flow_distillation_loss(outputs["flow"], teacher_flow)
+    return {**terms, "flow_distill": term, "total": terms["total"] + term}
 
 
 def add_distillation(terms: dict, distiller, batch, outputs, targets) -> dict:
@@ -82,14 +101,15 @@ class RegistrationTrainer(BuiltTrainer):
     """
 
     def __init__(self, network, loss_weights, global_batch_size=None, distiller=None,
-                 **kwargs):
+                 flow_weight: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.network = network
         self.loss_weights = loss_weights
         self.global_batch_size = global_batch_size
         self.distiller = distiller
+        self.flow_weight = float(flow_weight)
         self.trackers = {name: keras.metrics.Mean(name=name)
-                         for name in ("loss",) + tracked_terms(distiller)}
+                         for name in ("loss",) + tracked_terms(distiller, flow_weight)}
 
     @property
     def metrics(self):
@@ -100,7 +120,7 @@ class RegistrationTrainer(BuiltTrainer):
 
     def _update_trackers(self, terms: dict, loss) -> dict:
         self.trackers["loss"].update_state(loss)
-        for name in tracked_terms(self.distiller):
+        for name in tracked_terms(self.distiller, self.flow_weight):
             if name in terms:
                 self.trackers[name].update_state(tf.reduce_mean(terms[name]))
         return {name: tracker.result() for name, tracker in self.trackers.items()}
@@ -113,6 +133,8 @@ class RegistrationTrainer(BuiltTrainer):
             outputs = self.network(network_inputs(batch), training=True)
             terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
             terms = add_distillation(terms, self.distiller, batch, outputs, targets)
+            terms = add_flow_distillation(terms, self.flow_weight,
+                                          batch.get("teacher_flow"), outputs)
             loss = average_over_batch(terms["total"], self.global_batch_size)
         variables = self.trainable_weights_to_update()
         self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
@@ -122,8 +144,3 @@ class RegistrationTrainer(BuiltTrainer):
         extra = self.distiller.adapter_variables if self.distiller is not None else []
         return self.network.trainable_variables + extra
 
-    def test_step(self, data):
-        batch = unpack(data)
-        outputs = self.network(network_inputs(batch), training=False)
-        terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
-        return self._update_trackers(terms, tf.reduce_mean(terms["total"]))

@@ -170,7 +170,7 @@ def pair_dataset(config: DatasetConfig, scheme, batch_size: int, shuffle: bool =
                  seed: int = 0, augment: bool = False, paired: bool | None = None,
                  repeat: bool = False, with_ids: bool = True,
                  use_atlas: bool | None = None,
-                 drop_remainder: bool = False) -> tf.data.Dataset:
+                 drop_remainder: bool = False, attach=None) -> tf.data.Dataset:
     """Batched (fixed, moving) pairs of ``scheme``; see the module docstring for elements.
 
     Args:
@@ -187,6 +187,10 @@ def pair_dataset(config: DatasetConfig, scheme, batch_size: int, shuffle: bool =
       with_ids: include ``fixed_id`` / ``moving_id``.
       use_atlas: pair every scan with the config's atlas; defaults to True when it has one.
       drop_remainder: drop a last incomplete batch.
+      attach: a function of a batch returning it with more entries, applied before the
+        augmentation (training adds each pair's stored ``teacher_flow`` this way; the
+        augmentation then maps that flow onto the deformed pair, see
+        :func:`aldk_tf.data.augment.augmented_target`).
     """
     config.validate(scheme)                    # metadata only: fails early, reads no voxels
     by_subset = _subset_pairs(config, scheme, paired, use_atlas)
@@ -208,6 +212,8 @@ def pair_dataset(config: DatasetConfig, scheme, batch_size: int, shuffle: bool =
         dataset = _source_dataset(config, pairs, shuffle, (seed,), repeat)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     dataset = dataset.map(lambda batch: _to_model_inputs(batch, with_ids))
+    if attach is not None:
+        dataset = dataset.map(attach)
     if augment:
         generator = tf.random.Generator.from_seed(seed)
         labels = config.label_values
