@@ -9,7 +9,7 @@ from __future__ import annotations
 import keras
 
 from aldk_tf.layers import AffineFlow, AveragePool3D
-from aldk_tf.networks.blocks import check_image_size, conv, pair_input
+from aldk_tf.networks.blocks import RELEASE_INIT, check_image_size, conv, pair_input
 
 # (filters, stride) per 3x3x3 conv.
 VTN_AFFINE_ENCODER = ((16, 2), (32, 2), (64, 2), (64, 1), (128, 2), (128, 1), (256, 2),
@@ -44,7 +44,8 @@ class AffineStem(keras.Model):
         inputs = pair_input(image_size, f"{name}_input")
         x = inputs
         for i, (filters, strides) in enumerate(spec["encoder"], start=1):
-            x = conv(filters, 3, strides, f"{name}_conv{i}")(x)
+            x = conv(filters, 3, strides, f"{name}_conv{i}",
+                     kernel_initializer=RELEASE_INIT)(x)
         if spec["pool"]:
             x = AveragePool3D(3, strides=2, padding="same", name=f"{name}_pool")(x)
         grid = tuple(int(n) for n in x.shape[1:4])

@@ -5,6 +5,16 @@ from __future__ import annotations
 import keras
 
 LEAKY_SLOPE = 0.1
+#: The release's initialisation of VTN/affine convs (tflearn ``uniform_scaling``: uniform
+#: on +-sqrt(3 / fan_in), i.e. LeCun uniform).
+RELEASE_INIT = "lecun_uniform"
+
+
+def flow_head_init():
+    """Flow-prediction layers start near zero (as VoxelMorph's head): a network's first
+    flows are then close to the identity instead of voxels of noise (the VTN multiplies
+    its last prediction by 20)."""
+    return keras.initializers.RandomNormal(stddev=1e-5)
 
 
 def check_image_size(name: str, image_size, stride: int) -> tuple[int, int, int]:
@@ -17,17 +27,21 @@ def check_image_size(name: str, image_size, stride: int) -> tuple[int, int, int]
     return size
 
 
-def conv(filters, kernel, strides, name, activation=True, use_bias=True):
+def conv(filters, kernel, strides, name, activation=True, use_bias=True,
+         kernel_initializer="glorot_uniform"):
     """Conv3D, 'same' padding, LeakyReLU(0.1) unless ``activation`` is False."""
     return keras.layers.Conv3D(
         filters, kernel, strides=strides, padding="same", use_bias=use_bias,
+        kernel_initializer=kernel_initializer,
         activation=keras.layers.LeakyReLU(LEAKY_SLOPE) if activation else None, name=name)
 
 
-def upconv(filters, name, activation=True, use_bias=True, kernel=4):
+def upconv(filters, name, activation=True, use_bias=True, kernel=4,
+           kernel_initializer="glorot_uniform"):
     """Conv3DTranspose (stride 2, 'same')."""
     return keras.layers.Conv3DTranspose(
         filters, kernel, strides=2, padding="same", use_bias=use_bias,
+        kernel_initializer=kernel_initializer,
         activation=keras.layers.LeakyReLU(LEAKY_SLOPE) if activation else None, name=name)
 
 
