@@ -18,8 +18,14 @@ changes follow: a smooth multiplicative bias field, a gamma contrast change, a g
 and Gaussian noise. Every random number comes from ``numpy.random.default_rng([seed,
 subject])``, so a subject depends only on the seed, its index and the size.
 
-Caveat: all subjects derive from one template, so test subjects share its anatomy with the
-training subjects; they are unseen deformations, not unseen brains.
+With ``vary=True`` every subject is first made a different brain
+(:func:`aldk_tf.data.anatomy.vary_anatomy`: tissue maps reweighted by smooth random
+fields, the image re-synthesised with random T1-like contrast and blur), so a network
+cannot learn one template's anatomy. ``test_template`` builds the test subjects from
+another skull-stripped T1 (e.g. the older MNI152 linear average ``avg152T1_brain``), whose
+tissue maps come from a Gaussian mixture of its intensities: a held-out anatomy.
+Without either, all subjects derive from one template: test subjects share its anatomy
+with the training subjects (unseen deformations, not unseen brains).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import tensorflow as tf
 
 from aldk_tf import spatial
 
+from .anatomy import template_from_t1, vary_anatomy
 from .augment import transform_points, upsample_control
 from .hdf5 import DatasetWriter, write_dataset_config
 from .preprocess import bounding_box, box_affine, resample_box
@@ -54,21 +61,21 @@ MARGIN = 8                   # voxels (mm) around the brain's bounding box
 MAX_FLOW_SIZE = 64           # deformations are integrated at most at 64^3, then resized
 
 
-def load_template(size: int) -> dict:
-    """The cropped template at ``size``³: T1 in [0, 1], tissue probabilities, labels."""
-    from nilearn.datasets import (load_mni152_gm_template, load_mni152_template,
-                                  load_mni152_wm_template)
+def load_template(size: int, t1_path=None) -> dict:
+    """The cropped template at ``size``³: T1 in [0, 1], tissue probabilities, labels.
 
-    t1_image = load_mni152_template()
-    t1 = np.asarray(t1_image.get_fdata(), np.float32)
-    gm = np.clip(load_mni152_gm_template().get_fdata(), 0.0, 1.0).astype(np.float32)
-    wm = np.clip(load_mni152_wm_template().get_fdata(), 0.0, 1.0).astype(np.float32)
-    brain = t1 > 0
-    tissue = gm + wm
-    over = np.maximum(tissue, 1.0)
-    gm, wm = gm / over * brain, wm / over * brain
-    csf = np.clip(1.0 - gm - wm, 0.0, 1.0) * brain
-    probabilities = [1.0 - brain, csf, gm, wm]            # background, CSF, GM, WM
+    Default: nilearn's ICBM 2009a with its GM/WM maps. ``t1_path``: a skull-stripped T1
+    NIfTI in MNI space, tissue maps from :func:`template_from_t1`.
+    """
+    if t1_path is None:
+        t1_image, probabilities, brain = _icbm_2009a()
+        t1 = np.asarray(t1_image.get_fdata(), np.float32)
+    else:
+        import nibabel as nib
+        t1_image = nib.as_closest_canonical(nib.load(str(t1_path)))
+        built = template_from_t1(t1_image.get_fdata())
+        t1, brain = built["t1"], built["labels"] > 0
+        probabilities = list(np.moveaxis(built["probabilities"], -1, 0))
 
     start, stop = bounding_box(brain, MARGIN, where="MNI152 template brain")
     shape = (size,) * 3
@@ -80,6 +87,21 @@ def load_template(size: int) -> dict:
     return {"t1": t1.astype(np.float32), "probabilities": probabilities.astype(np.float32),
             "labels": np.argmax(probabilities, axis=-1).astype(np.uint8),
             "affine": affine, "landmarks": landmarks.astype(np.float32)}
+
+
+def _icbm_2009a():
+    """nilearn's ICBM 2009a T1 image, tissue maps (background, CSF, GM, WM), brain mask."""
+    from nilearn.datasets import (load_mni152_gm_template, load_mni152_template,
+                                  load_mni152_wm_template)
+
+    t1_image = load_mni152_template()
+    brain = np.asarray(t1_image.get_fdata()) > 0
+    gm = np.clip(load_mni152_gm_template().get_fdata(), 0.0, 1.0).astype(np.float32)
+    wm = np.clip(load_mni152_wm_template().get_fdata(), 0.0, 1.0).astype(np.float32)
+    over = np.maximum(gm + wm, 1.0)
+    gm, wm = gm / over * brain, wm / over * brain
+    csf = np.clip(1.0 - gm - wm, 0.0, 1.0) * brain
+    return t1_image, [1.0 - brain, csf, gm, wm], brain
 
 
 def _rotation(angles) -> np.ndarray:
@@ -128,10 +150,16 @@ def _deform_template(t1, probabilities, landmarks, control, matrix, shift):
             transform_points(landmarks, flow))
 
 
-def make_subject(template: dict, seed: int, index: int) -> dict:
-    """One synthetic subject: ``{volume, segmentation, point, attrs}`` (RCN scan layout)."""
+def make_subject(template: dict, seed: int, index: int, vary: bool = False) -> dict:
+    """One synthetic subject: ``{volume, segmentation, point, attrs}`` (RCN scan layout).
+
+    ``vary``: a different brain first (:func:`vary_anatomy`, its own random stream, so the
+    deformation and intensity draws are those of the unvaried subject).
+    """
     rng = np.random.default_rng([seed, index])
     size = template["t1"].shape[0]
+    if vary:
+        template = vary_anatomy(template, np.random.default_rng([seed, index, 1]))
     parameters = random_deformation_parameters(rng, size)
     t1, probabilities, points = _deform_template(
         template["t1"][None, ..., None], template["probabilities"][None],
@@ -149,11 +177,14 @@ def make_subject(template: dict, seed: int, index: int) -> dict:
 
 
 def build_demo(out_dir="datasets", size: int = 64, seed: int = 0, subjects: int = 20,
-               validation: int = 4, test: int = 4, log=print) -> Path:
+               validation: int = 4, test: int = 4, log=print, vary: bool = False,
+               test_template=None) -> Path:
     """Write ``out_dir/demo.h5`` and ``out_dir/demo.json``; returns the JSON path.
 
     Subjects ``0 .. n-1`` are split in order: training first, then ``validation``, then
     ``test`` (never used for training). Schemes: "1" training, "2" validation, "test".
+    ``vary``: every subject a different brain (see module docstring). ``test_template``:
+    path of a skull-stripped T1 in MNI space the test subjects are built from instead.
     """
     train = subjects - validation - test
     if size < 16 or validation < 1 or test < 1 or train < 2:
@@ -162,16 +193,20 @@ def build_demo(out_dir="datasets", size: int = 64, seed: int = 0, subjects: int 
                          f"{validation} validation, {test} test")
     out_dir = Path(out_dir)
     template = load_template(size)
+    held_out = load_template(size, test_template) if test_template else template
     ids = [f"subject_{index:02d}" for index in range(subjects)]
     with DatasetWriter(out_dir / "demo.h5") as writer:
         for index, scan_id in enumerate(ids):
-            writer.add(scan_id, **make_subject(template, seed, index))
+            source = held_out if index >= train + validation else template
+            writer.add(scan_id, **make_subject(source, seed, index, vary))
             if log:
                 log(f"[{index + 1}/{subjects}] {scan_id}")
     entries = [f"demo/{scan_id}" for scan_id in ids]
     description = (f"Synthetic subjects deformed from nilearn's MNI152 ICBM 2009a template "
-                   f"(T1 + GM/WM maps), size {size}, seed {seed}; built by "
-                   "data_prep/build_demo.py")
+                   f"(T1 + GM/WM maps), size {size}, seed {seed}"
+                   + (", anatomy varied per subject" if vary else "")
+                   + (f", test subjects from {Path(test_template).name}"
+                      if test_template else "") + "; built by aldk_tf.data.demo_set")
     config = write_dataset_config(
         out_dir / "demo.json", files={"demo": {"type": "HDF5", "path": "demo.h5"}},
         subsets={"demo-train": entries[:train],
