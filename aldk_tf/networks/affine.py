@@ -16,9 +16,11 @@ VTN_AFFINE_ENCODER = ((16, 2), (32, 2), (64, 2), (64, 1), (128, 2), (128, 1), (2
                       (256, 1), (512, 2), (512, 1))
 STUDENT_AFFINE_ENCODER = ((16, 2), (32, 2), (64, 2), (128, 2))
 
+# The teacher's stem starts as the release's (LeCun uniform); the student's keeps Keras'.
 AFFINE_VARIANTS = {
-    "vtn": {"encoder": VTN_AFFINE_ENCODER, "pool": False},
-    "student": {"encoder": STUDENT_AFFINE_ENCODER, "pool": True},
+    "vtn": {"encoder": VTN_AFFINE_ENCODER, "pool": False, "init": RELEASE_INIT},
+    "student": {"encoder": STUDENT_AFFINE_ENCODER, "pool": True,
+                "init": "glorot_uniform"},
 }
 
 
@@ -45,7 +47,7 @@ class AffineStem(keras.Model):
         x = inputs
         for i, (filters, strides) in enumerate(spec["encoder"], start=1):
             x = conv(filters, 3, strides, f"{name}_conv{i}",
-                     kernel_initializer=RELEASE_INIT)(x)
+                     kernel_initializer=spec["init"])(x)
         if spec["pool"]:
             x = AveragePool3D(3, strides=2, padding="same", name=f"{name}_pool")(x)
         grid = tuple(int(n) for n in x.shape[1:4])
