@@ -1,12 +1,14 @@
 """Evaluate a trained run on the validation scheme or on named subsets (RCN format).
 
     python evaluate.py -c weights/<run> [-d dataset.json] [-v subset[,subset]] [--batch B]
-                       [-r rep] [--paired] [--out-dir evaluate]
+                       [-r rep] [--paired] [--refine N] [--out-dir evaluate]
 
-writes ``evaluate/<run>[-rep<r>][-<subset>].txt`` (one line per pair
+writes ``evaluate/<run>[-rep<r>][-refine<N>][-<subset>].txt`` (one line per pair
 ``id1 id2 dice jacc landmark_distance jacobian_det_std``, then ``Summary`` and the mean
 (std) lines) and a ``.json`` beside it with per-label Dice/Jaccard, % folding voxels and
 seconds per pair. Without ``-v`` the dataset's validation scheme ("2") is evaluated.
+``--refine N`` refines each flow by N steps of instance optimisation from the model's
+(:mod:`aldk_tf.refine`) before scoring; the seconds per pair then include it.
 
 Sharded across machines: ``--shard i/n`` (1-based) evaluates every n-th pair starting at
 pair i and writes ``<report>.shard-i-of-n.txt/.json``; then, with all parts in one folder,
@@ -29,6 +31,7 @@ from aldk_tf import runs  # noqa: E402
 from aldk_tf.data import VALIDATION_SCHEME, DataError, load_dataset_config  # noqa: E402
 from aldk_tf.evaluation import (EvaluationError, write_json_report,  # noqa: E402
                                  write_rcn_report)
+from aldk_tf.refine import DEFAULT_LEARNING_RATE  # noqa: E402
 from aldk_tf.serving import ExportError, prepare_base  # noqa: E402
 from aldk_tf.shards import Shard, ShardError, find_parts, split_name  # noqa: E402
 
@@ -51,6 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "file (from export.py)")
     parser.add_argument("-n", "--name", help="suffix of the report names (default: the "
                         "exported file's name with --exported)")
+    parser.add_argument("--refine", type=int, default=0, metavar="N", help="refine each "
+                        "flow by N instance-optimisation steps, warm-started from the "
+                        "model's (default 0: the model's flow)")
+    parser.add_argument("--refine-lr", "--refine_lr", type=float,
+                        default=DEFAULT_LEARNING_RATE, metavar="VOXELS",
+                        help="Adam step size of the refinement, in voxels "
+                        f"(default {DEFAULT_LEARNING_RATE})")
     parser.add_argument("--out-dir", default="evaluate", help="report folder "
                         "(default evaluate)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -63,13 +73,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def report_stem(run_dir: str, rep: int | None, subset: str | None,
-                name: str | None = None) -> str:
-    """``<run>[-rep<r>][-<name>][-<subset>]`` as the original named its reports."""
+                name: str | None = None, refine: int = 0) -> str:
+    """``<run>[-rep<r>][-<name>][-refine<N>][-<subset>]`` as the original named its
+    reports (plus the refinement's steps)."""
     stem = os.path.basename(os.path.normpath(run_dir))
     if rep is not None and rep > 1:
         stem += f"-rep{rep}"
     if name:
         stem += f"-{name}"
+    if refine:
+        stem += f"-refine{refine}"
     return stem if subset is None else f"{stem}-{subset}"
 
 
@@ -112,6 +125,10 @@ def main(argv=None) -> int:
             raise EvaluationError(f"-r must be >= 1, got {args.rep}")
         if args.batch < 1:
             raise EvaluationError(f"--batch must be >= 1, got {args.batch}")
+        if args.refine < 0:
+            raise EvaluationError(f"--refine must be >= 0, got {args.refine}")
+        if args.refine and not args.refine_lr > 0:
+            raise EvaluationError(f"--refine-lr must be > 0, got {args.refine_lr}")
         from aldk_tf.evaluation import check_image_size
         check_image_size(run_config.model.image_size, dataset)
         prepare_base(args.out_dir)
@@ -129,7 +146,7 @@ def _merge(args, parts_by_subset: dict) -> int:
     groups: dict[str, list[str]] = {}
     for subset, parts in parts_by_subset.items():
         if not parts:
-            stem = report_stem(args.checkpoint, args.rep, subset, args.name)
+            stem = report_stem(args.checkpoint, args.rep, subset, args.name, args.refine)
             found = find_parts(args.out_dir, stem, ".json")
             if not found:
                 raise EvaluationError(f"{args.out_dir}: no parts {stem}.shard-*-of-*.json "
@@ -167,24 +184,28 @@ def _evaluate(args, run_config, dataset, subsets, shard=None) -> int:
 
     _, model = runs.load_model(args.checkpoint, rep=args.rep)
     rep, parameters, name = model.rep, int(model.count_params()), args.name
+    refined = ({"refine_steps": args.refine, "refine_learning_rate": args.refine_lr}
+               if args.refine else {})
     if args.exported:
         model, default_name = exported_model(args.exported, dataset)
         name = name or default_name
     for subset in subsets:
         scheme = VALIDATION_SCHEME if subset is None else subset
         pairs = list_pairs(dataset, scheme, paired=True if args.paired else None)
-        stem = report_stem(args.checkpoint, args.rep, subset, name)
+        stem = report_stem(args.checkpoint, args.rep, subset, name, args.refine)
         part = {}
         if shard is not None:
             part = {"shard": shard_metadata(shard, len(pairs))}
             pairs, stem = shard.select(pairs), shard.name(stem)
         print(f"Evaluating {len(pairs)} pairs of '{scheme}' "
-              f"{f'(shard {shard}) ' if shard else ''}({dataset.where}, rep {rep})",
-              flush=True)
+              f"{f'(shard {shard}) ' if shard else ''}({dataset.where}, rep {rep}"
+              f"{f', refined by {args.refine} steps' if args.refine else ''})", flush=True)
         if pairs:
             records, summary = evaluate_pairs(model, dataset, pairs, batch=args.batch,
                                               label_values=dataset.label_values,
-                                              progress=not args.no_progress)
+                                              progress=not args.no_progress,
+                                              refine=args.refine,
+                                              refine_learning_rate=args.refine_lr)
         else:                                # a shard of fewer pairs than shards
             records, summary = [], summarise([])
         text_path, json_path = _report_paths(args.out_dir, stem)
@@ -192,7 +213,7 @@ def _evaluate(args, run_config, dataset, subsets, shard=None) -> int:
                           dataset=str(dataset.where), scheme=scheme, rep=rep,
                           paired=bool(args.paired), batch=args.batch,
                           exported=args.exported, parameters=parameters,
-                          model=run_config.to_dict()["model"], **part)
+                          model=run_config.to_dict()["model"], **refined, **part)
         write_rcn_report(text_path, records)
         print(f"{_summary_line(summary)} -> {text_path}")
     return 0

@@ -23,6 +23,7 @@ import numpy as np
 from aldk_tf import metrics
 from aldk_tf.config import atomic_write_text
 from aldk_tf.data import DataError, ScanStore, load_pair
+from aldk_tf.refine import DEFAULT_LEARNING_RATE, refine_flow
 
 #: (record key, report label) of the summary lines, in the original's order.
 RCN_SUMMARY = (("dice", "Dice score"), ("jacc", "Jacc score"),
@@ -56,13 +57,27 @@ def check_image_size(model_size, dataset_config) -> None:
             f"{dataset_config.where} has image_size {tuple(dataset_config.image_size)}")
 
 
-def _flow_function(model):
-    """``flow(fixed, moving) -> [B, D, H, W, 3]`` numpy for a Keras model or a callable."""
+def _flow_function(model, refine: int = 0,
+                   refine_learning_rate: float = DEFAULT_LEARNING_RATE):
+    """``flow(fixed, moving) -> [B, D, H, W, 3]`` numpy for a Keras model or a callable,
+    refined by ``refine`` instance-optimisation steps from the model's flow when > 0."""
     if isinstance(model, keras.Model):
         from aldk_tf.serving import RegistrationModule   # one trace, dynamic batch
         register = RegistrationModule(model).register
-        return lambda fixed, moving: register(fixed, moving)["flow"].numpy()
-    return lambda fixed, moving: np.asarray(model(fixed, moving)["flow"])
+    else:
+        register = model
+
+    def model_flow(fixed, moving):
+        return np.asarray(register(fixed, moving)["flow"])
+
+    if refine == 0:
+        return model_flow
+
+    def refined_flow(fixed, moving):
+        flow, _ = refine_flow(fixed, moving, model_flow(fixed, moving), refine,
+                              learning_rate=refine_learning_rate)
+        return flow.numpy()
+    return refined_flow
 
 
 def _batches(items, size):
@@ -71,7 +86,9 @@ def _batches(items, size):
 
 
 def evaluate_pairs(model, dataset_config, pairs, batch: int = 1, label_values=None,
-                   progress: bool = True) -> tuple[list[dict], dict]:
+                   progress: bool = True, *, refine: int = 0,
+                   refine_learning_rate: float = DEFAULT_LEARNING_RATE
+                   ) -> tuple[list[dict], dict]:
     """Register ``pairs`` and compute the evaluation metrics of each.
 
     Args:
@@ -84,18 +101,26 @@ def evaluate_pairs(model, dataset_config, pairs, batch: int = 1, label_values=No
       label_values: the segmentation label values to score (the config's
         ``label_values``), or None for a binary 0/255 mask.
       progress: show a progress bar.
+      refine: instance-optimisation steps (:func:`aldk_tf.refine.refine_flow`) from the
+        model's flow before scoring; 0 scores the model's flow itself.
+      refine_learning_rate: the refinement's Adam step size in voxels.
     Returns:
       ``(records, summary)``: one dict per pair (``fixed_id``, ``moving_id``, ``dice``,
       ``jacc``, ``landmark_distance``, ``jacobian_det_std``, ``folding_percent``,
       ``dice_labels`` / ``jacc_labels`` {label name: value}, ``seconds`` = wall-clock
-      model time per pair on this machine, warm-up excluded), and :func:`summarise`.
+      model time per pair on this machine, refinement included, warm-up excluded), and
+      :func:`summarise`.
     """
     if batch < 1:
         raise EvaluationError(f"--batch must be >= 1, got {batch}")
+    if refine < 0:
+        raise EvaluationError(f"--refine must be >= 0, got {refine}")
+    if refine and not refine_learning_rate > 0:
+        raise EvaluationError(f"--refine-lr must be > 0, got {refine_learning_rate}")
     if not pairs:
         raise EvaluationError(f"{dataset_config.where}: no pairs to evaluate")
     names = label_names(dataset_config, label_values)
-    flow_of = _flow_function(model)
+    flow_of = _flow_function(model, refine, refine_learning_rate)
     bar = keras.utils.Progbar(len(pairs), unit_name="pair") if progress else None
     records: list[dict] = []
     warmed_up = False

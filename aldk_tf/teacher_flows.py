@@ -11,11 +11,22 @@ Extraction can be split across machines: shard ``i/n`` (:mod:`aldk_tf.shards`) w
 
     python -m aldk_tf.teacher_flows --teacher weights/<run> -d data.json --shard 2/3
     python -m aldk_tf.teacher_flows --teacher weights/<run> -d data.json --merge
+
+With ``refine=N`` (``--refine N``) each teacher flow is refined by N steps of instance
+optimisation (:mod:`aldk_tf.refine`) before it is stored, so the targets are better than
+the teacher itself. The file and every flow record the setting (attributes
+``refine_steps`` and ``refine_learning_rate``); a file written with another setting is
+refused, never mixed or silently reused; each setting has its own file
+(``teacher_flows-refine<N>.h5``). Pairs with segmentations also record the Dice
+(and % folding voxels) of the raw teacher flow and of the stored one
+(``dice_teacher``/``dice_stored``, ``folding_teacher``/``folding_stored``), which
+:func:`refinement_summary` averages.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -25,6 +36,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from aldk_tf import metrics
+from aldk_tf.refine import DEFAULT_LEARNING_RATE, refine_flow
 from aldk_tf.runs import TEACHER_FLOWS_NAME, RunError
 from aldk_tf.shards import Shard, ShardError, check_complete, find_parts, split_name
 
@@ -35,11 +48,19 @@ def pair_key(fixed_id: str, moving_id: str) -> str:
     return f"{fixed_id}-{moving_id}"
 
 
-def flows_path(teacher_run: str, shard: Shard | None = None) -> str:
-    """The teacher's flow file, or the part file of ``shard``."""
-    if shard is None:
-        return os.path.join(teacher_run, TEACHER_FLOWS_NAME)
+def flows_stem(refine: int = 0) -> tuple[str, str]:
+    """``(stem, suffix)`` of the flow file of a refine setting: ``teacher_flows.h5`` for
+    the raw flows, ``teacher_flows-refine<N>.h5`` for flows refined by N steps (so raw
+    and refined targets of one teacher live side by side)."""
     stem, suffix = os.path.splitext(TEACHER_FLOWS_NAME)
+    return (f"{stem}-refine{int(refine)}" if refine else stem), suffix
+
+
+def flows_path(teacher_run: str, shard: Shard | None = None, refine: int = 0) -> str:
+    """The teacher's flow file for ``refine`` steps, or the part file of ``shard``."""
+    stem, suffix = flows_stem(refine)
+    if shard is None:
+        return os.path.join(teacher_run, stem + suffix)
     return os.path.join(teacher_run, shard.name(stem, suffix))
 
 
@@ -86,11 +107,75 @@ def missing_pairs(path: str, pairs) -> list[tuple[str, str]]:
     return [pair for pair in pairs if pair_key(*pair) not in done]
 
 
+def refine_setting(steps: int = 0,
+                   learning_rate: float = DEFAULT_LEARNING_RATE) -> dict:
+    """The attributes that record how stored flows were refined (steps 0: not at all)."""
+    if steps < 0:
+        raise RunError(f"--refine must be >= 0, got {steps}")
+    if steps == 0:
+        return {"refine_steps": 0}
+    if not np.isfinite(learning_rate) or learning_rate <= 0:
+        raise RunError(f"--refine-lr must be > 0, got {learning_rate}")
+    return {"refine_steps": int(steps), "refine_learning_rate": float(learning_rate)}
+
+
+def stored_setting(handle: h5py.File) -> dict:
+    """The refine setting a flow file was written with (files from before refinement
+    existed hold unrefined flows: ``refine_steps`` 0)."""
+    steps = int(handle.attrs.get("refine_steps", 0))
+    if steps == 0:
+        return {"refine_steps": 0}
+    return {"refine_steps": steps,
+            "refine_learning_rate": float(handle.attrs["refine_learning_rate"])}
+
+
+def check_setting(path: str, handle: h5py.File, setting: dict) -> None:
+    """:class:`RunError` when ``handle`` holds flows made with another refine setting."""
+    if not _complete_keys(handle):
+        return
+    stored = stored_setting(handle)
+    if stored != setting:
+        raise RunError(f"{path}: flows stored with {_describe(stored)}, requested "
+                       f"{_describe(setting)}; pass the same setting, or move the file "
+                       "away to extract again")
+
+
+def _describe(setting: dict) -> str:
+    if setting["refine_steps"] == 0:
+        return "--refine 0"
+    return (f"--refine {setting['refine_steps']} "
+            f"--refine-lr {setting['refine_learning_rate']:g}")
+
+
+def check_flow_file(path: str, refine: int = 0,
+                    refine_learning_rate: float = DEFAULT_LEARNING_RATE) -> None:
+    """:class:`RunError` unless the flow file at ``path`` (if any) matches the setting.
+
+    An unreadable file passes: opening it for writing sets it aside or reports it."""
+    setting = refine_setting(refine, refine_learning_rate)
+    if not os.path.exists(path):
+        return
+    try:
+        handle = h5py.File(path, "r")
+    except OSError:
+        return
+    with handle:
+        check_setting(path, handle, setting)
+
+
 def extract_teacher_flows(teacher, dataset_config, pairs, path: str, batch_size: int = 1,
-                          progress: bool = True) -> int:
-    """Run ``teacher`` on every pair whose flow is not stored yet; return how many ran."""
+                          progress: bool = True, *, refine: int = 0,
+                          refine_learning_rate: float = DEFAULT_LEARNING_RATE) -> int:
+    """Run ``teacher`` on every pair whose flow is not stored yet; return how many ran.
+
+    ``refine > 0`` stores each flow after that many instance-optimisation steps
+    (:func:`aldk_tf.refine.refine_flow`, smoothness weight 1 on the increment). Raises
+    :class:`RunError` when ``path`` holds flows made with a different setting.
+    """
     from aldk_tf.data import load_pair
 
+    setting = refine_setting(refine, refine_learning_rate)
+    check_flow_file(path, refine, refine_learning_rate)
     todo = missing_pairs(path, pairs)
     if not todo:
         return 0
@@ -98,38 +183,109 @@ def extract_teacher_flows(teacher, dataset_config, pairs, path: str, batch_size:
     bar = keras.utils.Progbar(len(todo), unit_name="pair",
                               verbose=1 if sys.stderr.isatty() else 2) if progress else None
     with _open(path) as handle:
+        check_setting(path, handle, setting)
+        handle.attrs.update(setting)
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             loaded = [load_pair(dataset_config, f, m) for f, m in chunk]
             inputs = {key: np.stack([p[key] for p in loaded]).astype(np.float32)
                       for key in ("fixed", "moving")}
-            flows = register(inputs)["flow"].numpy().astype(np.float16)
-            for (fixed_id, moving_id), flow in zip(chunk, flows):
-                _write_flow(handle, pair_key(fixed_id, moving_id), flow)
+            teacher_flows = register(inputs)["flow"]                   # [B, D, H, W, 3]
+            flows = teacher_flows
+            if refine:
+                flows, _ = refine_flow(inputs["fixed"], inputs["moving"], teacher_flows,
+                                       refine, learning_rate=refine_learning_rate)
+            flows = flows.numpy().astype(np.float16)
+            scores = _target_scores(loaded, teacher_flows.numpy(), flows,
+                                    dataset_config.label_values)
+            for (fixed_id, moving_id), flow, score in zip(chunk, flows, scores):
+                _write_flow(handle, pair_key(fixed_id, moving_id), flow,
+                            {**setting, **score})
             handle.flush()
             if bar is not None:
                 bar.add(len(chunk))
+    summary = refinement_summary(path, [pair_key(*pair) for pair in todo])
+    if summary["pairs"]:
+        log.info("%s: Dice of the %d new targets with segmentations: teacher %.4f, "
+                 "stored %.4f", path, summary["pairs"], summary["dice_teacher"],
+                 summary["dice_stored"])
     return len(todo)
 
 
-def _write_flow(handle: h5py.File, key: str, flow: np.ndarray) -> None:
+def _target_scores(loaded, teacher_flows, stored_flows, label_values) -> list[dict]:
+    """Per pair: Dice and % folding of the raw teacher flow and of the stored (float16,
+    maybe refined) flow, for pairs with both segmentations; ``{}`` for the others."""
+    scores: list[dict] = [{} for _ in loaded]
+    scored = [i for i, pair in enumerate(loaded)
+              if pair["fixed_seg"].any() and pair["moving_seg"].any()]
+    if not scored:
+        return scores
+    fixed_seg = np.stack([loaded[i]["fixed_seg"] for i in scored])
+    moving_seg = np.stack([loaded[i]["moving_seg"] for i in scored])
+    for name, flows in (("teacher", teacher_flows), ("stored", stored_flows)):
+        result = metrics.pair_metrics(fixed_seg, moving_seg,
+                                      flows[scored].astype(np.float32), label_values)
+        for row, index in enumerate(scored):
+            scores[index][f"dice_{name}"] = float(result["dice"][row])
+            scores[index][f"folding_{name}"] = float(result["folding_percent"][row])
+    return scores
+
+
+def refinement_summary(path: str, keys=None) -> dict:
+    """Mean Dice of the raw teacher flows and of the stored targets over the flows of
+    ``path`` (those of ``keys``, or all) that have scores (segmented pairs):
+    ``{"pairs", "refine_steps", "dice_teacher", "dice_stored", "folding_teacher",
+    "folding_stored"}`` (NaN means when no pair has a segmentation)."""
+    names = ("dice_teacher", "dice_stored", "folding_teacher", "folding_stored")
+    values: dict[str, list[float]] = {name: [] for name in names}
+    with h5py.File(path, "r") as handle:
+        setting = stored_setting(handle)
+        complete = _complete_keys(handle)
+        for key in sorted(complete if keys is None else set(keys) & complete):
+            attrs = handle[key].attrs
+            if all(name in attrs for name in names):
+                for name in names:
+                    values[name].append(float(attrs[name]))
+    summary: dict = {"pairs": len(values["dice_teacher"]), **setting}
+    for name in names:
+        summary[name] = float(np.mean(values[name])) if values[name] else float("nan")
+    return summary
+
+
+def _write_flow(handle: h5py.File, key: str, flow: np.ndarray, attrs=None) -> None:
     if key in handle:
         del handle[key]
     dataset = handle.create_dataset(key, data=flow)
+    dataset.attrs.update(dict(attrs or {}))
     dataset.attrs["complete"] = True                # last: a cut-off write is redone
 
 
 def merge_teacher_flows(path: str, parts: list[str]) -> int:
     """Copy the complete flows of the shard files ``parts`` (all of 1/n .. n/n) into the
-    flow file ``path``; flows it already holds are kept. Returns how many were copied."""
+    flow file ``path``; flows it already holds are kept. Returns how many were copied.
+
+    All parts, and ``path`` if it holds flows, must share one refine setting."""
     check_complete([_part_shard(part) for part in parts], path)
+    setting, first = None, None
+    for part in parts:
+        with h5py.File(part, "r") as source:
+            if not _complete_keys(source):
+                continue
+            if setting is not None and stored_setting(source) != setting:
+                raise RunError(f"{part}: flows stored with "
+                               f"{_describe(stored_setting(source))}, {first}'s with "
+                               f"{_describe(setting)}; extract all shards with one setting")
+            setting, first = stored_setting(source), part
     copied = 0
     with _open(path) as out:
+        if setting is not None:
+            check_setting(path, out, setting)
+            out.attrs.update(setting)
         done = _complete_keys(out)
         for part in parts:
             with h5py.File(part, "r") as source:
                 for key in sorted(_complete_keys(source) - done):
-                    _write_flow(out, key, source[key][()])
+                    _write_flow(out, key, source[key][()], source[key].attrs)
                     done.add(key)
                     copied += 1
             out.flush()
@@ -152,6 +308,8 @@ class TeacherFlowStore:
             raise RunError(f"{path}: teacher flows not found; run the extraction first")
         self.path = path
         self.handle = h5py.File(path, "r")
+        #: How the stored flows were refined: ``{"refine_steps": N, ...}``.
+        self.setting = stored_setting(self.handle)
 
     def read(self, fixed_id: str, moving_id: str) -> np.ndarray:
         key = pair_key(fixed_id, moving_id)
@@ -178,6 +336,13 @@ def main(argv=None) -> int:
                         "teacher_flows.h5 (then removed unless --keep_parts)")
     parser.add_argument("--keep_parts", action="store_true")
     parser.add_argument("--batch", type=int, default=1, help="pairs per teacher call")
+    parser.add_argument("--refine", type=int, default=0, metavar="N", help="store each "
+                        "flow after N steps of instance optimisation (default 0: the "
+                        "teacher's flow as it is)")
+    parser.add_argument("--refine-lr", "--refine_lr", type=float,
+                        default=DEFAULT_LEARNING_RATE, metavar="VOXELS",
+                        help="Adam step size of the refinement, in voxels "
+                        f"(default {DEFAULT_LEARNING_RATE})")
     args = parser.parse_args(argv)
     from aldk_tf import runs
     from aldk_tf.data import TRAINING_SCHEME, DataError, list_pairs, load_dataset_config
@@ -185,13 +350,13 @@ def main(argv=None) -> int:
         if args.merge and args.shard:
             raise ShardError("--merge and --shard exclude each other")
         shard = Shard.parse(args.shard) if args.shard else None
+        refine_setting(args.refine, args.refine_lr)          # a bad value fails first
         teacher_config = runs.load_run_config(args.teacher)
         dataset_config = load_dataset_config(args.dataset or teacher_config.dataset)
         pairs = list_pairs(dataset_config, TRAINING_SCHEME)
-        path = flows_path(args.teacher)
+        path = flows_path(args.teacher, refine=args.refine)
         if args.merge:
-            stem, suffix = os.path.splitext(TEACHER_FLOWS_NAME)
-            parts = find_parts(args.teacher, stem, suffix)
+            parts = find_parts(args.teacher, *flows_stem(args.refine))
             copied = merge_teacher_flows(path, parts)
             missing = missing_pairs(path, pairs)
             if missing:
@@ -207,14 +372,21 @@ def main(argv=None) -> int:
             raise RunError(f"{args.teacher}: teacher image size "
                            f"{tuple(teacher_config.model.image_size)} differs from "
                            f"{dataset_config.where}'s {tuple(dataset_config.image_size)}")
+        check_flow_file(path, args.refine, args.refine_lr)
         if shard is not None:
             done = stored_keys(path)
             pairs = [pair for pair in shard.select(pairs) if pair_key(*pair) not in done]
-            path = flows_path(args.teacher, shard)
+            path = flows_path(args.teacher, shard, args.refine)
             _open(path).close()               # exists even when it has nothing to do
         _, teacher = runs.load_model(args.teacher)
-        count = extract_teacher_flows(teacher, dataset_config, pairs, path, args.batch)
+        count = extract_teacher_flows(teacher, dataset_config, pairs, path, args.batch,
+                                      refine=args.refine,
+                                      refine_learning_rate=args.refine_lr)
         print(f"{count} flows extracted into {path}")
+        if os.path.exists(path):
+            summary = refinement_summary(path, [pair_key(*pair) for pair in pairs])
+            print(json.dumps({key: None if isinstance(value, float) and np.isnan(value)
+                              else value for key, value in summary.items()}))
         return 0
     except (RunError, DataError, ShardError) as error:
         print(f"error: {error}", file=sys.stderr)
