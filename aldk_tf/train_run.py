@@ -49,13 +49,16 @@ def load_teacher(teacher_run: str, image_size):
 
 
 def ensure_teacher_flows(teacher_run: str, teacher, dataset_config, pairs,
-                         batch_size: int = 1) -> str:
-    """Extract whatever flows of ``pairs`` the teacher run does not have stored yet."""
-    path = flows_path(teacher_run)
+                         batch_size: int = 1, refine: int = 0) -> str:
+    """Extract whatever flows of ``pairs`` (refined by ``refine`` steps) the teacher run
+    does not have stored yet."""
+    path = flows_path(teacher_run, refine=refine)
     todo = missing_pairs(path, pairs)
     if todo:
-        print(f"extracting {len(todo)} teacher flows into {path}", file=sys.stderr)
-        extract_teacher_flows(teacher, dataset_config, todo, path, batch_size)
+        print(f"extracting {len(todo)} teacher flows into {path}"
+              + (f" (refined, {refine} steps)" if refine else ""), file=sys.stderr)
+        extract_teacher_flows(teacher, dataset_config, todo, path, batch_size,
+                              refine=refine)
     return path
 
 
@@ -259,7 +262,8 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
     if (use_aldk or config.aldk.flow_weight > 0) and not online:
         flows = _shared_teacher_flows(strategy, chief, config.aldk.teacher, teacher,
                                       dataset_config,
-                                      list_pairs(dataset_config, TRAINING_SCHEME))
+                                      list_pairs(dataset_config, TRAINING_SCHEME),
+                                      config.aldk.refine)
     with strategy.scope():            # variables mirrored on every replica
         network = config.model.build()
         schedule = release_schedule(config.train.schedule, config.train.lr,
@@ -338,13 +342,13 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
 
 
 def _shared_teacher_flows(strategy, chief: bool, teacher_run: str, teacher,
-                          dataset_config, pairs) -> str:
+                          dataset_config, pairs, refine: int = 0) -> str:
     """The stored teacher flows of ``pairs``, extracted first where missing: by the chief
     of a multi-worker run, whose other workers wait for it and read the same file."""
     if chief:
-        ensure_teacher_flows(teacher_run, teacher, dataset_config, pairs)
+        ensure_teacher_flows(teacher_run, teacher, dataset_config, pairs, refine=refine)
     distribute.barrier(strategy)
-    path = flows_path(teacher_run)
+    path = flows_path(teacher_run, refine=refine)
     if not chief and missing_pairs(path, pairs):
         raise runs.RunError(f"{path}: the chief's teacher flows are not visible to this "
                             f"worker; put weights/ on a filesystem all workers share")
