@@ -307,3 +307,55 @@ def test_distillation_anneal_schedule_scales_the_terms(dataset):
     for name in ("crd_flow", "crd_feature"):
         np.testing.assert_allclose(quarter[name], 0.25 * full[name].numpy(), rtol=1e-4)
     assert float(CrossResolutionDistiller(teacher, student).schedule(10 ** 6)) == 1.0
+
+
+def test_distilled_students_see_the_plain_students_batches(dataset, tmp_path):
+    """Fair rows: with stored teacher flows the batches are still augmented, identical to
+    the plain student's, and each stored flow is mapped onto its augmented pair."""
+    from aldk_tf.data.augment import augmented_target
+    from aldk_tf.train_run import training_dataset
+    teacher_dir = str(tmp_path / "teacher")
+    teacher = make_teacher_run(teacher_dir, dataset)
+    dataset_config = load_dataset_config(dataset)
+    path = flows_path(teacher_dir)
+    extract_teacher_flows(teacher, dataset_config, list_pairs(dataset_config, "1"), path,
+                          progress=False)
+    plain = run_config(dataset)
+    distilled = run_config(dataset)
+    distilled.aldk = ALDKConfig(teacher=teacher_dir, flow_weight=0.1)
+    plain_batches = list(training_dataset(plain, dataset_config, 0, None).take(3))
+    distilled_batches = list(training_dataset(distilled, dataset_config, 0, path).take(3))
+    unaugmented = run_config(dataset, augment=False)
+    raw_batches = list(training_dataset(unaugmented, dataset_config, 0, path).take(3))
+    for a, b, raw in zip(plain_batches, distilled_batches, raw_batches):
+        np.testing.assert_array_equal(a["moving"].numpy(), b["moving"].numpy())
+        np.testing.assert_array_equal(a["fixed"].numpy(), b["fixed"].numpy())
+        assert not np.array_equal(a["moving"].numpy(), raw["moving"].numpy())
+        # The mapped target differs from the stored one by the augmentation.
+        assert np.abs(b["teacher_flow"].numpy() - raw["teacher_flow"].numpy()).max() > 0.1
+
+
+def test_flow_distillation_term_pulls_the_student_to_the_target(dataset):
+    keras.utils.set_random_seed(0)
+    batch = fixed_batches(dataset)
+    batch["teacher_flow"] = np.full(batch["fixed"].shape[:4] + (3,), 1.5, np.float32)
+    histories = {}
+    for weight in (0.0, 1.0):
+        keras.utils.set_random_seed(0)
+        trainer = RegistrationTrainer(build_student(SIZE), LossWeights(), flow_weight=weight)
+        trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
+        step = tf.function(trainer.train_step)
+        for _ in range(15):
+            logs = step(batch)
+        assert ("flow_distill" in logs) == (weight > 0)
+        flow = trainer.network(batch)["flow"].numpy()
+        histories[weight] = float(np.mean((flow - 1.5) ** 2))
+    assert histories[1.0] < 0.5 * histories[0.0]
+
+
+def test_cli_flow_distill_needs_a_teacher(dataset, tmp_path):
+    result = run_cli("-b", "LDR", "-d", dataset, "--flow-distill", "0.1",
+                     "--weights_dir", str(tmp_path), "--output", "z")
+    assert result.returncode == 2
+    assert "--flow-distill needs --teacher" in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "z").exists()
