@@ -1,10 +1,13 @@
 """The whole pipeline, offline, on the embedded demo dataset: ``python -m aldk_tf.demo``.
 
-build the demo set (nilearn's MNI152 template, deformed) -> train the teacher (VTN affine
-stem + VTN cascade) -> extract its flows -> train the student without and with ALDK, and
-with the cross-resolution distillation terms at full resolution (the control) and at 1/2
-(the cross-resolution student) -> evaluate all on the test subjects -> export the ALDK
-student (SavedModel + TFLite) -> print a table and write ``DIR/results.json``.
+build the demo set (nilearn's MNI152 template, every subject a different brain, deformed)
+-> train the teacher (VTN affine stem + VTN cascade) -> store its flows refined by
+instance optimisation -> train the student alone, with plain flow distillation and with
+ALDK from those targets, and the cross-resolution student (with ``--crd-control``, also
+the same CRD terms at full resolution) -> evaluate all on the test subjects -> export the
+student with the best validation Dice (SavedModel + TFLite) -> print a table and write
+``DIR/results.json``. Every student row sees the same augmented batches, schedule and
+budget; the rows differ only in what their names say.
 
 Everything lands in ``--out`` (default ``demo_run/``); a second call reuses what is
 finished (runs resume from their checkpoints), so an interrupted demo continues.
@@ -26,10 +29,12 @@ from aldk_tf import runs  # noqa: E402
 from aldk_tf.config import (ALDKConfig, CRDConfig, ModelConfig, RunConfig,  # noqa: E402
                             TrainConfig, atomic_write_text)
 
-METHODS = ("before", "teacher", "student", "student_aldk", "student_distilled",
-           "student_crd")
+METHODS = ("before", "teacher", "student", "student_flow_distill", "student_aldk",
+           "student_distilled", "student_crd")
+STUDENTS = METHODS[2:]
 LABELS = {"before": "before registration", "teacher": "teacher (affine + VTN)",
-          "student": "student", "student_aldk": "student + ALDK",
+          "student": "student", "student_flow_distill": "student + flow distillation",
+          "student_aldk": "student + ALDK",
           "student_distilled": "student + CRD terms, full res.",
           "student_crd": "student, cross-resolution (1/2)"}
 
@@ -39,15 +44,25 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="demo_run", help="output folder (default demo_run)")
     parser.add_argument("--size", type=int, default=32, help="volume size (32, 64, 128)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--teacher-steps", type=int, default=600)
-    parser.add_argument("--student-steps", type=int, default=600)
+    parser.add_argument("--teacher-steps", type=int, default=500)
+    parser.add_argument("--student-steps", type=int, default=400)
+    parser.add_argument("--refine-steps", type=int, default=50,
+                        help="instance-optimisation steps of the distillation targets")
+    parser.add_argument("--flow-weight", type=float, default=0.1,
+                        help="weight of the plain flow-distillation term")
     parser.add_argument("--teacher-cascades", type=int, default=1)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3,
                         help="Adam learning rate (constant; the release schedules are for "
                              "100k-step runs)")
     parser.add_argument("--no-crd", action="store_true",
-                        help="skip the cross-resolution student and its control")
+                        help="skip the cross-resolution student")
+    parser.add_argument("--crd-control", action="store_true",
+                        help="also train the CRD terms at full resolution (the control "
+                             "that isolates what the resolution costs)")
+    parser.add_argument("--same-anatomy", action="store_true",
+                        help="subjects are warps of the one template (no anatomy "
+                             "variation)")
     parser.add_argument("--no-export", action="store_true")
     return parser.parse_args(argv)
 
@@ -61,17 +76,25 @@ def run_configs(args, dataset: str, teacher_dir: str) -> dict[str, RunConfig]:
         image_size=size), train=TrainConfig(round=args.teacher_steps, **common))
     student_model = ModelConfig(image_size=size)
     student_train = TrainConfig(round=args.student_steps, **common)
+    refine = args.refine_steps
     configs = {
         "teacher": teacher,
         "student": RunConfig(dataset=dataset, model=student_model, train=student_train),
+        "student_flow_distill": RunConfig(
+            dataset=dataset, model=student_model, train=student_train,
+            aldk=ALDKConfig(teacher=teacher_dir, flow_weight=args.flow_weight,
+                            refine=refine)),
         "student_aldk": RunConfig(dataset=dataset, model=student_model,
                                   train=student_train,
-                                  aldk=ALDKConfig(enabled=True, teacher=teacher_dir)),
+                                  aldk=ALDKConfig(enabled=True, teacher=teacher_dir,
+                                                  refine=refine)),
     }
     if not args.no_crd:
-        # The control first: the same distillation terms, teacher and budget at full
-        # resolution, so the two rows differ only in the resolution.
-        for name, factor in (("student_distilled", 1), ("student_crd", 2)):
+        # The control (with --crd-control) first: the same distillation terms, teacher
+        # and budget at full resolution, so the two rows differ only in the resolution.
+        crd_rows = ((("student_distilled", 1),) if args.crd_control else ()) + \
+            (("student_crd", 2),)
+        for name, factor in crd_rows:
             configs[name] = RunConfig(
                 dataset=dataset, model=ModelConfig(image_size=size, resolution_factor=factor),
                 train=student_train, crd=CRDConfig(enabled=True, teacher=teacher_dir))
@@ -108,6 +131,23 @@ def evaluate_runs(out: str, dataset_config, models: dict) -> dict:
     return results
 
 
+def best_student(out: str, dataset_config, models: dict) -> str:
+    """The student row with the highest mean Dice on the validation pairs (scheme "2")."""
+    from aldk_tf.data import list_pairs
+    from aldk_tf.evaluation import evaluate_pairs
+    pairs = list_pairs(dataset_config, "2")
+    scores = {}
+    for name in STUDENTS:
+        if name in models:
+            _, summary = evaluate_pairs(models[name][0], dataset_config, pairs,
+                                        label_values=dataset_config.label_values,
+                                        progress=False)
+            scores[name] = summary["dice"]["mean"]
+    atomic_write_text(os.path.join(out, "evaluate", "validation.json"),
+                      json.dumps(scores, indent=2) + "\n")
+    return max(scores, key=scores.get)
+
+
 def format_table(results: dict, size: int) -> str:
     lines = [f"Demo results on the test subjects ({size}^3, CPU time per pair on this "
              f"machine, batch 1):",
@@ -136,7 +176,8 @@ def main(argv=None) -> int:
         os.makedirs(out, exist_ok=True)
         if not os.path.exists(dataset):
             print(f"building the demo dataset in {data_dir}", file=sys.stderr)
-            build_demo(data_dir, size=args.size, seed=args.seed, log=None)
+            build_demo(data_dir, size=args.size, seed=args.seed, log=None,
+                       vary=not args.same_anatomy)
         dataset_config = load_dataset_config(dataset)
         if tuple(dataset_config.image_size) != (args.size,) * 3:
             raise DataError(f"{dataset}: built at {dataset_config.image_size}, not "
@@ -154,10 +195,12 @@ def main(argv=None) -> int:
         results = evaluate_runs(out, dataset_config, models)
         if not args.no_export:
             from aldk_tf.serving import export_model
-            base = os.path.join(out, "export", "student_aldk")
+            best = best_student(out, dataset_config, models)
+            base = os.path.join(out, "export", best)
             if not os.path.isdir(base) or not os.listdir(base):
-                print(f"exporting the ALDK student to {base}", file=sys.stderr)
-                export_model(models["student_aldk"][0], base, version=1,
+                print(f"exporting {best} (best validation Dice) to {base}",
+                      file=sys.stderr)
+                export_model(models[best][0], base, version=1,
                              label_values=dataset_config.label_values)
     except (DataError, runs.RunError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -10,13 +10,19 @@ from scripts import load_script
 
 
 def test_run_configs_differ_only_where_the_rows_say(tmp_path):
-    args = demo.parse_args(["--student-steps", "7", "--teacher-steps", "5"])
+    args = demo.parse_args(["--student-steps", "7", "--teacher-steps", "5",
+                            "--crd-control"])
     configs = demo.run_configs(args, "data/demo.json", "weights/teacher")
-    assert list(configs) == ["teacher", "student", "student_aldk", "student_distilled",
-                             "student_crd"]
+    assert list(configs) == ["teacher", "student", "student_flow_distill", "student_aldk",
+                             "student_distilled", "student_crd"]
     assert configs["teacher"].train.round == 5
     students = [configs[name] for name in list(configs)[1:]]
     assert all(c.train == students[0].train and c.train.round == 7 for c in students)
+    assert all(c.train.augment for c in students)          # one augmentation for all
+    flow, aldk = configs["student_flow_distill"].aldk, configs["student_aldk"].aldk
+    assert flow.flow_weight > 0 and not flow.enabled and aldk.enabled
+    assert flow.refine == aldk.refine == 50 and flow.teacher == aldk.teacher
+    assert "student_distilled" not in demo.run_configs(demo.parse_args([]), "d", "t")
     control, crd = configs["student_distilled"], configs["student_crd"]
     assert control.model.resolution_factor == 1 and crd.model.resolution_factor == 2
     assert control.crd == crd.crd and crd.crd.enabled and crd.crd.teacher == "weights/teacher"
@@ -28,7 +34,7 @@ def test_demo_end_to_end_tiny_budget(demo_dataset_32, tmp_path, capsys):
     out = tmp_path / "demo"
     shutil.copytree(Path(demo_dataset_32).parent, out / "data")   # skip building it
     code = demo.main(["--out", str(out), "--teacher-steps", "2", "--student-steps", "2",
-                      "--no-export"])
+                      "--refine-steps", "2", "--crd-control", "--no-export"])
     printed = capsys.readouterr().out
     assert code == 0
     results = json.loads((out / "results.json").read_text())
