@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from aldk_tf.data import DataError  # noqa: E402
-from aldk_tf.data.demo_set import build_demo, summary  # noqa: E402
+from aldk_tf.data.demo_set import build_demo, summary, write_nifti_subjects  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,11 +30,22 @@ def main(argv=None) -> int:
     parser.add_argument("--subjects", type=int, default=20, help="number of subjects")
     parser.add_argument("--val", type=int, default=4, help="validation subjects")
     parser.add_argument("--test", type=int, default=4, help="test subjects")
+    parser.add_argument("--same-anatomy", action="store_true",
+                        help="every subject a warp of the one template (default: every "
+                             "subject a different brain)")
+    parser.add_argument("--heldout-t1", help="skull-stripped T1 in MNI space the test "
+                        "subjects are built from (a held-out anatomy)")
+    parser.add_argument("--nifti", metavar="DIR", help="also write two test subjects as "
+                        "NIfTI (T1 + labels) into DIR, to try register on")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         path = build_demo(args.out, size=args.size, seed=args.seed, subjects=args.subjects,
-                          validation=args.val, test=args.test)
+                          validation=args.val, test=args.test,
+                          vary=not args.same_anatomy, test_template=args.heldout_t1)
+        if args.nifti:
+            for written in write_nifti_subjects(path, args.nifti):
+                print(written)
     except (DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -89,3 +89,15 @@ def test_build_demo_with_varied_anatomy_and_a_held_out_template(tmp_path):
         assert set(np.unique(pair["fixed_seg"])) <= {0, 1, 2, 3}
     assert np.mean(test_pair["fixed_seg"] > 0) != pytest.approx(
         np.mean(train_pair["fixed_seg"] > 0), abs=0.01)
+
+    # The first test subjects as NIfTI: the stored arrays on the stored world grid.
+    from aldk_tf.data.demo_set import write_nifti_subjects
+    written = write_nifti_subjects(tmp_path / "demo" / "demo.json", tmp_path / "nifti")
+    assert [p.name for p in written] == ["subject_03_t1.nii.gz", "subject_03_seg.nii.gz",
+                                         "subject_04_t1.nii.gz", "subject_04_seg.nii.gz"]
+    image, labels = nib.load(written[0]), nib.load(written[1])
+    np.testing.assert_array_equal(np.asarray(labels.dataobj)[..., None],
+                                  test_pair["fixed_seg"])
+    np.testing.assert_allclose(np.asarray(image.dataobj)[..., None] / 255.0,
+                               test_pair["fixed"], atol=1e-6)
+    assert not np.allclose(image.affine, np.eye(4))

@@ -225,3 +225,28 @@ def summary(json_path) -> str:
     data = json.loads(Path(json_path).read_text())
     counts = ", ".join(f"{name} {len(v)}" for name, v in data["subsets"].items())
     return f"{json_path}: {counts}; image_size {data['image_size']}"
+
+
+def write_nifti_subjects(json_path, out_dir, count: int = 2) -> list[Path]:
+    """The first ``count`` test subjects of a built demo set as NIfTI files (T1 and labels,
+    world coordinates from the stored affine): inputs for trying ``register``."""
+    import h5py
+    import nibabel as nib
+    json_path = Path(json_path)
+    data = json.loads(json_path.read_text())
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    with h5py.File(json_path.parent / "demo.h5", "r") as handle:
+        for entry in data["subsets"]["demo-test"][:count]:
+            scan_id = entry.split("/", 1)[1]
+            group = handle[scan_id]
+            affine = np.asarray(group.attrs["affine"], np.float64)
+            for key, suffix in (("volume", "t1"), ("segmentation", "seg")):
+                path = out_dir / f"{scan_id}_{suffix}.nii.gz"
+                image = nib.Nifti1Image(np.asarray(group[key]), affine)
+                temporary = path.with_name(".tmp-" + path.name)
+                nib.save(image, temporary)
+                temporary.replace(path)
+                written.append(path)
+    return written
