@@ -88,6 +88,7 @@ class TrainConfig:
     lr: float = 1e-4
     seed: int = 0
     augment: bool = True
+    augment_field: str = "bspline"        # "bspline" (the release's) | "spline" (stronger)
     checkpoint_every: int = 500
     validate_every: int = 1000
     validation_pairs: int = 16

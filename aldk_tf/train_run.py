@@ -94,7 +94,8 @@ def training_dataset(config: RunConfig, dataset_config, start_step: int,
     dataset = pair_dataset(dataset_config, TRAINING_SCHEME, config.train.batch,
                            shuffle=True, seed=config.train.seed,
                            augment=config.train.augment, repeat=True, with_ids=True,
-                           drop_remainder=True, attach=attach)
+                           drop_remainder=True, attach=attach,
+                           augment_field=config.train.augment_field)
     dataset = dataset.map(lambda batch: {key: value for key, value in batch.items()
                                          if key in TRAINING_KEYS})
     if start_step:

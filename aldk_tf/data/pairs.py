@@ -170,7 +170,8 @@ def pair_dataset(config: DatasetConfig, scheme, batch_size: int, shuffle: bool =
                  seed: int = 0, augment: bool = False, paired: bool | None = None,
                  repeat: bool = False, with_ids: bool = True,
                  use_atlas: bool | None = None,
-                 drop_remainder: bool = False, attach=None) -> tf.data.Dataset:
+                 drop_remainder: bool = False, attach=None,
+                 augment_field: str = "bspline") -> tf.data.Dataset:
     """Batched (fixed, moving) pairs of ``scheme``; see the module docstring for elements.
 
     Args:
@@ -187,6 +188,8 @@ def pair_dataset(config: DatasetConfig, scheme, batch_size: int, shuffle: bool =
       with_ids: include ``fixed_id`` / ``moving_id``.
       use_atlas: pair every scan with the config's atlas; defaults to True when it has one.
       drop_remainder: drop a last incomplete batch.
+      augment_field: the augmentation's field, "bspline" (the release's) or "spline"
+        (the natural spline through the control values: about 2.5 times stronger).
       attach: a function of a batch returning it with more entries, applied before the
         augmentation (training adds each pair's stored ``teacher_flow`` this way; the
         augmentation then maps that flow onto the deformed pair, see
@@ -219,5 +222,6 @@ def pair_dataset(config: DatasetConfig, scheme, batch_size: int, shuffle: bool =
         labels = config.label_values
         if labels is not None and len(labels) > MAX_LABELS_FOR_MASK_WARP:
             labels = None
-        dataset = dataset.map(lambda batch: augment_pair(batch, generator, labels))
+        dataset = dataset.map(lambda batch: augment_pair(batch, generator, labels,
+                                                         interpolation=augment_field))
     return dataset.prefetch(tf.data.AUTOTUNE)
