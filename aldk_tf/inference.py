@@ -85,17 +85,17 @@ def _phase_kernel(kernel: tf.Tensor) -> tf.Tensor:
 
 
 def _depth_to_space(phases: tf.Tensor) -> tf.Tensor:
-    """Phase outputs ``[B, n+1, m+1, l+1, 8 f]`` (padded grid) -> ``[B, 2n, 2m, 2l, f]``."""
+    """Phase outputs ``[B, n+1, m+1, k+1, 8 f]`` (padded grid) -> ``[B, 2n, 2m, 2k, f]``."""
     shape = tf.shape(phases)
-    n, m, l = shape[1] - 1, shape[2] - 1, shape[3] - 1
+    n, m, k = shape[1] - 1, shape[2] - 1, shape[3] - 1
     parts = tf.split(phases, 8, axis=-1)
-    picked = [parts[(pd * 2 + ph) * 2 + pw][:, pd:pd + n, ph:ph + m, pw:pw + l, :]
+    picked = [parts[(pd * 2 + ph) * 2 + pw][:, pd:pd + n, ph:ph + m, pw:pw + k, :]
               for pd in (0, 1) for ph in (0, 1) for pw in (0, 1)]
     filters = shape[4] // 8
     stacked = tf.reshape(tf.stack(picked, axis=4),
-                         tf.stack([shape[0], n, m, l, 2, 2, 2, filters]))
+                         tf.stack([shape[0], n, m, k, 2, 2, 2, filters]))
     stacked = tf.transpose(stacked, [0, 1, 4, 2, 5, 3, 6, 7])
-    return tf.reshape(stacked, tf.stack([shape[0], 2 * n, 2 * m, 2 * l, filters]))
+    return tf.reshape(stacked, tf.stack([shape[0], 2 * n, 2 * m, 2 * k, filters]))
 
 
 # XLA fuses the eight slices, the stack and the transpose into one loop (~5x faster).

@@ -83,7 +83,6 @@ def stored_keys(path: str) -> set[str]:
     """Keys of the complete flows in a flow file (empty if it does not exist)."""
     if not os.path.exists(path):
         return set()
-    keys = set()
     try:
         handle = h5py.File(path, "r")
     except OSError:

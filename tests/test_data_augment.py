@@ -8,7 +8,6 @@ import tensorflow as tf
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
-from aldk_tf import spatial
 from aldk_tf.data.augment import (augment_pair, bspline_matrix, free_form_flow,
                                   sample_points, sample_power, transform_points,
                                   upsample_control, warp_labels)

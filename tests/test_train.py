@@ -312,7 +312,6 @@ def test_distillation_anneal_schedule_scales_the_terms(dataset):
 def test_distilled_students_see_the_plain_students_batches(dataset, tmp_path):
     """Fair rows: with stored teacher flows the batches are still augmented, identical to
     the plain student's, and each stored flow is mapped onto its augmented pair."""
-    from aldk_tf.data.augment import augmented_target
     from aldk_tf.train_run import training_dataset
     teacher_dir = str(tmp_path / "teacher")
     teacher = make_teacher_run(teacher_dir, dataset)
