@@ -1,0 +1,224 @@
+"""Evaluate a trained run on the validation scheme or on named subsets (RCN format).
+
+    python evaluate.py -c weights/<run> [-d dataset.json] [-v subset[,subset]] [--batch B]
+                       [-r rep] [--paired] [--refine N] [--out-dir evaluate]
+
+writes ``evaluate/<run>[-rep<r>][-refine<N>][-<subset>].txt`` (one line per pair
+``id1 id2 dice jacc landmark_distance jacobian_det_std``, then ``Summary`` and the mean
+(std) lines) and a ``.json`` beside it with per-label Dice/Jaccard, % folding voxels and
+seconds per pair. Without ``-v`` the dataset's validation scheme ("2") is evaluated.
+``--refine N`` refines each flow by N steps of instance optimisation from the model's
+(:mod:`aldk_tf.refine`) before scoring; the seconds per pair then include it.
+
+Sharded across machines: ``--shard i/n`` (1-based) evaluates every n-th pair starting at
+pair i and writes ``<report>.shard-i-of-n.txt/.json``; then, with all parts in one folder,
+
+    python evaluate.py -c weights/<run> [-v ...] --merge        # finds the parts
+    python evaluate.py --merge evaluate/<report>.shard-*-of-*.json
+
+writes the report an unsharded run would have written (pairs in the same order).
+
+Installed, the same tool is the console script ``aldk-evaluate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from aldk_tf import runs
+from aldk_tf.data import VALIDATION_SCHEME, DataError, load_dataset_config
+from aldk_tf.evaluation import EvaluationError, write_json_report, write_rcn_report
+from aldk_tf.refine import DEFAULT_LEARNING_RATE
+from aldk_tf.serving import ExportError, prepare_base
+from aldk_tf.shards import Shard, ShardError, find_parts, split_name
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-c", "--checkpoint", help="run directory weights/<run> (holds "
+                        "config.json and model.weights.h5); required unless --merge is "
+                        "given part files")
+    parser.add_argument("-d", "--dataset", help="dataset JSON (default: the run's)")
+    parser.add_argument("-v", "--val-subset", help="scheme or subset name(s), comma "
+                        "separated (default: the validation scheme)")
+    parser.add_argument("--batch", type=int, default=1, help="pairs per model call")
+    parser.add_argument("-r", "--rep", type=int, help="shared-weight repetitions of each "
+                        "cascade (default: the run's)")
+    parser.add_argument("--paired", action="store_true", help="pair adjacent entries "
+                        "(both directions) instead of all ordered pairs")
+    parser.add_argument("--exported", help="evaluate an exported form instead of the "
+                        "run's Keras model: a SavedModel version directory or a .tflite "
+                        "file (from export.py)")
+    parser.add_argument("-n", "--name", help="suffix of the report names (default: the "
+                        "exported file's name with --exported)")
+    parser.add_argument("--refine", type=int, default=0, metavar="N", help="refine each "
+                        "flow by N instance-optimisation steps, warm-started from the "
+                        "model's (default 0: the model's flow)")
+    parser.add_argument("--refine-lr", "--refine_lr", type=float,
+                        default=DEFAULT_LEARNING_RATE, metavar="VOXELS",
+                        help="Adam step size of the refinement, in voxels "
+                        f"(default {DEFAULT_LEARNING_RATE})")
+    parser.add_argument("--out-dir", default="evaluate", help="report folder "
+                        "(default evaluate)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--shard", help="evaluate only shard i/n of the pairs (1-based, "
+                        "every n-th pair) into <report>.shard-i-of-n.txt/.json")
+    parser.add_argument("--merge", nargs="*", metavar="PART", help="merge shard parts "
+                        "into the unsharded report: the parts' .json files, or none to "
+                        "find them in --out-dir by the report name of -c/-v/-r/-n")
+    return parser.parse_args(argv)
+
+
+def report_stem(run_dir: str, rep: int | None, subset: str | None,
+                name: str | None = None, refine: int = 0) -> str:
+    """``<run>[-rep<r>][-<name>][-refine<N>][-<subset>]`` as the original named its
+    reports (plus the refinement's steps)."""
+    stem = os.path.basename(os.path.normpath(run_dir))
+    if rep is not None and rep > 1:
+        stem += f"-rep{rep}"
+    if name:
+        stem += f"-{name}"
+    if refine:
+        stem += f"-refine{refine}"
+    return stem if subset is None else f"{stem}-{subset}"
+
+
+def exported_model(path: str, dataset):
+    """(callable ``(fixed, moving) -> {"flow", ...}``, default report name)."""
+    from aldk_tf import serving
+    from aldk_tf.evaluation import check_image_size
+    if path.endswith(".tflite") and os.path.isfile(path):
+        runner, name = serving.tflite_runner(path), os.path.basename(path)[:-7]
+    elif os.path.isfile(os.path.join(path, "saved_model.pb")):
+        runner, name = serving.savedmodel_runner(path), "savedmodel"
+    else:
+        raise EvaluationError(f"{path}: --exported needs a .tflite file or a SavedModel "
+                              "version directory (export/<name>/<N>)")
+    check_image_size(runner.image_size, dataset)
+    return runner, name
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.merge and args.shard:
+            raise EvaluationError("--merge and --shard exclude each other")
+        if args.merge:                       # part files named: no run needed
+            prepare_base(args.out_dir)
+            return _merge(args, {None: args.merge})
+        if not args.checkpoint:
+            raise EvaluationError("-c/--checkpoint is required (or --merge PART.json ...)")
+        shard = Shard.parse(args.shard) if args.shard else None
+        run_config = runs.load_run_config(args.checkpoint)
+        dataset_path = args.dataset or run_config.dataset
+        if not dataset_path:
+            raise EvaluationError(f"{args.checkpoint}: the run names no dataset; pass -d")
+        dataset = load_dataset_config(dataset_path)
+        subsets = ([name.strip() for name in args.val_subset.split(",") if name.strip()]
+                   if args.val_subset else [None])
+        for subset in subsets:               # unknown names fail before any work
+            dataset.scheme_subsets(VALIDATION_SCHEME if subset is None else subset)
+        if args.rep is not None and args.rep < 1:
+            raise EvaluationError(f"-r must be >= 1, got {args.rep}")
+        if args.batch < 1:
+            raise EvaluationError(f"--batch must be >= 1, got {args.batch}")
+        if args.refine < 0:
+            raise EvaluationError(f"--refine must be >= 0, got {args.refine}")
+        if args.refine and not args.refine_lr > 0:
+            raise EvaluationError(f"--refine-lr must be > 0, got {args.refine_lr}")
+        from aldk_tf.evaluation import check_image_size
+        check_image_size(run_config.model.image_size, dataset)
+        prepare_base(args.out_dir)
+        if args.merge is not None:           # --merge alone: find each report's parts
+            return _merge(args, {subset: [] for subset in subsets})
+        return _evaluate(args, run_config, dataset, subsets, shard)
+    except (runs.RunError, DataError, EvaluationError, ExportError, ShardError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _merge(args, parts_by_subset: dict) -> int:
+    """Write the unsharded report of each set of parts (named, or found by report name)."""
+    from aldk_tf.evaluation import merge_json_reports, summarise
+    groups: dict[str, list[str]] = {}
+    for subset, parts in parts_by_subset.items():
+        if not parts:
+            stem = report_stem(args.checkpoint, args.rep, subset, args.name, args.refine)
+            found = find_parts(args.out_dir, stem, ".json")
+            if not found:
+                raise EvaluationError(f"{args.out_dir}: no parts {stem}.shard-*-of-*.json "
+                                      "to merge")
+            groups[stem] = found
+        for path in parts:
+            named = split_name(path, ".json")
+            if named is None or not path.endswith(".json"):
+                raise EvaluationError(f"{path}: not a shard part "
+                                      "(<report>.shard-<i>-of-<n>.json)")
+            groups.setdefault(named[0], []).append(path)
+    for stem, parts in groups.items():
+        metadata, records = merge_json_reports(parts)
+        summary = summarise(records)
+        text_path, json_path = _report_paths(args.out_dir, stem)
+        write_json_report(json_path, records, summary, **metadata)
+        write_rcn_report(text_path, records)
+        print(f"merged {len(parts)} parts: {_summary_line(summary)} -> {text_path}")
+    return 0
+
+
+def _report_paths(out_dir: str, stem: str) -> tuple[str, str]:
+    return os.path.join(out_dir, f"{stem}.txt"), os.path.join(out_dir, f"{stem}.json")
+
+
+def _summary_line(summary: dict) -> str:
+    return (f"Dice {summary['dice']['mean']:.4f} ({summary['dice']['std']:.4f}), "
+            f"folding {summary['folding_percent']['mean']:.3f}%, "
+            f"{summary['seconds']['mean']:.3f} s/pair")
+
+
+def _evaluate(args, run_config, dataset, subsets, shard=None) -> int:
+    from aldk_tf.data import list_pairs
+    from aldk_tf.evaluation import evaluate_pairs, shard_metadata, summarise
+
+    _, model = runs.load_model(args.checkpoint, rep=args.rep)
+    rep, parameters, name = model.rep, int(model.count_params()), args.name
+    refined = ({"refine_steps": args.refine, "refine_learning_rate": args.refine_lr}
+               if args.refine else {})
+    if args.exported:
+        model, default_name = exported_model(args.exported, dataset)
+        name = name or default_name
+    for subset in subsets:
+        scheme = VALIDATION_SCHEME if subset is None else subset
+        pairs = list_pairs(dataset, scheme, paired=True if args.paired else None)
+        stem = report_stem(args.checkpoint, args.rep, subset, name, args.refine)
+        part = {}
+        if shard is not None:
+            part = {"shard": shard_metadata(shard, len(pairs))}
+            pairs, stem = shard.select(pairs), shard.name(stem)
+        print(f"Evaluating {len(pairs)} pairs of '{scheme}' "
+              f"{f'(shard {shard}) ' if shard else ''}({dataset.where}, rep {rep}"
+              f"{f', refined by {args.refine} steps' if args.refine else ''})", flush=True)
+        if pairs:
+            records, summary = evaluate_pairs(model, dataset, pairs, batch=args.batch,
+                                              label_values=dataset.label_values,
+                                              progress=not args.no_progress,
+                                              refine=args.refine,
+                                              refine_learning_rate=args.refine_lr)
+        else:                                # a shard of fewer pairs than shards
+            records, summary = [], summarise([])
+        text_path, json_path = _report_paths(args.out_dir, stem)
+        write_json_report(json_path, records, summary, run=args.checkpoint,
+                          dataset=str(dataset.where), scheme=scheme, rep=rep,
+                          paired=bool(args.paired), batch=args.batch,
+                          exported=args.exported, parameters=parameters,
+                          model=run_config.to_dict()["model"], **refined, **part)
+        write_rcn_report(text_path, records)
+        print(f"{_summary_line(summary)} -> {text_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Convert a folder of NIfTI scans (+ optional labels / masks) into an RCN-layout dataset.
+
+    python data_prep/nifti_to_h5.py --images scans/ --labels labels/ --out datasets/mybrain \\
+        --size 128 --modality mr --val 4 --test 4
+
+writes ``datasets/mybrain.h5`` (one group per scan, named after the image file) and
+``datasets/mybrain.json`` (subsets ``<name>-train``, ``-val``, ``-test``; schemes "1", "2",
+"test"). Labels and masks are matched to images by file name (without .nii/.nii.gz); if the
+names differ, give the same number of files and they are matched in sorted order. Each
+scan's world affine and crop box are kept as HDF5 attributes (see
+``aldk_tf/data/preprocess.py``). Errors print ``error: ...`` and exit with status 2; no
+output file is written unless every scan converts.
+
+Installed, the same tool is the console script ``aldk-prep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from aldk_tf.data import DataError, DatasetWriter, write_dataset_config
+from aldk_tf.data import preprocess
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii", ".img", ".hdr", ".mgz")
+
+
+def scan_id(path: Path) -> str:
+    """File name without its NIfTI suffix."""
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    return path.stem
+
+
+def find_files(patterns: list[str], what: str) -> list[Path]:
+    """Expand directories (their *.nii / *.nii.gz), globs and plain paths, sorted."""
+    files = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found = [p for p in path.iterdir() if p.is_file() and
+                     p.name.endswith((".nii", ".nii.gz"))]
+            if not found:
+                raise DataError(f"{path}: no .nii or .nii.gz files in this {what} folder")
+        elif any(ch in pattern for ch in "*?["):
+            found = [Path(p) for p in glob.glob(pattern)]
+            if not found:
+                raise DataError(f"{pattern}: no {what} files match")
+        elif path.is_file():
+            found = [path]
+        else:
+            raise DataError(f"{path}: {what} file or folder not found")
+        files.extend(found)
+    files = sorted(dict.fromkeys(files))
+    ids = [scan_id(f) for f in files]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise DataError(f"{patterns[0]}: several {what} files share the name "
+                        f"{duplicates[0]!r}; scan ids must be unique")
+    return files
+
+
+def match(images: list[Path], others: list[Path], what: str) -> dict[str, Path]:
+    """Map image scan ids to ``others`` by equal name, else by sorted order."""
+    by_id = {scan_id(p): p for p in others}
+    ids = [scan_id(p) for p in images]
+    if all(i in by_id for i in ids):
+        return {i: by_id[i] for i in ids}
+    if len(others) == len(images):
+        return dict(zip(ids, others))
+    missing = next(i for i in ids if i not in by_id)
+    raise DataError(f"{others[0].parent}: no {what} file named like image '{missing}' "
+                    f"and {len(others)} {what} files for {len(images)} images")
+
+
+def split(ids: list[str], val: int, test: int, seed: int) -> dict[str, list[str]]:
+    """Seeded random split into train / val / test (train keeps the rest, sorted)."""
+    if val < 0 or test < 0 or val + test >= len(ids):
+        raise DataError(f"--val {val} --test {test}: need at least one training scan "
+                        f"out of {len(ids)}")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    chosen = [ids[i] for i in order]
+    return {"train": sorted(chosen[val + test:]), "val": sorted(chosen[:val]),
+            "test": sorted(chosen[val:val + test])}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", nargs="+", required=True,
+                        help="folder(s), glob(s) or files of NIfTI scans")
+    parser.add_argument("--labels", nargs="+", help="label images on the scans' grids")
+    parser.add_argument("--masks", nargs="+", help="brain/organ masks for cropping")
+    parser.add_argument("--out", required=True,
+                        help="output stem: writes OUT.h5 and OUT.json")
+    parser.add_argument("--size", type=int, nargs="+", default=[preprocess.DEFAULT_SIZE],
+                        help="target size: one int (cubic) or three (default 128)")
+    parser.add_argument("--modality", choices=preprocess.MODALITIES, default="mr")
+    parser.add_argument("--crop", choices=preprocess.CROPS, default="auto",
+                        help="auto: mask if given, else non-zero box (mr) / body "
+                             "threshold box (ct)")
+    parser.add_argument("--margin", type=int, default=2, help="voxels around the crop box")
+    parser.add_argument("--window", type=float, nargs=2, default=preprocess.CT_WINDOW,
+                        metavar=("LOW", "HIGH"), help="CT window in HU (default -200 300)")
+    parser.add_argument("--percentiles", type=float, nargs=2,
+                        default=preprocess.MR_PERCENTILES, metavar=("LOW", "HIGH"),
+                        help="MR intensity percentiles mapped to 0 and 255")
+    parser.add_argument("--threshold", type=float, default=preprocess.CT_BODY_THRESHOLD,
+                        help="CT crop: HU threshold of the body region (default -500)")
+    parser.add_argument("--binary-labels", action="store_true",
+                        help="store labels as 0/255 masks (liver style) instead of values")
+    parser.add_argument("--val", type=int, default=0, help="scans in the validation set")
+    parser.add_argument("--test", type=int, default=0, help="scans in the test set")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split")
+    parser.add_argument("--prefix", help="file prefix in the JSON (default: OUT's name)")
+    parser.add_argument("--image-type",
+                        help="image_type in the JSON (default: brain for mr, liver for ct)")
+    args = parser.parse_args(argv)
+    if len(args.size) not in (1, 3):
+        parser.error("--size takes one or three integers")
+    return args
+
+
+def convert(args: argparse.Namespace) -> Path:
+    out = Path(args.out)
+    if out.suffix in (".h5", ".json"):
+        out = out.with_suffix("")
+    name = out.name
+    h5_path, json_path = out.parent / f"{name}.h5", out.parent / f"{name}.json"
+    prefix = args.prefix or name
+    images = find_files(args.images, "image")
+    labels = match(images, find_files(args.labels, "label"), "label") if args.labels else {}
+    masks = match(images, find_files(args.masks, "mask"), "mask") if args.masks else {}
+    size = args.size * 3 if len(args.size) == 1 else args.size
+    parts = split([scan_id(p) for p in images], args.val, args.test, args.seed)
+    subsets = {f"{name}-{part}": [f"{prefix}/{i}" for i in ids]
+               for part, ids in parts.items() if ids}
+    schemes = {"1": {f"{name}-train": 1.0}}
+    if parts["val"]:
+        schemes["2"] = {f"{name}-val": 1.0}
+    if parts["test"]:
+        schemes["test"] = {f"{name}-test": 1.0}
+
+    found_labels: set[int] = set()
+    with DatasetWriter(h5_path) as writer:
+        for index, image in enumerate(images, 1):
+            key = scan_id(image)
+            scan = preprocess.preprocess_scan(
+                image, label=labels.get(key), mask=masks.get(key), size=size,
+                modality=args.modality, crop=args.crop, margin=args.margin,
+                window=args.window, percentiles=args.percentiles,
+                threshold=args.threshold, binary_label=args.binary_labels)
+            writer.add(key, scan.volume, segmentation=scan.segmentation, attrs=scan.attrs())
+            if scan.segmentation is not None:
+                found_labels.update(np.unique(scan.segmentation).tolist())
+            box = "x".join(str(int(b - a)) for a, b in zip(scan.crop_start, scan.crop_stop))
+            print(f"[{index}/{len(images)}] {key}: crop {box} -> "
+                  f"{'x'.join(map(str, size))}")
+    class_values = None
+    if labels and not args.binary_labels:
+        class_values = {str(v): int(v) for v in sorted(found_labels - {0})} or None
+    config = write_dataset_config(
+        json_path, files={prefix: {"type": "HDF5", "path": h5_path.name}},
+        subsets=subsets, schemes=schemes, image_size=size,
+        image_type=args.image_type or ("brain" if args.modality == "mr" else "liver"),
+        segmentation_class_value=class_values)
+    print(f"wrote {h5_path} and {json_path}: "
+          + ", ".join(f"{k} {len(v)}" for k, v in subsets.items()))
+    return config.path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        convert(args)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
