@@ -30,7 +30,6 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from aldk_tf import runs  # noqa: E402
 from aldk_tf.config import RunConfig, atomic_write_text  # noqa: E402

@@ -59,17 +59,20 @@ import time
 import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from aldk_tf import serving, spatial  # noqa: E402
-from bench.timing import repeat_timed  # noqa: E402
 from aldk_tf.config import atomic_write_text  # noqa: E402
 from aldk_tf.inference import registration_function, slow_ops  # noqa: E402
 from aldk_tf.networks import build_student, build_teacher  # noqa: E402
+
+try:                                 # python -m bench.<script>; imported from the root (tests)
+    from bench.timing import repeat_timed
+except ModuleNotFoundError:          # python bench/<script>.py: sys.path[0] is bench/
+    from timing import repeat_timed
 
 MODELS = {
     "teacher_affine_vtn1": lambda size: build_teacher(size, 1),

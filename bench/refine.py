@@ -18,14 +18,17 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import scipy.ndimage as ndimage  # noqa: E402
 
 from aldk_tf import metrics  # noqa: E402
 from aldk_tf.refine import DEFAULT_LEARNING_RATE, refine_flow  # noqa: E402
-from bench.timing import repeat_timed  # noqa: E402
+
+try:                                 # python -m bench.<script>; imported from the root (tests)
+    from bench.timing import repeat_timed
+except ModuleNotFoundError:          # python bench/<script>.py: sys.path[0] is bench/
+    from timing import repeat_timed
 
 
 def smooth_volume(rng, size: int, sigma: float) -> np.ndarray:

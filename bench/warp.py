@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from aldk_tf import spatial  # noqa: E402
-from bench.timing import repeat_timed  # noqa: E402
+
+try:                                 # python -m bench.<script>; imported from the root (tests)
+    from bench.timing import repeat_timed
+except ModuleNotFoundError:          # python bench/<script>.py: sys.path[0] is bench/
+    from timing import repeat_timed
 
 
 # --- Reference implementations, kept here for comparison only (not used by the library).
