@@ -93,6 +93,7 @@ class TrainConfig:
     validate_every: int = 1000
     validation_pairs: int = 16
     schedule: str = "auto"                # "auto" | "step" | "cosine" | "constant"
+    clip_norm: float = 0.0                # > 0: clip the gradients' global norm to this
 
 
 @dataclass

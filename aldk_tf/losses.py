@@ -41,10 +41,22 @@ def smoothness_loss(flow: tf.Tensor) -> tf.Tensor:
     return total / voxels
 
 
+def det3(matrix: tf.Tensor) -> tf.Tensor:
+    """Determinants of ``[B, 3, 3]`` matrices by cofactor expansion, ``[B]``.
+
+    Unlike ``tf.linalg.det`` its gradient is a polynomial: it needs no matrix inverse,
+    so one step that makes a matrix singular does not abort training.
+    """
+    m = matrix
+    return (m[:, 0, 0] * (m[:, 1, 1] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 1])
+            - m[:, 0, 1] * (m[:, 1, 0] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 0])
+            + m[:, 0, 2] * (m[:, 1, 0] * m[:, 2, 1] - m[:, 1, 1] * m[:, 2, 0]))
+
+
 def det_loss(matrix: tf.Tensor) -> tf.Tensor:
     """``0.5 * (det(I + W) - 1) ** 2``, ``[B]``."""
     affine = tf.cast(matrix, tf.float32) + tf.eye(3)
-    return 0.5 * (tf.linalg.det(affine) - 1.0) ** 2
+    return 0.5 * (det3(affine) - 1.0) ** 2
 
 
 def ortho_loss(matrix: tf.Tensor) -> tf.Tensor:
@@ -60,7 +72,7 @@ def ortho_loss(matrix: tf.Tensor) -> tf.Tensor:
     s2 = (c[:, 0, 0] * c[:, 1, 1] - c[:, 0, 1] * c[:, 1, 0]
           + c[:, 0, 0] * c[:, 2, 2] - c[:, 0, 2] * c[:, 2, 0]
           + c[:, 1, 1] * c[:, 2, 2] - c[:, 1, 2] * c[:, 2, 1])
-    s3 = tf.linalg.det(c)
+    s3 = det3(c)
     return s1 + (1.0 + ORTHO_EPS) ** 2 * s2 / s3 - 6.0 * (1.0 + ORTHO_EPS)
 
 

@@ -270,7 +270,8 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
         schedule = release_schedule(config.train.schedule, config.train.lr,
                                     config.train.round, total_steps,
                                     cosine=config.model.role == "student")
-        optimizer = keras.optimizers.Adam(schedule)
+        optimizer = keras.optimizers.Adam(
+            schedule, global_clipnorm=config.train.clip_norm or None)
         distiller = None
         if config.crd.enabled:
             # The distiller runs the teacher on every batch, so ALDK uses those flows too.

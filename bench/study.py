@@ -70,6 +70,9 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3, help="student Adam LR (constant)")
     parser.add_argument("--teacher-lr", type=float, default=None,
                         help="teacher Adam LR (default: --lr)")
+    parser.add_argument("--clip-norm", type=float, default=1.0,
+                        help="clip every run's gradient global norm (typical norms are "
+                             "0.2-0.6; this only cuts spikes)")
     parser.add_argument("--flow-weight", type=float, default=0.1,
                         help="weight of the plain flow-distillation term")
     parser.add_argument("--refine-steps", type=int, default=50,
@@ -84,7 +87,7 @@ def student_runs(args, dataset: str, teacher: str) -> dict[str, RunConfig]:
     size = (args.size,) * 3
     train = TrainConfig(batch=args.batch, lr=args.lr, seed=args.seed, schedule="constant",
                         round=args.student_steps, epochs=1, checkpoint_every=100,
-                        validate_every=0)
+                        validate_every=0, clip_norm=args.clip_norm)
     model = ModelConfig(image_size=size)
     crd_model = ModelConfig(image_size=size, resolution_factor=2)
 
@@ -118,7 +121,8 @@ def teacher_run(args, dataset: str) -> RunConfig:
         image_size=(args.size,) * 3),
         train=TrainConfig(batch=args.batch, lr=args.teacher_lr or args.lr, seed=args.seed,
                           schedule="constant", round=args.teacher_steps, epochs=1,
-                          checkpoint_every=100, validate_every=0))
+                          checkpoint_every=100, validate_every=0,
+                          clip_norm=args.clip_norm))
 
 
 class Identity:

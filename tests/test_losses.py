@@ -92,3 +92,15 @@ def test_distillation_loss_zero_when_flows_match(rng, beta):
                                0.0, atol=1e-6)
     other = flow + 1.0
     assert np.all(losses.distillation_loss(critic, flow, other, beta, 0.1).numpy() > 0)
+
+
+def test_det3_matches_numpy_and_has_a_gradient_at_singular_matrices(rng):
+    matrices = rng.normal(size=(5, 3, 3)).astype(np.float32)
+    np.testing.assert_allclose(losses.det3(tf.constant(matrices)).numpy(),
+                               np.linalg.det(matrices), rtol=1e-4, atol=1e-5)
+    singular = tf.Variable(np.array([[[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [0.0, 1.0, 1.0]]],
+                                    np.float32) - np.eye(3, dtype=np.float32))
+    with tf.GradientTape() as tape:
+        value = losses.det_loss(singular)
+    gradient = tape.gradient(value, singular)
+    assert np.all(np.isfinite(gradient.numpy())) and np.abs(gradient.numpy()).max() > 0
