@@ -70,7 +70,7 @@ def parse_args(argv=None):
 def run_configs(args, dataset: str, teacher_dir: str) -> dict[str, RunConfig]:
     size = (args.size,) * 3
     common = dict(batch=args.batch, lr=args.lr, seed=args.seed, schedule="constant",
-                  epochs=1, checkpoint_every=100, validate_every=0)
+                  epochs=1, checkpoint_every=100, validate_every=0, clip_norm=1.0)
     teacher = RunConfig(dataset=dataset, model=ModelConfig(
         role="teacher", base="vtn", affine="vtn", n_cascades=args.teacher_cascades,
         image_size=size), train=TrainConfig(round=args.teacher_steps, **common))

@@ -297,7 +297,7 @@ def register_pair(model: str, fixed: str, moving: str, out_dir: str,
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m aldk_tf.register",
+    parser = argparse.ArgumentParser(
                                      description="Register a NIfTI pair with an exported "
                                      "model (export.py).")
     parser.add_argument("--model", required=True, help="SavedModel version directory "

@@ -324,7 +324,6 @@ def main(argv=None) -> int:
     """``python -m aldk_tf.teacher_flows``: extract (a shard of) the teacher flows, or
     merge the shards; one-line errors, exit code 2."""
     parser = argparse.ArgumentParser(
-        prog="python -m aldk_tf.teacher_flows",
         description="Store a teacher's final flows of every training pair (for ALDK).")
     parser.add_argument("--teacher", required=True, help="teacher run, weights/<run>")
     parser.add_argument("-d", "--dataset", help="dataset JSON whose training pairs to "

@@ -358,3 +358,16 @@ def test_cli_flow_distill_needs_a_teacher(dataset, tmp_path):
     assert result.returncode == 2
     assert "--flow-distill needs --teacher" in result.stderr.splitlines()[-1]
     assert not (tmp_path / "z").exists()
+
+
+def test_cli_training_options_reach_the_config(dataset, tmp_path):
+    from aldk_tf.cli import train as cli
+    teacher = str(tmp_path / "teacher")
+    config = cli.build_config(cli.parse_args(
+        ["-b", "LDR", "-d", dataset, "--clip-norm", "0.5", "--augment-field", "spline",
+         "--flow-distill", "0.2", "--refine-targets", "7", "--teacher", teacher]))
+    assert config.train.clip_norm == 0.5 and config.train.augment_field == "spline"
+    assert config.aldk.flow_weight == 0.2 and config.aldk.refine == 7
+    assert not config.aldk.enabled and config.aldk.teacher == teacher
+    with pytest.raises(ValueError, match="--clip-norm"):
+        cli.build_config(cli.parse_args(["-b", "LDR", "-d", dataset, "--clip-norm", "-1"]))
