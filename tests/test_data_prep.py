@@ -193,3 +193,37 @@ def test_build_demo_cli_rejects_bad_arguments(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
     with pytest.raises(DataError):
         preprocess_scan(tmp_path / "absent.nii.gz")
+
+
+def test_nifti_to_h5_matches_labels_by_name_only(tmp_path, rng, capsys):
+    """Images s1..s5, labels s1, s2, s4, s5 and t3: equal counts must not re-pair labels."""
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    affine = np.eye(4)
+    for name in ("s1", "s2", "s3", "s4", "s5"):
+        nib.save(nib.Nifti1Image(rng.random((12, 12, 12)).astype(np.float32), affine),
+                 images / f"{name}.nii.gz")
+    for name in ("s1", "s2", "s4", "s5", "t3"):
+        nib.save(nib.Nifti1Image(np.ones((12, 12, 12), np.uint8), affine),
+                 labels / f"{name}_seg.nii.gz")
+    cli = _script("nifti_to_h5")
+    out = tmp_path / "out" / "set"
+    common = ["--images", str(images), "--labels", str(labels), "--out", str(out),
+              "--size", "8", "--val", "1", "--test", "1", "--label-suffix", "_seg"]
+    assert cli.main(common) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "'s3'" in error and "t3_seg.nii.gz" in error
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    (labels / "t3_seg.nii.gz").rename(labels / "s3_seg.nii.gz")
+    assert cli.main(common) == 0, capsys.readouterr().err
+
+
+def test_a_nan_voxel_is_refused_not_blanked(tmp_path, rng):
+    from aldk_tf.data import DataError
+    data = rng.random((12, 12, 12)).astype(np.float32)
+    data[3, 4, 5] = np.nan
+    path = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    with pytest.raises(DataError, match="nan.nii.gz: 1 voxel"):
+        preprocess_scan(path, size=8)

@@ -5,8 +5,9 @@
 
 writes ``datasets/mybrain.h5`` (one group per scan, named after the image file) and
 ``datasets/mybrain.json`` (subsets ``<name>-train``, ``-val``, ``-test``; schemes "1", "2",
-"test"). Labels and masks are matched to images by file name (without .nii/.nii.gz); if the
-names differ, give the same number of files and they are matched in sorted order. Each
+"test"). Labels and masks are matched to images by file name only (without .nii/.nii.gz,
+after removing ``--label-suffix`` / ``--mask-suffix``, e.g. ``_seg``): an image without its
+file, or a file without its image, is an error naming them (never a match by order). Each
 scan's world affine and crop box are kept as HDF5 attributes (see
 ``aldk_tf/data/preprocess.py``). Errors print ``error: ...`` and exit with status 2; no
 output file is written unless every scan converts.
@@ -66,17 +67,25 @@ def find_files(patterns: list[str], what: str) -> list[Path]:
     return files
 
 
-def match(images: list[Path], others: list[Path], what: str) -> dict[str, Path]:
-    """Map image scan ids to ``others`` by equal name, else by sorted order."""
-    by_id = {scan_id(p): p for p in others}
+def match(images: list[Path], others: list[Path], what: str,
+          suffix: str = "") -> dict[str, Path]:
+    """Map image scan ids to ``others`` of the same name (``<id><suffix>``) only."""
+    by_id = {}
+    for path in others:
+        name = scan_id(path)
+        by_id[name[:-len(suffix)] if suffix and name.endswith(suffix) else name] = path
     ids = [scan_id(p) for p in images]
-    if all(i in by_id for i in ids):
-        return {i: by_id[i] for i in ids}
-    if len(others) == len(images):
-        return dict(zip(ids, others))
-    missing = next(i for i in ids if i not in by_id)
-    raise DataError(f"{others[0].parent}: no {what} file named like image '{missing}' "
-                    f"and {len(others)} {what} files for {len(images)} images")
+    missing = [i for i in ids if i not in by_id]
+    unused = sorted(str(by_id[i].name) for i in set(by_id) - set(ids))
+    if missing:
+        extra = f"; unmatched {what} files: {', '.join(unused[:3])}" if unused else ""
+        raise DataError(f"{others[0].parent}: no {what} file named like image "
+                        f"'{missing[0]}' ({len(missing)} image(s) without one){extra}; "
+                        f"{what}s are matched by name only (see --{what}-suffix)")
+    if unused:
+        raise DataError(f"{others[0].parent}: {what} file(s) {', '.join(unused[:3])} match "
+                        f"no image; name each after its image (see --{what}-suffix)")
+    return {i: by_id[i] for i in ids}
 
 
 def split(ids: list[str], val: int, test: int, seed: int) -> dict[str, list[str]]:
@@ -96,6 +105,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="folder(s), glob(s) or files of NIfTI scans")
     parser.add_argument("--labels", nargs="+", help="label images on the scans' grids")
     parser.add_argument("--masks", nargs="+", help="brain/organ masks for cropping")
+    parser.add_argument("--label-suffix", "--label_suffix", dest="label_suffix", default="",
+                        help="label files are named <image name><suffix> (e.g. _seg)")
+    parser.add_argument("--mask-suffix", "--mask_suffix", dest="mask_suffix", default="",
+                        help="mask files are named <image name><suffix> (e.g. _mask)")
     parser.add_argument("--out", required=True,
                         help="output stem: writes OUT.h5 and OUT.json")
     parser.add_argument("--size", type=int, nargs="+", default=[preprocess.DEFAULT_SIZE],
@@ -134,8 +147,10 @@ def convert(args: argparse.Namespace) -> Path:
     h5_path, json_path = out.parent / f"{name}.h5", out.parent / f"{name}.json"
     prefix = args.prefix or name
     images = find_files(args.images, "image")
-    labels = match(images, find_files(args.labels, "label"), "label") if args.labels else {}
-    masks = match(images, find_files(args.masks, "mask"), "mask") if args.masks else {}
+    labels = (match(images, find_files(args.labels, "label"), "label", args.label_suffix)
+              if args.labels else {})
+    masks = (match(images, find_files(args.masks, "mask"), "mask", args.mask_suffix)
+             if args.masks else {})
     size = args.size * 3 if len(args.size) == 1 else args.size
     parts = split([scan_id(p) for p in images], args.val, args.test, args.seed)
     subsets = {f"{name}-{part}": [f"{prefix}/{i}" for i in ids]

@@ -215,6 +215,11 @@ def preprocess_scan(image, label=None, mask=None, size=DEFAULT_SIZE, modality: s
     name = _name(image)
     image = load_image(image)
     data, affine = canonical(image)
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        # np.percentile of data with a NaN is NaN, and every voxel would then map to 0.
+        raise DataError(f"{name}: {bad} voxel(s) are NaN or infinite; expected finite "
+                        "intensities (replace them, e.g. by 0, before preparing the scan)")
     extra = {}
     for what, item in (("label", label), ("mask", mask)):
         if item is None:
