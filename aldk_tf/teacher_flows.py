@@ -26,6 +26,7 @@ refused, never mixed or silently reused; each setting has its own file
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -46,6 +47,69 @@ log = logging.getLogger(__name__)
 
 def pair_key(fixed_id: str, moving_id: str) -> str:
     return f"{fixed_id}-{moving_id}"
+
+
+def teacher_fingerprint(teacher) -> str:
+    """SHA-256 of the teacher's weights (shapes and values, in order)."""
+    digest = hashlib.sha256()
+    for weight in teacher.get_weights():
+        weight = np.ascontiguousarray(weight)
+        digest.update(str(weight.shape).encode())
+        digest.update(weight.tobytes())
+    return digest.hexdigest()
+
+
+def scan_fingerprints(dataset_config, pairs) -> dict[str, str]:
+    """``{scan id: SHA-256 of its voxels}`` for every scan the pairs use."""
+    from aldk_tf.data import ScanStore
+    with ScanStore(dataset_config) as store:
+        return {scan: hashlib.sha256(np.ascontiguousarray(
+                    store.read(scan)["volume"]).tobytes()).hexdigest()
+                for scan in sorted({scan for pair in pairs for scan in pair})}
+
+
+def provenance(teacher, dataset_config, pairs) -> dict:
+    """What stored flows depend on: the teacher's weights (``teacher_sha256``, recorded
+    on the file) and each scan's voxels (``scans``, recorded on every flow as
+    ``fixed_sha256`` / ``moving_sha256``)."""
+    return {"teacher_sha256": teacher_fingerprint(teacher),
+            "scans": scan_fingerprints(dataset_config, pairs)}
+
+
+def stale_reason(path: str, expected: dict) -> str | None:
+    """Why the flow file at ``path`` does not belong to ``expected`` (None: it does, or
+    there is no file). Files without fingerprints cannot be trusted either."""
+    if not os.path.exists(path):
+        return None
+    with h5py.File(path, "r") as handle:
+        keys = _complete_keys(handle)
+        if not keys:
+            return None
+        stored = handle.attrs.get("teacher_sha256")
+        if stored is None:
+            return "it records no fingerprint of the teacher weights"
+        if stored != expected["teacher_sha256"]:
+            return "the teacher's weights changed since its flows were stored"
+        scans = expected["scans"]
+        for key in sorted(keys):
+            attrs = handle[key].attrs
+            for side in ("fixed", "moving"):
+                scan = attrs.get(f"{side}_id")
+                if scan is None or attrs.get(f"{side}_sha256") is None:
+                    return f"flow {key} records no fingerprint of its scans"
+                if scan in scans and attrs[f"{side}_sha256"] != scans[scan]:
+                    return f"scan {scan} changed since flow {key} was stored"
+    return None
+
+
+def set_aside_if_stale(path: str, expected: dict) -> str | None:
+    """Move a flow file that belongs to another teacher or other data to ``.stale`` (it
+    is then extracted again); returns the reason, or None when it is current."""
+    reason = stale_reason(path, expected)
+    if reason is not None:
+        os.replace(path, path + ".stale")
+        log.warning("%s: %s; moved to %s.stale, extracting again", path, reason, path)
+    return reason
 
 
 def flows_stem(refine: int = 0) -> tuple[str, str]:
@@ -164,17 +228,23 @@ def check_flow_file(path: str, refine: int = 0,
 
 def extract_teacher_flows(teacher, dataset_config, pairs, path: str, batch_size: int = 1,
                           progress: bool = True, *, refine: int = 0,
-                          refine_learning_rate: float = DEFAULT_LEARNING_RATE) -> int:
+                          refine_learning_rate: float = DEFAULT_LEARNING_RATE,
+                          fingerprints: dict | None = None) -> int:
     """Run ``teacher`` on every pair whose flow is not stored yet; return how many ran.
 
     ``refine > 0`` stores each flow after that many instance-optimisation steps
     (:func:`aldk_tf.refine.refine_flow`, smoothness weight 1 on the increment). Raises
     :class:`RunError` when ``path`` holds flows made with a different setting.
+    ``fingerprints`` (:func:`provenance`, computed when not given) are recorded on the
+    file; a file made by another teacher or from other data is set aside first.
     """
     from aldk_tf.data import load_pair
 
     setting = refine_setting(refine, refine_learning_rate)
     check_flow_file(path, refine, refine_learning_rate)
+    if fingerprints is None:
+        fingerprints = provenance(teacher, dataset_config, pairs)
+    set_aside_if_stale(path, fingerprints)
     todo = missing_pairs(path, pairs)
     if not todo:
         return 0
@@ -184,6 +254,7 @@ def extract_teacher_flows(teacher, dataset_config, pairs, path: str, batch_size:
     with _open(path) as handle:
         check_setting(path, handle, setting)
         handle.attrs.update(setting)
+        handle.attrs["teacher_sha256"] = fingerprints["teacher_sha256"]
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             loaded = [load_pair(dataset_config, f, m) for f, m in chunk]
@@ -198,8 +269,12 @@ def extract_teacher_flows(teacher, dataset_config, pairs, path: str, batch_size:
             scores = _target_scores(loaded, teacher_flows.numpy(), flows,
                                     dataset_config.label_values)
             for (fixed_id, moving_id), flow, score in zip(chunk, flows, scores):
+                scans = fingerprints["scans"]
+                origin = {"fixed_id": fixed_id, "moving_id": moving_id,
+                          "fixed_sha256": scans[fixed_id],
+                          "moving_sha256": scans[moving_id]}
                 _write_flow(handle, pair_key(fixed_id, moving_id), flow,
-                            {**setting, **score})
+                            {**setting, **score, **origin})
             handle.flush()
             if bar is not None:
                 bar.add(len(chunk))
@@ -275,11 +350,18 @@ def merge_teacher_flows(path: str, parts: list[str]) -> int:
                                f"{_describe(stored_setting(source))}, {first}'s with "
                                f"{_describe(setting)}; extract all shards with one setting")
             setting, first = stored_setting(source), part
+    fingerprints = _shared_fingerprints(parts)
     copied = 0
     with _open(path) as out:
         if setting is not None:
             check_setting(path, out, setting)
             out.attrs.update(setting)
+        if fingerprints and _complete_keys(out):
+            for key, value in fingerprints.items():
+                if out.attrs.get(key) != value:
+                    raise RunError(f"{path}: holds flows of another teacher or other data "
+                                   f"than the shard parts ({key}); move it away first")
+        out.attrs.update(fingerprints)
         done = _complete_keys(out)
         for part in parts:
             with h5py.File(part, "r") as source:
@@ -289,6 +371,23 @@ def merge_teacher_flows(path: str, parts: list[str]) -> int:
                     copied += 1
             out.flush()
     return copied
+
+
+def _shared_fingerprints(parts: list[str]) -> dict:
+    """The teacher/data fingerprints all ``parts`` share (RunError if they differ)."""
+    found: dict = {}
+    for part in parts:
+        with h5py.File(part, "r") as source:
+            if not _complete_keys(source):
+                continue
+            for key in ("teacher_sha256",):
+                value = source.attrs.get(key)
+                if value is None:
+                    continue
+                if found.setdefault(key, value) != value:
+                    raise RunError(f"{part}: flows of another teacher or other data than "
+                                   f"the other parts ({key}); extract all shards again")
+    return found
 
 
 def _part_shard(path: str) -> Shard:
@@ -371,15 +470,20 @@ def main(argv=None) -> int:
                            f"{tuple(teacher_config.model.image_size)} differs from "
                            f"{dataset_config.where}'s {tuple(dataset_config.image_size)}")
         check_flow_file(path, args.refine, args.refine_lr)
+        _, teacher = runs.load_model(args.teacher)
+        fingerprints = provenance(teacher, dataset_config, pairs)   # all training pairs
+        reason = set_aside_if_stale(path, fingerprints)
+        if reason is not None:
+            print(f"{path}: {reason}; moved to {path}.stale", file=sys.stderr)
         if shard is not None:
             done = stored_keys(path)
             pairs = [pair for pair in shard.select(pairs) if pair_key(*pair) not in done]
             path = flows_path(args.teacher, shard, args.refine)
             _open(path).close()               # exists even when it has nothing to do
-        _, teacher = runs.load_model(args.teacher)
         count = extract_teacher_flows(teacher, dataset_config, pairs, path, args.batch,
                                       refine=args.refine,
-                                      refine_learning_rate=args.refine_lr)
+                                      refine_learning_rate=args.refine_lr,
+                                      fingerprints=fingerprints)
         print(f"{count} flows extracted into {path}")
         if os.path.exists(path):
             summary = refinement_summary(path, [pair_key(*pair) for pair in pairs])

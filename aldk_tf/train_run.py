@@ -26,7 +26,7 @@ from aldk_tf.critic import FlowCritic
 from aldk_tf.crd import CrossResolutionDistiller
 from aldk_tf.schedules import release_schedule
 from aldk_tf.teacher_flows import (TeacherFlowStore, extract_teacher_flows, flows_path,
-                                   missing_pairs)
+                                   missing_pairs, provenance, set_aside_if_stale)
 from aldk_tf.training import RegistrationTrainer
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,16 @@ def ensure_teacher_flows(teacher_run: str, teacher, dataset_config, pairs,
     """Extract whatever flows of ``pairs`` (refined by ``refine`` steps) the teacher run
     does not have stored yet."""
     path = flows_path(teacher_run, refine=refine)
+    fingerprints = provenance(teacher, dataset_config, pairs)    # of every training pair
+    reason = set_aside_if_stale(path, fingerprints)
+    if reason is not None:
+        print(f"{path}: {reason}; moved to {path}.stale", file=sys.stderr)
     todo = missing_pairs(path, pairs)
     if todo:
         print(f"extracting {len(todo)} teacher flows into {path}"
               + (f" (refined, {refine} steps)" if refine else ""), file=sys.stderr)
         extract_teacher_flows(teacher, dataset_config, todo, path, batch_size,
-                              refine=refine)
+                              refine=refine, fingerprints=fingerprints)
     return path
 
 

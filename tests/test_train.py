@@ -371,3 +371,32 @@ def test_cli_training_options_reach_the_config(dataset, tmp_path):
     assert not config.aldk.enabled and config.aldk.teacher == teacher
     with pytest.raises(ValueError, match="--clip-norm"):
         cli.build_config(cli.parse_args(["-b", "LDR", "-d", dataset, "--clip-norm", "-1"]))
+
+
+def test_stale_teacher_flows_are_extracted_again(dataset, tmp_path):
+    """Flows are keyed by pair id; after the teacher changes they must not be reused."""
+    from aldk_tf.train_run import ensure_teacher_flows
+    teacher_dir = str(tmp_path / "teacher")
+    teacher = make_teacher_run(teacher_dir, dataset)
+    config = load_dataset_config(dataset)
+    pairs = list_pairs(config, "1")[:3]
+    path = ensure_teacher_flows(teacher_dir, teacher, config, pairs)
+    store = TeacherFlowStore(path)
+    before = store.read(*pairs[0])
+    store.close()
+    # Same teacher, same data: nothing is redone.
+    assert ensure_teacher_flows(teacher_dir, teacher, config, pairs) == path
+    assert not os.path.exists(path + ".stale")
+    # The teacher trains further: its stored flows are set aside and extracted again.
+    for variable in teacher.trainable_variables:       # flow head bias: +0.2 voxel
+        if "pred0" in variable.path and "bias" in variable.path:
+            variable.assign(variable + 0.01)
+    ensure_teacher_flows(teacher_dir, teacher, config, pairs)
+    assert os.path.exists(path + ".stale")
+    store = TeacherFlowStore(path)
+    after = store.read(*pairs[0])
+    store.close()
+    expected = teacher({key: load_pair(config, *pairs[0])[key][None]
+                        for key in ("fixed", "moving")})["flow"][0]
+    np.testing.assert_allclose(after, expected, atol=2e-2)
+    assert np.abs(after - before).max() > 0.05
