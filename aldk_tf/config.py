@@ -148,6 +148,9 @@ def atomic_write_text(path: str, text: str) -> None:
     try:
         with os.fdopen(handle, "w") as out:
             out.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)      # mkstemp's 0600 would hide the file
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
