@@ -38,6 +38,17 @@ ADAM_BETA_2 = 0.999
 ADAM_EPSILON = 1e-8
 
 
+def add_arguments(parser, what: str = "refine each flow") -> None:
+    """``--refine N`` and ``--refine-lr`` for a command line (``what``: the help's verb
+    phrase, e.g. "store each flow after")."""
+    parser.add_argument("--refine", type=int, default=0, metavar="N",
+                        help=f"{what} N instance-optimisation steps (default 0: none)")
+    parser.add_argument("--refine-lr", "--refine_lr", type=float,
+                        default=DEFAULT_LEARNING_RATE, metavar="VOXELS",
+                        help="Adam step size of the refinement, in voxels "
+                        f"(default {DEFAULT_LEARNING_RATE})")
+
+
 def refine_flow(fixed_image, moving_image, initial_flow, steps: int = DEFAULT_STEPS, *,
                 learning_rate: float = DEFAULT_LEARNING_RATE, smoothness: float = 1.0,
                 similarity: float = 1.0) -> tuple[tf.Tensor, dict]:

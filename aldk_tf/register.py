@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 from aldk_tf.data import DataError  # noqa: E402
 from aldk_tf.data import preprocess  # noqa: E402
 from aldk_tf.refine import DEFAULT_LEARNING_RATE  # noqa: E402
+from aldk_tf.refine import add_arguments as add_refine_arguments  # noqa: E402
 from aldk_tf.serving import SERVING_SIGNATURE, make_readable  # noqa: E402
 
 OUTPUT_NAMES = ("warped.nii.gz", "flow.nii.gz", "warped_seg.nii.gz", "preview.png")
@@ -311,13 +312,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default mr)")
     parser.add_argument("--crop", choices=preprocess.CROPS, default="auto",
                         help="crop box, as for the training data (default auto)")
-    parser.add_argument("--refine", type=int, default=0, metavar="N",
-                        help="refine the model's flow by N instance-optimisation steps "
-                        "(default 0: the model's flow)")
-    parser.add_argument("--refine-lr", "--refine_lr", type=float,
-                        default=DEFAULT_LEARNING_RATE, metavar="VOXELS",
-                        help="Adam step size of the refinement, in voxels "
-                        f"(default {DEFAULT_LEARNING_RATE})")
+    add_refine_arguments(parser, "refine the model's flow by")
     return parser.parse_args(argv)
 
 

@@ -39,6 +39,7 @@ import tensorflow as tf
 
 from aldk_tf import metrics
 from aldk_tf.refine import DEFAULT_LEARNING_RATE, refine_flow
+from aldk_tf.refine import add_arguments as add_refine_arguments
 from aldk_tf.runs import TEACHER_FLOWS_NAME, RunError
 from aldk_tf.shards import Shard, ShardError, check_complete, find_parts, split_name
 
@@ -433,13 +434,7 @@ def main(argv=None) -> int:
                         "teacher_flows.h5 (then removed unless --keep_parts)")
     parser.add_argument("--keep_parts", action="store_true")
     parser.add_argument("--batch", type=int, default=1, help="pairs per teacher call")
-    parser.add_argument("--refine", type=int, default=0, metavar="N", help="store each "
-                        "flow after N steps of instance optimisation (default 0: the "
-                        "teacher's flow as it is)")
-    parser.add_argument("--refine-lr", "--refine_lr", type=float,
-                        default=DEFAULT_LEARNING_RATE, metavar="VOXELS",
-                        help="Adam step size of the refinement, in voxels "
-                        f"(default {DEFAULT_LEARNING_RATE})")
+    add_refine_arguments(parser, "store each teacher flow refined by")
     args = parser.parse_args(argv)
     from aldk_tf import runs
     from aldk_tf.data import TRAINING_SCHEME, DataError, list_pairs, load_dataset_config

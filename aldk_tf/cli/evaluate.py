@@ -32,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from aldk_tf import runs
 from aldk_tf.data import VALIDATION_SCHEME, DataError, load_dataset_config
 from aldk_tf.evaluation import EvaluationError, write_json_report, write_rcn_report
-from aldk_tf.refine import DEFAULT_LEARNING_RATE
+from aldk_tf.refine import add_arguments as add_refine_arguments
 from aldk_tf.serving import ExportError, prepare_base
 from aldk_tf.shards import Shard, ShardError, find_parts, split_name
 
@@ -55,13 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "file (from export.py)")
     parser.add_argument("-n", "--name", help="suffix of the report names (default: the "
                         "exported file's name with --exported)")
-    parser.add_argument("--refine", type=int, default=0, metavar="N", help="refine each "
-                        "flow by N instance-optimisation steps, warm-started from the "
-                        "model's (default 0: the model's flow)")
-    parser.add_argument("--refine-lr", "--refine_lr", type=float,
-                        default=DEFAULT_LEARNING_RATE, metavar="VOXELS",
-                        help="Adam step size of the refinement, in voxels "
-                        f"(default {DEFAULT_LEARNING_RATE})")
+    add_refine_arguments(parser, "refine each model flow by")
     parser.add_argument("--out-dir", default="evaluate", help="report folder "
                         "(default evaluate)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -144,25 +144,19 @@ def build_config(args):
         if wanted != image_size:
             raise ValueError(f"--image_size {wanted} differs from {args.dataset}'s "
                              f"image_size {image_size}; prepare the data at that size")
-    if args.aldk and role != "student":
-        raise ValueError("--aldk applies to the student (-b LDR)")
-    if args.aldk and not args.teacher:
-        raise ValueError("--aldk needs --teacher weights/<teacher run>")
     if not 0.0 <= args.flow_distill < float("inf"):
         raise ValueError(f"--flow-distill: expected a finite weight >= 0, got "
                          f"{args.flow_distill}")
-    if args.flow_distill and role != "student":
-        raise ValueError("--flow-distill applies to the student (-b LDR)")
-    if args.flow_distill and not args.teacher:
-        raise ValueError("--flow-distill needs --teacher weights/<teacher run>")
+    for flag, used in (("--aldk", args.aldk), ("--flow-distill", args.flow_distill),
+                       ("--crd", args.crd)):
+        if used and role != "student":
+            raise ValueError(f"{flag} applies to the student (-b LDR)")
+        if used and not args.teacher:
+            raise ValueError(f"{flag} needs --teacher weights/<teacher run>")
     if not 0.0 <= args.clip_norm < float("inf"):
         raise ValueError(f"--clip-norm: expected a finite value >= 0, got {args.clip_norm}")
     if args.refine_targets < 0:
         raise ValueError(f"--refine-targets: expected N >= 0, got {args.refine_targets}")
-    if args.crd and role != "student":
-        raise ValueError("--crd applies to the student (-b LDR)")
-    if args.crd and not args.teacher:
-        raise ValueError("--crd needs --teacher weights/<teacher run>")
     factor = args.resolution_factor or (2 if args.crd else 1)
     teacher = os.path.abspath(args.teacher) if args.teacher else None
     return RunConfig(
