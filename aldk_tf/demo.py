@@ -44,9 +44,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="demo_run", help="output folder (default demo_run)")
     parser.add_argument("--size", type=int, default=32, help="volume size (32, 64, 128)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--teacher-steps", type=int, default=500)
+    parser.add_argument("--teacher-steps", type=int, default=450)
     parser.add_argument("--student-steps", type=int, default=400)
-    parser.add_argument("--refine-steps", type=int, default=50,
+    parser.add_argument("--refine-steps", type=int, default=30,
                         help="instance-optimisation steps of the distillation targets")
     parser.add_argument("--flow-weight", type=float, default=0.1,
                         help="weight of the plain flow-distillation term")

@@ -21,7 +21,7 @@ def test_run_configs_differ_only_where_the_rows_say(tmp_path):
     assert all(c.train.augment for c in students)          # one augmentation for all
     flow, aldk = configs["student_flow_distill"].aldk, configs["student_aldk"].aldk
     assert flow.flow_weight > 0 and not flow.enabled and aldk.enabled
-    assert flow.refine == aldk.refine == 50 and flow.teacher == aldk.teacher
+    assert flow.refine == aldk.refine == 30 and flow.teacher == aldk.teacher
     assert "student_distilled" not in demo.run_configs(demo.parse_args([]), "d", "t")
     control, crd = configs["student_distilled"], configs["student_crd"]
     assert control.model.resolution_factor == 1 and crd.model.resolution_factor == 2
