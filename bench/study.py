@@ -130,21 +130,10 @@ class Identity:
         return {"flow": np.zeros(fixed.shape[:4] + (3,), np.float32)}
 
 
-class Refined:
-    """A model's flow refined by ``steps`` of instance optimisation (time included)."""
-
-    def __init__(self, model, steps: int):
-        from aldk_tf.evaluation import _flow_function
-        self.flow_of, self.steps = _flow_function(model), steps
-
-    def __call__(self, fixed, moving):
-        from aldk_tf.refine import refine_flow
-        flow, _ = refine_flow(fixed, moving, self.flow_of(fixed, moving), self.steps)
-        return {"flow": np.asarray(flow)}
-
-
-def evaluate(out: str, name: str, model, dataset_config, scheme: str = "test") -> dict:
-    """Evaluate (or read back) one row on ``scheme``'s pairs."""
+def evaluate(out: str, name: str, model, dataset_config, scheme: str = "test",
+             refine: int = 0) -> dict:
+    """Evaluate (or read back) one row on ``scheme``'s pairs; ``refine`` > 0: the model's
+    flows refined by that many instance-optimisation steps (time included)."""
     from aldk_tf.data import list_pairs
     from aldk_tf.evaluation import evaluate_pairs
     path = os.path.join(out, "evaluate", f"{name}-{scheme}.json")
@@ -154,7 +143,8 @@ def evaluate(out: str, name: str, model, dataset_config, scheme: str = "test") -
     pairs = list_pairs(dataset_config, scheme)
     print(f"[study] evaluating {name} on {len(pairs)} {scheme} pairs", file=sys.stderr)
     _, summary = evaluate_pairs(model, dataset_config, pairs, batch=1,
-                                label_values=dataset_config.label_values, progress=False)
+                                label_values=dataset_config.label_values, progress=False,
+                                refine=refine)
     row = {"dice": summary["dice"]["mean"], "dice_std": summary["dice"]["std"],
            "jacc": summary["jacc"]["mean"], "fold": summary["folding_percent"]["mean"],
            "jacobian_std": summary["jacobian_det_std"]["mean"],
@@ -256,8 +246,8 @@ def main(argv=None) -> int:
     write(results, args, started, out)
     if "refined_targets" in wanted:
         results["refined_targets"] = evaluate(
-            out, f"refined_targets-{args.refine_steps}",
-            Refined(teacher, args.refine_steps), dataset_config)
+            out, f"refined_targets-{args.refine_steps}", teacher, dataset_config,
+            refine=args.refine_steps)
     students = {}
     for name, config in student_runs(args, dataset, teacher_dir).items():
         if name not in wanted:
@@ -270,8 +260,8 @@ def main(argv=None) -> int:
         validation = {name: evaluate(out, name, model, dataset_config, "2")["dice"]
                       for name, (_, model) in students.items()}
         best = max(validation, key=validation.get)
-        row = evaluate(out, f"{best}-refine{args.refine_steps}",
-                       Refined(students[best][1], args.refine_steps), dataset_config)
+        row = evaluate(out, f"{best}-refine{args.refine_steps}", students[best][1],
+                       dataset_config, refine=args.refine_steps)
         row.update(refine_time_128(students[best][0].model, args.refine_steps),
                    base=best, refine_steps=args.refine_steps)
         results["student_refine_test"] = row
