@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import keras
 
-from aldk_tf.layers import AffineFlow, AveragePool3D
+from aldk_tf.layers import AffineFlow, AveragePool3D, Scale
 from aldk_tf.networks.blocks import RELEASE_INIT, check_image_size, conv, pair_input
 
 # (filters, stride) per 3x3x3 conv.
@@ -17,6 +17,12 @@ VTN_AFFINE_ENCODER = ((16, 2), (32, 2), (64, 2), (64, 1), (128, 2), (128, 1), (2
 STUDENT_AFFINE_ENCODER = ((16, 2), (32, 2), (64, 2), (128, 2))
 
 # The teacher's stem starts as the release's (LeCun uniform); the student's keeps Keras'.
+# ``W`` is the head's output times MATRIX_GAIN. The head sees every feature of the last
+# grid at once (512 x 1 at 64^3), so an Adam step of size lr on each of its weights moves
+# an entry of ``W`` by up to lr x (sum of |features|), about 0.5 at lr 1e-3: one such
+# step folded the 64^3 teacher (det loss ~4e11). With the gain the step is ten times
+# smaller, as the release's at its learning rate of 1e-4; translations (voxels) keep 1.
+MATRIX_GAIN = 0.1
 AFFINE_VARIANTS = {
     "vtn": {"encoder": VTN_AFFINE_ENCODER, "pool": False, "init": RELEASE_INIT},
     "student": {"encoder": STUDENT_AFFINE_ENCODER, "pool": True,
@@ -30,7 +36,8 @@ class AffineStem(keras.Model):
 
     ``matrix`` is ``W`` in ``A = W + I``; ``flow = W c + b`` on centred voxel coordinates.
     The heads are bias-free 'valid' convs whose kernel covers the whole remaining grid,
-    initialised to zero so that training starts from the identity.
+    initialised to zero so that training starts from the identity; ``W``'s head output is
+    scaled by :data:`MATRIX_GAIN` (bounded steps).
     """
 
     stride = 16
@@ -55,6 +62,7 @@ class AffineStem(keras.Model):
                                      kernel_initializer="zeros", name=f"{name}_W")(x)
         translation = keras.layers.Conv3D(3, grid, padding="valid", use_bias=False,
                                           kernel_initializer="zeros", name=f"{name}_b")(x)
+        matrix = Scale(MATRIX_GAIN, name=f"{name}_W_gain")(matrix)
         matrix = keras.layers.Reshape((3, 3), name=f"{name}_matrix")(matrix)
         translation = keras.layers.Reshape((3,), name=f"{name}_translation")(translation)
         flow = AffineFlow(image_size, name=f"{name}_flow")([matrix, translation])
