@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 import keras
+import tensorflow as tf
 
 from aldk_tf.critic import FlowCritic
 from aldk_tf.networks import (AffineStem, RecursiveCascade, StudentNet, VoxelMorphNet,
@@ -160,3 +161,22 @@ def test_critic_output_kinds(rng):
                                rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="output must be"):
         FlowCritic(SIZE, output="tanh")
+
+
+@pytest.mark.parametrize("variant", ["vtn", "student"])
+def test_an_adam_step_moves_the_affine_matrix_by_a_tenth_of_lr_per_feature(rng, variant):
+    """The matrix head sees every feature of the last grid at once (512 in the VTN stem):
+    Adam's first step (lr x sign of each weight's gradient) moves an entry of W by
+    gain x lr x sum(|features|). With gain 1 that was ~0.5 at lr 1e-3 for the trained
+    64^3 teacher's features, and one such step folded it; the gain is 0.1."""
+    stem = AffineStem((32, 32, 32), variant=variant)
+    head = stem.get_layer(f"{stem.name}_W")
+    features = keras.Model(stem.input, head.input)
+    pair = tf.constant(rng.random((1, 32, 32, 32, 2), np.float32))
+    optimizer = keras.optimizers.Adam(1e-3, epsilon=1e-15)   # untrained features are tiny
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(stem(pair)["matrix"])
+    optimizer.apply_gradients([(tape.gradient(loss, head.kernel), head.kernel)])
+    moved = stem(pair)["matrix"].numpy()             # W started at zero
+    expected = 0.1 * 1e-3 * np.abs(features(pair).numpy()).sum()
+    np.testing.assert_allclose(moved, -expected, rtol=1e-3)
