@@ -66,6 +66,8 @@ class ALDKConfig:
                                           # the student learns from the targets, no critic)
     refine: int = 0                       # > 0: targets refined by this many instance-
                                           # optimisation steps per pair (refine.py)
+    teacher_rep: int = 0                  # > 0: the teacher applied with this many
+                                          # shared-weight repetitions (0: as trained)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class CRDConfig:
     gate: str = "always"                  # "always" | "teacher_better" (see crd.py)
     anneal_steps: int = 0                 # > 0: weights decay linearly to 0 by this step
     teacher: str | None = None            # weights/<teacher run>
+    teacher_rep: int = 0                  # as ALDKConfig.teacher_rep
 
 
 @dataclass

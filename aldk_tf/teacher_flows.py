@@ -70,11 +70,18 @@ def scan_fingerprints(dataset_config, pairs) -> dict[str, str]:
 
 
 def provenance(teacher, dataset_config, pairs) -> dict:
-    """What stored flows depend on: the teacher's weights (``teacher_sha256``, recorded
-    on the file) and each scan's voxels (``scans``, recorded on every flow as
-    ``fixed_sha256`` / ``moving_sha256``)."""
+    """What stored flows depend on: the teacher's weights (``teacher_sha256``) and how
+    often its cascades are applied (``teacher_rep``), both recorded on the file, and each
+    scan's voxels (``scans``, recorded on every flow as ``fixed_sha256`` /
+    ``moving_sha256``)."""
     return {"teacher_sha256": teacher_fingerprint(teacher),
+            "teacher_rep": teacher_rep(teacher),
             "scans": scan_fingerprints(dataset_config, pairs)}
+
+
+def teacher_rep(teacher) -> int:
+    """The shared-weight repetitions the teacher model applies (1 for other models)."""
+    return int(getattr(teacher, "rep", 1))
 
 
 def stale_reason(path: str, expected: dict) -> str | None:
@@ -91,6 +98,9 @@ def stale_reason(path: str, expected: dict) -> str | None:
             return "it records no fingerprint of the teacher weights"
         if stored != expected["teacher_sha256"]:
             return "the teacher's weights changed since its flows were stored"
+        if int(handle.attrs.get("teacher_rep", 1)) != expected.get("teacher_rep", 1):
+            return (f"its flows were made with {int(handle.attrs.get('teacher_rep', 1))} "
+                    f"teacher repetitions, not {expected['teacher_rep']}")
         scans = expected["scans"]
         for key in sorted(keys):
             attrs = handle[key].attrs
@@ -113,17 +123,24 @@ def set_aside_if_stale(path: str, expected: dict) -> str | None:
     return reason
 
 
-def flows_stem(refine: int = 0) -> tuple[str, str]:
-    """``(stem, suffix)`` of the flow file of a refine setting: ``teacher_flows.h5`` for
-    the raw flows, ``teacher_flows-refine<N>.h5`` for flows refined by N steps (so raw
-    and refined targets of one teacher live side by side)."""
+def flows_stem(refine: int = 0, rep: int = 1) -> tuple[str, str]:
+    """``(stem, suffix)`` of the flow file of a setting: ``teacher_flows.h5`` for the
+    raw flows, ``teacher_flows-rep<R>.h5`` for a teacher applied with R shared-weight
+    repetitions, ``...-refine<N>.h5`` for flows refined by N steps (so the targets of
+    every setting of one teacher live side by side)."""
     stem, suffix = os.path.splitext(TEACHER_FLOWS_NAME)
-    return (f"{stem}-refine{int(refine)}" if refine else stem), suffix
+    if rep > 1:
+        stem += f"-rep{int(rep)}"
+    if refine:
+        stem += f"-refine{int(refine)}"
+    return stem, suffix
 
 
-def flows_path(teacher_run: str, shard: Shard | None = None, refine: int = 0) -> str:
-    """The teacher's flow file for ``refine`` steps, or the part file of ``shard``."""
-    stem, suffix = flows_stem(refine)
+def flows_path(teacher_run: str, shard: Shard | None = None, refine: int = 0,
+               rep: int = 1) -> str:
+    """The teacher's flow file for ``refine`` steps and ``rep`` repetitions, or the part
+    file of ``shard``."""
+    stem, suffix = flows_stem(refine, rep)
     if shard is None:
         return os.path.join(teacher_run, stem + suffix)
     return os.path.join(teacher_run, shard.name(stem, suffix))
@@ -256,6 +273,7 @@ def extract_teacher_flows(teacher, dataset_config, pairs, path: str, batch_size:
         check_setting(path, handle, setting)
         handle.attrs.update(setting)
         handle.attrs["teacher_sha256"] = fingerprints["teacher_sha256"]
+        handle.attrs["teacher_rep"] = fingerprints.get("teacher_rep", teacher_rep(teacher))
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             loaded = [load_pair(dataset_config, f, m) for f, m in chunk]
@@ -434,6 +452,9 @@ def main(argv=None) -> int:
                         "teacher_flows.h5 (then removed unless --keep_parts)")
     parser.add_argument("--keep_parts", action="store_true")
     parser.add_argument("--batch", type=int, default=1, help="pairs per teacher call")
+    parser.add_argument("--teacher-rep", "--teacher_rep", dest="teacher_rep", type=int,
+                        default=0, help="apply the teacher's cascades R times with shared "
+                        "weights (RCN's test-time recursion; default: as trained)")
     add_refine_arguments(parser, "store each teacher flow refined by")
     args = parser.parse_args(argv)
     from aldk_tf import runs
@@ -443,12 +464,15 @@ def main(argv=None) -> int:
             raise ShardError("--merge and --shard exclude each other")
         shard = Shard.parse(args.shard) if args.shard else None
         refine_setting(args.refine, args.refine_lr)          # a bad value fails first
+        if args.teacher_rep < 0:
+            raise RunError(f"--teacher-rep: expected R >= 0, got {args.teacher_rep}")
         teacher_config = runs.load_run_config(args.teacher)
+        rep = args.teacher_rep or teacher_config.model.rep
         dataset_config = load_dataset_config(args.dataset or teacher_config.dataset)
         pairs = list_pairs(dataset_config, TRAINING_SCHEME)
-        path = flows_path(args.teacher, refine=args.refine)
+        path = flows_path(args.teacher, refine=args.refine, rep=rep)
         if args.merge:
-            parts = find_parts(args.teacher, *flows_stem(args.refine))
+            parts = find_parts(args.teacher, *flows_stem(args.refine, rep))
             copied = merge_teacher_flows(path, parts)
             missing = missing_pairs(path, pairs)
             if missing:
@@ -465,7 +489,7 @@ def main(argv=None) -> int:
                            f"{tuple(teacher_config.model.image_size)} differs from "
                            f"{dataset_config.where}'s {tuple(dataset_config.image_size)}")
         check_flow_file(path, args.refine, args.refine_lr)
-        _, teacher = runs.load_model(args.teacher)
+        _, teacher = runs.load_model(args.teacher, rep=rep)
         fingerprints = provenance(teacher, dataset_config, pairs)   # all training pairs
         reason = set_aside_if_stale(path, fingerprints)
         if reason is not None:
@@ -473,7 +497,7 @@ def main(argv=None) -> int:
         if shard is not None:
             done = stored_keys(path)
             pairs = [pair for pair in shard.select(pairs) if pair_key(*pair) not in done]
-            path = flows_path(args.teacher, shard, args.refine)
+            path = flows_path(args.teacher, shard, args.refine, rep)
             _open(path).close()               # exists even when it has nothing to do
         count = extract_teacher_flows(teacher, dataset_config, pairs, path, args.batch,
                                       refine=args.refine,

@@ -26,7 +26,8 @@ from aldk_tf.critic import FlowCritic
 from aldk_tf.crd import CrossResolutionDistiller
 from aldk_tf.schedules import release_schedule
 from aldk_tf.teacher_flows import (TeacherFlowStore, extract_teacher_flows, flows_path,
-                                   missing_pairs, provenance, set_aside_if_stale)
+                                   missing_pairs, provenance, set_aside_if_stale,
+                                   teacher_rep)
 from aldk_tf.training import RegistrationTrainer
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,11 @@ VALIDATION_SCHEME = "2"
 TRAINING_KEYS = ("fixed", "moving", "teacher_flow")
 
 
-def load_teacher(teacher_run: str, image_size):
-    """The frozen teacher of ``teacher_run``; its image size must equal the student's."""
-    teacher_config, teacher = runs.load_model(teacher_run)
+def load_teacher(teacher_run: str, image_size, rep: int = 0):
+    """The frozen teacher of ``teacher_run``; its image size must equal the student's.
+    ``rep`` > 0 applies its cascades that many times with shared weights (0: as it was
+    trained)."""
+    teacher_config, teacher = runs.load_model(teacher_run, rep=rep or None)
     if tuple(teacher_config.model.image_size) != tuple(image_size):
         raise runs.RunError(
             f"{teacher_run}: teacher image size {tuple(teacher_config.model.image_size)} "
@@ -52,7 +55,7 @@ def ensure_teacher_flows(teacher_run: str, teacher, dataset_config, pairs,
                          batch_size: int = 1, refine: int = 0) -> str:
     """Extract whatever flows of ``pairs`` (refined by ``refine`` steps) the teacher run
     does not have stored yet."""
-    path = flows_path(teacher_run, refine=refine)
+    path = flows_path(teacher_run, refine=refine, rep=teacher_rep(teacher))
     fingerprints = provenance(teacher, dataset_config, pairs)    # of every training pair
     reason = set_aside_if_stale(path, fingerprints)
     if reason is not None:
@@ -249,10 +252,11 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
     if config.aldk.flow_weight > 0 and not config.aldk.teacher:
         raise runs.RunError("--flow-distill needs --teacher weights/<teacher run>")
     distilling = config.aldk.enabled or config.aldk.flow_weight > 0
-    teacher_run = config.aldk.teacher if distilling else config.crd.teacher
+    teacher_run, rep = ((config.aldk.teacher, config.aldk.teacher_rep) if distilling
+                        else (config.crd.teacher, config.crd.teacher_rep))
     if distilling or config.crd.enabled:
         with strategy.scope():
-            teacher = load_teacher(teacher_run, config.model.image_size)
+            teacher = load_teacher(teacher_run, config.model.image_size, rep)
     os.makedirs(run_dir, exist_ok=True)
     if chief:
         config.save(run_dir)
@@ -354,7 +358,7 @@ def _shared_teacher_flows(strategy, chief: bool, teacher_run: str, teacher,
     if chief:
         ensure_teacher_flows(teacher_run, teacher, dataset_config, pairs, refine=refine)
     distribute.barrier(strategy)
-    path = flows_path(teacher_run, refine=refine)
+    path = flows_path(teacher_run, refine=refine, rep=teacher_rep(teacher))
     if not chief and missing_pairs(path, pairs):
         raise runs.RunError(f"{path}: the chief's teacher flows are not visible to this "
                             f"worker; put weights/ on a filesystem all workers share")

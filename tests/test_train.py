@@ -365,9 +365,11 @@ def test_cli_training_options_reach_the_config(dataset, tmp_path):
     teacher = str(tmp_path / "teacher")
     config = cli.build_config(cli.parse_args(
         ["-b", "LDR", "-d", dataset, "--clip-norm", "0.5", "--augment-field", "spline",
-         "--flow-distill", "0.2", "--refine-targets", "7", "--teacher", teacher]))
+         "--flow-distill", "0.2", "--refine-targets", "7", "--teacher", teacher,
+         "--teacher-rep", "3"]))
     assert config.train.clip_norm == 0.5 and config.train.augment_field == "spline"
     assert config.aldk.flow_weight == 0.2 and config.aldk.refine == 7
+    assert config.aldk.teacher_rep == 3 and config.crd.teacher_rep == 3
     assert not config.aldk.enabled and config.aldk.teacher == teacher
     with pytest.raises(ValueError, match="--clip-norm"):
         cli.build_config(cli.parse_args(["-b", "LDR", "-d", dataset, "--clip-norm", "-1"]))
@@ -400,3 +402,39 @@ def test_stale_teacher_flows_are_extracted_again(dataset, tmp_path):
                         for key in ("fixed", "moving")})["flow"][0]
     np.testing.assert_allclose(after, expected, atol=2e-2)
     assert np.abs(after - before).max() > 0.05
+
+
+def test_repeated_teacher_targets_live_in_their_own_file(dataset, tmp_path):
+    """--teacher-rep R: the teacher's cascades applied R times with shared weights give
+    other targets, stored beside the as-trained ones; a file made with another R is set
+    aside, never read as if it were the asked-for setting."""
+    from aldk_tf.teacher_flows import flows_path
+    from aldk_tf.train_run import ensure_teacher_flows, load_teacher
+    teacher_dir = str(tmp_path / "teacher")
+    make_teacher_run(teacher_dir, dataset)
+    config = load_dataset_config(dataset)
+    pairs = list_pairs(config, "1")[:2]
+    once = load_teacher(teacher_dir, SIZE)
+    twice = load_teacher(teacher_dir, SIZE, rep=2)
+    for variable in twice.trainable_variables:          # a teacher that moves things
+        if "pred0" in variable.path and "bias" in variable.path:
+            variable.assign(variable + 0.02)
+    for variable in once.trainable_variables:
+        if "pred0" in variable.path and "bias" in variable.path:
+            variable.assign(variable + 0.02)
+    path_once = ensure_teacher_flows(teacher_dir, once, config, pairs)
+    path_twice = ensure_teacher_flows(teacher_dir, twice, config, pairs)
+    assert path_twice == flows_path(teacher_dir, rep=2) != path_once
+    inputs = {key: load_pair(config, *pairs[0])[key][None] for key in ("fixed", "moving")}
+    for path, model in ((path_once, once), (path_twice, twice)):
+        store = TeacherFlowStore(path)
+        np.testing.assert_allclose(store.read(*pairs[0]), model(inputs)["flow"][0],
+                                   atol=2e-2)
+        store.close()
+    # A file of the single application under the repeated setting's name is stale.
+    os.replace(path_once, path_twice)
+    ensure_teacher_flows(teacher_dir, twice, config, pairs)
+    assert os.path.exists(path_twice + ".stale")
+    store = TeacherFlowStore(path_twice)
+    np.testing.assert_allclose(store.read(*pairs[0]), twice(inputs)["flow"][0], atol=2e-2)
+    store.close()

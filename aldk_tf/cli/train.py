@@ -90,6 +90,11 @@ def parse_args(argv=None):
                       help="add W * mean |student flow - teacher flow|^2 (plain flow "
                            "distillation from the stored teacher flows; without --aldk "
                            "there is no critic)")
+    aldk.add_argument("--teacher-rep", "--teacher_rep", dest="teacher_rep", type=int,
+                      default=0, metavar="R",
+                      help="apply the teacher's cascades R times with shared weights "
+                           "(RCN's test-time recursion) for its targets; default: as "
+                           "the teacher was trained")
     aldk.add_argument("--refine-targets", "--refine_targets", dest="refine_targets",
                       type=int, default=0, metavar="N",
                       help="distil from teacher flows refined by N instance-optimisation "
@@ -157,6 +162,8 @@ def build_config(args):
         raise ValueError(f"--clip-norm: expected a finite value >= 0, got {args.clip_norm}")
     if args.refine_targets < 0:
         raise ValueError(f"--refine-targets: expected N >= 0, got {args.refine_targets}")
+    if args.teacher_rep < 0:
+        raise ValueError(f"--teacher-rep: expected R >= 0, got {args.teacher_rep}")
     factor = args.resolution_factor or (2 if args.crd else 1)
     teacher = os.path.abspath(args.teacher) if args.teacher else None
     return RunConfig(
@@ -178,11 +185,12 @@ def build_config(args):
                         adversarial_until=args.adv_until,
                         critic_period=args.critic_period, teacher=teacher,
                         teacher_online=args.teacher_online,
-                        flow_weight=args.flow_distill, refine=args.refine_targets),
+                        flow_weight=args.flow_distill, refine=args.refine_targets,
+                        teacher_rep=args.teacher_rep),
         crd=CRDConfig(enabled=args.crd, flow_weight=args.crd_flow_weight,
                       feature_weight=args.crd_feature_weight, gate=args.crd_gate,
                       anneal_steps=args.crd_anneal,
-                      teacher=teacher))
+                      teacher=teacher, teacher_rep=args.teacher_rep))
 
 
 def main(argv=None) -> int:
