@@ -6,7 +6,9 @@ student row; the rows differ only in what their names say. Steps:
 1. data: synthetic subjects of *varied* anatomy built from nilearn's ICBM 2009a template
    (:mod:`aldk_tf.data.anatomy`); with ``--heldout-t1`` the test subjects come from another
    template (e.g. ``avg152T1_brain.nii.gz``, see docs/results.md): unseen brains;
-2. the teacher (affine + VTN), with a teacher's budget (``--teacher-steps``);
+2. the teacher (affine + VTN), with a teacher's budget (``--teacher-steps``), applied with
+   R shared-weight repetitions of its cascade (RCN's test-time recursion), R chosen on the
+   validation pairs (``--teacher-rep`` fixes it);
 3. its flows on the training pairs, raw and refined by instance optimisation;
 4. the students: alone, with plain flow distillation (raw / refined targets), with ALDK
    (raw / refined targets), cross-resolution (CRD) and CRD + ALDK;
@@ -35,12 +37,13 @@ from aldk_tf import runs  # noqa: E402
 from aldk_tf.config import (ALDKConfig, CRDConfig, ModelConfig, RunConfig,  # noqa: E402
                             TrainConfig, atomic_write_text)
 
-ROWS = ("before", "teacher", "refined_targets", "student", "student_flow_distill",
-        "student_flow_distill_refined", "student_aldk", "student_aldk_refined",
-        "student_crd", "student_crd_aldk", "student_refine_test")
+ROWS = ("before", "teacher_single", "teacher", "refined_targets", "student",
+        "student_flow_distill", "student_flow_distill_refined", "student_aldk",
+        "student_aldk_refined", "student_crd", "student_crd_aldk", "student_refine_test")
 DESCRIPTIONS = {
     "before": "before registration (zero flow)",
-    "teacher": "teacher: affine + VTN",
+    "teacher_single": "teacher, its cascade applied once (as trained)",
+    "teacher": "teacher: affine + VTN, cascade applied R times (R chosen on validation)",
     "refined_targets": "teacher + instance optimisation (how the refined targets are made)",
     "student": "student alone",
     "student_flow_distill": "student + flow distillation, raw teacher targets (no critic)",
@@ -75,6 +78,9 @@ def parse_args(argv=None):
                              "0.2-0.6; this only cuts spikes)")
     parser.add_argument("--flow-weight", type=float, default=0.1,
                         help="weight of the plain flow-distillation term")
+    parser.add_argument("--teacher-rep", type=int, default=0,
+                        help="shared-weight repetitions of the teacher's cascade for its "
+                             "row and its targets (0: the best of 1-3 on validation)")
     parser.add_argument("--refine-steps", type=int, default=50,
                         help="instance-optimisation steps for targets and test-time rows")
     parser.add_argument("--json", default="bench/results/study-64.json")
@@ -83,7 +89,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def student_runs(args, dataset: str, teacher: str) -> dict[str, RunConfig]:
+def student_runs(args, dataset: str, teacher: str, rep: int) -> dict[str, RunConfig]:
     size = (args.size,) * 3
     train = TrainConfig(batch=args.batch, lr=args.lr, seed=args.seed, schedule="constant",
                         round=args.student_steps, epochs=1, checkpoint_every=100,
@@ -93,7 +99,7 @@ def student_runs(args, dataset: str, teacher: str) -> dict[str, RunConfig]:
 
     def aldk(enabled, flow_weight=0.0, refine=0):
         return ALDKConfig(enabled=enabled, teacher=teacher, flow_weight=flow_weight,
-                          refine=refine)
+                          refine=refine, teacher_rep=rep)
 
     refine, weight = args.refine_steps, args.flow_weight
     return {     # the most telling rows first: a partial study is still a comparison
@@ -108,10 +114,12 @@ def student_runs(args, dataset: str, teacher: str) -> dict[str, RunConfig]:
         "student_aldk_refined": RunConfig(dataset=dataset, model=model, train=train,
                                           aldk=aldk(True, refine=refine)),
         "student_crd": RunConfig(dataset=dataset, model=crd_model, train=train,
-                                 crd=CRDConfig(enabled=True, teacher=teacher)),
+                                 crd=CRDConfig(enabled=True, teacher=teacher,
+                                               teacher_rep=rep)),
         "student_crd_aldk": RunConfig(dataset=dataset, model=crd_model, train=train,
-                                      aldk=ALDKConfig(enabled=True, teacher=teacher),
-                                      crd=CRDConfig(enabled=True, teacher=teacher)),
+                                      aldk=aldk(True),
+                                      crd=CRDConfig(enabled=True, teacher=teacher,
+                                                    teacher_rep=rep)),
     }
 
 
@@ -152,6 +160,17 @@ def evaluate(out: str, name: str, model, dataset_config, scheme: str = "test",
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_text(path, json.dumps(row, indent=2) + "\n")
     return row
+
+
+def choose_teacher_rep(out: str, teacher, dataset_config, most: int = 3) -> int:
+    """The number of shared-weight repetitions (1..``most``) with the best validation
+    Dice (RCN applies its cascades recursively at test time)."""
+    scores = {rep: evaluate(out, f"teacher-rep{rep}", teacher.with_rep(rep),
+                            dataset_config, "2")["dice"] for rep in range(1, most + 1)}
+    best = max(scores, key=scores.get)
+    print(f"[study] teacher repetitions on validation: {scores}; using {best}",
+          file=sys.stderr)
+    return best
 
 
 def train_row(name: str, config: RunConfig, run_dir: str):
@@ -200,7 +219,8 @@ def markdown(results: dict, args) -> str:
         ms = f"{r['ms_per_pair']:.0f}"
         if "ms_per_pair_128" in r:
             ms += f" ({r['ms_per_pair_128']:.0f} at 128³)"
-        lines.append(f"| `{name}` | {DESCRIPTIONS[name]} | {r['dice']:.3f} | {delta} | "
+        what = DESCRIPTIONS[name] + (f" (R = {r['rep']})" if "rep" in r else "")
+        lines.append(f"| `{name}` | {what} | {r['dice']:.3f} | {delta} | "
                      f"{r['jacc']:.3f} | {r['fold']:.3f} | {ms} |")
     return "\n".join(lines) + "\n"
 
@@ -241,15 +261,19 @@ def main(argv=None) -> int:
     teacher_dir = os.path.join(weights, "teacher")
     results: dict[str, dict] = {}
     results["before"] = evaluate(out, "before", Identity(), dataset_config)
-    teacher = train_row("teacher", teacher_run(args, dataset), teacher_dir)
-    results["teacher"] = evaluate(out, "teacher", teacher, dataset_config)
+    single = train_row("teacher", teacher_run(args, dataset), teacher_dir)
+    results["teacher_single"] = evaluate(out, "teacher", single, dataset_config)
+    rep = args.teacher_rep or choose_teacher_rep(out, single, dataset_config)
+    teacher = single.with_rep(rep)
+    results["teacher"] = {**evaluate(out, f"teacher-rep{rep}", teacher, dataset_config),
+                          "rep": rep}
     write(results, args, started, out)
     if "refined_targets" in wanted:
         results["refined_targets"] = evaluate(
-            out, f"refined_targets-{args.refine_steps}", teacher, dataset_config,
+            out, f"refined_targets-rep{rep}-{args.refine_steps}", teacher, dataset_config,
             refine=args.refine_steps)
     students = {}
-    for name, config in student_runs(args, dataset, teacher_dir).items():
+    for name, config in student_runs(args, dataset, teacher_dir, rep).items():
         if name not in wanted:
             continue
         students[name] = (config, train_row(name, config, os.path.join(weights, name)))
