@@ -17,8 +17,8 @@ Flow spaces (``--flow-space``):
   and ANTs: ``u_lps = (-u_x, -u_y, u_z)``. ITK converts a NIfTI affine to LPS when it reads
   the file but leaves the vector values as stored, so a field meant for
   ``antsApplyTransforms -t flow.nii.gz`` must hold LPS vectors;
-- ``auto`` (default): the space named in the file's intent name (``displacement mm RAS``
-  or ``displacement mm LPS``, as register writes it), RAS if it names none.
+- ``auto`` (default): the space named in the file's intent name (``displacement RAS``
+  or ``displacement LPS``, as register writes it), RAS if it names none.
 
 Interpolation: ``linear`` (trilinear, edge-clamped: :func:`aldk_tf.spatial.resample`, for
 images), ``nearest`` (nearest voxel, for label maps without partial-volume voting) and
@@ -46,7 +46,7 @@ FLOW_SPACES = ("ras", "lps")
 INTERPOLATIONS = ("linear", "nearest", "labels")
 #: Flips world RAS axes to LPS (and back: it is its own inverse).
 RAS_TO_LPS = np.array([-1.0, -1.0, 1.0], np.float32)
-FLOW_INTENT = "displacement mm {space}"
+FLOW_INTENT = "displacement {space}"           # NIfTI intent names hold 16 bytes
 
 
 class WarpError(ValueError):
@@ -219,6 +219,9 @@ def warp_file(flow: str, image: str, out: str, interpolation: str = "linear",
         raise WarpError(f"{out}: exists; pass --overwrite to replace it")
     if not out.endswith((".nii", ".nii.gz")):
         raise WarpError(f"{out}: expected a .nii or .nii.gz output name")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise WarpError(f"{out}: output folder {folder} does not exist or is not writable")
     field, reference, space = read_flow(flow, flow_space)
     moving = preprocess.load_image(image, "image to warp")
     coordinate = moving_voxels(field, reference.affine, moving.affine)
@@ -227,7 +230,6 @@ def warp_file(flow: str, image: str, out: str, interpolation: str = "linear",
     fixed = nib.Nifti1Image(np.zeros(field.shape[:3], np.uint8), reference.affine,
                             header=reference.header.copy())
     result = nifti_like(fixed, warped)
-    folder = os.path.dirname(os.path.abspath(out))
     suffix = ".nii.gz" if out.endswith(".nii.gz") else ".nii"
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-warp-", suffix=suffix)
     os.close(handle)
