@@ -5,6 +5,7 @@
         [--fixed-mask FM.nii.gz --moving-mask MM.nii.gz] [--flow-space ras|lps]
         [--modality/--crop/--margin/--window/--percentiles/--threshold ...]
         [--refine N [--refine-lr VOXELS]]
+    python -m aldk_tf.register --model ... --pairs pairs.csv --out-dir DIR   # many pairs
 
 Both scans go through the data preparation's preprocessing
 (:func:`aldk_tf.data.preprocess.preprocess_scan`: RAS reorientation, crop box, intensities
@@ -35,8 +36,9 @@ from the fixed file):
 
 An existing non-empty ``DIR`` is refused unless ``--overwrite``; then it is replaced as
 a whole (no file of a previous pair stays). ``aldk-warp`` applies ``flow.nii.gz`` to
-other images. :class:`Registrar` is the in-memory interface (model loaded once; nibabel
-images in and out).
+other images. ``--pairs`` registers every row of a CSV with the model loaded once
+(:mod:`aldk_tf.register_batch`). :class:`Registrar` is the in-memory interface (model
+loaded once; nibabel images in and out).
 
 With ``--refine N`` the SavedModel's flow is refined on the model's grid by N steps of
 instance optimisation (:mod:`aldk_tf.refine`) before anything is written; the time it
@@ -502,10 +504,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "images with aldk-warp (python -m aldk_tf.warp).")
     parser.add_argument("--model", required=True, help="SavedModel version directory "
                         "export/<name>/<N> (or export/<name>: its latest version)")
-    parser.add_argument("--fixed", required=True, help="fixed image (NIfTI)")
-    parser.add_argument("--moving", required=True, help="moving image (NIfTI)")
+    parser.add_argument("--fixed", help="fixed image (NIfTI)")
+    parser.add_argument("--moving", help="moving image (NIfTI)")
+    parser.add_argument("--pairs", help="instead of --fixed/--moving: a CSV with columns "
+                        "fixed, moving [, moving_seg, fixed_mask, moving_mask, name]; "
+                        "one output folder per pair in --out-dir, plus summary.csv")
     parser.add_argument("--out-dir", "--out_dir", dest="out_dir", required=True,
-                        help="output folder (must not exist or be empty, or --overwrite)")
+                        help="output folder (must not exist or be empty, or --overwrite); "
+                        "with --pairs the folder of the pairs' folders")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar "
+                        "(--pairs)")
     parser.add_argument("--moving-seg", "--moving_seg", dest="moving_seg",
                         help="moving segmentation (NIfTI labels, up to int32) to warp")
     parser.add_argument("--flow-space", "--flow_space", dest="flow_space",
@@ -516,11 +524,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "output folder (no file of the previous result is kept)")
     add_preprocessing_arguments(parser)
     add_refine_arguments(parser, "refine the model's flow by")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    single = args.fixed is not None or args.moving is not None
+    if args.pairs is not None and (single or args.moving_seg or args.fixed_mask
+                                   or args.moving_mask):
+        parser.error("--pairs replaces --fixed/--moving/--moving-seg and the masks (give "
+                     "them as CSV columns)")
+    if args.pairs is None and (args.fixed is None or args.moving is None):
+        parser.error("--fixed and --moving are required (or --pairs CSV)")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.pairs is not None:
+        return _main_batch(args)
     try:
         result = register_pair(args.model, args.fixed, args.moving, args.out_dir,
                                moving_seg=args.moving_seg, fixed_mask=args.fixed_mask,
@@ -544,6 +562,25 @@ def main(argv=None) -> int:
         print(f"refined by {result['refine_steps']} steps in "
               f"{result['refine_seconds']:.2f} s")
     return 0
+
+
+def _main_batch(args) -> int:
+    from aldk_tf.register_batch import SUMMARY_NAME, PairsError, register_batch
+    try:
+        rows = register_batch(args.model, args.pairs, args.out_dir,
+                              overrides=preprocessing_overrides(args), refine=args.refine,
+                              refine_learning_rate=args.refine_lr,
+                              flow_space=args.flow_space, overwrite=args.overwrite,
+                              progress=not args.no_progress)
+    except (RegisterError, DataError, PairsError, warp.WarpError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    failed = [row for row in rows if row["status"] != "ok"]
+    for row in failed:
+        print(f"{row['name']}: {row['status']}", file=sys.stderr)
+    print(f"{len(rows) - len(failed)} of {len(rows)} pairs registered -> "
+          f"{os.path.join(args.out_dir, SUMMARY_NAME)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
