@@ -171,15 +171,15 @@ def test_summary_ignores_missing_landmarks():
 
 
 @pytest.fixture(scope="module")
-def exported_alone(student_run_32, tmp_path_factory):
-    """A SavedModel exported by export.py, copied away from its run directory."""
+def exported_alone(savedmodel_32, demo_dataset_32, tmp_path_factory):
+    """A SavedModel away from any run directory, with the export_info.json fields that
+    export.py writes and evaluation reads (the dataset, rep, parameters)."""
     import shutil
-    from aldk_tf.cli import export as export_cli
-    folder = tmp_path_factory.mktemp("exported")
-    assert export_cli.main(["-c", student_run_32, "--out", str(folder / "src"),
-                            "--tflite", "none"]) == 0
-    shutil.copytree(folder / "src" / "1", folder / "student" / "1")
-    return folder / "student" / "1"
+    model = tmp_path_factory.mktemp("exported") / "student" / "1"
+    shutil.copytree(savedmodel_32, model)
+    (model / "export_info.json").write_text(json.dumps(
+        {"dataset": demo_dataset_32, "rep": 1, "parameters": 123, "model": {}}))
+    return model
 
 
 def test_cli_exported_model_alone_writes_rcn_report_and_label_csv(

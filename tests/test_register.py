@@ -7,17 +7,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from aldk_tf import metrics, register, runs, serving, spatial
+from aldk_tf import metrics, register, spatial
 from aldk_tf.data import load_dataset_config, read_dataset
 from aldk_tf.data.preprocess import preprocess_scan
 
 
 @pytest.fixture(scope="module")
-def savedmodel(student_run_32, tmp_path_factory):
-    _, model = runs.load_model(student_run_32)
-    path = tmp_path_factory.mktemp("export") / "aldk" / "1"
-    serving.save_savedmodel(model, str(path))
-    return str(path)
+def savedmodel(savedmodel_32):
+    return savedmodel_32
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from aldk_tf import register, runs, serving
+from aldk_tf import register
 from aldk_tf.data import load_dataset_config, read_dataset
 
 
 @pytest.fixture(scope="module")
-def savedmodel(student_run_32, tmp_path_factory):
-    _, model = runs.load_model(student_run_32)
-    path = tmp_path_factory.mktemp("export") / "aldk" / "1"
-    serving.save_savedmodel(model, str(path))
-    return str(path)
+def savedmodel(savedmodel_32):
+    return savedmodel_32
 
 
 @pytest.fixture(scope="module")

@@ -75,9 +75,18 @@ def test_settings_travel_from_the_dataset_to_the_export(ct_model):
     with open(os.path.join(ct_model["model"], "export_info.json")) as handle:
         info = json.load(handle)
     assert PreprocessSettings.from_dict(info["preprocessing"]) == dataset.preprocessing
+    assert info["dataset"] == os.path.abspath(folder / "ct.json")   # for evaluate.py
 
 
-def test_register_uses_the_models_window_without_any_flag(ct_model, tmp_path, capsys):
+def test_register_uses_the_models_window_without_any_flag(ct_model, tmp_path, capsys,
+                                                          monkeypatch):
+    prepared = []
+    original = preprocess_scan
+
+    def recording(*args, **kwargs):
+        prepared.append(original(*args, **kwargs))
+        return prepared[-1]
+    monkeypatch.setattr(register.preprocess, "preprocess_scan", recording)
     pair, out_dir = ct_model["pair"], tmp_path / "out"
     assert register.main(["--model", ct_model["model"], "--fixed", pair["fixed"],
                           "--moving", pair["moving"], "--out-dir", str(out_dir)]) == 0
@@ -85,13 +94,13 @@ def test_register_uses_the_models_window_without_any_flag(ct_model, tmp_path, ca
     with open(out_dir / "registration.json") as handle:
         used = json.load(handle)["preprocessing"]
     assert used["window"] == list(WINDOW) and used["modality"] == "ct"
-    # The model's input is the aldk-prep preprocessing with that window, not the default.
-    result = register.Registrar(ct_model["model"]).register(pair["fixed"], pair["moving"])
-    expected = preprocess_scan(pair["fixed"], size=SIZE, modality="ct", window=WINDOW)
-    default = preprocess_scan(pair["fixed"], size=SIZE, modality="ct")
-    model_input = np.rint(result.model_arrays["fixed"] * 255.0)
-    np.testing.assert_array_equal(model_input, expected.volume)
-    assert not np.array_equal(model_input, default.volume)
+    # The model's inputs are aldk-prep's preprocessing with that window, not the default.
+    assert len(prepared) == 2
+    for scan, path in zip(prepared, (pair["fixed"], pair["moving"])):
+        expected = original(path, size=SIZE, modality="ct", window=WINDOW)
+        default = original(path, size=SIZE, modality="ct")
+        np.testing.assert_array_equal(scan.volume, expected.volume)
+        assert not np.array_equal(scan.volume, default.volume)
 
 
 def _one_line_error(capsys):

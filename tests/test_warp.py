@@ -8,18 +8,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from aldk_tf import register, runs, serving, warp
+from aldk_tf import register, warp
 
 #: Fixed voxel -> world for ITK/ANTs: the NIfTI (RAS) affine with x and y negated.
 RAS_TO_LPS_4 = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 @pytest.fixture(scope="module")
-def savedmodel(student_run_32, tmp_path_factory):
-    _, model = runs.load_model(student_run_32)
-    path = tmp_path_factory.mktemp("export") / "aldk" / "1"
-    serving.save_savedmodel(model, str(path))
-    return str(path)
+def savedmodel(savedmodel_32):
+    return savedmodel_32
 
 
 @pytest.fixture(scope="module")
