@@ -73,12 +73,21 @@ def surface_distances(mask_a, mask_b, spacing=(1.0, 1.0, 1.0)) -> tuple[float, f
     surface_a, surface_b = surface(mask_a), surface(mask_b)
     if not surface_a.any() or not surface_b.any():
         return float("nan"), float("nan")
+    # Distances between the surfaces only need the box around both (exact, faster).
+    box = tuple(slice(start, stop) for start, stop in
+                zip(*_bounds(surface_a | surface_b)))
+    surface_a, surface_b = surface_a[box], surface_b[box]
     spacing = np.asarray(spacing, np.float64)
     to_b = ndimage.distance_transform_edt(~surface_b, sampling=spacing)[surface_a]
     to_a = ndimage.distance_transform_edt(~surface_a, sampling=spacing)[surface_b]
     hd95 = max(np.percentile(to_b, 95), np.percentile(to_a, 95))
     mean = np.concatenate([to_b, to_a]).mean()
     return float(hd95), float(mean)
+
+
+def _bounds(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    indices = np.argwhere(mask)
+    return indices.min(axis=0), indices.max(axis=0) + 1
 
 
 def surface_metrics(masks_a, masks_b, spacing=None) -> dict[str, np.ndarray]:

@@ -105,3 +105,14 @@ def test_surface_distance_of_a_shifted_cube_and_empty_masks():
     assert hd95 == pytest.approx(4.0)                   # 2 voxels of 2 mm
     assert metrics.surface_distances(a, a)[0] == 0.0
     assert np.isnan(metrics.surface_distances(a, np.zeros_like(a))).all()
+
+
+def test_surface_distances_of_small_masks_in_a_large_volume(rng):
+    """The distance transforms run on the box around both surfaces: same numbers."""
+    a, b = np.zeros((24, 20, 22), bool), np.zeros((24, 20, 22), bool)
+    a[3:9, 12:17, 4:8] = rng.random((6, 5, 4)) < 0.7
+    b[5:11, 10:15, 5:10] = rng.random((6, 5, 5)) < 0.7
+    spacing = (1.2, 0.7, 2.0)
+    expected = brute_force_surface_distances(a, b, spacing)
+    np.testing.assert_allclose(metrics.surface_distances(a, b, spacing), expected,
+                               atol=1e-6)
