@@ -231,7 +231,8 @@ def resolve_preprocessing(info: dict, size, overrides: dict | None = None,
             try:
                 settings = replace(settings, **{key: overrides[key]})
             except DataError as error:
-                raise RegisterError(f"--{key}: {error}") from None
+                reason = str(error).removeprefix(f"{key}: ")
+                raise RegisterError(f"--{key}: {reason}") from None
     return settings, notes
 
 
