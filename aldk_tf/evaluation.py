@@ -31,11 +31,11 @@ RCN_SUMMARY = (("dice", "Dice score"), ("jacc", "Jacc score"),
                ("jacobian_det_std", "Jacobian determinant"))
 #: Per-pair scalars summarised in the JSON report (surface distances when computed).
 SCALAR_KEYS = ("dice", "jacc", "landmark_distance", "jacobian_det_std", "folding_percent",
-               "seconds", "hd95", "msd")
+               "seconds", "hd95", "msd", "landmark_distance_mm")
 #: Per-label entries of a record: {label name: value}.
 LABEL_KEYS = ("dice_labels", "jacc_labels", "hd95_labels", "msd_labels")
 #: Scalars of the "before registration" (identity flow) entry of a record.
-BEFORE_KEYS = ("dice", "jacc", "landmark_distance", "hd95", "msd")
+BEFORE_KEYS = ("dice", "jacc", "landmark_distance", "hd95", "msd", "landmark_distance_mm")
 #: Columns of the per-pair x per-label CSV (:func:`write_label_csv`).
 CSV_COLUMNS = ("stage", "fixed_id", "moving_id", "label", "dice", "jaccard", "hd95",
                "mean_surface_distance", "distance_unit", "folding_percent",
@@ -93,14 +93,20 @@ def _batches(items, size):
         yield items[start:start + size]
 
 
-def scan_spacing(store, entry: str):
-    """Voxel size in mm along each array axis of a scan, from its ``affine`` attribute
-    (written by the data preparation), or None when the scan has none."""
+def scan_affine(store, entry: str):
+    """A scan's voxel -> world (mm) ``affine`` attribute (written by the data
+    preparation), or None when the scan has none."""
     group, _, _ = store.group(entry)
     affine = group.attrs.get("affine")
     if affine is None or np.shape(affine) != (4, 4):
         return None
-    return np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
+    return np.asarray(affine, np.float64)
+
+
+def scan_spacing(store, entry: str):
+    """Voxel size in mm along each array axis of a scan (None without an affine)."""
+    affine = scan_affine(store, entry)
+    return None if affine is None else np.linalg.norm(affine[:3, :3], axis=0)
 
 
 def evaluate_pairs(model, dataset_config, pairs, batch: int = 1, label_values=None,
@@ -128,6 +134,8 @@ def evaluate_pairs(model, dataset_config, pairs, batch: int = 1, label_values=No
         (``distance_unit`` of the record).
       before: also score the identity flow (``record["before"]``: Dice, Jaccard,
         landmark distance and, with ``surface``, the distances before registration).
+    Records also hold ``landmark_distance_mm`` (TRE in mm, through the moving scan's
+    ``affine``) when every moving scan of the batch has an affine attribute.
     Returns:
       ``(records, summary)``: one dict per pair (``fixed_id``, ``moving_id``, ``dice``,
       ``jacc``, ``landmark_distance``, ``jacobian_det_std``, ``folding_percent``,
@@ -168,10 +176,13 @@ def evaluate_pairs(model, dataset_config, pairs, batch: int = 1, label_values=No
                            else np.ones((len(chunk), 3)))
             arguments = (stacked["fixed_seg"], stacked["moving_seg"])
             points = (stacked["fixed_point"], stacked["moving_point"])
+            affines = [scan_affine(store, moving_id) for _, moving_id in chunk]
+            options = {"surface_spacing": spacing, "moving_affines": (
+                np.stack(affines) if all(a is not None for a in affines) else None)}
             result = metrics.pair_metrics(*arguments, flow, label_values, *points,
-                                          surface_spacing=spacing)
+                                          **options)
             identity = (metrics.pair_metrics(*arguments, np.zeros_like(flow), label_values,
-                                             *points, surface_spacing=spacing)
+                                             *points, **options)
                         if before else None)
             for index, (fixed_id, moving_id) in enumerate(chunk):
                 record = _record(fixed_id, moving_id, result, index, names, seconds)
@@ -190,7 +201,7 @@ def _record(fixed_id, moving_id, result, index, names, seconds) -> dict:
     for key in ("dice", "jacc", "landmark_distance", "jacobian_det_std",
                 "folding_percent"):
         record[key] = float(result[key][index])
-    for key in ("hd95", "msd"):
+    for key in ("hd95", "msd", "landmark_distance_mm"):
         if key in result:
             record[key] = float(result[key][index])
     for key in LABEL_KEYS:

@@ -114,12 +114,15 @@ def sample_flow(flow, points) -> np.ndarray:
     return values.numpy()[0]
 
 
-def landmark_distance(fixed_points, moving_points, flow) -> np.ndarray:
-    """Mean Euclidean distance (voxels) between ``p + flow(p)`` and the moving landmark.
+def landmark_distance(fixed_points, moving_points, flow,
+                      moving_affines=None) -> np.ndarray:
+    """Mean Euclidean distance between ``p + flow(p)`` and the moving landmark.
 
     A fixed landmark ``p`` corresponds to ``p + flow(p)`` in the moving image. Points with
     any coordinate < 0 (absent) in either image are skipped; NaN when none remain.
-    Shapes: points ``[B, P, 3]``, flow ``[B, D, H, W, 3]``; returns ``[B]``.
+    Shapes: points ``[B, P, 3]``, flow ``[B, D, H, W, 3]``; returns ``[B]``. In voxels of
+    the moving grid, or in mm with ``moving_affines`` ``[B, 4, 4]`` (moving voxel ->
+    world; the target registration error, TRE).
     """
     fixed_points, moving_points = np.asarray(fixed_points), np.asarray(moving_points)
     flow = np.asarray(flow)
@@ -128,7 +131,10 @@ def landmark_distance(fixed_points, moving_points, flow) -> np.ndarray:
         valid = (fixed_points[b] >= 0).all(axis=1) & (moving_points[b] >= 0).all(axis=1)
         if valid.any():
             mapped = fixed_points[b, valid] + sample_flow(flow[b], fixed_points[b, valid])
-            distances[b] = np.linalg.norm(mapped - moving_points[b, valid], axis=1).mean()
+            difference = mapped - moving_points[b, valid]                 # [P, 3] voxels
+            if moving_affines is not None:
+                difference = difference @ np.asarray(moving_affines[b])[:3, :3].T
+            distances[b] = np.linalg.norm(difference, axis=1).mean()
     return distances
 
 
@@ -141,13 +147,15 @@ def jacobian_statistics(flow) -> dict[str, np.ndarray]:
 
 
 def pair_metrics(fixed_seg, moving_seg, flow, label_values=None, fixed_points=None,
-                 moving_points=None, surface_spacing=None) -> dict[str, np.ndarray]:
+                 moving_points=None, surface_spacing=None,
+                 moving_affines=None) -> dict[str, np.ndarray]:
     """Everything the evaluation reports for a batch of registered pairs.
 
     Returns per-sample arrays: ``dice`` and ``jacc`` (mean over labels), ``dice_labels``
     and ``jacc_labels`` (``[B, L]``), ``landmark_distance``, ``jacobian_det_std`` and
     ``folding_percent``; with ``surface_spacing`` (``[B, 3]`` mm, or ``False`` for none)
-    also ``hd95_labels``, ``msd_labels`` (``[B, L]``) and their means ``hd95``, ``msd``.
+    also ``hd95_labels``, ``msd_labels`` (``[B, L]``) and their means ``hd95``, ``msd``;
+    with ``moving_affines`` (``[B, 4, 4]``) also ``landmark_distance_mm`` (TRE in mm).
     """
     fixed_masks = segmentation_masks(fixed_seg, label_values)
     warped_masks = warp_segmentation(moving_seg, flow, label_values)
@@ -161,6 +169,9 @@ def pair_metrics(fixed_seg, moving_seg, flow, label_values=None, fixed_points=No
             result[f"{key}_labels"], result[key] = values, _nanmean_rows(values)
     if fixed_points is not None and moving_points is not None:
         result["landmark_distance"] = landmark_distance(fixed_points, moving_points, flow)
+        if moving_affines is not None:
+            result["landmark_distance_mm"] = landmark_distance(
+                fixed_points, moving_points, flow, moving_affines)
     else:
         result["landmark_distance"] = np.full(len(dice_labels), np.nan)
     result.update(jacobian_statistics(flow))

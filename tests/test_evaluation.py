@@ -235,6 +235,20 @@ def test_cli_exported_model_alone_writes_rcn_report_and_label_csv(
     assert summary["Dice score"][0] == pytest.approx(np.mean(after_dice), abs=1e-5)
     document = json.loads(Path(f"{stem}.json").read_text())
     assert document["run"] is None and "before" in document["summary"]
+    # TRE in mm: landmarks mapped through the flow (scipy trilinear), the difference to
+    # the moving landmarks through the moving scan's affine.
+    from scipy import ndimage
+    with ScanStore(dataset) as store:
+        moving_affine = store.read(moving_id)["attrs"]["affine"]
+    points, targets = pair["fixed_point"], pair["moving_point"]
+    valid = (points >= 0).all(1) & (targets >= 0).all(1)
+    assert valid.sum() >= 3
+    displacement = np.stack([ndimage.map_coordinates(flow.numpy()[0, ..., axis],
+                                                     points[valid].T, order=1)
+                             for axis in range(3)], axis=-1)
+    difference = (points[valid] + displacement - targets[valid]) @ moving_affine[:3, :3].T
+    assert document["pairs"][0]["landmark_distance_mm"] == pytest.approx(
+        np.linalg.norm(difference, axis=1).mean(), abs=1e-3)
     assert document["summary"]["hd95"]["mean"] > 0
 
 

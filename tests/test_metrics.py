@@ -116,3 +116,17 @@ def test_surface_distances_of_small_masks_in_a_large_volume(rng):
     expected = brute_force_surface_distances(a, b, spacing)
     np.testing.assert_allclose(metrics.surface_distances(a, b, spacing), expected,
                                atol=1e-6)
+
+
+def test_landmark_distance_in_mm_uses_the_moving_affine():
+    """A zero flow, moving landmark 1 voxel off along axes 0 and 2 of a 2 x 1 x 3 mm grid
+    (rotated: the norm must not change): TRE = sqrt(2^2 + 3^2) mm."""
+    fixed = np.array([[[4.0, 4.0, 4.0]]])
+    moving = fixed + [[[1.0, 0.0, 1.0]]]
+    flow = np.zeros((1, 8, 8, 8, 3), np.float32)
+    rotation = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([2.0, 1.0, 3.0])
+    assert metrics.landmark_distance(fixed, moving, flow)[0] == pytest.approx(np.sqrt(2))
+    assert metrics.landmark_distance(fixed, moving, flow, affine[None])[0] == \
+        pytest.approx(np.sqrt(13.0))
