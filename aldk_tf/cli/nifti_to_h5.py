@@ -43,15 +43,19 @@ def scan_id(path: Path) -> str:
 
 
 def find_files(patterns: list[str], what: str) -> list[Path]:
-    """Expand directories (their *.nii / *.nii.gz), globs and plain paths, sorted."""
+    """Expand directories (their *.nii / *.nii.gz, or else their subfolders, each one
+    DICOM series named after the folder), globs and plain paths, sorted."""
     files = []
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
             found = [p for p in path.iterdir() if p.is_file() and
                      p.name.endswith((".nii", ".nii.gz"))]
+            if not found:                      # subfolders: one DICOM series each
+                found = [p for p in path.iterdir() if p.is_dir()]
             if not found:
-                raise DataError(f"{path}: no .nii or .nii.gz files in this {what} folder")
+                raise DataError(f"{path}: no .nii or .nii.gz files (or DICOM series "
+                                f"subfolders) in this {what} folder")
         elif any(ch in pattern for ch in "*?["):
             found = [Path(p) for p in glob.glob(pattern)]
             if not found:
@@ -105,7 +109,9 @@ def split(ids: list[str], val: int, test: int, seed: int) -> dict[str, list[str]
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", nargs="+", required=True,
-                        help="folder(s), glob(s) or files of NIfTI scans")
+                        help="folder(s), glob(s) or files of NIfTI scans; a folder "
+                        "without NIfTI files: its subfolders, one DICOM series each "
+                        "(needs pydicom)")
     parser.add_argument("--labels", nargs="+", help="label images on the scans' grids")
     parser.add_argument("--masks", nargs="+", help="brain/organ masks for cropping")
     parser.add_argument("--label-suffix", "--label_suffix", dest="label_suffix", default="",

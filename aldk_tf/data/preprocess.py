@@ -151,8 +151,12 @@ class PreprocessedScan:
 
 # ----------------------------------------------------------------------------- loading
 def load_image(path_or_image, what: str = "image") -> nib.spatialimages.SpatialImage:
-    """A NIfTI (or other nibabel-readable) image, 3-D, with a :class:`DataError` on failure."""
-    if isinstance(path_or_image, (str, Path)):
+    """A NIfTI (or other nibabel-readable) image, or a folder holding one DICOM series
+    (:mod:`aldk_tf.data.dicom`), 3-D, with a :class:`DataError` on failure."""
+    if isinstance(path_or_image, (str, Path)) and Path(path_or_image).is_dir():
+        from .dicom import load_series            # a folder: one DICOM series
+        image = load_series(str(path_or_image))
+    elif isinstance(path_or_image, (str, Path)):
         path = Path(path_or_image)
         if not path.exists():
             raise DataError(f"{path}: {what} file not found")
