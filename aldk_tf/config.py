@@ -107,6 +107,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     aldk: ALDKConfig = field(default_factory=ALDKConfig)
     crd: CRDConfig = field(default_factory=CRDConfig)
+    # The dataset's data-preparation settings (its JSON's "preprocessing", see
+    # aldk_tf.data.preprocess.PreprocessSettings), carried on to export_info.json so that
+    # register prepares new scans the same way; None when the data did not record them.
+    preprocessing: dict | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -121,7 +125,8 @@ class RunConfig:
                    losses=LossWeights(**data.get("losses", {})),
                    train=TrainConfig(**data.get("train", {})),
                    aldk=ALDKConfig(**data.get("aldk", {})),
-                   crd=CRDConfig(**data.get("crd", {})))
+                   crd=CRDConfig(**data.get("crd", {})),
+                   preprocessing=data.get("preprocessing"))
 
     def save(self, run_dir: str) -> str:
         os.makedirs(run_dir, exist_ok=True)

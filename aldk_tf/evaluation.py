@@ -29,9 +29,17 @@ from aldk_tf.refine import DEFAULT_LEARNING_RATE, refine_flow
 RCN_SUMMARY = (("dice", "Dice score"), ("jacc", "Jacc score"),
                ("landmark_distance", "Landmark distance"),
                ("jacobian_det_std", "Jacobian determinant"))
-#: Per-pair scalars summarised in the JSON report.
+#: Per-pair scalars summarised in the JSON report (surface distances when computed).
 SCALAR_KEYS = ("dice", "jacc", "landmark_distance", "jacobian_det_std", "folding_percent",
-               "seconds")
+               "seconds", "hd95", "msd", "landmark_distance_mm")
+#: Per-label entries of a record: {label name: value}.
+LABEL_KEYS = ("dice_labels", "jacc_labels", "hd95_labels", "msd_labels")
+#: Scalars of the "before registration" (identity flow) entry of a record.
+BEFORE_KEYS = ("dice", "jacc", "landmark_distance", "hd95", "msd", "landmark_distance_mm")
+#: Columns of the per-pair x per-label CSV (:func:`write_label_csv`).
+CSV_COLUMNS = ("stage", "fixed_id", "moving_id", "label", "dice", "jaccard", "hd95",
+               "mean_surface_distance", "distance_unit", "folding_percent",
+               "jacobian_det_std")
 
 
 class EvaluationError(ValueError):
@@ -85,9 +93,26 @@ def _batches(items, size):
         yield items[start:start + size]
 
 
+def scan_affine(store, entry: str):
+    """A scan's voxel -> world (mm) ``affine`` attribute (written by the data
+    preparation), or None when the scan has none."""
+    group, _, _ = store.group(entry)
+    affine = group.attrs.get("affine")
+    if affine is None or np.shape(affine) != (4, 4):
+        return None
+    return np.asarray(affine, np.float64)
+
+
+def scan_spacing(store, entry: str):
+    """Voxel size in mm along each array axis of a scan (None without an affine)."""
+    affine = scan_affine(store, entry)
+    return None if affine is None else np.linalg.norm(affine[:3, :3], axis=0)
+
+
 def evaluate_pairs(model, dataset_config, pairs, batch: int = 1, label_values=None,
                    progress: bool = True, *, refine: int = 0,
-                   refine_learning_rate: float = DEFAULT_LEARNING_RATE
+                   refine_learning_rate: float = DEFAULT_LEARNING_RATE,
+                   surface: bool = False, before: bool = False
                    ) -> tuple[list[dict], dict]:
     """Register ``pairs`` and compute the evaluation metrics of each.
 
@@ -104,6 +129,13 @@ def evaluate_pairs(model, dataset_config, pairs, batch: int = 1, label_values=No
       refine: instance-optimisation steps (:func:`aldk_tf.refine.refine_flow`) from the
         model's flow before scoring; 0 scores the model's flow itself.
       refine_learning_rate: the refinement's Adam step size in voxels.
+      surface: also HD95 and mean surface distance per label (:mod:`aldk_tf.metrics`),
+        in mm when the fixed scan has an ``affine`` attribute, else in voxels
+        (``distance_unit`` of the record).
+      before: also score the identity flow (``record["before"]``: Dice, Jaccard,
+        landmark distance and, with ``surface``, the distances before registration).
+    Records also hold ``landmark_distance_mm`` (TRE in mm, through the moving scan's
+    ``affine``) when every moving scan of the batch has an affine attribute.
     Returns:
       ``(records, summary)``: one dict per pair (``fixed_id``, ``moving_id``, ``dice``,
       ``jacc``, ``landmark_distance``, ``jacobian_det_std``, ``folding_percent``,
@@ -136,12 +168,29 @@ def evaluate_pairs(model, dataset_config, pairs, batch: int = 1, label_values=No
             start = time.perf_counter()
             flow = flow_of(stacked["fixed"], stacked["moving"])
             seconds = (time.perf_counter() - start) / len(chunk)
-            result = metrics.pair_metrics(
-                stacked["fixed_seg"], stacked["moving_seg"], flow, label_values,
-                stacked["fixed_point"], stacked["moving_point"])
+            spacing, unit = None, None
+            if surface:
+                spacings = [scan_spacing(store, fixed_id) for fixed_id, _ in chunk]
+                unit = "mm" if all(item is not None for item in spacings) else "voxel"
+                spacing = (np.stack(spacings) if unit == "mm"
+                           else np.ones((len(chunk), 3)))
+            arguments = (stacked["fixed_seg"], stacked["moving_seg"])
+            points = (stacked["fixed_point"], stacked["moving_point"])
+            affines = [scan_affine(store, moving_id) for _, moving_id in chunk]
+            options = {"surface_spacing": spacing, "moving_affines": (
+                np.stack(affines) if all(a is not None for a in affines) else None)}
+            result = metrics.pair_metrics(*arguments, flow, label_values, *points,
+                                          **options)
+            identity = (metrics.pair_metrics(*arguments, np.zeros_like(flow), label_values,
+                                             *points, **options)
+                        if before else None)
             for index, (fixed_id, moving_id) in enumerate(chunk):
-                records.append(_record(fixed_id, moving_id, result, index, names,
-                                       seconds))
+                record = _record(fixed_id, moving_id, result, index, names, seconds)
+                if unit is not None:
+                    record["distance_unit"] = unit
+                if identity is not None:
+                    record["before"] = _before_record(identity, index, names)
+                records.append(record)
             if bar is not None:
                 bar.add(len(chunk), values=[("dice", _nanmean(result["dice"]))])
     return records, summarise(records)
@@ -152,11 +201,25 @@ def _record(fixed_id, moving_id, result, index, names, seconds) -> dict:
     for key in ("dice", "jacc", "landmark_distance", "jacobian_det_std",
                 "folding_percent"):
         record[key] = float(result[key][index])
-    for key in ("dice_labels", "jacc_labels"):
-        record[key] = {name: float(value) for name, value in
-                       zip(names, result[key][index])}
+    for key in ("hd95", "msd", "landmark_distance_mm"):
+        if key in result:
+            record[key] = float(result[key][index])
+    for key in LABEL_KEYS:
+        if key in result:
+            record[key] = {name: float(value) for name, value in
+                           zip(names, result[key][index])}
     record["seconds"] = float(seconds)
     return record
+
+
+def _before_record(result, index, names) -> dict:
+    """The identity flow's scores of one pair (``record["before"]``)."""
+    before = {key: float(result[key][index]) for key in BEFORE_KEYS if key in result}
+    for key in LABEL_KEYS:
+        if key in result:
+            before[key] = {name: float(value) for name, value in
+                           zip(names, result[key][index])}
+    return before
 
 
 def _mean_std(values) -> tuple[float, float]:
@@ -175,14 +238,24 @@ def summarise(records: list[dict]) -> dict:
     """
     summary: dict = {"pairs": len(records)}
     for key in SCALAR_KEYS:
-        mean, std = _mean_std([record[key] for record in records])
+        if records and key not in records[0]:
+            continue                          # surface distances not computed
+        mean, std = _mean_std([record.get(key, float("nan")) for record in records])
         summary[key] = {"mean": mean, "std": std}
-    for key in ("dice_labels", "jacc_labels"):
+    for key in LABEL_KEYS:
+        if records and key not in records[0]:
+            continue
         labels = list(records[0][key]) if records else []
         summary[key] = {}
         for label in labels:
             mean, std = _mean_std([record[key][label] for record in records])
             summary[key][label] = {"mean": mean, "std": std}
+    if records and "before" in records[0]:
+        summary["before"] = {}
+        for key in BEFORE_KEYS:
+            if key in records[0]["before"]:
+                mean, std = _mean_std([record["before"][key] for record in records])
+                summary["before"][key] = {"mean": mean, "std": std}
     return summary
 
 
@@ -200,6 +273,45 @@ def rcn_report(records: list[dict]) -> str:
 def write_rcn_report(path, records: list[dict]) -> None:
     """Write :func:`rcn_report` to ``path`` atomically (temporary file + rename)."""
     atomic_write_text(str(path), rcn_report(records))
+
+
+def label_rows(records: list[dict]) -> list[dict]:
+    """Rows of the per-pair x per-label table: for every pair, one row per label before
+    registration (identity flow: no folding, det(J) std 0) when scored, then after."""
+    rows = []
+    for record in records:
+        unit = record.get("distance_unit", "")
+        stages = ([("before", record["before"], 0.0, 0.0)] if "before" in record else [])
+        stages.append(("after", record, record["folding_percent"],
+                       record["jacobian_det_std"]))
+        for stage, scores, folding, jacobian_std in stages:
+            for label in scores["dice_labels"]:
+                rows.append({
+                    "stage": stage, "fixed_id": record["fixed_id"],
+                    "moving_id": record["moving_id"], "label": label,
+                    "dice": scores["dice_labels"][label],
+                    "jaccard": scores["jacc_labels"][label],
+                    "hd95": scores.get("hd95_labels", {}).get(label, float("nan")),
+                    "mean_surface_distance": scores.get("msd_labels", {}).get(
+                        label, float("nan")),
+                    "distance_unit": unit, "folding_percent": folding,
+                    "jacobian_det_std": jacobian_std})
+    return rows
+
+
+def write_label_csv(path, records: list[dict]) -> None:
+    """Write :func:`label_rows` as CSV (columns :data:`CSV_COLUMNS`) atomically; NaN is
+    written as an empty field."""
+    import csv
+    import io
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in label_rows(records):
+        writer.writerow({key: ("" if isinstance(value, float) and np.isnan(value)
+                               else f"{value:.6g}" if isinstance(value, float) else value)
+                         for key, value in row.items()})
+    atomic_write_text(str(path), text.getvalue())
 
 
 def write_json_report(path, records: list[dict], summary: dict,

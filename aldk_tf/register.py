@@ -1,24 +1,44 @@
 """Register a new NIfTI pair with an exported model: ``python -m aldk_tf.register``.
 
     python -m aldk_tf.register --model export/<name>[/<N>] --fixed F.nii.gz \\
-        --moving M.nii.gz --out-dir DIR [--moving-seg S.nii.gz] [--modality mr|ct]
-        [--crop auto|mask|nonzero|threshold|none] [--refine N [--refine-lr VOXELS]]
+        --moving M.nii.gz --out-dir DIR [--moving-seg S.nii.gz] [--overwrite]
+        [--fixed-mask FM.nii.gz --moving-mask MM.nii.gz] [--flow-space ras|lps]
+        [--modality/--crop/--margin/--window/--percentiles/--threshold ...]
+        [--refine N [--refine-lr VOXELS]]
+    python -m aldk_tf.register --model ... --pairs pairs.csv --out-dir DIR   # many pairs
 
 Both scans go through the data preparation's preprocessing
 (:func:`aldk_tf.data.preprocess.preprocess_scan`: RAS reorientation, crop box, intensities
-to 0..255, resampling to the model's size); the SavedModel's ``serving_default``
-signature registers them. Written to ``DIR``, on the fixed image's voxel grid with its
-affine (header copied from the fixed file):
+to 0..255, resampling to the model's size) **with the settings the model's training data
+was prepared with**: ``aldk-prep`` stores them in the dataset JSON, training copies them
+into the run's ``config.json``, export into ``export_info.json``, where register reads
+them. A flag overrides one setting (printed as a note); the modality cannot be changed,
+and a request that cannot be prepared the same way (masks missing for a model trained
+on masked scans, a label crop, a scan whose every voxel falls outside the window) is
+refused with one line. Then the SavedModel's ``serving_default`` signature registers
+them. Written to ``DIR``, on the fixed image's voxel grid with its affine (header copied
+from the fixed file):
 
 - ``warped.nii.gz``        the original moving image (its own intensities) resampled at
                            the corresponding points;
-- ``flow.nii.gz``          the displacement ``u`` in millimetres, world (RAS) axes,
-                           ``[X, Y, Z, 1, 3]``, intent "vector": the fixed voxel at world
+- ``flow.nii.gz``          the displacement ``u`` in millimetres, ``[X, Y, Z, 1, 3]``,
+                           intent "vector", world RAS axes (``--flow-space lps``: ITK/ANTs
+                           LPS axes; see :mod:`aldk_tf.warp`): the fixed voxel at world
                            position ``p`` corresponds to the moving image's ``p + u(p)``;
+- ``jacobian.nii.gz``      det of the Jacobian of ``p -> p + u(p)`` (volume change; <= 0
+                           is folding);
 - ``warped_seg.nii.gz``    with ``--moving-seg``: labels warped one mask at a time
-                           (trilinear, threshold 128 of 255, as the evaluation does);
+                           (trilinear, threshold 128 of 255, as the evaluation does), in
+                           an integer type wide enough for the values (uint16 for 40000);
 - ``preview.png``          orthogonal slices of fixed / moving / warped / Jacobian
-                           determinant, on the model's grid.
+                           determinant, on the model's grid;
+- ``registration.json``    the model, the inputs, the preprocessing used, timings.
+
+An existing non-empty ``DIR`` is refused unless ``--overwrite``; then it is replaced as
+a whole (no file of a previous pair stays). ``aldk-warp`` applies ``flow.nii.gz`` to
+other images. ``--pairs`` registers every row of a CSV with the model loaded once
+(:mod:`aldk_tf.register_batch`). :class:`Registrar` is the in-memory interface (model
+loaded once; nibabel images in and out).
 
 With ``--refine N`` the SavedModel's flow is refined on the model's grid by N steps of
 instance optimisation (:mod:`aldk_tf.refine`) before anything is written; the time it
@@ -27,30 +47,34 @@ took is printed (the first call includes tracing the refinement, about a second)
 Correspondence: the network maps preprocessed fixed voxel ``v`` to preprocessed moving
 voxel ``v + flow(v)``; each grid's affine (kept by the preprocessing) takes these to world
 coordinates. Sampling uses :func:`aldk_tf.spatial.resample` (trilinear, edge-clamped).
-All files are computed first and appear together (directory or file renames).
+All files are computed first in a temporary folder, which is then renamed into place.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
+from aldk_tf import warp  # noqa: E402
 from aldk_tf.data import DataError  # noqa: E402
 from aldk_tf.data import preprocess  # noqa: E402
 from aldk_tf.refine import DEFAULT_LEARNING_RATE  # noqa: E402
 from aldk_tf.refine import add_arguments as add_refine_arguments  # noqa: E402
-from aldk_tf.serving import SERVING_SIGNATURE, make_readable  # noqa: E402
+from aldk_tf.serving import INFO_NAME, SERVING_SIGNATURE, make_readable  # noqa: E402
 
-OUTPUT_NAMES = ("warped.nii.gz", "flow.nii.gz", "warped_seg.nii.gz", "preview.png")
+SUMMARY_NAME = "registration.json"
+OUTPUT_NAMES = ("warped.nii.gz", "flow.nii.gz", "jacobian.nii.gz", "warped_seg.nii.gz",
+                "preview.png", SUMMARY_NAME)
 
 
 class RegisterError(ValueError):
@@ -97,60 +121,7 @@ def latest_version(path: str) -> str:
     return os.path.join(path, str(max(versions))) if versions else path
 
 
-# ----------------------------------------------------------------------------- geometry
-def _grid_to(transform: np.ndarray, shape) -> np.ndarray:
-    """Voxel indices of a grid of ``shape`` mapped by a 4x4 ``transform``, ``[X,Y,Z,3]``."""
-    indices = np.indices(shape, dtype=np.float32)                # [3, X, Y, Z]
-    matrix = transform[:3, :3].astype(np.float32)
-    mapped = np.einsum("ij,jxyz->xyzi", matrix, indices)
-    return mapped + transform[:3, 3].astype(np.float32)
-
-
-def _apply(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """A 4x4 affine applied to points ``[..., 3]`` (float32)."""
-    matrix = transform[:3, :3].astype(np.float32)
-    return points @ matrix.T + transform[:3, 3].astype(np.float32)
-
-
-def _sample(volume: np.ndarray, coordinate: np.ndarray) -> np.ndarray:
-    """Trilinear sample of a 3-D array at voxel ``coordinate`` ``[X, Y, Z, 3]``."""
-    import tensorflow as tf
-
-    from aldk_tf import spatial
-
-    image = tf.constant(np.asarray(volume, np.float32)[None, ..., None])
-    values = spatial.resample(image, tf.constant(coordinate, tf.float32), 1)
-    return values.numpy()[0, ..., 0]
-
-
-def _sample_labels(labels: np.ndarray, coordinate: np.ndarray) -> np.ndarray:
-    """Labels sampled one mask (x 255) at a time, kept where above the evaluation's
-    threshold; 0 elsewhere (see :func:`aldk_tf.serving.warp_label_map`)."""
-    from aldk_tf.metrics import MASK_THRESHOLD
-
-    result = np.zeros(coordinate.shape[:3], labels.dtype)
-    for value in np.unique(labels):
-        if value == 0:
-            continue
-        mask = _sample((labels == value).astype(np.float32) * 255.0, coordinate)
-        result[mask > MASK_THRESHOLD] = value
-    return result
-
-
 # ----------------------------------------------------------------------------- outputs
-def _nifti_like(reference, data: np.ndarray, intent: str | None = None):
-    header = reference.header.copy()
-    image = nib.Nifti1Image(data, reference.affine, header=header)
-    image.set_data_dtype(data.dtype)
-    if intent is not None:
-        image.header.set_intent(intent, (), name="displacement mm RAS")
-    else:
-        image.header.set_intent("none")
-    image.set_sform(reference.affine, code=int(reference.header["sform_code"]) or 1)
-    image.set_qform(reference.affine, code=int(reference.header["qform_code"]) or 1)
-    return image
-
-
 def write_preview(path: str, fixed, moving, warped, jacobian) -> None:
     """PNG: rows = central axial / coronal / sagittal slices; columns = fixed, moving,
     warped, Jacobian determinant (diverging colours around 1; <= 0 is folding)."""
@@ -180,13 +151,17 @@ def write_preview(path: str, fixed, moving, warped, jacobian) -> None:
     pyplot.close(figure)
 
 
-def _check_output_dir(out_dir: str) -> None:
+def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
+    """:class:`RegisterError` unless ``out_dir`` can be (re)placed by a new result."""
     parent = os.path.dirname(os.path.abspath(out_dir))
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise RegisterError(f"{out_dir}: output folder exists and is not empty; pass "
+                            "--overwrite to replace it (its files are removed)")
     try:
         os.makedirs(parent, exist_ok=True)
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise NotADirectoryError(20, "exists and is not a directory")
-        with tempfile.TemporaryFile(dir=out_dir if os.path.isdir(out_dir) else parent):
+        with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as error:
         raise RegisterError(f"{out_dir}: output directory not writable "
@@ -194,138 +169,391 @@ def _check_output_dir(out_dir: str) -> None:
 
 
 def _publish(staging: str, out_dir: str) -> None:
-    """Move the finished files into ``out_dir`` (a directory rename when it is new)."""
-    if not os.path.exists(out_dir):
-        os.rename(staging, out_dir)
+    """Put the finished ``staging`` folder in place of ``out_dir`` (directory renames;
+    a previous result is moved aside first and removed after, so none of its files stay)."""
+    if not os.path.exists(out_dir) or not os.listdir(out_dir):
+        os.replace(staging, out_dir)
         return
-    for name in os.listdir(staging):
-        os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
-    os.rmdir(staging)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    previous = tempfile.mkdtemp(prefix=".old-register-", dir=parent)
+    os.rmdir(previous)
+    os.rename(out_dir, previous)
+    os.rename(staging, out_dir)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+#: Flags of register that override the model's recorded preprocessing.
+OVERRIDABLE = ("crop", "margin", "window", "percentiles", "threshold")
+
+
+def resolve_preprocessing(info: dict, size, overrides: dict | None = None,
+                          with_masks: bool = False):
+    """``(PreprocessSettings, notes)`` for new scans of a model.
+
+    The model's recorded settings (``export_info.json``'s ``preprocessing``, written from
+    the training data's JSON) are the default; ``overrides`` (flag name -> value, None =
+    not given) replace single settings, except the modality, which cannot differ. Raises
+    :class:`RegisterError` for a request the model's data preparation contradicts.
+    """
+    overrides = {key: value for key, value in (overrides or {}).items()
+                 if value is not None}
+    notes = []
+    recorded = info.get("preprocessing")
+    if recorded is None:
+        settings = preprocess.PreprocessSettings(size=size, used_masks=with_masks)
+        notes.append("the model records no preprocessing (exported before data "
+                     "preparation stored it); using the defaults and the flags given")
+        if "modality" in overrides:
+            settings = replace(settings, modality=overrides["modality"])
+    else:
+        try:
+            settings = preprocess.PreprocessSettings.from_dict(
+                recorded, where="export_info.json: 'preprocessing'")
+        except DataError as error:
+            raise RegisterError(str(error)) from None
+        modality = overrides.get("modality")
+        if modality is not None and modality != settings.modality:
+            raise RegisterError(f"--modality {modality}: the model was trained on "
+                                f"{settings.modality.upper()} scans (its preprocessing: "
+                                f"{settings.describe()}); drop --modality")
+        if tuple(settings.size) != tuple(size):
+            raise RegisterError(f"export_info.json: preprocessing size {settings.size} "
+                                f"differs from the model's input {tuple(size)}")
+    for key in OVERRIDABLE:
+        if key in overrides and recorded is not None:
+            value = overrides[key]
+            old = getattr(settings, key)
+            if tuple(np.atleast_1d(value)) != tuple(np.atleast_1d(old)):
+                notes.append(f"--{key} {_flag_text(value)} overrides the model's "
+                             f"{_flag_text(old)}")
+        if key in overrides:
+            try:
+                settings = replace(settings, **{key: overrides[key]})
+            except DataError as error:
+                reason = str(error).removeprefix(f"{key}: ")
+                raise RegisterError(f"--{key}: {reason}") from None
+    return settings, notes
+
+
+def _flag_text(value) -> str:
+    return " ".join(f"{v:g}" if isinstance(v, float) else str(v)
+                    for v in np.atleast_1d(value).tolist())
+
+
+def scan_crop(settings, crop_given: bool, with_masks: bool) -> str:
+    """The explicit crop rule for :func:`aldk_tf.data.preprocess.preprocess_scan`, or a
+    :class:`RegisterError` when the scans cannot be prepared as the model's were."""
+    crop = settings.crop if crop_given else settings.effective_crop
+    if crop == "auto":                  # given as a flag: the preparation's own rule
+        crop = "mask" if with_masks else ("threshold" if settings.modality == "ct"
+                                          else "nonzero")
+    if crop == "label":
+        raise RegisterError("the model's training scans were cropped to their label maps "
+                            "(crop label), which registration cannot reproduce; pass "
+                            "--crop (e.g. nonzero, threshold or none)")
+    needs_masks = crop == "mask" or (settings.used_masks and settings.modality == "mr"
+                                     and not crop_given)
+    if needs_masks and not with_masks:
+        raise RegisterError("the model's training scans were prepared with masks (crop "
+                            f"{crop}, MR percentiles inside the mask); pass --fixed-mask "
+                            "and --moving-mask (or --crop to choose another rule)")
+    if with_masks and not (settings.used_masks or crop == "mask"):
+        raise RegisterError("the model's training scans were prepared without masks; "
+                            "drop --fixed-mask/--moving-mask (or pass --crop mask to crop "
+                            "to them anyway)")
+    return crop
+
+
+def _check_prepared(scan, settings, path: str) -> None:
+    """:class:`RegisterError` when the preparation leaves nothing to register."""
+    if scan.volume.min() == scan.volume.max():
+        low, high = scan.intensity_range
+        raise RegisterError(f"{path}: every voxel maps to {scan.volume.min()} under the "
+                            f"model's preprocessing ({settings.describe()}; intensities "
+                            f"{low:g}..{high:g} -> 0..255); expected a "
+                            f"{settings.modality.upper()} scan like the training data")
 
 
 # ----------------------------------------------------------------------------- pipeline
-def register_pair(model: str, fixed: str, moving: str, out_dir: str,
-                  moving_seg: str | None = None, modality: str = "mr",
-                  crop: str = "auto", refine: int = 0,
-                  refine_learning_rate: float = DEFAULT_LEARNING_RATE) -> dict:
-    """Register ``moving`` to ``fixed`` (NIfTI paths) and write the outputs to ``out_dir``.
+@dataclass
+class Registration:
+    """One registered pair, in memory: images on the fixed grid, model-grid arrays."""
 
-    ``refine > 0`` refines the model's flow by that many instance-optimisation steps.
-    Returns ``{"outputs": [paths], "folding_percent", "jacobian_det_std", "seconds",
-    "refine_seconds", "image_size"}``. Raises :class:`RegisterError` /
-    :class:`aldk_tf.data.DataError`.
+    warped: object                       # nibabel image, the moving intensities
+    flow: object                         # nibabel [X, Y, Z, 1, 3] mm, in flow_space
+    jacobian: object                     # nibabel, det of d(p + u)/dp
+    warped_seg: object | None            # nibabel labels, or None
+    field_ras: np.ndarray                # [X, Y, Z, 3] mm, RAS
+    model_arrays: dict                   # fixed, moving, warped, jacobian on the model grid
+    stats: dict
+
+
+class Registrar:
+    """An exported model loaded once, with the preprocessing its training data had.
+
+    ``overrides``: flag name -> value (``modality``, ``crop``, ``margin``, ``window``,
+    ``percentiles``, ``threshold``; None = the model's). Use :meth:`register` for images
+    in memory (nibabel images or paths) and :func:`write_registration` to save a result.
     """
-    if refine < 0:
-        raise RegisterError(f"--refine must be >= 0, got {refine}")
-    if refine and not refine_learning_rate > 0:
-        raise RegisterError(f"--refine-lr must be > 0, got {refine_learning_rate}")
-    _check_output_dir(out_dir)
-    fixed_image = preprocess.load_image(fixed, "fixed image")
-    moving_image = preprocess.load_image(moving, "moving image")
-    segmentation = None
-    if moving_seg is not None:
-        label_image = preprocess.load_image(moving_seg, "moving segmentation")
-        if label_image.shape != moving_image.shape or not np.allclose(
-                label_image.affine, moving_image.affine, atol=1e-3):
-            raise DataError(f"{moving_seg}: segmentation grid (shape {label_image.shape}) "
-                            f"differs from the moving image's (shape {moving_image.shape})")
-        segmentation = np.rint(np.asarray(label_image.dataobj, np.float32))
-    loaded, size = load_serving_model(model)
 
-    fixed_scan = preprocess.preprocess_scan(fixed_image, size=size, modality=modality,
-                                            crop=crop)
-    moving_scan = preprocess.preprocess_scan(moving_image, size=size, modality=modality,
-                                             crop=crop)
-    import tensorflow as tf
+    def __init__(self, model: str, overrides: dict | None = None,
+                 with_masks: bool = False, refine: int = 0,
+                 refine_learning_rate: float = DEFAULT_LEARNING_RATE):
+        if refine < 0:
+            raise RegisterError(f"--refine must be >= 0, got {refine}")
+        if refine and not refine_learning_rate > 0:
+            raise RegisterError(f"--refine-lr must be > 0, got {refine_learning_rate}")
+        self.loaded, self.size = load_serving_model(model)
+        self.model_path = latest_version(model)
+        self.info = read_export_info(self.model_path)
+        overrides = dict(overrides or {})
+        self.settings, self.notes = resolve_preprocessing(self.info, self.size, overrides,
+                                                          with_masks)
+        self.crop_given = overrides.get("crop") is not None
+        self.with_masks = with_masks
+        self.crop = scan_crop(self.settings, self.crop_given, with_masks)
+        self.settings = replace(self.settings, crop=self.crop, used_masks=with_masks)
+        self.refine, self.refine_learning_rate = refine, refine_learning_rate
 
-    from aldk_tf import spatial
-    fixed_input = fixed_scan.volume.astype(np.float32)[None, ..., None] / 255.0
-    moving_input = moving_scan.volume.astype(np.float32)[None, ..., None] / 255.0
-    start = time.perf_counter()
-    outputs = loaded.signatures[SERVING_SIGNATURE](fixed=tf.constant(fixed_input),
-                                                   moving=tf.constant(moving_input))
-    seconds = time.perf_counter() - start
-    flow = outputs["flow"].numpy()                                # [1, D, H, W, 3]
-    warped_model = outputs["warped"].numpy()[0, ..., 0]
-    refine_seconds = 0.0
-    if refine:
-        from aldk_tf.refine import refine_flow
+    def prepare(self, image, mask=None, what: str = "image"):
+        """``(nibabel image, PreprocessedScan)`` of one scan, prepared as the model's."""
+        image = preprocess.load_image(image, what)
+        if (mask is not None) != self.with_masks:
+            raise RegisterError("--fixed-mask and --moving-mask go together (both or "
+                                "neither)")
+        scan = preprocess.preprocess_scan(image, mask=mask, **self.settings.scan_arguments())
+        _check_prepared(scan, self.settings, preprocess._name(image))
+        return image, scan
+
+    def register(self, fixed, moving, fixed_mask=None, moving_mask=None,
+                 moving_seg=None, flow_space: str = "ras") -> Registration:
+        """Register ``moving`` to ``fixed`` (nibabel images or NIfTI paths), in memory."""
+        import tensorflow as tf
+
+        from aldk_tf import spatial
+
+        if (fixed_mask is None) != (moving_mask is None):
+            raise RegisterError("--fixed-mask and --moving-mask go together (both or "
+                                "neither)")
+        fixed_image, fixed_scan = self.prepare(fixed, fixed_mask, "fixed image")
+        moving_image, moving_scan = self.prepare(moving, moving_mask, "moving image")
+        segmentation = None
+        if moving_seg is not None:
+            label_image = preprocess.load_image(moving_seg, "moving segmentation")
+            if label_image.shape != moving_image.shape or not np.allclose(
+                    label_image.affine, moving_image.affine, atol=1e-3):
+                raise DataError(f"{preprocess._name(moving_seg)}: segmentation grid "
+                                f"(shape {label_image.shape}) differs from the moving "
+                                f"image's (shape {moving_image.shape})")
+            segmentation = warp.label_array(label_image.dataobj,
+                                            preprocess._name(moving_seg))
+        fixed_input = fixed_scan.volume.astype(np.float32)[None, ..., None] / 255.0
+        moving_input = moving_scan.volume.astype(np.float32)[None, ..., None] / 255.0
         start = time.perf_counter()
-        flow, _ = refine_flow(fixed_input, moving_input, flow, refine,
-                              learning_rate=refine_learning_rate)
-        flow = flow.numpy()
-        refine_seconds = time.perf_counter() - start
-        warped_model = spatial.warp(moving_input, flow).numpy()[0, ..., 0]
-    jacobian = spatial.jacobian_determinant(flow).numpy()[0]
+        outputs = self.loaded.signatures[SERVING_SIGNATURE](
+            fixed=tf.constant(fixed_input), moving=tf.constant(moving_input))
+        seconds = time.perf_counter() - start
+        flow = outputs["flow"].numpy()                            # [1, D, H, W, 3]
+        warped_model = outputs["warped"].numpy()[0, ..., 0]
+        refine_seconds = 0.0
+        if self.refine:
+            from aldk_tf.refine import refine_flow
+            start = time.perf_counter()
+            flow, _ = refine_flow(fixed_input, moving_input, flow, self.refine,
+                                  learning_rate=self.refine_learning_rate)
+            flow = flow.numpy()
+            refine_seconds = time.perf_counter() - start
+            warped_model = spatial.warp(moving_input, flow).numpy()[0, ..., 0]
+        model_jacobian = spatial.jacobian_determinant(flow).numpy()[0]
 
-    # Fixed source voxel -> model voxel v -> moving model voxel v + flow(v) -> world.
-    source_to_model = np.linalg.inv(fixed_scan.affine) @ fixed_image.affine
-    model_points = _grid_to(source_to_model, fixed_image.shape)   # [X, Y, Z, 3]
-    displacement = np.stack([_sample(flow[0, ..., axis], model_points)
-                             for axis in range(3)], axis=-1)
-    moving_world = _apply(moving_scan.affine, model_points + displacement)
-    fixed_world = _grid_to(fixed_image.affine, fixed_image.shape)
-    moving_points = _apply(np.linalg.inv(moving_image.affine), moving_world)
-    warped = _sample(np.asarray(moving_image.dataobj, np.float32), moving_points)
+        # Fixed source voxel -> model voxel v -> moving model voxel v + flow(v) -> world.
+        source_to_model = np.linalg.inv(fixed_scan.affine) @ fixed_image.affine
+        model_points = warp.grid_to(source_to_model, fixed_image.shape)  # [X, Y, Z, 3]
+        displacement = np.stack([warp.sample_linear(flow[0, ..., axis], model_points)
+                                 for axis in range(3)], axis=-1)
+        moving_world = warp.apply_affine(moving_scan.affine, model_points + displacement)
+        field = moving_world - warp.grid_to(fixed_image.affine, fixed_image.shape)
+        moving_points = warp.moving_voxels(field, fixed_image.affine, moving_image.affine)
+        warped = warp.sample_linear(np.asarray(moving_image.dataobj, np.float32),
+                                    moving_points)
+        jacobian = warp.jacobian_of_field(field, fixed_image.affine)
+        warped_seg = None
+        if segmentation is not None:
+            warped_seg = warp.nifti_like(fixed_image,
+                                         warp.sample_labels(segmentation, moving_points))
+        stats = {"image_size": list(self.size), "seconds": seconds,
+                 "refine_steps": self.refine, "refine_seconds": refine_seconds,
+                 "folding_percent": 100.0 * float(np.mean(model_jacobian <= 0)),
+                 "jacobian_det_std": float(model_jacobian.std()),
+                 "folding_percent_fixed_grid": 100.0 * float(np.mean(jacobian <= 0)),
+                 "preprocessing": self.settings.to_dict(), "flow_space": flow_space}
+        return Registration(
+            warped=warp.nifti_like(fixed_image, warped.astype(np.float32)),
+            flow=warp.flow_image(fixed_image, field, flow_space),
+            jacobian=warp.nifti_like(fixed_image, jacobian.astype(np.float32)),
+            warped_seg=warped_seg, field_ras=field,
+            model_arrays={"fixed": fixed_input[0, ..., 0], "moving": moving_input[0, ..., 0],
+                          "warped": warped_model, "jacobian": model_jacobian},
+            stats=stats)
 
+
+def read_export_info(version_dir: str) -> dict:
+    """The version directory's ``export_info.json`` ({} when absent)."""
+    path = os.path.join(version_dir, INFO_NAME)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as handle:
+            info = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise RegisterError(f"{path}: not readable JSON ({error})") from None
+    if not isinstance(info, dict):
+        raise RegisterError(f"{path}: expected a JSON object")
+    return info
+
+
+def write_registration(result: Registration, out_dir: str, overwrite: bool = False,
+                       extra: dict | None = None) -> list[str]:
+    """Write a :class:`Registration` into ``out_dir`` (a new folder, renamed into place);
+    returns the written paths."""
+    check_output_dir(out_dir, overwrite)
     parent = os.path.dirname(os.path.abspath(out_dir))
     staging = tempfile.mkdtemp(prefix=".tmp-register-", dir=parent)
     try:
-        written = []
-
-        def save(name, image):
+        names = {"warped.nii.gz": result.warped, "flow.nii.gz": result.flow,
+                 "jacobian.nii.gz": result.jacobian}
+        if result.warped_seg is not None:
+            names["warped_seg.nii.gz"] = result.warped_seg
+        for name, image in names.items():
             image.to_filename(os.path.join(staging, name))
-            written.append(os.path.join(out_dir, name))
-
-        save("warped.nii.gz", _nifti_like(fixed_image, warped.astype(np.float32)))
-        field = (moving_world - fixed_world).astype(np.float32)[:, :, :, None, :]
-        save("flow.nii.gz", _nifti_like(fixed_image, field, intent="vector"))
-        if segmentation is not None:
-            labels = _sample_labels(segmentation.astype(np.int32), moving_points)
-            save("warped_seg.nii.gz", _nifti_like(fixed_image, labels.astype(np.int16)))
-        write_preview(os.path.join(staging, "preview.png"), fixed_input[0, ..., 0],
-                      moving_input[0, ..., 0], warped_model, jacobian)
-        written.append(os.path.join(out_dir, "preview.png"))
+        arrays = result.model_arrays
+        write_preview(os.path.join(staging, "preview.png"), arrays["fixed"],
+                      arrays["moving"], arrays["warped"], arrays["jacobian"])
+        with open(os.path.join(staging, SUMMARY_NAME), "w") as handle:
+            json.dump({**(extra or {}), **result.stats}, handle, indent=2)
+            handle.write("\n")
         make_readable(staging)
         _publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return {"outputs": written, "image_size": list(size), "seconds": seconds,
-            "refine_steps": refine, "refine_seconds": refine_seconds,
-            "folding_percent": 100.0 * float(np.mean(jacobian <= 0)),
-            "jacobian_det_std": float(jacobian.std())}
+    return [os.path.join(out_dir, name) for name in
+            [*names, "preview.png", SUMMARY_NAME]]
+
+
+def register_pair(model: str, fixed: str, moving: str, out_dir: str,
+                  moving_seg: str | None = None, fixed_mask: str | None = None,
+                  moving_mask: str | None = None, overrides: dict | None = None,
+                  refine: int = 0, refine_learning_rate: float = DEFAULT_LEARNING_RATE,
+                  flow_space: str = "ras", overwrite: bool = False) -> dict:
+    """Register ``moving`` to ``fixed`` (NIfTI paths) and write the outputs to ``out_dir``.
+
+    Returns the result's statistics plus ``outputs`` (paths) and ``notes`` (how the
+    preprocessing was chosen). Raises :class:`RegisterError` / :class:`DataError`.
+    """
+    if flow_space not in warp.FLOW_SPACES:
+        raise RegisterError(f"--flow-space: expected one of {warp.FLOW_SPACES}, "
+                            f"got '{flow_space}'")
+    check_output_dir(out_dir, overwrite)
+    for path, what in ((fixed, "fixed image"), (moving, "moving image"),
+                       (moving_seg, "moving segmentation"), (fixed_mask, "fixed mask"),
+                       (moving_mask, "moving mask")):
+        if path is not None:
+            preprocess.load_image(path, what)          # fail before loading the model
+    registrar = Registrar(model, overrides, with_masks=fixed_mask is not None
+                          or moving_mask is not None, refine=refine,
+                          refine_learning_rate=refine_learning_rate)
+    result = registrar.register(fixed, moving, fixed_mask, moving_mask, moving_seg,
+                                flow_space)
+    outputs = write_registration(result, out_dir, overwrite, extra={
+        "model": os.path.abspath(registrar.model_path), "fixed": os.path.abspath(fixed),
+        "moving": os.path.abspath(moving)})
+    return {**result.stats, "outputs": outputs, "notes": registrar.notes}
+
+
+def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that override the model's recorded preprocessing (default: the model's)."""
+    group = parser.add_argument_group(
+        "preprocessing", "default: the settings the model's training data was prepared "
+        "with (export_info.json); a flag overrides one setting")
+    group.add_argument("--modality", choices=preprocess.MODALITIES,
+                       help="must match the model's when it records one")
+    group.add_argument("--crop", choices=preprocess.CROPS, help="crop rule")
+    group.add_argument("--margin", type=int, help="voxels around the crop box")
+    group.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                       help="CT window in HU")
+    group.add_argument("--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                       help="MR percentiles mapped to 0 and 255")
+    group.add_argument("--threshold", type=float, help="CT body threshold (HU) of the "
+                       "threshold crop")
+    group.add_argument("--fixed-mask", "--fixed_mask", dest="fixed_mask",
+                       help="brain/organ mask of the fixed image (NIfTI, its grid)")
+    group.add_argument("--moving-mask", "--moving_mask", dest="moving_mask",
+                       help="brain/organ mask of the moving image (NIfTI, its grid)")
+
+
+def preprocessing_overrides(args: argparse.Namespace) -> dict:
+    return {key: getattr(args, key) for key in ("modality", *OVERRIDABLE)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-                                     description="Register a NIfTI pair with an exported "
-                                     "model (export.py).")
+        description="Register a NIfTI pair with an exported model (export.py).",
+        epilog="Writes warped.nii.gz, flow.nii.gz, jacobian.nii.gz, [warped_seg.nii.gz], "
+        "preview.png and registration.json into --out-dir; apply flow.nii.gz to other "
+        "images with aldk-warp (python -m aldk_tf.warp).")
     parser.add_argument("--model", required=True, help="SavedModel version directory "
                         "export/<name>/<N> (or export/<name>: its latest version)")
-    parser.add_argument("--fixed", required=True, help="fixed image (NIfTI)")
-    parser.add_argument("--moving", required=True, help="moving image (NIfTI)")
-    parser.add_argument("--out-dir", required=True, help="output folder")
-    parser.add_argument("--moving-seg", help="moving segmentation (NIfTI labels) to warp")
-    parser.add_argument("--modality", choices=preprocess.MODALITIES, default="mr",
-                        help="intensity normalisation, as for the training data "
-                        "(default mr)")
-    parser.add_argument("--crop", choices=preprocess.CROPS, default="auto",
-                        help="crop box, as for the training data (default auto)")
+    parser.add_argument("--fixed", help="fixed image (NIfTI)")
+    parser.add_argument("--moving", help="moving image (NIfTI)")
+    parser.add_argument("--pairs", help="instead of --fixed/--moving: a CSV with columns "
+                        "fixed, moving [, moving_seg, fixed_mask, moving_mask, name]; "
+                        "one output folder per pair in --out-dir, plus summary.csv")
+    parser.add_argument("--out-dir", "--out_dir", dest="out_dir", required=True,
+                        help="output folder (must not exist or be empty, or --overwrite); "
+                        "with --pairs the folder of the pairs' folders")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar "
+                        "(--pairs)")
+    parser.add_argument("--moving-seg", "--moving_seg", dest="moving_seg",
+                        help="moving segmentation (NIfTI labels, up to int32) to warp")
+    parser.add_argument("--flow-space", "--flow_space", dest="flow_space",
+                        choices=warp.FLOW_SPACES, default="ras",
+                        help="axes of flow.nii.gz's vectors: ras (nibabel, default) or lps "
+                        "(ITK/ANTs)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing "
+                        "output folder (no file of the previous result is kept)")
+    add_preprocessing_arguments(parser)
     add_refine_arguments(parser, "refine the model's flow by")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    single = args.fixed is not None or args.moving is not None
+    if args.pairs is not None and (single or args.moving_seg or args.fixed_mask
+                                   or args.moving_mask):
+        parser.error("--pairs replaces --fixed/--moving/--moving-seg and the masks (give "
+                     "them as CSV columns)")
+    if args.pairs is None and (args.fixed is None or args.moving is None):
+        parser.error("--fixed and --moving are required (or --pairs CSV)")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.pairs is not None:
+        return _main_batch(args)
     try:
         result = register_pair(args.model, args.fixed, args.moving, args.out_dir,
-                               moving_seg=args.moving_seg, modality=args.modality,
-                               crop=args.crop, refine=args.refine,
-                               refine_learning_rate=args.refine_lr)
-    except (RegisterError, DataError) as error:
+                               moving_seg=args.moving_seg, fixed_mask=args.fixed_mask,
+                               moving_mask=args.moving_mask,
+                               overrides=preprocessing_overrides(args),
+                               refine=args.refine, refine_learning_rate=args.refine_lr,
+                               flow_space=args.flow_space, overwrite=args.overwrite)
+    except (RegisterError, DataError, warp.WarpError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    for note in result["notes"]:
+        print(f"note: {note}")
+    settings = preprocess.PreprocessSettings.from_dict(result["preprocessing"])
+    print(f"preprocessing: {settings.describe()}")
     for path in result["outputs"]:
         print(path)
     print(f"model grid {tuple(result['image_size'])}, {result['seconds']:.2f} s, "
@@ -335,6 +563,25 @@ def main(argv=None) -> int:
         print(f"refined by {result['refine_steps']} steps in "
               f"{result['refine_seconds']:.2f} s")
     return 0
+
+
+def _main_batch(args) -> int:
+    from aldk_tf.register_batch import SUMMARY_NAME, PairsError, register_batch
+    try:
+        rows = register_batch(args.model, args.pairs, args.out_dir,
+                              overrides=preprocessing_overrides(args), refine=args.refine,
+                              refine_learning_rate=args.refine_lr,
+                              flow_space=args.flow_space, overwrite=args.overwrite,
+                              progress=not args.no_progress)
+    except (RegisterError, DataError, PairsError, warp.WarpError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    failed = [row for row in rows if row["status"] != "ok"]
+    for row in failed:
+        print(f"{row['name']}: {row['status']}", file=sys.stderr)
+    print(f"{len(rows) - len(failed)} of {len(rows)} pairs registered -> "
+          f"{os.path.join(args.out_dir, SUMMARY_NAME)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

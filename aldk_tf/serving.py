@@ -7,7 +7,14 @@ Layout written by :func:`export_model` (``base`` is e.g. ``export/aldk``)::
       tflite/model_fp32.tflite     batch 1, TFLite builtin ops only
       tflite/model_fp16.tflite     float16 weights
       tflite/model_int8.tflite     dynamic-range int8 weights
-      export_info.json             source run, image size, parity numbers
+      export_info.json             source run, image size, parity numbers, the dataset
+                                   and its data-preparation settings
+      assets.extra/tf_serving_warmup_requests
+                                   TFRecord of PredictionLog records (one per signature)
+                                   that TF Serving replays when it loads the version, so
+                                   the first client request does not pay tracing / XLA
+                                   compilation (needs tensorflow-serving-api; skipped
+                                   with a note in export_info.json otherwise)
 
 Signatures of the SavedModel:
 
@@ -44,6 +51,7 @@ WARP_SIGNATURE = "warp_segmentation"
 TFLITE_VARIANTS = ("fp32", "fp16", "int8")
 TFLITE_DIR = "tflite"
 INFO_NAME = "export_info.json"
+WARMUP_PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
 
 class ExportError(ValueError):
@@ -377,6 +385,8 @@ def export_model(model, base: str, version: int | None = None,
             files[variant] = name
             candidates[f"tflite_{variant}"] = tflite_runner(flatbuffer)(fixed, moving)
         parity = parity_report(reference, candidates, sample, label_values)
+        warmup = write_warmup_requests(staging, sample,
+                                       os.path.basename(os.path.abspath(base)))
         for name in ("savedmodel", "tflite_fp32"):
             if name in parity and not parity[name]["max_abs_flow_diff"] <= tolerance:
                 raise ExportError(
@@ -388,7 +398,8 @@ def export_model(model, base: str, version: int | None = None,
                                                      "outputs": ["flow", "warped"]},
                                  WARP_SIGNATURE: {"inputs": ["segmentation", "flow"],
                                                   "outputs": ["warped_segmentation"]}},
-                  "tflite": files, "parity_tolerance": tolerance, "parity": parity}
+                  "tflite": files, "parity_tolerance": tolerance, "parity": parity,
+                  "warmup_requests": warmup}
         with open(os.path.join(staging, INFO_NAME), "w") as handle:
             json.dump(record, handle, indent=2)
             handle.write("\n")
@@ -398,6 +409,44 @@ def export_model(model, base: str, version: int | None = None,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return {**record, "path": final}
+
+
+def warmup_logs(sample: dict, model_name: str):
+    """``PredictionLog`` protos, one per signature, whose requests carry ``sample``
+    (``fixed``/``moving`` ``[1, D, H, W, 1]``); None without tensorflow-serving-api."""
+    try:
+        from tensorflow_serving.apis import (model_pb2, predict_pb2,
+                                             prediction_log_pb2)
+    except ImportError:
+        return None
+    fixed = np.asarray(sample["fixed"][:1], np.float32)
+    moving = np.asarray(sample["moving"][:1], np.float32)
+    inputs = {SERVING_SIGNATURE: {"fixed": fixed, "moving": moving},
+              WARP_SIGNATURE: {"segmentation": np.zeros_like(fixed),
+                               "flow": np.zeros((*fixed.shape[:4], 3), np.float32)}}
+    logs = []
+    for signature, tensors in inputs.items():
+        request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(
+            name=model_name, signature_name=signature))
+        for name, value in tensors.items():
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+        logs.append(prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=request)))
+    return logs
+
+
+def write_warmup_requests(version_dir: str, sample: dict, model_name: str) -> str:
+    """Write ``assets.extra/tf_serving_warmup_requests`` (TFRecord of PredictionLog
+    records, TF Serving's warm-up format); returns what was done, for the export info."""
+    logs = warmup_logs(sample, model_name)
+    if logs is None:
+        return ("skipped: tensorflow-serving-api is not installed (pip install "
+                "'aldk-tf[serving]'), so the first request pays the compilation")
+    os.makedirs(os.path.dirname(os.path.join(version_dir, WARMUP_PATH)), exist_ok=True)
+    with tf.io.TFRecordWriter(os.path.join(version_dir, WARMUP_PATH)) as writer:
+        for log in logs:
+            writer.write(log.SerializeToString())
+    return WARMUP_PATH
 
 
 def make_readable(folder: str) -> None:

@@ -47,3 +47,14 @@ def student_run_32(tmp_path_factory, demo_dataset_32):
     config.save(str(run_dir))
     model.save_weights(runs.weights_path(str(run_dir)))
     return str(run_dir)
+
+
+@pytest.fixture(scope="session")
+def savedmodel_32(student_run_32, tmp_path_factory):
+    """``export/aldk/1``: the 32^3 student as a SavedModel (no export_info.json, as a
+    model exported before the preprocessing was recorded)."""
+    from aldk_tf import runs, serving
+    _, model = runs.load_model(student_run_32)
+    path = tmp_path_factory.mktemp("export") / "aldk" / "1"
+    serving.save_savedmodel(model, str(path))
+    return str(path)

@@ -227,3 +227,26 @@ def test_a_nan_voxel_is_refused_not_blanked(tmp_path, rng):
     nib.save(nib.Nifti1Image(data, np.eye(4)), path)
     with pytest.raises(DataError, match="nan.nii.gz: 1 voxel"):
         preprocess_scan(path, size=8)
+
+
+def test_label_values_up_to_65535_are_kept_as_uint16(tmp_path, rng):
+    """FreeSurfer-style label values (aparc+aseg goes above 255) survive preparation."""
+    data, labels = _phantom(rng)
+    big = np.where(labels == 4, 65535, np.where(labels == 1, 1035, 0)).astype(np.int32)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    nib.save(nib.Nifti1Image(data, AFFINE), tmp_path / "images" / "sub0.nii.gz")
+    nib.save(nib.Nifti1Image(big, AFFINE), tmp_path / "labels" / "sub0.nii.gz")
+    convert = _script("nifti_to_h5")
+    assert convert.main(["--images", str(tmp_path / "images"), "--labels",
+                         str(tmp_path / "labels"), "--out", str(tmp_path / "big"),
+                         "--size", "16"]) == 0
+    config = load_dataset_config(tmp_path / "big.json")
+    assert config.label_values == [1035, 65535]
+    assert config.preprocessing.size == (16, 16, 16)
+    scan = read_dataset(config.resolve_file("big"))["sub0"]
+    assert scan["segmentation"].dtype == np.uint16
+    assert set(np.unique(scan["segmentation"])) == {0, 1035, 65535}
+    too_big = nib.Nifti1Image(big + 1, AFFINE)
+    with pytest.raises(DataError, match="0..65535"):
+        preprocess_scan(nib.Nifti1Image(data, AFFINE), label=too_big, size=16)

@@ -111,7 +111,8 @@ def test_cli_default_scheme_and_rep_name(student_run_32, tmp_path, capsys):
     code = cli.main(["-c", student_run_32, "-r", "2", "--out-dir", str(tmp_path),
                      "--no-progress"])
     assert code == 0, capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["student32-rep2.json",
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student32-rep2.csv",
+                                                          "student32-rep2.json",
                                                           "student32-rep2.txt"]
     document = json.loads((tmp_path / "student32-rep2.json").read_text())
     assert document["scheme"] == "2" and document["rep"] == 2
@@ -167,3 +168,100 @@ def test_summary_ignores_missing_landmarks():
     assert summary["dice"] == {"mean": 0.5, "std": 0.0}
     assert os.path.basename(load_cli("evaluate").report_stem("weights/run/", None, None)) \
         == "run"
+
+
+@pytest.fixture(scope="module")
+def exported_alone(savedmodel_32, demo_dataset_32, tmp_path_factory):
+    """A SavedModel away from any run directory, with the export_info.json fields that
+    export.py writes and evaluation reads (the dataset, rep, parameters)."""
+    import shutil
+    model = tmp_path_factory.mktemp("exported") / "student" / "1"
+    shutil.copytree(savedmodel_32, model)
+    (model / "export_info.json").write_text(json.dumps(
+        {"dataset": demo_dataset_32, "rep": 1, "parameters": 123, "model": {}}))
+    return model
+
+
+def test_cli_exported_model_alone_writes_rcn_report_and_label_csv(
+        exported_alone, demo_dataset_32, tmp_path, capsys):
+    import csv
+    code = load_cli("evaluate").main(["--exported", str(exported_alone), "-v", "test",
+                                      "--out-dir", str(tmp_path), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    stem = tmp_path / "student-v1-savedmodel-test"
+    text = Path(f"{stem}.txt").read_text().splitlines()
+    dataset = load_dataset_config(demo_dataset_32)
+    pairs = list_pairs(dataset, "test")
+    assert len(text) == len(pairs) + 5 and text[len(pairs)] == "Summary"
+    summary = evaluation.read_rcn_summary(f"{stem}.txt")
+    with open(f"{stem}.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == evaluation.CSV_COLUMNS
+    labels = ["CSF", "GM", "WM"]
+    assert len(rows) == 2 * len(pairs) * len(labels)
+    assert [row["stage"] for row in rows[:6]] == ["before"] * 3 + ["after"] * 3
+    assert {row["distance_unit"] for row in rows} == {"mm"}
+    # Independent reference for the first pair: unwarped (before) and warped (after)
+    # masks scored with numpy Dice and the surface distances on the fixed scan's spacing.
+    fixed_id, moving_id = pairs[0]
+    pair = load_pair(dataset, fixed_id, moving_id)
+    loaded = __import__("tensorflow").saved_model.load(str(exported_alone))
+    flow = loaded.signatures["serving_default"](fixed=pair["fixed"][None],
+                                                moving=pair["moving"][None])["flow"]
+    fixed_masks = metrics.segmentation_masks(pair["fixed_seg"][None], [1, 2, 3])[0]
+    stages = {"before": metrics.segmentation_masks(pair["moving_seg"][None], [1, 2, 3])[0],
+              "after": metrics.warp_segmentation(pair["moving_seg"][None], flow.numpy(),
+                                                 [1, 2, 3])[0]}
+    from aldk_tf.data import ScanStore
+    with ScanStore(dataset) as store:
+        affine = store.read(fixed_id)["attrs"]["affine"]
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    assert not np.allclose(spacing, 1.0)
+    for row in rows[:6]:
+        assert (row["fixed_id"], row["moving_id"]) == (fixed_id, moving_id)
+        index = labels.index(row["label"])
+        a, b = fixed_masks[..., index], stages[row["stage"]][..., index]
+        assert float(row["dice"]) == pytest.approx(
+            2 * np.sum(a & b) / (a.sum() + b.sum()), abs=1e-5)
+        hd95, mean = metrics.surface_distances(a, b, spacing)
+        assert float(row["hd95"]) == pytest.approx(hd95, rel=1e-5)
+        assert float(row["mean_surface_distance"]) == pytest.approx(mean, rel=1e-5)
+        if row["stage"] == "before":
+            assert float(row["folding_percent"]) == 0.0
+    # The text report is the RCN format over the "after" scores.
+    after_dice = [np.nanmean([float(r["dice"]) for r in rows
+                              if r["stage"] == "after" and r["fixed_id"] == f
+                              and r["moving_id"] == m]) for f, m in pairs]
+    assert summary["Dice score"][0] == pytest.approx(np.mean(after_dice), abs=1e-5)
+    document = json.loads(Path(f"{stem}.json").read_text())
+    assert document["run"] is None and "before" in document["summary"]
+    # TRE in mm: landmarks mapped through the flow (scipy trilinear), the difference to
+    # the moving landmarks through the moving scan's affine.
+    from scipy import ndimage
+    with ScanStore(dataset) as store:
+        moving_affine = store.read(moving_id)["attrs"]["affine"]
+    points, targets = pair["fixed_point"], pair["moving_point"]
+    valid = (points >= 0).all(1) & (targets >= 0).all(1)
+    assert valid.sum() >= 3
+    displacement = np.stack([ndimage.map_coordinates(flow.numpy()[0, ..., axis],
+                                                     points[valid].T, order=1)
+                             for axis in range(3)], axis=-1)
+    difference = (points[valid] + displacement - targets[valid]) @ moving_affine[:3, :3].T
+    assert document["pairs"][0]["landmark_distance_mm"] == pytest.approx(
+        np.linalg.norm(difference, axis=1).mean(), abs=1e-3)
+    assert document["summary"]["hd95"]["mean"] > 0
+
+
+def test_cli_exported_alone_without_a_dataset_fails_with_one_line(exported_alone,
+                                                                  tmp_path, capsys):
+    import shutil
+    model = tmp_path / "m" / "1"
+    shutil.copytree(exported_alone, model)
+    info = json.loads((model / "export_info.json").read_text())
+    del info["dataset"]
+    (model / "export_info.json").write_text(json.dumps(info))
+    code = load_cli("evaluate").main(["--exported", str(model), "--out-dir",
+                                      str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "pass -d" in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -283,7 +283,8 @@ def test_evaluate_refine_scores_the_refined_flow(student_run_32, demo_dataset_32
                                       "2", "--refine", "4", "--out-dir", str(out),
                                       "--no-progress"])
     assert code == 0, capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["student32-refine4-demo-test.json",
+    assert sorted(p.name for p in out.iterdir()) == ["student32-refine4-demo-test.csv",
+                                                     "student32-refine4-demo-test.json",
                                                      "student32-refine4-demo-test.txt"]
     document = json.loads((out / "student32-refine4-demo-test.json").read_text())
     assert document["refine_steps"] == 4

@@ -7,17 +7,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from aldk_tf import metrics, register, runs, serving, spatial
+from aldk_tf import metrics, register, spatial
 from aldk_tf.data import load_dataset_config, read_dataset
 from aldk_tf.data.preprocess import preprocess_scan
 
 
 @pytest.fixture(scope="module")
-def savedmodel(student_run_32, tmp_path_factory):
-    _, model = runs.load_model(student_run_32)
-    path = tmp_path_factory.mktemp("export") / "aldk" / "1"
-    serving.save_savedmodel(model, str(path))
-    return str(path)
+def savedmodel(savedmodel_32):
+    return savedmodel_32
 
 
 @pytest.fixture(scope="module")
@@ -116,15 +113,42 @@ def test_storage_orientation_does_not_change_the_result(registered, savedmodel,
         np.testing.assert_allclose(result.get_fdata()[::-1], original, atol=1e-3)
 
 
-def test_existing_output_directory_is_updated(savedmodel, nifti_pair, tmp_path):
+def test_existing_output_folder_needs_overwrite_and_keeps_no_stale_file(
+        savedmodel, nifti_pair, tmp_path, capsys):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    (out_dir / "notes.txt").write_text("kept")
+    (out_dir / "warped_seg.nii.gz").write_text("a previous pair's labels")
     base = os.path.dirname(savedmodel)                          # export/<name>: latest
     assert register.latest_version(base) == savedmodel
-    assert run(base, nifti_pair, out_dir) == 0
-    assert sorted(os.listdir(out_dir)) == sorted([*register.OUTPUT_NAMES, "notes.txt"])
+    pair = {key: value for key, value in nifti_pair.items() if key != "moving_seg"}
+    arguments = ["--model", base, "--fixed", pair["fixed"], "--moving", pair["moving"],
+                 "--out-dir", str(out_dir), "--crop", "none"]
+    assert register.main(arguments) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0], err
+    assert sorted(os.listdir(out_dir)) == ["warped_seg.nii.gz"]  # untouched
+    assert register.main([*arguments, "--overwrite"]) == 0
+    expected = sorted(set(register.OUTPUT_NAMES) - {"warped_seg.nii.gz"})
+    assert sorted(os.listdir(out_dir)) == expected               # the stale file is gone
     assert sorted(os.listdir(tmp_path)) == ["out"]              # no staging left over
+
+
+def test_label_values_above_32767_do_not_wrap(savedmodel, nifti_pair, registered,
+                                              tmp_path):
+    """Labels 1, 2, 3 renamed 40000, 65535, 3: the same voxels, in a uint16 file."""
+    source = nib.load(nifti_pair["moving_seg"])
+    labels = np.asarray(source.dataobj).astype(np.int32)
+    renamed = np.select([labels == 1, labels == 2], [40000, 65535], labels)
+    pair = {**nifti_pair, "moving_seg": str(tmp_path / "big_labels.nii.gz")}
+    nib.save(nib.Nifti1Image(renamed.astype(np.int32), source.affine), pair["moving_seg"])
+    assert run(savedmodel, pair, tmp_path / "out") == 0
+    warped = nib.load(tmp_path / "out" / "warped_seg.nii.gz")
+    assert warped.get_data_dtype() == np.uint16
+    values = np.asarray(warped.dataobj)
+    reference = np.asarray(nib.load(registered / "warped_seg.nii.gz").dataobj, np.int64)
+    assert set(np.unique(values)) <= {0, 3, 40000, 65535}
+    np.testing.assert_array_equal(values, np.select([reference == 1, reference == 2],
+                                                    [40000, 65535], reference))
 
 
 @pytest.mark.parametrize("case, expected", [

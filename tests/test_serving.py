@@ -295,3 +295,39 @@ def test_portable_savedmodel_has_no_xla_must_compile_functions(exported, tmp_pat
     signature = tf.saved_model.load(path).signatures["serving_default"]
     result = list(signature(x=tf.constant([1.0, 2.0])).values())[0]
     np.testing.assert_allclose(result, [3.0, 5.0])
+
+
+def test_warmup_requests_read_back_as_prediction_logs(exported):
+    """TF Serving's warm-up file: PredictionLog records that the SavedModel answers."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    version, _ = exported
+    path = version / serving.WARMUP_PATH
+    assert path.is_file()
+    logs = [prediction_log_pb2.PredictionLog.FromString(record.numpy())
+            for record in tf.data.TFRecordDataset(str(path))]
+    requests = [log.predict_log.request for log in logs]
+    assert [r.model_spec.signature_name for r in requests] == [serving.SERVING_SIGNATURE,
+                                                               serving.WARP_SIGNATURE]
+    assert {r.model_spec.name for r in requests} == {"aldk"}    # the model base name
+    loaded = tf.saved_model.load(str(version))
+    for request in requests:
+        signature = loaded.signatures[request.model_spec.signature_name]
+        _, expected = signature.structured_input_signature
+        tensors = {name: tf.constant(tf.make_ndarray(proto))
+                   for name, proto in request.inputs.items()}
+        assert set(tensors) == set(expected)
+        assert all(expected[name].is_compatible_with(t) for name, t in tensors.items())
+        outputs = signature(**tensors)
+        assert all(np.isfinite(value.numpy()).all() for value in outputs.values())
+    info = json.loads((version / serving.INFO_NAME).read_text())
+    assert info["warmup_requests"] == serving.WARMUP_PATH
+
+
+def test_warmup_requests_are_skipped_with_a_note_without_serving_api(tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_serving.apis", None)   # ImportError
+    sample = serving.synthetic_sample((8, 8, 8))
+    note = serving.write_warmup_requests(str(tmp_path), sample, "m")
+    assert note.startswith("skipped: tensorflow-serving-api is not installed")
+    assert os.listdir(tmp_path) == []

@@ -100,7 +100,8 @@ def test_sharded_evaluation_merges_to_the_unsharded_report(student_run, tmp_path
     assert cli.main(["--merge", *named, "--out-dir", str(elsewhere)]) == 0
     assert (elsewhere / "student16-train.txt").read_text() == \
         (whole / "student16-train.txt").read_text()
-    assert sorted(p.name for p in elsewhere.iterdir()) == ["student16-train.json",
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["student16-train.csv",
+                                                           "student16-train.json",
                                                            "student16-train.txt"]
 
 

@@ -2,11 +2,18 @@
 
     python evaluate.py -c weights/<run> [-d dataset.json] [-v subset[,subset]] [--batch B]
                        [-r rep] [--paired] [--refine N] [--out-dir evaluate]
+    python evaluate.py --exported export/<name>/<N> [-d dataset.json] [-v ...]
 
 writes ``evaluate/<run>[-rep<r>][-refine<N>][-<subset>].txt`` (one line per pair
 ``id1 id2 dice jacc landmark_distance jacobian_det_std``, then ``Summary`` and the mean
-(std) lines) and a ``.json`` beside it with per-label Dice/Jaccard, % folding voxels and
-seconds per pair. Without ``-v`` the dataset's validation scheme ("2") is evaluated.
+(std) lines), a ``.json`` beside it with per-label Dice/Jaccard/HD95/mean surface
+distance, % folding voxels, seconds per pair and the scores before registration, and a
+``.csv`` with one row per pair x label and stage (``before`` = identity flow, ``after``):
+Dice, Jaccard, HD95 and mean surface distance (mm when the scans carry their affine,
+else voxels), % folding and std det(J). Without ``-v`` the dataset's validation scheme
+("2") is evaluated. ``--exported`` alone (no ``-c``) evaluates a SavedModel or TFLite
+file without the run directory: the dataset is ``-d`` or the one named in the export's
+``export_info.json``; reports are named after the export (``<name>-v<N>``).
 ``--refine N`` refines each flow by N steps of instance optimisation from the model's
 (:mod:`aldk_tf.refine`) before scoring; the seconds per pair then include it.
 
@@ -31,7 +38,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from aldk_tf import runs
 from aldk_tf.data import VALIDATION_SCHEME, DataError, load_dataset_config
-from aldk_tf.evaluation import EvaluationError, write_json_report, write_rcn_report
+from aldk_tf.evaluation import (EvaluationError, write_json_report, write_label_csv,
+                                write_rcn_report)
 from aldk_tf.refine import add_arguments as add_refine_arguments
 from aldk_tf.serving import ExportError, prepare_base
 from aldk_tf.shards import Shard, ShardError, find_parts, split_name
@@ -40,8 +48,8 @@ from aldk_tf.shards import Shard, ShardError, find_parts, split_name
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--checkpoint", help="run directory weights/<run> (holds "
-                        "config.json and model.weights.h5); required unless --merge is "
-                        "given part files")
+                        "config.json and model.weights.h5); required unless --exported or "
+                        "--merge is given part files")
     parser.add_argument("-d", "--dataset", help="dataset JSON (default: the run's)")
     parser.add_argument("-v", "--val-subset", help="scheme or subset name(s), comma "
                         "separated (default: the validation scheme)")
@@ -59,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out-dir", default="evaluate", help="report folder "
                         "(default evaluate)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-surface", action="store_true", help="skip HD95 and mean "
+                        "surface distance (faster)")
     parser.add_argument("--shard", help="evaluate only shard i/n of the pairs (1-based, "
                         "every n-th pair) into <report>.shard-i-of-n.txt/.json")
     parser.add_argument("--merge", nargs="*", metavar="PART", help="merge shard parts "
@@ -96,6 +106,34 @@ def exported_model(path: str, dataset):
     return runner, name
 
 
+def export_source(path: str) -> tuple[str, dict, str]:
+    """``(version directory or .tflite path, export_info.json, report base name)`` of an
+    exported model given alone; the base name is ``<name>-v<N>`` of ``export/<name>/<N>``."""
+    import json
+
+    from aldk_tf.register import latest_version
+    from aldk_tf.serving import INFO_NAME
+    path = latest_version(os.path.normpath(path))
+    if path.endswith(".tflite") and os.path.isfile(path):
+        version_dir = os.path.dirname(os.path.dirname(path))
+    elif os.path.isfile(os.path.join(path, "saved_model.pb")):
+        version_dir = path
+    else:
+        raise EvaluationError(f"{path}: --exported needs a .tflite file or a SavedModel "
+                              "version directory (export/<name>/<N>)")
+    info = {}
+    info_path = os.path.join(version_dir, INFO_NAME)
+    if os.path.isfile(info_path):
+        try:
+            with open(info_path) as handle:
+                info = json.load(handle)
+        except (OSError, json.JSONDecodeError) as error:
+            raise EvaluationError(f"{info_path}: not readable JSON ({error})") from None
+    version = os.path.basename(os.path.abspath(version_dir))
+    name = os.path.basename(os.path.dirname(os.path.abspath(version_dir)))
+    return path, info, f"{name}-v{version}" if version.isdigit() else version
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -104,13 +142,23 @@ def main(argv=None) -> int:
         if args.merge:                       # part files named: no run needed
             prepare_base(args.out_dir)
             return _merge(args, {None: args.merge})
-        if not args.checkpoint:
-            raise EvaluationError("-c/--checkpoint is required (or --merge PART.json ...)")
+        if not args.checkpoint and not args.exported:
+            raise EvaluationError("-c/--checkpoint is required (or --exported MODEL, or "
+                                  "--merge PART.json ...)")
         shard = Shard.parse(args.shard) if args.shard else None
-        run_config = runs.load_run_config(args.checkpoint)
-        dataset_path = args.dataset or run_config.dataset
-        if not dataset_path:
-            raise EvaluationError(f"{args.checkpoint}: the run names no dataset; pass -d")
+        run_config, info = None, {}
+        if args.checkpoint:
+            run_config = runs.load_run_config(args.checkpoint)
+            dataset_path = args.dataset or run_config.dataset
+            if not dataset_path:
+                raise EvaluationError(f"{args.checkpoint}: the run names no dataset; "
+                                      "pass -d")
+        else:
+            args.exported, info, args.report_base = export_source(args.exported)
+            dataset_path = args.dataset or info.get("dataset")
+            if not dataset_path:
+                raise EvaluationError(f"{args.exported}: its export_info.json names no "
+                                      "dataset; pass -d")
         dataset = load_dataset_config(dataset_path)
         subsets = ([name.strip() for name in args.val_subset.split(",") if name.strip()]
                    if args.val_subset else [None])
@@ -118,6 +166,9 @@ def main(argv=None) -> int:
             dataset.scheme_subsets(VALIDATION_SCHEME if subset is None else subset)
         if args.rep is not None and args.rep < 1:
             raise EvaluationError(f"-r must be >= 1, got {args.rep}")
+        if args.rep is not None and not args.checkpoint:
+            raise EvaluationError("-r needs -c (an exported model has its repetitions "
+                                  "built in)")
         if args.batch < 1:
             raise EvaluationError(f"--batch must be >= 1, got {args.batch}")
         if args.refine < 0:
@@ -125,14 +176,20 @@ def main(argv=None) -> int:
         if args.refine and not args.refine_lr > 0:
             raise EvaluationError(f"--refine-lr must be > 0, got {args.refine_lr}")
         from aldk_tf.evaluation import check_image_size
-        check_image_size(run_config.model.image_size, dataset)
+        if run_config is not None:
+            check_image_size(run_config.model.image_size, dataset)
         prepare_base(args.out_dir)
         if args.merge is not None:           # --merge alone: find each report's parts
             return _merge(args, {subset: [] for subset in subsets})
-        return _evaluate(args, run_config, dataset, subsets, shard)
+        return _evaluate(args, run_config, info, dataset, subsets, shard)
     except (runs.RunError, DataError, EvaluationError, ExportError, ShardError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def _report_base(args) -> str:
+    """What report names start with: the run directory, or the export's ``<name>-v<N>``."""
+    return args.checkpoint or getattr(args, "report_base", None) or "exported"
 
 
 def _merge(args, parts_by_subset: dict) -> int:
@@ -141,7 +198,8 @@ def _merge(args, parts_by_subset: dict) -> int:
     groups: dict[str, list[str]] = {}
     for subset, parts in parts_by_subset.items():
         if not parts:
-            stem = report_stem(args.checkpoint, args.rep, subset, args.name, args.refine)
+            stem = report_stem(_report_base(args), args.rep, subset, args.name,
+                               args.refine)
             found = find_parts(args.out_dir, stem, ".json")
             if not found:
                 raise EvaluationError(f"{args.out_dir}: no parts {stem}.shard-*-of-*.json "
@@ -159,6 +217,7 @@ def _merge(args, parts_by_subset: dict) -> int:
         text_path, json_path = _report_paths(args.out_dir, stem)
         write_json_report(json_path, records, summary, **metadata)
         write_rcn_report(text_path, records)
+        write_label_csv(_csv_path(text_path), records)
         print(f"merged {len(parts)} parts: {_summary_line(summary)} -> {text_path}")
     return 0
 
@@ -167,18 +226,32 @@ def _report_paths(out_dir: str, stem: str) -> tuple[str, str]:
     return os.path.join(out_dir, f"{stem}.txt"), os.path.join(out_dir, f"{stem}.json")
 
 
+def _csv_path(text_path: str) -> str:
+    return text_path[:-len(".txt")] + ".csv"
+
+
 def _summary_line(summary: dict) -> str:
-    return (f"Dice {summary['dice']['mean']:.4f} ({summary['dice']['std']:.4f}), "
-            f"folding {summary['folding_percent']['mean']:.3f}%, "
+    line = f"Dice {summary['dice']['mean']:.4f} ({summary['dice']['std']:.4f})"
+    if "before" in summary:
+        line += f" (before registration {summary['before']['dice']['mean']:.4f})"
+    if "hd95" in summary:
+        line += f", HD95 {summary['hd95']['mean']:.2f}"
+    return (line + f", folding {summary['folding_percent']['mean']:.3f}%, "
             f"{summary['seconds']['mean']:.3f} s/pair")
 
 
-def _evaluate(args, run_config, dataset, subsets, shard=None) -> int:
+def _evaluate(args, run_config, info, dataset, subsets, shard=None) -> int:
     from aldk_tf.data import list_pairs
     from aldk_tf.evaluation import evaluate_pairs, shard_metadata, summarise
 
-    _, model = runs.load_model(args.checkpoint, rep=args.rep)
-    rep, parameters, name = model.rep, int(model.count_params()), args.name
+    if run_config is not None:
+        _, model = runs.load_model(args.checkpoint, rep=args.rep)
+        rep, parameters = model.rep, int(model.count_params())
+        model_config = run_config.to_dict()["model"]
+    else:                                    # an exported model alone
+        model, rep, parameters = None, info.get("rep"), info.get("parameters")
+        model_config = info.get("model")
+    name = args.name
     refined = ({"refine_steps": args.refine, "refine_learning_rate": args.refine_lr}
                if args.refine else {})
     if args.exported:
@@ -187,7 +260,7 @@ def _evaluate(args, run_config, dataset, subsets, shard=None) -> int:
     for subset in subsets:
         scheme = VALIDATION_SCHEME if subset is None else subset
         pairs = list_pairs(dataset, scheme, paired=True if args.paired else None)
-        stem = report_stem(args.checkpoint, args.rep, subset, name, args.refine)
+        stem = report_stem(_report_base(args), args.rep, subset, name, args.refine)
         part = {}
         if shard is not None:
             part = {"shard": shard_metadata(shard, len(pairs))}
@@ -200,7 +273,8 @@ def _evaluate(args, run_config, dataset, subsets, shard=None) -> int:
                                               label_values=dataset.label_values,
                                               progress=not args.no_progress,
                                               refine=args.refine,
-                                              refine_learning_rate=args.refine_lr)
+                                              refine_learning_rate=args.refine_lr,
+                                              surface=not args.no_surface, before=True)
         else:                                # a shard of fewer pairs than shards
             records, summary = [], summarise([])
         text_path, json_path = _report_paths(args.out_dir, stem)
@@ -208,9 +282,10 @@ def _evaluate(args, run_config, dataset, subsets, shard=None) -> int:
                           dataset=str(dataset.where), scheme=scheme, rep=rep,
                           paired=bool(args.paired), batch=args.batch,
                           exported=args.exported, parameters=parameters,
-                          model=run_config.to_dict()["model"], **refined, **part)
+                          model=model_config, **refined, **part)
         write_rcn_report(text_path, records)
-        print(f"{_summary_line(summary)} -> {text_path}")
+        write_label_csv(_csv_path(text_path), records)
+        print(f"{_summary_line(summary)} -> {text_path}, {_csv_path(text_path)}")
     return 0
 
 

@@ -6,8 +6,9 @@
 writes ``export/<name>/<N>/`` (SavedModel with signatures ``serving_default``: fixed,
 moving -> flow, warped; and ``warp_segmentation``: segmentation, flow ->
 warped_segmentation), ``export/<name>/<N>/tflite/model_<variant>.tflite`` (batch 1,
-builtin ops only) and ``export_info.json``, then prints a parity check of every exported
-form against the Keras model. Only the registration model of the run is exported.
+builtin ops only) and ``export_info.json`` (with the dataset and its data-preparation
+settings, which ``aldk-register`` applies to new scans), then prints a parity check of
+every exported form against the Keras model. Only the registration model of the run is exported.
 
 Installed, the same tool is the console script ``aldk-export``.
 """
@@ -98,6 +99,20 @@ def parity_sample(args, run_config) -> tuple[dict | None, list | None, str]:
     return sample, dataset.label_values, f"{fixed_id} <- {moving_id} of {path}"
 
 
+def run_preprocessing(run_config) -> dict | None:
+    """The run's data-preparation settings: its own record, else its dataset JSON's
+    (runs made before the run config carried them), else None."""
+    from aldk_tf.data.preprocess import PreprocessSettings
+    if run_config.preprocessing is not None:
+        return PreprocessSettings.from_dict(run_config.preprocessing,
+                                            where="config.json: 'preprocessing'").to_dict()
+    try:
+        settings = load_dataset_config(run_config.dataset).preprocessing
+    except DataError:
+        return None
+    return None if settings is None else settings.to_dict()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -108,13 +123,15 @@ def main(argv=None) -> int:
         sample, label_values, described = parity_sample(args, run_config)
         prepare_base(args.out)
         _, model = runs.load_model(args.checkpoint, rep=args.rep)
+        preprocessing = run_preprocessing(run_config)
         from aldk_tf.serving import export_model, format_parity
         info = export_model(
             model, args.out, version=args.version, tflite=variants, sample=sample,
             label_values=label_values, tolerance=args.tolerance, portable=args.portable,
             info={"run": args.checkpoint, "rep": model.rep,
                   "model": run_config.to_dict()["model"], "parity_input": described,
-                  "parameters": int(model.count_params())})
+                  "parameters": int(model.count_params()),
+                  "dataset": run_config.dataset, "preprocessing": preprocessing})
     except (runs.RunError, DataError, EvaluationError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -123,6 +140,13 @@ def main(argv=None) -> int:
     for variant, name in info["tflite"].items():
         path = os.path.join(info["path"], name)
         print(f"TFLite {variant}: {path}  ({os.path.getsize(path) / 2 ** 20:.1f} MiB)")
+    if preprocessing is None:
+        print("Preprocessing: not recorded by the data preparation; aldk-register will "
+              "need --modality/--crop for new scans")
+    else:
+        from aldk_tf.data.preprocess import PreprocessSettings
+        print(f"Preprocessing (used by aldk-register): "
+              f"{PreprocessSettings.from_dict(preprocessing).describe()}")
     print(f"Parity against the Keras model on {described}:")
     print(format_parity(info["parity"]))
     return 0

@@ -9,8 +9,11 @@ writes ``datasets/mybrain.h5`` (one group per scan, named after the image file) 
 after removing ``--label-suffix`` / ``--mask-suffix``, e.g. ``_seg``): an image without its
 file, or a file without its image, is an error naming them (never a match by order). Each
 scan's world affine and crop box are kept as HDF5 attributes (see
-``aldk_tf/data/preprocess.py``). Errors print ``error: ...`` and exit with status 2; no
-output file is written unless every scan converts.
+``aldk_tf/data/preprocess.py``); the preprocessing settings are stored in the JSON as
+``"preprocessing"``, so a model trained on the set registers new scans prepared the same
+way (``aldk-register``). Labels may take values 0..65535 (uint16 above 255). Errors
+print ``error: ...`` and exit with status 2; no output file is written unless every scan
+converts.
 
 Installed, the same tool is the console script ``aldk-prep``.
 """
@@ -40,15 +43,19 @@ def scan_id(path: Path) -> str:
 
 
 def find_files(patterns: list[str], what: str) -> list[Path]:
-    """Expand directories (their *.nii / *.nii.gz), globs and plain paths, sorted."""
+    """Expand directories (their *.nii / *.nii.gz, or else their subfolders, each one
+    DICOM series named after the folder), globs and plain paths, sorted."""
     files = []
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
             found = [p for p in path.iterdir() if p.is_file() and
                      p.name.endswith((".nii", ".nii.gz"))]
+            if not found:                      # subfolders: one DICOM series each
+                found = [p for p in path.iterdir() if p.is_dir()]
             if not found:
-                raise DataError(f"{path}: no .nii or .nii.gz files in this {what} folder")
+                raise DataError(f"{path}: no .nii or .nii.gz files (or DICOM series "
+                                f"subfolders) in this {what} folder")
         elif any(ch in pattern for ch in "*?["):
             found = [Path(p) for p in glob.glob(pattern)]
             if not found:
@@ -102,7 +109,9 @@ def split(ids: list[str], val: int, test: int, seed: int) -> dict[str, list[str]
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", nargs="+", required=True,
-                        help="folder(s), glob(s) or files of NIfTI scans")
+                        help="folder(s), glob(s) or files of NIfTI scans; a folder "
+                        "without NIfTI files: its subfolders, one DICOM series each "
+                        "(needs pydicom)")
     parser.add_argument("--labels", nargs="+", help="label images on the scans' grids")
     parser.add_argument("--masks", nargs="+", help="brain/organ masks for cropping")
     parser.add_argument("--label-suffix", "--label_suffix", dest="label_suffix", default="",
@@ -152,6 +161,10 @@ def convert(args: argparse.Namespace) -> Path:
     masks = (match(images, find_files(args.masks, "mask"), "mask", args.mask_suffix)
              if args.masks else {})
     size = args.size * 3 if len(args.size) == 1 else args.size
+    settings = preprocess.PreprocessSettings(
+        modality=args.modality, crop=args.crop, margin=args.margin, window=args.window,
+        percentiles=args.percentiles, threshold=args.threshold, size=size,
+        binary_label=args.binary_labels, used_masks=bool(masks))
     parts = split([scan_id(p) for p in images], args.val, args.test, args.seed)
     subsets = {f"{name}-{part}": [f"{prefix}/{i}" for i in ids]
                for part, ids in parts.items() if ids}
@@ -166,10 +179,8 @@ def convert(args: argparse.Namespace) -> Path:
         for index, image in enumerate(images, 1):
             key = scan_id(image)
             scan = preprocess.preprocess_scan(
-                image, label=labels.get(key), mask=masks.get(key), size=size,
-                modality=args.modality, crop=args.crop, margin=args.margin,
-                window=args.window, percentiles=args.percentiles,
-                threshold=args.threshold, binary_label=args.binary_labels)
+                image, label=labels.get(key), mask=masks.get(key),
+                **settings.scan_arguments())
             writer.add(key, scan.volume, segmentation=scan.segmentation, attrs=scan.attrs())
             if scan.segmentation is not None:
                 found_labels.update(np.unique(scan.segmentation).tolist())
@@ -183,7 +194,7 @@ def convert(args: argparse.Namespace) -> Path:
         json_path, files={prefix: {"type": "HDF5", "path": h5_path.name}},
         subsets=subsets, schemes=schemes, image_size=size,
         image_type=args.image_type or ("brain" if args.modality == "mr" else "liver"),
-        segmentation_class_value=class_values)
+        segmentation_class_value=class_values, preprocessing=settings.to_dict())
     print(f"wrote {h5_path} and {json_path}: "
           + ", ".join(f"{k} {len(v)}" for k, v in subsets.items()))
     return config.path

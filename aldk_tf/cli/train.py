@@ -168,6 +168,7 @@ def build_config(args):
     teacher = os.path.abspath(args.teacher) if args.teacher else None
     return RunConfig(
         dataset=os.path.abspath(args.dataset),
+        preprocessing=dataset_config.extra.get("preprocessing"),
         model=ModelConfig(role=role, base=network, n_cascades=args.n_cascades,
                           rep=args.rep, affine=affine, channels=args.channels,
                           student_variant=args.student_variant, image_size=image_size,

@@ -4,7 +4,8 @@ HDF5 (one file per dataset): one group per scan id (an id with slashes, such as
 ``hepaticvessel/1``, is a nested group) holding
 
 - ``volume``        uint8 ``[D, H, W]``, intensities 0..255;
-- ``segmentation``  optional, integer ``[D, H, W]`` (liver: 0/255 mask; brain: label values);
+- ``segmentation``  optional, integer ``[D, H, W]`` (liver: 0/255 mask; brain: label values;
+  written as uint8, or uint16 when a value exceeds 255, e.g. FreeSurfer ``aparc+aseg``);
 - ``point``         optional, ``[6, 3]`` landmarks in voxels (array-axis order), rows of -1
   where a landmark is absent;
 - group attributes  optional metadata (``affine``, crop box, source file, ...).
@@ -12,8 +13,10 @@ HDF5 (one file per dataset): one group per scan id (an id with slashes, such as
 JSON: ``files`` {prefix: {"type": "HDF5", "path": ...}}, ``subsets`` {name: ["prefix/id",
 ...]}, ``schemes`` {"1": {subset: fraction} (training), "2": {...} (validation), named
 evaluation sets}, ``image_size``, ``image_type``, optional ``segmentation_class_value``
-{name: value}, ``atlas`` ("prefix/id") and ``paired``. An entry whose prefix is not a key of
-``files`` is looked up, whole, in the file registered under the prefix ``"/"``.
+{name: value}, ``atlas`` ("prefix/id"), ``paired`` and ``preprocessing`` (the settings of
+``aldk-prep``, see :class:`aldk_tf.data.preprocess.PreprocessSettings`). An entry whose
+prefix is not a key of ``files`` is looked up, whole, in the file registered under the
+prefix ``"/"``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .errors import DataError
 TRAINING_SCHEME = "1"
 VALIDATION_SCHEME = "2"
 NUM_POINTS = 6
+MAX_LABEL = 65535                    # segmentations are uint8, or uint16 above 255
 DEFAULT_IMAGE_SIZE = (128, 128, 128)
 SCAN_KEYS = ("volume", "segmentation", "point", "attrs")
 _HDF5_TYPES = ("hdf5", "h5")
@@ -114,7 +118,7 @@ class DatasetWriter:
         group = self._file.create_group(scan_id)
         group.create_dataset("volume", data=volume, compression=self.compression)
         if segmentation is not None:
-            group.create_dataset("segmentation", data=_segmentation_uint8(segmentation,
+            group.create_dataset("segmentation", data=_segmentation_labels(segmentation,
                                                                           volume, where),
                                  compression=self.compression)
         if point is not None:
@@ -134,7 +138,8 @@ class DatasetWriter:
         self.ids.append(scan_id)
 
 
-def _segmentation_uint8(segmentation, volume: np.ndarray, where: str) -> np.ndarray:
+def _segmentation_labels(segmentation, volume: np.ndarray, where: str) -> np.ndarray:
+    """Integer labels as uint8 when they fit (the original layout), else uint16."""
     segmentation = np.asarray(segmentation)
     if not (np.issubdtype(segmentation.dtype, np.integer) or segmentation.dtype == bool):
         raise DataError(f"{where}: 'segmentation' has dtype {segmentation.dtype}, "
@@ -142,10 +147,11 @@ def _segmentation_uint8(segmentation, volume: np.ndarray, where: str) -> np.ndar
     if segmentation.shape != volume.shape:
         raise DataError(f"{where}: 'segmentation' has shape {segmentation.shape}, expected "
                         f"the volume's {volume.shape}")
-    if segmentation.size and (segmentation.min() < 0 or segmentation.max() > 255):
-        raise DataError(f"{where}: 'segmentation' values must lie in 0..255 to be stored as "
-                        "uint8")
-    return segmentation.astype(np.uint8)
+    if segmentation.size and (segmentation.min() < 0 or segmentation.max() > MAX_LABEL):
+        raise DataError(f"{where}: 'segmentation' values must lie in 0..{MAX_LABEL} to be "
+                        "stored as uint8/uint16")
+    fits_uint8 = not segmentation.size or segmentation.max() <= 255
+    return segmentation.astype(np.uint8 if fits_uint8 else np.uint16)
 
 
 def write_dataset(h5_path, scans: Mapping[str, Mapping] | Iterable[tuple[str, Mapping]],
@@ -284,6 +290,17 @@ class DatasetConfig:
         if not self.segmentation_class_value:
             return None
         return sorted(set(self.segmentation_class_value.values()))
+
+    @property
+    def preprocessing(self):
+        """How the data preparation made the scans (a
+        :class:`aldk_tf.data.preprocess.PreprocessSettings`, from the JSON's
+        ``"preprocessing"``), or None for data prepared otherwise."""
+        raw = self.extra.get("preprocessing")
+        if raw is None:
+            return None
+        from .preprocess import PreprocessSettings
+        return PreprocessSettings.from_dict(raw, where=f"{self.where}: 'preprocessing'")
 
     # -- ids ------------------------------------------------------------------------
     def scheme_subsets(self, scheme) -> dict[str, float]:

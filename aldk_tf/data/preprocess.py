@@ -20,7 +20,7 @@ original grid with :func:`to_source_grid`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import nibabel as nib
@@ -35,6 +35,91 @@ DEFAULT_SIZE = 128
 CT_WINDOW = (-200.0, 300.0)          # Hounsfield units mapped to 0 and 255 (abdomen)
 CT_BODY_THRESHOLD = -500.0           # HU above which a voxel counts as body, for cropping
 MR_PERCENTILES = (0.5, 99.5)         # percentiles of the non-zero voxels mapped to 0, 255
+MAX_LABEL = 65535                    # label values are stored as uint16 at most
+
+
+@dataclass
+class PreprocessSettings:
+    """How scans were prepared: stored as ``"preprocessing"`` in the dataset JSON by the
+    data preparation, copied into the run's ``config.json`` and the export's
+    ``export_info.json``, and used by ``register`` so new scans are prepared the same way.
+    """
+
+    modality: str = "mr"
+    crop: str = "auto"
+    margin: int = 2
+    window: tuple[float, float] = CT_WINDOW
+    percentiles: tuple[float, float] = MR_PERCENTILES
+    threshold: float = CT_BODY_THRESHOLD
+    size: tuple[int, int, int] = (DEFAULT_SIZE,) * 3
+    binary_label: bool = False
+    used_masks: bool = False         # masks were given (crop "auto" then means "mask")
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise DataError(f"modality: expected one of {MODALITIES}, got '{self.modality}'")
+        if self.crop not in CROPS:
+            raise DataError(f"crop: expected one of {CROPS}, got '{self.crop}'")
+        self.window = tuple(float(v) for v in self.window)
+        self.percentiles = tuple(float(v) for v in self.percentiles)
+        self.size = ((int(self.size),) * 3 if np.ndim(self.size) == 0
+                     else tuple(int(n) for n in self.size))
+        self.margin, self.threshold = int(self.margin), float(self.threshold)
+        if len(self.window) != 2 or not self.window[1] > self.window[0]:
+            raise DataError(f"window: expected LOW < HIGH, got {self.window}")
+        if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < \
+                self.percentiles[1] <= 100:
+            raise DataError(f"percentiles: expected 0 <= LOW < HIGH <= 100, got "
+                            f"{self.percentiles}")
+        if len(self.size) != 3 or min(self.size) < 1 or self.margin < 0:
+            raise DataError(f"size {self.size} / margin {self.margin}: expected three "
+                            "positive sizes and a margin >= 0")
+
+    @property
+    def effective_crop(self) -> str:
+        """The crop rule "auto" resolved as the preparation resolved it."""
+        if self.crop != "auto":
+            return self.crop
+        if self.used_masks:
+            return "mask"
+        return "threshold" if self.modality == "ct" else "nonzero"
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for key in ("window", "percentiles", "size"):
+            data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data, where: str = "preprocessing") -> "PreprocessSettings":
+        """Settings from their JSON form; :class:`DataError` naming ``where`` if invalid."""
+        if not isinstance(data, dict):
+            raise DataError(f"{where}: expected an object of preprocessing settings, "
+                            f"got {data!r}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise DataError(f"{where}: unknown preprocessing setting(s) {unknown}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as error:
+            raise DataError(f"{where}: {error}") from None
+
+    def scan_arguments(self) -> dict:
+        """Keyword arguments of :func:`preprocess_scan` (besides image, label and mask)."""
+        return {"size": self.size, "modality": self.modality, "crop": self.crop,
+                "margin": self.margin, "window": self.window,
+                "percentiles": self.percentiles, "threshold": self.threshold,
+                "binary_label": self.binary_label}
+
+    def describe(self) -> str:
+        """One line: the settings that matter for this modality."""
+        intensity = (f"window {self.window[0]:g}..{self.window[1]:g} HU"
+                     if self.modality == "ct" else
+                     f"percentiles {self.percentiles[0]:g}..{self.percentiles[1]:g}")
+        crop = self.effective_crop + (f" (threshold {self.threshold:g} HU)"
+                                      if self.effective_crop == "threshold" else "")
+        return (f"modality {self.modality}, {intensity}, crop {crop}, margin "
+                f"{self.margin}, size {'x'.join(map(str, self.size))}")
 
 
 @dataclass
@@ -42,7 +127,7 @@ class PreprocessedScan:
     """A preprocessed scan: uint8 volume (+ labels) and how it maps to the source."""
 
     volume: np.ndarray                       # uint8 [S, S, S]
-    segmentation: np.ndarray | None          # uint8 [S, S, S]
+    segmentation: np.ndarray | None          # uint8 (uint16 above 255) [S, S, S]
     affine: np.ndarray                       # 4x4: preprocessed voxel -> world (mm)
     crop_start: np.ndarray                   # box in the RAS-reoriented voxel grid
     crop_stop: np.ndarray
@@ -66,8 +151,12 @@ class PreprocessedScan:
 
 # ----------------------------------------------------------------------------- loading
 def load_image(path_or_image, what: str = "image") -> nib.spatialimages.SpatialImage:
-    """A NIfTI (or other nibabel-readable) image, 3-D, with a :class:`DataError` on failure."""
-    if isinstance(path_or_image, (str, Path)):
+    """A NIfTI (or other nibabel-readable) image, or a folder holding one DICOM series
+    (:mod:`aldk_tf.data.dicom`), 3-D, with a :class:`DataError` on failure."""
+    if isinstance(path_or_image, (str, Path)) and Path(path_or_image).is_dir():
+        from .dicom import load_series            # a folder: one DICOM series
+        image = load_series(str(path_or_image))
+    elif isinstance(path_or_image, (str, Path)):
         path = Path(path_or_image)
         if not path.exists():
             raise DataError(f"{path}: {what} file not found")
@@ -235,11 +324,11 @@ def preprocess_scan(image, label=None, mask=None, size=DEFAULT_SIZE, modality: s
         labels = np.rint(extra["label"])
         if binary_label:
             labels = np.where(labels != 0, 255, 0)
-        elif labels.min() < 0 or labels.max() > 255:
-            raise DataError(f"{_name(label)}: label values must lie in 0..255 "
+        elif labels.min() < 0 or labels.max() > MAX_LABEL:
+            raise DataError(f"{_name(label)}: label values must lie in 0..{MAX_LABEL} "
                             f"(found {labels.min():g}..{labels.max():g}); use binary labels "
                             "or remap them")
-        extra["label"] = labels.astype(np.uint8)
+        extra["label"] = labels.astype(np.uint8 if labels.max() <= 255 else np.uint16)
     if "mask" in extra:
         extra["mask"] = extra["mask"] > 0
 

@@ -1,0 +1,283 @@
+"""Apply a saved flow to any NIfTI image or label map: ``python -m aldk_tf.warp``.
+
+    python -m aldk_tf.warp --flow DIR/flow.nii.gz --image M.nii.gz --out W.nii.gz
+        [--interpolation linear|nearest|labels] [--flow-space auto|ras|lps] [--overwrite]
+
+The flow is a displacement field as ``aldk-register`` writes it: ``[X, Y, Z, 1, 3]`` on
+the fixed image's grid (its affine), in millimetres, intent "vector". The fixed voxel at
+world position ``p`` corresponds to the moving world position ``p + u(p)``; the image to
+warp may be on any grid (its own affine), usually the moving scan's or one on the same
+grid (a label map, a dose map, another contrast). The result is on the fixed grid.
+
+Flow spaces (``--flow-space``):
+
+- ``ras``: ``u`` in world RAS axes (x to the Right, y Anterior, z Superior), as NIfTI's
+  affines (and nibabel) are;
+- ``lps``: ``u`` in LPS axes (x Left, y Posterior, z Superior), the physical space of ITK
+  and ANTs: ``u_lps = (-u_x, -u_y, u_z)``. ITK converts a NIfTI affine to LPS when it reads
+  the file but leaves the vector values as stored, so a field meant for
+  ``antsApplyTransforms -t flow.nii.gz`` must hold LPS vectors;
+- ``auto`` (default): the space named in the file's intent name (``displacement RAS``
+  or ``displacement LPS``, as register writes it), RAS if it names none.
+
+Interpolation: ``linear`` (trilinear, edge-clamped: :func:`aldk_tf.spatial.resample`, for
+images), ``nearest`` (nearest voxel, for label maps without partial-volume voting) and
+``labels`` (each label's mask x 255 warped trilinearly and kept above 128, exactly as the
+evaluation and ``register --moving-seg`` warp segmentations; voxels no label reaches are
+0). Installed, the same tool is the console script ``aldk-warp``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+
+from aldk_tf.data import DataError  # noqa: E402
+from aldk_tf.data import preprocess  # noqa: E402
+
+FLOW_SPACES = ("ras", "lps")
+INTERPOLATIONS = ("linear", "nearest", "labels")
+#: Flips world RAS axes to LPS (and back: it is its own inverse).
+RAS_TO_LPS = np.array([-1.0, -1.0, 1.0], np.float32)
+FLOW_INTENT = "displacement {space}"           # NIfTI intent names hold 16 bytes
+
+
+class WarpError(ValueError):
+    """A warp request that cannot be carried out (one-line message)."""
+
+
+# ----------------------------------------------------------------------------- flow files
+def to_flow_space(field_ras: np.ndarray, space: str) -> np.ndarray:
+    """A RAS displacement field ``[..., 3]`` expressed in ``space`` ("ras" or "lps")."""
+    if space not in FLOW_SPACES:
+        raise WarpError(f"--flow-space: expected one of {FLOW_SPACES}, got '{space}'")
+    return field_ras * RAS_TO_LPS if space == "lps" else field_ras
+
+
+def from_flow_space(field: np.ndarray, space: str) -> np.ndarray:
+    """The RAS displacement field of a field stored in ``space``."""
+    return to_flow_space(field, space)                 # the flip is its own inverse
+
+
+def nifti_like(reference, data: np.ndarray, intent: str | None = None,
+               intent_name: str = ""):
+    """A NIfTI image of ``data`` on ``reference``'s grid with its header and affine."""
+    image = nib.Nifti1Image(data, reference.affine, header=reference.header.copy())
+    image.set_data_dtype(data.dtype)
+    if intent is not None:
+        image.header.set_intent(intent, (), name=intent_name)
+    else:
+        image.header.set_intent("none")
+    image.set_sform(reference.affine, code=int(reference.header["sform_code"]) or 1)
+    image.set_qform(reference.affine, code=int(reference.header["qform_code"]) or 1)
+    return image
+
+
+def flow_image(reference, field_ras: np.ndarray, space: str = "ras"):
+    """The NIfTI of a RAS displacement field ``[X, Y, Z, 3]`` (mm), stored in ``space``."""
+    data = to_flow_space(field_ras.astype(np.float32), space)[:, :, :, None, :]
+    return nifti_like(reference, data, intent="vector",
+                      intent_name=FLOW_INTENT.format(space=space.upper()))
+
+
+def read_flow(path: str, space: str = "auto"):
+    """``(RAS field [X, Y, Z, 3] float32, the flow's NIfTI image, the space read)``."""
+    if not os.path.isfile(path):
+        raise WarpError(f"{path}: flow file not found")
+    try:
+        image = nib.load(path)
+        data = np.asarray(image.dataobj, np.float32)
+    except Exception as error:  # noqa: BLE001  nibabel raises many types
+        raise WarpError(f"{path}: cannot read the flow ({' '.join(str(error).split())})") \
+            from None
+    if data.ndim == 5 and data.shape[3] == 1:
+        data = data[:, :, :, 0, :]
+    if data.ndim != 4 or data.shape[3] != 3:
+        raise WarpError(f"{path}: flow has shape {image.shape}, expected [X, Y, Z, 1, 3] "
+                        "(a displacement field as aldk-register writes it)")
+    if space == "auto":
+        name = image.header.get_intent()[2].upper()
+        space = "lps" if "LPS" in name else "ras"
+    elif space not in FLOW_SPACES:
+        raise WarpError(f"--flow-space: expected auto or one of {FLOW_SPACES}, "
+                        f"got '{space}'")
+    return from_flow_space(data, space), image, space
+
+
+# ----------------------------------------------------------------------------- geometry
+def grid_to(transform: np.ndarray, shape) -> np.ndarray:
+    """Voxel indices of a grid of ``shape`` mapped by a 4x4 ``transform``, ``[X,Y,Z,3]``."""
+    indices = np.indices(shape, dtype=np.float32)                # [3, X, Y, Z]
+    matrix = transform[:3, :3].astype(np.float32)
+    mapped = np.einsum("ij,jxyz->xyzi", matrix, indices)
+    return mapped + transform[:3, 3].astype(np.float32)
+
+
+def apply_affine(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """A 4x4 affine applied to points ``[..., 3]`` (float32)."""
+    matrix = transform[:3, :3].astype(np.float32)
+    return points @ matrix.T + transform[:3, 3].astype(np.float32)
+
+
+def moving_voxels(field_ras: np.ndarray, fixed_affine, moving_affine) -> np.ndarray:
+    """Moving-image voxel coordinates ``[X, Y, Z, 3]`` of every fixed voxel."""
+    fixed_world = grid_to(np.asarray(fixed_affine, np.float64), field_ras.shape[:3])
+    return apply_affine(np.linalg.inv(moving_affine), fixed_world + field_ras)
+
+
+def jacobian_of_field(field_ras: np.ndarray, affine) -> np.ndarray:
+    """det of the Jacobian of ``p -> p + u(p)`` (world mm) on the field's grid ``[X,Y,Z]``.
+
+    In the grid's voxel units the displacement is ``d = M^-1 u`` (``M`` the affine's 3x3),
+    and ``det(I + grad_v d) = det(M^-1 (I + grad_p u) M) = det(I + grad_p u)``: the
+    library's voxel Jacobian of ``d`` is the physical volume change.
+    """
+    import tensorflow as tf
+
+    from aldk_tf import spatial
+
+    inverse = np.linalg.inv(np.asarray(affine, np.float64)[:3, :3]).astype(np.float32)
+    voxel_field = field_ras @ inverse.T                       # [X, Y, Z, 3] in voxels
+    return spatial.jacobian_determinant(tf.constant(voxel_field[None])).numpy()[0]
+
+
+# ----------------------------------------------------------------------------- sampling
+def sample_linear(volume: np.ndarray, coordinate: np.ndarray) -> np.ndarray:
+    """Trilinear sample (edge-clamped) of a 3-D array at voxel ``coordinate`` [X,Y,Z,3]."""
+    import tensorflow as tf
+
+    from aldk_tf import spatial
+
+    image = tf.constant(np.asarray(volume, np.float32)[None, ..., None])
+    values = spatial.resample(image, tf.constant(coordinate, tf.float32), 1)
+    return values.numpy()[0, ..., 0]
+
+
+def sample_nearest(volume: np.ndarray, coordinate: np.ndarray) -> np.ndarray:
+    """The value of the nearest voxel (indices clamped to the volume), dtype kept."""
+    index = np.rint(coordinate).astype(np.int64)
+    index = np.clip(index, 0, np.asarray(volume.shape) - 1)
+    return volume[index[..., 0], index[..., 1], index[..., 2]]
+
+
+def sample_labels(labels: np.ndarray, coordinate: np.ndarray) -> np.ndarray:
+    """Labels sampled one mask (x 255) at a time, kept where above the evaluation's
+    threshold; 0 elsewhere (see :func:`aldk_tf.serving.warp_label_map`)."""
+    from aldk_tf.metrics import MASK_THRESHOLD
+
+    result = np.zeros(coordinate.shape[:3], labels.dtype)
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        mask = sample_linear((labels == value).astype(np.float32) * 255.0, coordinate)
+        result[mask > MASK_THRESHOLD] = value
+    return result
+
+
+def label_array(data: np.ndarray, where: str) -> np.ndarray:
+    """Integer labels in the narrowest of uint8, uint16, int16, int32 that holds them."""
+    labels = np.rint(np.asarray(data, np.float64))
+    if labels.size == 0:
+        return labels.astype(np.uint8)
+    low, high = labels.min(), labels.max()
+    for dtype in (np.uint8, np.uint16, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return labels.astype(dtype)
+    raise WarpError(f"{where}: label values {low:g}..{high:g} do not fit in int32")
+
+
+def warp_array(data: np.ndarray, coordinate: np.ndarray, interpolation: str,
+               where: str = "image") -> np.ndarray:
+    """``data`` sampled at ``coordinate`` with ``interpolation`` (see the docstring)."""
+    if interpolation == "linear":
+        return sample_linear(data, coordinate).astype(np.float32)
+    labels = label_array(data, where)
+    if interpolation == "nearest":
+        return sample_nearest(labels, coordinate)
+    if interpolation == "labels":
+        return sample_labels(labels, coordinate)
+    raise WarpError(f"--interpolation: expected one of {INTERPOLATIONS}, "
+                    f"got '{interpolation}'")
+
+
+# ----------------------------------------------------------------------------- command
+def warp_file(flow: str, image: str, out: str, interpolation: str = "linear",
+              flow_space: str = "auto", overwrite: bool = False) -> dict:
+    """Warp the NIfTI ``image`` by the saved ``flow`` onto the flow's (fixed) grid."""
+    if interpolation not in INTERPOLATIONS:
+        raise WarpError(f"--interpolation: expected one of {INTERPOLATIONS}, "
+                        f"got '{interpolation}'")
+    if os.path.exists(out) and not overwrite:
+        raise WarpError(f"{out}: exists; pass --overwrite to replace it")
+    if not out.endswith((".nii", ".nii.gz")):
+        raise WarpError(f"{out}: expected a .nii or .nii.gz output name")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise WarpError(f"{out}: output folder {folder} does not exist or is not writable")
+    field, reference, space = read_flow(flow, flow_space)
+    moving = preprocess.load_image(image, "image to warp")
+    coordinate = moving_voxels(field, reference.affine, moving.affine)
+    warped = warp_array(np.asarray(moving.dataobj), coordinate, interpolation, image)
+    # The fixed grid's header, as a 3-D image (the flow's has the vector dimensions).
+    fixed = nib.Nifti1Image(np.zeros(field.shape[:3], np.uint8), reference.affine,
+                            header=reference.header.copy())
+    result = nifti_like(fixed, warped)
+    suffix = ".nii.gz" if out.endswith(".nii.gz") else ".nii"
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-warp-", suffix=suffix)
+    os.close(handle)
+    try:
+        result.to_filename(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, out)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    return {"out": out, "flow_space": space, "shape": list(warped.shape),
+            "dtype": str(warped.dtype)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Apply a flow saved by aldk-register to a NIfTI image or label map "
+        "(result on the fixed grid).",
+        epilog="Flow spaces: ras = world RAS mm (nibabel, register's default); lps = "
+        "ITK/ANTs physical space (x and y negated); auto = as the file's intent name says.")
+    parser.add_argument("--flow", required=True, help="flow.nii.gz written by register")
+    parser.add_argument("--image", required=True, help="NIfTI image or label map to warp")
+    parser.add_argument("--out", required=True, help="output .nii or .nii.gz")
+    parser.add_argument("--interpolation", choices=INTERPOLATIONS, default="linear",
+                        help="linear (images, default), nearest or labels (label maps: the "
+                        "evaluation's per-label rule)")
+    parser.add_argument("--flow-space", "--flow_space", dest="flow_space",
+                        choices=("auto", *FLOW_SPACES), default="auto",
+                        help="axes of the flow's vectors (default auto: from the file)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        result = warp_file(args.flow, args.image, args.out, args.interpolation,
+                           args.flow_space, args.overwrite)
+    except (WarpError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{result['out']}  ({'x'.join(map(str, result['shape']))} {result['dtype']}, "
+          f"flow read as {result['flow_space'].upper()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""aldk_tf/register_batch.py (aldk-register --pairs) and the in-memory Registrar."""
+
+import csv
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from aldk_tf import register
+from aldk_tf.data import load_dataset_config, read_dataset
+
+
+@pytest.fixture(scope="module")
+def savedmodel(savedmodel_32):
+    return savedmodel_32
+
+
+@pytest.fixture(scope="module")
+def scans(demo_dataset_32, tmp_path_factory):
+    """Three demo subjects as NIfTI (+ labels) and an empty scan, in one folder."""
+    dataset = load_dataset_config(demo_dataset_32)
+    stored = read_dataset(dataset.resolve_file("demo"))
+    folder = tmp_path_factory.mktemp("scans")
+    for subject in ("subject_03", "subject_04", "subject_05"):
+        affine = stored[subject]["attrs"]["affine"]
+        nib.save(nib.Nifti1Image(stored[subject]["volume"], affine),
+                 folder / f"{subject}.nii.gz")
+        nib.save(nib.Nifti1Image(stored[subject]["segmentation"], affine),
+                 folder / f"{subject}_seg.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 32), np.uint8), np.eye(4)),
+             folder / "empty.nii.gz")
+    return folder
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerows(rows)
+    return str(path)
+
+
+def test_pairs_csv_registers_each_pair_once_loaded(savedmodel, scans, tmp_path,
+                                                    monkeypatch, capsys):
+    pairs = write_csv(scans / "pairs.csv", [
+        ["fixed", "moving", "moving_seg", "name"],
+        ["subject_04.nii.gz", "subject_05.nii.gz", "subject_05_seg.nii.gz", ""],
+        ["subject_05.nii.gz", "subject_03.nii.gz", "", "b"],
+        ["subject_04.nii.gz", "empty.nii.gz", "", "broken"]])
+    loads = []
+    original = register.load_serving_model
+    monkeypatch.setattr(register, "load_serving_model",
+                        lambda path: loads.append(path) or original(path))
+    out_dir = tmp_path / "batch"
+    code = register.main(["--model", savedmodel, "--pairs", pairs, "--out-dir",
+                          str(out_dir), "--crop", "none", "--no-progress"])
+    assert code == 1                                   # one pair failed, the others ran
+    assert len(loads) == 1
+    assert sorted(os.listdir(out_dir)) == ["b", "subject_04__subject_05", "summary.csv"]
+    assert sorted(os.listdir(out_dir / "subject_04__subject_05")) == \
+        sorted(register.OUTPUT_NAMES)
+    with open(out_dir / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["name"] for row in rows] == ["subject_04__subject_05", "b", "broken"]
+    assert [row["status"] for row in rows[:2]] == ["ok", "ok"]
+    assert rows[2]["status"].startswith("error: ") and "empty.nii.gz" in rows[2]["status"]
+    assert "broken: error:" in capsys.readouterr().err
+
+    # The same pair registered alone gives the same files.
+    single = tmp_path / "single"
+    assert register.main(["--model", savedmodel, "--fixed", str(scans / "subject_04.nii.gz"),
+                          "--moving", str(scans / "subject_05.nii.gz"), "--moving-seg",
+                          str(scans / "subject_05_seg.nii.gz"), "--out-dir", str(single),
+                          "--crop", "none"]) == 0
+    for name in ("flow.nii.gz", "warped_seg.nii.gz", "jacobian.nii.gz"):
+        np.testing.assert_array_equal(
+            nib.load(single / name).get_fdata(),
+            nib.load(out_dir / "subject_04__subject_05" / name).get_fdata())
+
+
+@pytest.mark.parametrize("rows, expected", [
+    ([["fixed", "image"], ["a", "b"]], "expected columns fixed, moving"),
+    ([["fixed", "moving"], ["subject_04.nii.gz", "absent.nii.gz"]],
+     "line 2: moving file"),
+    ([["fixed", "moving"], ["subject_04.nii.gz", "subject_05.nii.gz"],
+      ["subject_04.nii.gz", "subject_05.nii.gz"]], "used twice"),
+    ([["fixed", "moving"]], "no pairs"),
+])
+def test_bad_pairs_csv_fails_with_one_line_before_any_work(rows, expected, savedmodel,
+                                                            scans, tmp_path, capsys):
+    pairs = write_csv(scans / f"bad_{len(rows)}_{len(rows[0])}.csv", rows)
+    code = register.main(["--model", savedmodel, "--pairs", pairs, "--out-dir",
+                          str(tmp_path / "out"), "--crop", "none", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_registrar_takes_nibabel_images_in_memory(savedmodel, scans, tmp_path):
+    fixed, moving = (nib.load(scans / f"{s}.nii.gz") for s in ("subject_04", "subject_05"))
+    registrar = register.Registrar(savedmodel, {"crop": "none"})
+    result = registrar.register(fixed, moving)
+    assert result.warped.shape == fixed.shape and result.warped_seg is None
+    np.testing.assert_allclose(result.flow.affine, fixed.affine)
+    register.write_registration(result, str(tmp_path / "out"))
+    np.testing.assert_array_equal(nib.load(tmp_path / "out" / "warped.nii.gz").get_fdata(),
+                                  result.warped.get_fdata())
