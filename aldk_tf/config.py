@@ -104,6 +104,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     aldk: ALDKConfig = field(default_factory=ALDKConfig)
     crd: CRDConfig = field(default_factory=CRDConfig)
+    #: Settings changed on resume, oldest first: ``{"at_step", "changes": {setting:
+    #: [old, new]}, "override"}`` (``train.py -c``; see :func:`aldk_tf.runs.check_settings`).
+    history: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,7 +121,8 @@ class RunConfig:
                    losses=LossWeights(**data.get("losses", {})),
                    train=TrainConfig(**data.get("train", {})),
                    aldk=ALDKConfig(**data.get("aldk", {})),
-                   crd=CRDConfig(**data.get("crd", {})))
+                   crd=CRDConfig(**data.get("crd", {})),
+                   history=list(data.get("history", [])))
 
     def save(self, run_dir: str) -> str:
         os.makedirs(run_dir, exist_ok=True)
