@@ -477,6 +477,8 @@ def main(argv=None) -> int:
         if args.merge and args.shard:
             raise ShardError("--merge and --shard exclude each other")
         shard = Shard.parse(args.shard) if args.shard else None
+        if args.batch < 1:
+            raise RunError(f"--batch: expected an integer >= 1, got {args.batch}")
         refine_setting(args.refine, args.refine_lr)          # a bad value fails first
         teacher_config = runs.load_run_config(args.teacher)
         dataset_config = load_dataset_config(args.dataset or teacher_config.dataset)
