@@ -365,9 +365,10 @@ def main(argv=None) -> int:
             if not new:
                 config = resumed_config(run_dir, stored, argv, args.override)
                 for entry in config.history[len(stored.history):]:
-                    print(f"{run_dir}: from step {entry['at_step']}: "
+                    print(f"{run_dir}: changing from step {entry['at_step']}: "
                           f"{runs.describe_changes(entry['changes'])} (recorded in "
-                          f"config.json)", file=sys.stderr)
+                          f"config.json once the checkpoint is restored)",
+                          file=sys.stderr)
             verbose = args.verbose if args.verbose is not None else (
                 "auto" if sys.stderr.isatty() else 2)
             print(f"run directory: {run_dir}", file=sys.stderr)
