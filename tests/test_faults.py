@@ -254,6 +254,23 @@ def test_exported_report_names_the_exported_model_and_merge_checks_weights(
     assert not os.path.exists(os.path.join(reports, "mixed.json"))
 
 
+def test_export_removes_the_folders_of_killed_exports_only(tmp_path):
+    from aldk_tf import serving
+    dead, running, fresh = (tmp_path / name for name in (".tmp-1-a", ".tmp-2-b", ".tmp-3-c"))
+    for folder in (dead, running, fresh):
+        folder.mkdir()
+        (folder / "saved_model.pb").write_bytes(b"partial")
+    hour_ago = time.time() - 3600
+    for folder in (dead, running):
+        os.utime(folder, (hour_ago, hour_ago))
+    held = serving._hold(str(running))            # as an export in progress holds it
+    try:
+        assert serving.remove_abandoned_staging(str(tmp_path)) == [str(dead)]
+    finally:
+        os.close(held)
+    assert running.exists() and fresh.exists() and not dead.exists()
+
+
 def test_fake_exported_model_is_one_line(run, tmp_path, capsys):
     fake = tmp_path / "1"
     fake.mkdir()
