@@ -102,6 +102,13 @@ def test_override_without_a_resumed_run_is_refused(dataset, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_output_with_a_resumed_run_is_refused(run, capsys):
+    before = open(os.path.join(run, "config.json")).read()
+    assert train_cli.main(["-c", run, "--output", "elsewhere"]) == 2
+    one_error_line(capsys, "--output", f"-c {run}")
+    assert open(os.path.join(run, "config.json")).read() == before
+
+
 def test_teacher_flow_extraction_refuses_batch_0(run, capsys):
     from aldk_tf import teacher_flows
     assert teacher_flows.main(["--teacher", run, "--batch", "0"]) == 2

@@ -344,6 +344,9 @@ def main(argv=None) -> int:
         check_values(args)                  # before anything is created
         if args.override and not args.checkpoint:
             raise ValueError("--override applies to a resumed run (-c RUN)")
+        if args.output and args.checkpoint:
+            raise ValueError(f"--output names a new run; -c {args.checkpoint} resumes "
+                             "that run in its own directory (give one of them)")
         if args.checkpoint:
             run_dir, new = args.checkpoint, False
             stored = runs.load_run_config(run_dir)
