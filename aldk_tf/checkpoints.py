@@ -22,7 +22,7 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from aldk_tf.runs import CHECKPOINT_DIR, weights_path
+from aldk_tf.runs import CHECKPOINT_DIR, RunError, weights_path
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,40 @@ class RunCheckpoint:
         return int(self.optimizer.iterations.numpy())
 
     def restore(self) -> int:
-        """Restore the latest checkpoint if there is one; return the step reached."""
-        latest = self.manager.latest_checkpoint
-        if latest:
-            self.checkpoint.restore(latest).expect_partial()
-            log.info("restored %s at step %d", latest, self.step)
+        """Restore the newest readable checkpoint if there is one; return the step reached.
+
+        An unreadable newest checkpoint (truncated, corrupt) is skipped with a warning
+        for the one before it. A checkpoint whose variables do not all match the model's
+        (its settings changed) is a :class:`RunError`: never a partial restore.
+        """
+        if self.chief:
+            _remove_unfinished_saves(self.manager.directory)
+        skipped = []                        # (path, reason), newest first
+        for path in reversed(self.manager.checkpoints):
+            reason = unreadable_reason(path)
+            if reason is None:
+                break
+            skipped.append((path, reason))
+        else:
+            if skipped:
+                raise RunError(f"{self.manager.directory}: no readable checkpoint "
+                               f"({skipped[0][0]}: {skipped[0][1]}); move the folder "
+                               f"away to start the run again")
+            return self.step
+        for bad, reason in skipped:
+            log.warning("%s: unreadable checkpoint (%s); resuming from %s", bad, reason,
+                        path)
+        status = None
+        try:
+            status = self.checkpoint.restore(path)
+            status.assert_consumed()
+        except (AssertionError, ValueError) as error:
+            if status is not None:
+                status.expect_partial()
+            raise RunError(f"{path}: the checkpoint does not match the model "
+                           f"({str(error).split('.')[0]}); the run's model settings "
+                           f"changed since it was saved") from None
+        log.info("restored %s at step %d", path, self.step)
         return self.step
 
     def save(self) -> str | None:
@@ -62,6 +91,26 @@ class RunCheckpoint:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return None
+
+
+def unreadable_reason(path: str) -> str | None:
+    """Why the checkpoint ``path`` cannot be read in full (None: every tensor reads)."""
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except (tf.errors.OpError, IndexError, ValueError, OSError) as error:
+        text = str(error).strip().splitlines()
+        return text[0] if text else type(error).__name__
+    return None
+
+
+def _remove_unfinished_saves(directory: str) -> None:
+    """``ckpt-N_temp/`` folders of saves cut off by a kill or a full disk."""
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.endswith("_temp") and os.path.isdir(os.path.join(directory, name)):
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def save_weights_atomic(network, run_dir: str) -> str:

@@ -111,6 +111,9 @@ class RunConfig:
     # aldk_tf.data.preprocess.PreprocessSettings), carried on to export_info.json so that
     # register prepares new scans the same way; None when the data did not record them.
     preprocessing: dict | None = None
+    #: Settings changed on resume, oldest first: ``{"at_step", "changes": {setting:
+    #: [old, new]}, "override"}`` (``train.py -c``; see :func:`aldk_tf.runs.check_settings`).
+    history: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,7 +129,8 @@ class RunConfig:
                    train=TrainConfig(**data.get("train", {})),
                    aldk=ALDKConfig(**data.get("aldk", {})),
                    crd=CRDConfig(**data.get("crd", {})),
-                   preprocessing=data.get("preprocessing"))
+                   preprocessing=data.get("preprocessing"),
+                   history=list(data.get("history", [])))
 
     def save(self, run_dir: str) -> str:
         os.makedirs(run_dir, exist_ok=True)

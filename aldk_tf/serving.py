@@ -25,16 +25,20 @@ Signatures of the SavedModel:
   label mask at a time like the evaluation (:func:`aldk_tf.metrics.warp_segmentation`).
 
 A version directory is written under a temporary name and renamed when complete, so TF
-Serving (which only loads numeric directory names) never sees a partial version.
+Serving (which only loads numeric directory names) never sees a partial version. The
+exporter holds a lock on its temporary folder; folders of exports killed before the rename
+(nobody holds their lock) are removed by the next export into the same base.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 import warnings
 
 import keras
@@ -363,7 +367,9 @@ def export_model(model, base: str, version: int | None = None,
     size = model_image_size(graph)
     if sample is None:
         sample = synthetic_sample(size)
+    remove_abandoned_staging(base)
     staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=base)
+    held = _hold(staging)                 # released (closed) when this export ends
     try:
         # The SavedModel serves the inference graph (sub-pixel flow heads, as timed by
         # bench/inference.py); TFLite converts the Keras graph (its depth-to-space needs
@@ -408,6 +414,8 @@ def export_model(model, base: str, version: int | None = None,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        os.close(held)
     return {**record, "path": final}
 
 
@@ -447,6 +455,35 @@ def write_warmup_requests(version_dir: str, sample: dict, model_name: str) -> st
         for log in logs:
             writer.write(log.SerializeToString())
     return WARMUP_PATH
+def _hold(folder: str) -> int:
+    """An exclusive lock on ``folder`` (the returned descriptor holds it until closed;
+    the OS drops it when the process ends, however it ends)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    return descriptor
+
+
+def remove_abandoned_staging(base: str, min_age: float = 60.0) -> list[str]:
+    """Remove the temporary folders (``.tmp-*``) of exports that died before their
+    rename: unlocked and older than ``min_age`` seconds (a folder just made may not be
+    locked yet). Returns the removed paths."""
+    removed = []
+    for name in sorted(os.listdir(base)):
+        path = os.path.join(base, name)
+        if not (name.startswith(".tmp-") and os.path.isdir(path)
+                and time.time() - os.path.getmtime(path) > min_age):
+            continue
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue                      # a running export holds it
+        finally:
+            os.close(descriptor)
+        shutil.rmtree(path, ignore_errors=True)
+        logger.warning("%s: removed the folder of an export that did not finish", path)
+        removed.append(path)
+    return removed
 
 
 def make_readable(folder: str) -> None:

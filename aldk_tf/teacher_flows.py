@@ -89,6 +89,9 @@ def stale_reason(path: str, expected: dict) -> str | None:
     there is no file). Files without fingerprints cannot be trusted either."""
     if not os.path.exists(path):
         return None
+    unreadable = unreadable_reason(path)
+    if unreadable is not None:
+        return unreadable
     with h5py.File(path, "r") as handle:
         keys = _complete_keys(handle)
         if not keys:
@@ -146,11 +149,43 @@ def flows_path(teacher_run: str, shard: Shard | None = None, refine: int = 0,
     return os.path.join(teacher_run, shard.name(stem, suffix))
 
 
+def _in_use(error: OSError) -> bool:
+    """Whether HDF5 refused ``error``'s file because another process holds it (not, for
+    example, because it is truncated: that message mentions the "sblock")."""
+    return "unable to lock file" in str(error) or "already open" in str(error)
+
+
+def unreadable_reason(path: str) -> str | None:
+    """Why the flow file at ``path`` cannot be opened (truncated, not HDF5); None when
+    it opens. RunError when another process holds it."""
+    try:
+        h5py.File(path, "r").close()
+    except OSError as error:
+        if _in_use(error):
+            raise RunError(f"{path}: in use by another reader or writer ({error})") \
+                from None
+        return f"it is unreadable ({str(error).splitlines()[0]})"
+    return None
+
+
+def check_flow_shapes(path: str, image_size) -> None:
+    """RunError naming ``path`` and a flow unless every stored flow is
+    ``[*image_size, 3]`` (read from the file's metadata, no voxels)."""
+    expected = (*(int(n) for n in image_size), 3)
+    with h5py.File(path, "r") as handle:
+        for key in sorted(_complete_keys(handle)):
+            shape = tuple(handle[key].shape)
+            if shape != expected:
+                raise RunError(f"{path}: flow {key} has shape {shape}, expected "
+                               f"{expected} for this run's image size; move the file "
+                               f"away to extract the flows again")
+
+
 def _open(path: str) -> h5py.File:
     try:
         return h5py.File(path, "a")
     except OSError as error:
-        if "lock" in str(error) or "already open" in str(error):
+        if _in_use(error):
             raise RunError(f"{path}: in use by another reader or writer ({error})") \
                 from None
         # A file cut off by a kill while its header was being written: start again.
@@ -463,6 +498,8 @@ def main(argv=None) -> int:
         if args.merge and args.shard:
             raise ShardError("--merge and --shard exclude each other")
         shard = Shard.parse(args.shard) if args.shard else None
+        if args.batch < 1:
+            raise RunError(f"--batch: expected an integer >= 1, got {args.batch}")
         refine_setting(args.refine, args.refine_lr)          # a bad value fails first
         if args.teacher_rep < 0:
             raise RunError(f"--teacher-rep: expected R >= 0, got {args.teacher_rep}")

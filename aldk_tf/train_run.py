@@ -25,9 +25,9 @@ from aldk_tf.config import RunConfig
 from aldk_tf.critic import FlowCritic
 from aldk_tf.crd import CrossResolutionDistiller
 from aldk_tf.schedules import release_schedule
-from aldk_tf.teacher_flows import (TeacherFlowStore, extract_teacher_flows, flows_path,
-                                   missing_pairs, provenance, set_aside_if_stale,
-                                   teacher_rep)
+from aldk_tf.teacher_flows import (TeacherFlowStore, check_flow_shapes,
+                                   extract_teacher_flows, flows_path, missing_pairs,
+                                   provenance, set_aside_if_stale, teacher_rep)
 from aldk_tf.training import RegistrationTrainer
 
 log = logging.getLogger(__name__)
@@ -228,6 +228,8 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
     """Train (or resume) the run in ``run_dir``; returns the Keras history dict.
 
     ``max_steps`` stops early at that global step (used by tests and to split work).
+    A ``config`` that differs from the run's saved one is refused unless the change is
+    the last entry of its ``history`` (:func:`aldk_tf.runs.check_settings`).
     ``strategy`` is a ``tf.distribute.Strategy`` (default: the current one). In a
     multi-worker run only the chief writes the run directory; the other workers take
     part in every checkpoint save but write it to a scratch folder.
@@ -239,6 +241,8 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
         raise runs.RunError(f"--batch {config.train.batch} is the global batch; it must "
                             f"be a multiple of the {replicas} replicas")
     chief = distribute.is_chief(strategy)
+    if chief:
+        runs.check_settings(run_dir, config)      # never silently retrain with others
     keras.utils.set_random_seed(config.train.seed)
     dataset_config = load_dataset_config(config.dataset)
     if tuple(dataset_config.image_size) != tuple(config.model.image_size):
@@ -258,8 +262,6 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
         with strategy.scope():
             teacher = load_teacher(teacher_run, config.model.image_size, rep)
     os.makedirs(run_dir, exist_ok=True)
-    if chief:
-        config.save(run_dir)
 
     total_steps = config.train.round * config.train.epochs
     use_aldk = config.aldk.enabled
@@ -307,7 +309,9 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
     checkpoint = RunCheckpoint(run_dir, network, optimizer, critic, critic_optimizer,
                                extra={"adapters": distiller.adapters} if distiller else None,
                                chief=chief)
-    start = checkpoint.restore()
+    start = checkpoint.restore()        # RunError if it does not match the model
+    if chief:
+        config.save(run_dir)            # after the restore: a refused change leaves it
     end = total_steps if max_steps is None else min(total_steps, max_steps)
     if start >= end:
         print(f"{run_dir}: already at step {start} of {end}; nothing to train",
@@ -362,4 +366,5 @@ def _shared_teacher_flows(strategy, chief: bool, teacher_run: str, teacher,
     if not chief and missing_pairs(path, pairs):
         raise runs.RunError(f"{path}: the chief's teacher flows are not visible to this "
                             f"worker; put weights/ on a filesystem all workers share")
+    check_flow_shapes(path, dataset_config.image_size)    # before a step reads one
     return path

@@ -31,6 +31,8 @@ Installed, the same tool is the console script ``aldk-evaluate``.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 
@@ -92,18 +94,76 @@ def report_stem(run_dir: str, rep: int | None, subset: str | None,
 
 
 def exported_model(path: str, dataset):
-    """(callable ``(fixed, moving) -> {"flow", ...}``, default report name)."""
+    """(callable ``(fixed, moving) -> {"flow", ...}``, default report name, identity).
+
+    The identity describes the exported model itself, not the run given with ``-c``:
+    ``{"exported", "weights_sha256", "export_info"}`` (``export_info.json`` of its
+    version directory, ``{}`` if there is none).
+    """
     from aldk_tf import serving
     from aldk_tf.evaluation import check_image_size
     if path.endswith(".tflite") and os.path.isfile(path):
-        runner, name = serving.tflite_runner(path), os.path.basename(path)[:-7]
+        load, name = serving.tflite_runner, os.path.basename(path)[:-7]
+        version_dir, kind = os.path.dirname(os.path.dirname(os.path.abspath(path))), \
+            "a TFLite model"
     elif os.path.isfile(os.path.join(path, "saved_model.pb")):
-        runner, name = serving.savedmodel_runner(path), "savedmodel"
+        load, name = serving.savedmodel_runner, "savedmodel"
+        version_dir, kind = path, "a SavedModel"
     else:
         raise EvaluationError(f"{path}: --exported needs a .tflite file or a SavedModel "
                               "version directory (export/<name>/<N>)")
+    try:
+        runner = load(path)
+    except Exception as error:        # TF and TFLite raise many types for a bad file
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise EvaluationError(f"{path}: not {kind} that loads ({reason[:200]}); expected "
+                              "the output of export.py") from None
     check_image_size(runner.image_size, dataset)
-    return runner, name
+    identity = {"exported": path, "weights_sha256": fingerprint(path),
+                "export_info": _export_info(version_dir)}
+    return runner, name, identity
+
+
+def _export_info(version_dir: str) -> dict:
+    from aldk_tf.serving import INFO_NAME
+    info_path = os.path.join(version_dir, INFO_NAME)
+    if not os.path.isfile(info_path):
+        return {}
+    try:
+        with open(info_path) as handle:
+            info = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise EvaluationError(f"{info_path}: not readable export information ({error})") \
+            from None
+    return info if isinstance(info, dict) else {}
+
+
+def fingerprint(path: str) -> str:
+    """SHA-256 of a weights file, or of every file under a directory (names and bytes):
+    what the scores of a report belong to."""
+    digest = hashlib.sha256()
+    files = ([path] if os.path.isfile(path) else
+             sorted(os.path.join(root, name) for root, _, names in os.walk(path)
+                    for name in names))
+    for file in files:
+        digest.update(os.path.relpath(file, path).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def report_run(args) -> str:
+    """The run a report is named after: the exported model's source run with ``-c`` and
+    ``--exported`` (from its export_info.json; the export's path if it has none), the
+    export's ``<name>-v<N>`` for an exported model alone, else ``-c``."""
+    if args.exported and not args.checkpoint:       # an exported model alone
+        return args.report_base
+    if args.exported:
+        version_dir = (os.path.dirname(os.path.dirname(os.path.abspath(args.exported)))
+                       if args.exported.endswith(".tflite") else args.exported)
+        return _export_info(version_dir).get("run") or args.exported
+    return args.checkpoint
 
 
 def export_source(path: str) -> tuple[str, dict, str]:
@@ -187,18 +247,13 @@ def main(argv=None) -> int:
         return 2
 
 
-def _report_base(args) -> str:
-    """What report names start with: the run directory, or the export's ``<name>-v<N>``."""
-    return args.checkpoint or getattr(args, "report_base", None) or "exported"
-
-
 def _merge(args, parts_by_subset: dict) -> int:
     """Write the unsharded report of each set of parts (named, or found by report name)."""
     from aldk_tf.evaluation import merge_json_reports, summarise
     groups: dict[str, list[str]] = {}
     for subset, parts in parts_by_subset.items():
         if not parts:
-            stem = report_stem(_report_base(args), args.rep, subset, args.name,
+            stem = report_stem(report_run(args), args.rep, subset, args.name,
                                args.refine)
             found = find_parts(args.out_dir, stem, ".json")
             if not found:
@@ -212,6 +267,7 @@ def _merge(args, parts_by_subset: dict) -> int:
                                       "(<report>.shard-<i>-of-<n>.json)")
             groups.setdefault(named[0], []).append(path)
     for stem, parts in groups.items():
+        _check_same_weights(parts)
         metadata, records = merge_json_reports(parts)
         summary = summarise(records)
         text_path, json_path = _report_paths(args.out_dir, stem)
@@ -220,6 +276,19 @@ def _merge(args, parts_by_subset: dict) -> int:
         write_label_csv(_csv_path(text_path), records)
         print(f"merged {len(parts)} parts: {_summary_line(summary)} -> {text_path}")
     return 0
+
+
+def _check_same_weights(parts: list[str]) -> None:
+    """EvaluationError unless every part was evaluated with the same weights."""
+    from aldk_tf.evaluation import read_json_report
+    first = read_json_report(parts[0]).get("weights_sha256")
+    for path in parts[1:]:
+        other = read_json_report(path).get("weights_sha256")
+        if other != first:
+            raise EvaluationError(f"{path}: evaluated with other weights than "
+                                  f"{parts[0]} (weights_sha256 {str(other)[:12]} vs "
+                                  f"{str(first)[:12]}); evaluate every shard with the "
+                                  "same model")
 
 
 def _report_paths(out_dir: str, stem: str) -> tuple[str, str]:
@@ -244,23 +313,26 @@ def _evaluate(args, run_config, info, dataset, subsets, shard=None) -> int:
     from aldk_tf.data import list_pairs
     from aldk_tf.evaluation import evaluate_pairs, shard_metadata, summarise
 
-    if run_config is not None:
-        _, model = runs.load_model(args.checkpoint, rep=args.rep)
-        rep, parameters = model.rep, int(model.count_params())
-        model_config = run_config.to_dict()["model"]
-    else:                                    # an exported model alone
-        model, rep, parameters = None, info.get("rep"), info.get("parameters")
-        model_config = info.get("model")
-    name = args.name
     refined = ({"refine_steps": args.refine, "refine_learning_rate": args.refine_lr}
                if args.refine else {})
+    name = args.name
     if args.exported:
-        model, default_name = exported_model(args.exported, dataset)
+        # The scores belong to the exported model: its identity, not the -c run's.
+        model, default_name, identity = exported_model(args.exported, dataset)
         name = name or default_name
+        info = identity["export_info"]
+        rep, parameters = info.get("rep"), info.get("parameters")
+        identity.update(run=info.get("run"), model=info.get("model"))
+    else:
+        _, model = runs.load_model(args.checkpoint, rep=args.rep)
+        rep, parameters = model.rep, int(model.count_params())
+        identity = {"run": args.checkpoint, "exported": None,
+                    "weights_sha256": fingerprint(runs.weights_path(args.checkpoint)),
+                    "model": run_config.to_dict()["model"]}
     for subset in subsets:
         scheme = VALIDATION_SCHEME if subset is None else subset
         pairs = list_pairs(dataset, scheme, paired=True if args.paired else None)
-        stem = report_stem(_report_base(args), args.rep, subset, name, args.refine)
+        stem = report_stem(report_run(args), args.rep, subset, name, args.refine)
         part = {}
         if shard is not None:
             part = {"shard": shard_metadata(shard, len(pairs))}
@@ -278,11 +350,10 @@ def _evaluate(args, run_config, info, dataset, subsets, shard=None) -> int:
         else:                                # a shard of fewer pairs than shards
             records, summary = [], summarise([])
         text_path, json_path = _report_paths(args.out_dir, stem)
-        write_json_report(json_path, records, summary, run=args.checkpoint,
+        write_json_report(json_path, records, summary, **identity,
                           dataset=str(dataset.where), scheme=scheme, rep=rep,
                           paired=bool(args.paired), batch=args.batch,
-                          exported=args.exported, parameters=parameters,
-                          model=model_config, **refined, **part)
+                          parameters=parameters, **refined, **part)
         write_rcn_report(text_path, records)
         write_label_csv(_csv_path(text_path), records)
         print(f"{_summary_line(summary)} -> {text_path}, {_csv_path(text_path)}")

@@ -121,8 +121,8 @@ def main(argv=None) -> int:
             raise ExportError(f"-r must be >= 1, got {args.rep}")
         run_config = runs.load_run_config(args.checkpoint)
         sample, label_values, described = parity_sample(args, run_config)
+        _, model = runs.load_model(args.checkpoint, rep=args.rep)   # before any output
         prepare_base(args.out)
-        _, model = runs.load_model(args.checkpoint, rep=args.rep)
         preprocessing = run_preprocessing(run_config)
         from aldk_tf.serving import export_model, format_parity
         info = export_model(

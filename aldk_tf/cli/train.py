@@ -9,6 +9,12 @@ config.json, model.weights.h5, checkpoints/ and logs/ (TensorBoard).
   python train.py -b LDR -n 1 -d datasets/demo.json --aldk --teacher weights/teacher \\
       --output student_aldk
   python train.py -c weights/student_aldk          # resume where it stopped
+  python train.py -c weights/student_aldk --epochs 8   # longer (recorded in config.json)
+
+A run directory is locked while it trains (a second start on it stops), a failed start
+leaves none behind, and a resumed run refuses flags that change what it trains unless
+--override is given (then the change is recorded in its config.json). docs/faults.md
+lists what happens on each bad input or fault.
 
 Several devices: -g 0,1,2,3 trains under MirroredStrategy on those GPUs, splitting each
 --batch (the global batch) across them; -g -1 uses the CPU only. Several machines: the
@@ -20,6 +26,7 @@ Installed, the same tool is the console script aldk-train (same flags, any direc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import sys
@@ -28,7 +35,7 @@ BASES = {"vtn": ("teacher", "vtn", "vtn"), "voxelmorph": ("teacher", "voxelmorph
          "ldr": ("student", "student", "student")}
 
 
-def parse_args(argv=None):
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-b", "--base_network", default="VTN",
@@ -36,7 +43,13 @@ def parse_args(argv=None):
     parser.add_argument("-n", "--n_cascades", type=int, default=1)
     parser.add_argument("-r", "--rep", type=int, default=1,
                         help="shared-weight repetitions of every cascade")
-    parser.add_argument("-c", "--checkpoint", help="resume the run in this directory")
+    parser.add_argument("-c", "--checkpoint", help="resume the run in this directory "
+                        "(flags that change its settings are refused without --override; "
+                        "--epochs, --checkpoint_every, --validate_every and "
+                        "--validation_pairs are applied and recorded in its config.json)")
+    parser.add_argument("--override", action="store_true",
+                        help="with -c: apply flags that change what the run trains, and "
+                             "record the change in its config.json (history)")
     parser.add_argument("-d", "--dataset", help="dataset JSON (RCN layout)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--round", type=int, default=20000, help="steps per epoch")
@@ -129,7 +142,98 @@ def parse_args(argv=None):
                           "(0: constant)")
     parser.add_argument("-v", "--verbose", type=int, default=None,
                         help="Keras verbosity (default: progress bar on a terminal)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return make_parser().parse_args(argv)
+
+
+def given_flags(argv) -> set[str]:
+    """The destinations of the flags written on the command line ``argv`` (whatever
+    their value: ``--lr 1e-4`` is given even though it is the default)."""
+    parser = make_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+#: The settings (``aldk_tf.runs.settings`` keys) each flag sets: what a resumed run
+#: compares with the settings it was trained with.
+FLAG_SETTINGS = {
+    "base_network": ("model.role", "model.base", "model.affine"),
+    "n_cascades": ("model.n_cascades",), "rep": ("model.rep",), "dataset": ("dataset",),
+    "batch": ("train.batch",), "round": ("train.round",), "epochs": ("train.epochs",),
+    "lr": ("train.lr",), "schedule": ("train.schedule",),
+    "image_size": ("model.image_size",), "student_variant": ("model.student_variant",),
+    "channels": ("model.channels",), "seed": ("train.seed",),
+    "no_augment": ("train.augment",), "augment_field": ("train.augment_field",),
+    "clip_norm": ("train.clip_norm",), "checkpoint_every": ("train.checkpoint_every",),
+    "validate_every": ("train.validate_every",),
+    "validation_pairs": ("train.validation_pairs",),
+    "aldk": ("aldk.enabled",), "teacher": ("aldk.teacher", "crd.teacher"),
+    "teacher_online": ("aldk.teacher_online",), "flow_distill": ("aldk.flow_weight",),
+    "refine_targets": ("aldk.refine",),
+    "teacher_rep": ("aldk.teacher_rep", "crd.teacher_rep"), "beta": ("aldk.beta",),
+    "gamma": ("aldk.gamma",),
+    "lamb": ("aldk.lamb",), "critic_lr": ("aldk.critic_lr",),
+    "critic_output": ("aldk.critic_output",), "adv_period": ("aldk.adversarial_period",),
+    "adv_until": ("aldk.adversarial_until",), "critic_period": ("aldk.critic_period",),
+    "crd": ("crd.enabled",), "resolution_factor": ("model.resolution_factor",),
+    "crd_flow_weight": ("crd.flow_weight",), "crd_feature_weight": ("crd.feature_weight",),
+    "crd_gate": ("crd.gate",), "crd_anneal": ("crd.anneal_steps",),
+}
+#: Flags that are no setting of the run (where and how long to run it now).
+NOT_SETTINGS = {"checkpoint", "override", "output", "weights_dir", "max_steps", "gpu",
+                "strategy", "cpu_replicas", "verbose"}
+#: Settings a resumed run may change without --override (a longer budget, bookkeeping);
+#: the change is still recorded in the run's history.
+BUDGET_SETTINGS = {"train.epochs", "train.checkpoint_every", "train.validate_every",
+                   "train.validation_pairs"}
+#: The -b value that builds each stored model.base.
+BASE_FLAGS = {"vtn": "VTN", "voxelmorph": "VoxelMorph", "student": "LDR"}
+
+
+def check_values(args) -> None:
+    """ValueError naming the flag unless every value is in its range (checked before
+    anything is created)."""
+    at_least = (("-n/--n_cascades", args.n_cascades, 1), ("-r/--rep", args.rep, 1),
+                ("--batch", args.batch, 1), ("--round", args.round, 1),
+                ("--epochs", args.epochs, 1), ("--channels", args.channels, 1),
+                ("--seed", args.seed, 0), ("--checkpoint_every", args.checkpoint_every, 1),
+                ("--validate_every", args.validate_every, 0),
+                ("--validation_pairs", args.validation_pairs, 0),
+                ("--cpu_replicas", args.cpu_replicas, 1),
+                ("--refine-targets", args.refine_targets, 0),
+                ("--teacher-rep", args.teacher_rep, 0),
+                ("--adv_period", args.adv_period, 1), ("--adv_until", args.adv_until, 0),
+                ("--critic_period", args.critic_period, 1),
+                ("--crd_anneal", args.crd_anneal, 0))
+    for flag, value, lowest in at_least:
+        if value < lowest:
+            raise ValueError(f"{flag}: expected an integer >= {lowest}, got {value}")
+    for flag, value in (("--max_steps", args.max_steps),
+                        ("--resolution_factor", args.resolution_factor)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}: expected an integer >= 1, got {value}")
+    if args.image_size and (len(args.image_size) not in (1, 3)
+                            or min(args.image_size) < 1):
+        raise ValueError(f"--image_size: expected one or three sizes >= 1, got "
+                         f"{' '.join(map(str, args.image_size))}")
+    for flag, value in (("--lr", args.lr), ("--critic_lr", args.critic_lr)):
+        if not 0.0 < value < float("inf"):
+            raise ValueError(f"{flag}: expected a finite learning rate > 0, got {value}")
+    for flag, value, highest in (("--beta", args.beta, 1.0), ("--gamma", args.gamma, 1.0),
+                                 ("--lamb", args.lamb, float("inf")),
+                                 ("--flow-distill", args.flow_distill, float("inf")),
+                                 ("--clip-norm", args.clip_norm, float("inf")),
+                                 ("--crd_flow_weight", args.crd_flow_weight, float("inf")),
+                                 ("--crd_feature_weight", args.crd_feature_weight,
+                                  float("inf"))):
+        if not 0.0 <= value <= highest or value == float("inf"):
+            bound = "a finite value >= 0" if highest == float("inf") else \
+                f"a value in [0, {highest:g}]"
+            raise ValueError(f"{flag}: expected {bound}, got {value}")
 
 
 def build_config(args):
@@ -162,8 +266,6 @@ def build_config(args):
         raise ValueError(f"--clip-norm: expected a finite value >= 0, got {args.clip_norm}")
     if args.refine_targets < 0:
         raise ValueError(f"--refine-targets: expected N >= 0, got {args.refine_targets}")
-    if args.teacher_rep < 0:
-        raise ValueError(f"--teacher-rep: expected R >= 0, got {args.teacher_rep}")
     factor = args.resolution_factor or (2 if args.crd else 1)
     teacher = os.path.abspath(args.teacher) if args.teacher else None
     return RunConfig(
@@ -194,39 +296,101 @@ def build_config(args):
                       teacher=teacher, teacher_rep=args.teacher_rep))
 
 
+def resumed_config(run_dir: str, stored, argv, override: bool):
+    """The configuration to resume ``run_dir`` with: ``stored`` with the settings the
+    flags of ``argv`` give, the change recorded in its history. ValueError listing the
+    changed settings when they change what is trained and ``override`` is not set."""
+    from aldk_tf import runs
+    given = given_flags(argv)
+    unknown = given - FLAG_SETTINGS.keys() - NOT_SETTINGS
+    assert not unknown, f"flags missing from FLAG_SETTINGS: {sorted(unknown)}"
+    wanted = {key for flag in given & FLAG_SETTINGS.keys() for key in FLAG_SETTINGS[flag]}
+    if not wanted:
+        return stored
+    base = ["-b", BASE_FLAGS.get(stored.model.base, stored.model.base), "-d",
+            stored.dataset]
+    requested = runs.settings(build_config(parse_args(base + list(argv))))
+    merged = {**runs.settings(stored), **{key: requested[key] for key in wanted}}
+    config = _from_settings(merged)
+    changes = runs.setting_changes(stored, config)
+    if not changes:
+        return stored
+    retrained = sorted(set(changes) - BUDGET_SETTINGS)
+    if retrained and not override:
+        raise ValueError(f"-c {run_dir}: these flags change what the run trains: "
+                         f"{runs.describe_changes({k: changes[k] for k in retrained})}; "
+                         f"resume without them, or add --override to apply and record "
+                         f"the change")
+    config.history = [*stored.history, {"at_step": _latest_step(run_dir),
+                                        "changes": changes, "override": bool(retrained)}]
+    return config
+
+
+def _from_settings(flat: dict):
+    from aldk_tf.config import RunConfig
+    nested: dict = {}
+    for key, value in flat.items():
+        *parents, name = key.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[name] = value
+    return RunConfig.from_dict(nested)
+
+
+def _latest_step(run_dir: str) -> int:
+    import tensorflow as tf
+    latest = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    return int(latest.rsplit("-", 1)[1]) if latest else 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from aldk_tf import distribute, runs
     from aldk_tf.data import DataError
     try:
-        # Devices and the strategy first: TensorFlow must not have started yet.
+        check_values(args)                  # before anything is created
+        if args.override and not args.checkpoint:
+            raise ValueError("--override applies to a resumed run (-c RUN)")
+        if args.output and args.checkpoint:
+            raise ValueError(f"--output names a new run; -c {args.checkpoint} resumes "
+                             "that run in its own directory (give one of them)")
+        if args.checkpoint:
+            run_dir, new = args.checkpoint, False
+            stored = runs.load_run_config(run_dir)
+        else:
+            config = build_config(args)
+            name = args.output or datetime.datetime.now().strftime(
+                f"%b%d-%H%M_{args.base_network}{args.n_cascades}")
+            run_dir, new = os.path.join(args.weights_dir, name), True
+        # Devices and the strategy next: TensorFlow must not have started yet.
         strategy = distribute.make_strategy(args.gpu, args.strategy, args.cpu_replicas)
         if distribute.is_multi_worker(strategy) and not (args.checkpoint or args.output):
             raise ValueError("--strategy multiworker needs --output (or -c): every "
                              "worker must name the same run")
         from aldk_tf.train_run import train
-        if args.checkpoint:
-            run_dir = args.checkpoint
-            config = runs.load_run_config(run_dir)
-        else:
-            config = build_config(args)
-            name = args.output or datetime.datetime.now().strftime(
-                f"%b%d-%H%M_{args.base_network}{args.n_cascades}")
-            run_dir = os.path.join(args.weights_dir, name)
-            if (distribute.is_chief(strategy)
-                    and os.path.exists(os.path.join(run_dir, "config.json"))):
-                raise ValueError(f"{run_dir}: a run already exists here; resume it with "
-                                 f"-c {run_dir} or choose another --output")
-        verbose = args.verbose if args.verbose is not None else (
-            "auto" if sys.stderr.isatty() else 2)
-        print(f"run directory: {run_dir}", file=sys.stderr)
-        if strategy.num_replicas_in_sync > 1:
-            print(f"{type(strategy).__name__}: {strategy.num_replicas_in_sync} replicas, "
-                  f"global batch {config.train.batch}", file=sys.stderr)
-        train(config, run_dir, verbose=verbose, max_steps=args.max_steps,
-              strategy=strategy)
-    except (DataError, runs.RunError, ValueError, FileNotFoundError) as error:
+        # Only the chief writes the run directory (and holds its lock).
+        claim = (runs.claim_run(run_dir, new) if distribute.is_chief(strategy)
+                 else contextlib.nullcontext())
+        with claim:
+            if not new:
+                config = resumed_config(run_dir, stored, argv, args.override)
+                for entry in config.history[len(stored.history):]:
+                    print(f"{run_dir}: changing from step {entry['at_step']}: "
+                          f"{runs.describe_changes(entry['changes'])} (recorded in "
+                          f"config.json once the checkpoint is restored)",
+                          file=sys.stderr)
+            verbose = args.verbose if args.verbose is not None else (
+                "auto" if sys.stderr.isatty() else 2)
+            print(f"run directory: {run_dir}", file=sys.stderr)
+            if strategy.num_replicas_in_sync > 1:
+                print(f"{type(strategy).__name__}: {strategy.num_replicas_in_sync} "
+                      f"replicas, global batch {config.train.batch}", file=sys.stderr)
+            train(config, run_dir, verbose=verbose, max_steps=args.max_steps,
+                  strategy=strategy)
+    except (DataError, runs.RunError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"weights: {runs.weights_path(run_dir)}", file=sys.stderr)

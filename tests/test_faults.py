@@ -1,0 +1,413 @@
+"""Fault injection: bad flags, busy and half-made run directories, changed settings on
+resume, corrupt checkpoints, weights and teacher flows, shards of other weights.
+
+Each case checks the exit code, the one ``error:`` line (it names the file or flag and
+what was expected), that no traceback is printed, and that nothing partial is left and
+nothing is lost. 16^3 generated data; the command-line ``main``s run in this process
+except where another process is the point (a lock, kill -9).
+"""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from aldk_tf import runs
+from aldk_tf.checkpoints import save_weights_atomic
+from aldk_tf.cli import evaluate as evaluate_cli
+from aldk_tf.cli import export as export_cli
+from aldk_tf.cli import train as train_cli
+from aldk_tf.config import ModelConfig, RunConfig
+from aldk_tf.data import list_pairs, load_dataset_config
+
+from synthetic import write_blob_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_blob_dataset(str(tmp_path_factory.mktemp("data")), size=SIZE, train=3,
+                              validation=2, test=1)
+
+
+def train_flags(dataset, weights_dir, output, *extra):
+    return ["-b", "LDR", "-d", dataset, "--batch", "1", "--round", "100", "--epochs",
+            "1", "--output", output, "--weights_dir", str(weights_dir),
+            "--checkpoint_every", "2", "--validate_every", "0", "--channels", "4", "-v",
+            "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained_run(dataset, tmp_path_factory):
+    """A student run stopped at step 4 (checkpoints 2 and 4, model.weights.h5)."""
+    weights = tmp_path_factory.mktemp("weights")
+    assert train_cli.main(train_flags(dataset, weights, "base", "--max_steps", "4")) == 0
+    return str(weights / "base")
+
+
+@pytest.fixture
+def run(trained_run, tmp_path):
+    """A private copy of the trained run."""
+    return shutil.copytree(trained_run, str(tmp_path / "run"))
+
+
+def one_error_line(capsys, *expected):
+    """The single ``error:`` line of stderr; it holds every ``expected`` text."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def latest_step(run_dir):
+    latest = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    return int(latest.rsplit("-", 1)[1])
+
+
+def truncate(path, keep=0.5):
+    os.truncate(path, int(os.path.getsize(path) * keep))
+
+
+# ------------------------------------------------------------------ a failed start
+@pytest.mark.parametrize("flag,value", [
+    ("--batch", "0"), ("--round", "-2"), ("--epochs", "0"), ("--lr", "nan"),
+    ("--lr", "inf"), ("--lr", "0"), ("--adv_period", "0"), ("--critic_period", "0"),
+    ("--n_cascades", "0"), ("--beta", "1.5"), ("--critic_lr", "0"),
+    ("--max_steps", "0"), ("--checkpoint_every", "0"), ("--clip-norm", "inf")])
+def test_bad_flag_is_one_line_and_creates_nothing(dataset, tmp_path, capsys, flag, value):
+    weights = tmp_path / "weights"
+    code = train_cli.main(train_flags(dataset, weights, "x", flag, value))
+    assert code == 2
+    one_error_line(capsys, flag.split("/")[-1], value.lstrip("-"), "expected")
+    assert not weights.exists()
+
+
+def test_override_without_a_resumed_run_is_refused(dataset, tmp_path, capsys):
+    assert train_cli.main(train_flags(dataset, tmp_path, "x", "--override")) == 2
+    one_error_line(capsys, "--override", "-c")
+    assert not (tmp_path / "x").exists()
+
+
+def test_output_with_a_resumed_run_is_refused(run, capsys):
+    before = open(os.path.join(run, "config.json")).read()
+    assert train_cli.main(["-c", run, "--output", "elsewhere"]) == 2
+    one_error_line(capsys, "--output", f"-c {run}")
+    assert open(os.path.join(run, "config.json")).read() == before
+
+
+def test_teacher_flow_extraction_refuses_batch_0(run, capsys):
+    from aldk_tf import teacher_flows
+    assert teacher_flows.main(["--teacher", run, "--batch", "0"]) == 2
+    one_error_line(capsys, "--batch", "expected an integer >= 1, got 0")
+    assert not os.path.exists(teacher_flows.flows_path(run))
+
+
+def test_start_failing_after_creation_removes_its_run_directory(dataset, run, tmp_path,
+                                                                 capsys):
+    """An ALDK student whose teacher's weights are truncated: refused, nothing left."""
+    truncate(runs.weights_path(run))
+    weights = tmp_path / "weights"
+    code = train_cli.main(train_flags(dataset, weights, "student", "--aldk", "--teacher",
+                                      run))
+    assert code == 2
+    one_error_line(capsys, runs.weights_path(run), "unreadable weights")
+    assert not (weights / "student").exists()
+
+
+def test_new_run_on_an_existing_run_is_refused_and_leaves_it_intact(dataset, run,
+                                                                     capsys):
+    before = open(os.path.join(run, "config.json")).read()
+    code = train_cli.main(train_flags(dataset, os.path.dirname(run), "run", "--lr", "0.5"))
+    assert code == 2
+    one_error_line(capsys, run, "a run already exists", "-c")
+    assert open(os.path.join(run, "config.json")).read() == before
+    assert latest_step(run) == 4
+
+
+# ------------------------------------------------------------ settings on resume
+def test_resume_refuses_flags_that_change_what_is_trained(run, capsys):
+    before = open(os.path.join(run, "config.json")).read()
+    code = train_cli.main(["-c", run, "--lr", "0.5", "--epochs", "3", "--batch", "4",
+                           "-v", "0"])
+    assert code == 2
+    line = one_error_line(capsys, "train.lr 0.0001 -> 0.5", "train.batch 1 -> 4",
+                          "--override")
+    assert "train.epochs" not in line                 # a budget, not refused
+    assert open(os.path.join(run, "config.json")).read() == before
+    assert latest_step(run) == 4
+
+
+def test_resume_applies_and_records_a_longer_budget(run, capsys):
+    code = train_cli.main(["-c", run, "--epochs", "2", "--max_steps", "4", "-v", "0"])
+    assert code == 0, capsys.readouterr().err
+    config = runs.load_run_config(run)
+    assert config.train.epochs == 2
+    assert config.history == [{"at_step": 4, "changes": {"train.epochs": [1, 2]},
+                               "override": False}]
+
+
+def test_override_applies_and_records_the_change(run, capsys):
+    code = train_cli.main(["-c", run, "--lr", "5e-4", "--override", "--max_steps", "4",
+                           "-v", "0"])
+    assert code == 0, capsys.readouterr().err
+    config = runs.load_run_config(run)
+    assert config.train.lr == 5e-4
+    assert config.history[-1] == {"at_step": 4, "changes": {"train.lr": [1e-4, 5e-4]},
+                                  "override": True}
+
+
+def test_checkpoint_of_another_model_is_refused_whole(run, capsys):
+    """n_cascades 1 -> 2 with --override: the checkpoint lacks the second cascade."""
+    before = open(os.path.join(run, "config.json")).read()
+    code = train_cli.main(["-c", run, "-n", "2", "--override", "-v", "0"])
+    assert code == 2
+    one_error_line(capsys, "ckpt-4", "does not match the model")
+    assert open(os.path.join(run, "config.json")).read() == before
+
+
+def test_train_refuses_an_unrecorded_change_of_settings(run):
+    """The demo and the benchmarks call train() directly: another seed is no resume."""
+    from aldk_tf.train_run import train
+    config = runs.load_run_config(run)
+    config.train.seed = 7
+    with pytest.raises(runs.RunError, match=r"train.seed 0 -> 7"):
+        train(config, run, verbose=0, max_steps=5)
+
+
+def test_every_train_flag_is_a_setting_or_declared_not_one():
+    dests = {action.dest for action in train_cli.make_parser()._actions} - {"help"}
+    assert dests == train_cli.FLAG_SETTINGS.keys() | train_cli.NOT_SETTINGS
+
+
+# ------------------------------------------------------------------ checkpoints
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(run, capsys, caplog):
+    data = os.path.join(run, "checkpoints", "ckpt-4.data-00000-of-00001")
+    truncate(data)
+    os.makedirs(os.path.join(run, "checkpoints", "ckpt-6_temp"))     # a cut-off save
+    with caplog.at_level(logging.WARNING):
+        code = train_cli.main(["-c", run, "--max_steps", "3", "-v", "0"])
+    assert code == 0, capsys.readouterr().err
+    warnings = [r.getMessage() for r in caplog.records if "unreadable checkpoint" in
+                r.getMessage()]
+    assert len(warnings) == 1 and "ckpt-4" in warnings[0] and "ckpt-2" in warnings[0]
+    assert latest_step(run) == 3                      # trained on from step 2
+    assert not os.path.exists(os.path.join(run, "checkpoints", "ckpt-6_temp"))
+
+
+def test_no_readable_checkpoint_is_one_line(run, capsys):
+    for step in (2, 4):
+        truncate(os.path.join(run, "checkpoints", f"ckpt-{step}.index"))
+    assert train_cli.main(["-c", run, "-v", "0"]) == 2
+    one_error_line(capsys, "no readable checkpoint", "ckpt-4")
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "export"])
+def test_truncated_weights_are_one_line_and_write_nothing(run, tmp_path, capsys, tool):
+    truncate(runs.weights_path(run))
+    out = tmp_path / "out"
+    if tool == "evaluate":
+        code = evaluate_cli.main(["-c", run, "--out-dir", str(out), "--no-progress"])
+    else:
+        code = export_cli.main(["-c", run, "--out", str(out), "--tflite", "none"])
+    assert code == 2
+    one_error_line(capsys, runs.weights_path(run), "unreadable weights")
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+
+
+# ------------------------------------------------------------------- evaluation
+def test_exported_report_names_the_exported_model_and_merge_checks_weights(
+        run, tmp_path, capsys):
+    out = str(tmp_path / "export")
+    assert export_cli.main(["-c", run, "--out", out, "--tflite", "none"]) == 0
+    version = os.path.join(out, "1")
+    other = shutil.copytree(run, str(tmp_path / "other"))        # another run's -c
+    reports = str(tmp_path / "reports")
+    flags = ["--out-dir", reports, "--no-progress"]
+    assert evaluate_cli.main(["-c", other, "--exported", version, *flags]) == 0
+    document = json.load(open(os.path.join(reports, "run-savedmodel.json")))
+    assert document["run"] == run and document["exported"] == version
+    assert document["weights_sha256"] == evaluate_cli.fingerprint(version)
+    assert document["export_info"]["run"] == run
+    assert not os.path.exists(os.path.join(reports, "other-savedmodel.json"))
+
+    # Two shards evaluated with different weights are not merged.
+    _, model = runs.load_model(other)
+    model.set_weights([w + 0.01 for w in model.get_weights()])
+    save_weights_atomic(model, other)
+    assert evaluate_cli.main(["-c", run, "--shard", "1/2", *flags]) == 0
+    os.replace(os.path.join(reports, "run.shard-1-of-2.json"),
+               os.path.join(reports, "mixed.shard-1-of-2.json"))
+    assert evaluate_cli.main(["-c", other, "--shard", "2/2", *flags]) == 0
+    os.replace(os.path.join(reports, "other.shard-2-of-2.json"),
+               os.path.join(reports, "mixed.shard-2-of-2.json"))
+    capsys.readouterr()
+    parts = [os.path.join(reports, f"mixed.shard-{i}-of-2.json") for i in (1, 2)]
+    assert evaluate_cli.main(["--merge", *parts, "--out-dir", reports]) == 2
+    one_error_line(capsys, parts[1], "other weights")
+    assert not os.path.exists(os.path.join(reports, "mixed.json"))
+
+
+def test_export_removes_the_folders_of_killed_exports_only(tmp_path):
+    from aldk_tf import serving
+    dead, running, fresh = (tmp_path / name for name in (".tmp-1-a", ".tmp-2-b", ".tmp-3-c"))
+    for folder in (dead, running, fresh):
+        folder.mkdir()
+        (folder / "saved_model.pb").write_bytes(b"partial")
+    hour_ago = time.time() - 3600
+    for folder in (dead, running):
+        os.utime(folder, (hour_ago, hour_ago))
+    held = serving._hold(str(running))            # as an export in progress holds it
+    try:
+        assert serving.remove_abandoned_staging(str(tmp_path)) == [str(dead)]
+    finally:
+        os.close(held)
+    assert running.exists() and fresh.exists() and not dead.exists()
+
+
+def test_fake_exported_model_is_one_line(run, tmp_path, capsys):
+    fake = tmp_path / "1"
+    fake.mkdir()
+    (fake / "saved_model.pb").write_bytes(b"not a protobuf")
+    lite = tmp_path / "model.tflite"
+    lite.write_bytes(b"not a flatbuffer")
+    for path in (str(fake), str(lite)):
+        code = evaluate_cli.main(["-c", run, "--exported", path, "--out-dir",
+                                  str(tmp_path / "reports"), "--no-progress"])
+        assert code == 2
+        one_error_line(capsys, path, "expected the output of export.py")
+
+
+# ---------------------------------------------------------------- teacher flows
+@pytest.fixture
+def teacher_run(dataset, tmp_path):
+    folder = str(tmp_path / "teacher")
+    config = RunConfig(dataset=dataset, model=ModelConfig(
+        role="teacher", base="vtn", affine="vtn", channels=4, image_size=(SIZE,) * 3))
+    config.save(folder)
+    teacher = config.model.build()
+    save_weights_atomic(teacher, folder)
+    return folder, teacher
+
+
+def test_truncated_teacher_flows_are_set_aside_and_extracted_again(dataset, teacher_run,
+                                                                   capsys):
+    from aldk_tf.teacher_flows import stored_keys
+    from aldk_tf.train_run import ensure_teacher_flows
+    folder, teacher = teacher_run
+    config = load_dataset_config(dataset)
+    pairs = list_pairs(config, "1")[:2]
+    path = ensure_teacher_flows(folder, teacher, config, pairs)
+    truncate(path, 0.3)
+    assert ensure_teacher_flows(folder, teacher, config, pairs) == path
+    err = capsys.readouterr().err
+    assert "unreadable" in err and "Traceback" not in err
+    assert os.path.exists(path + ".stale")            # kept, not deleted
+    assert stored_keys(path) == {f"{f}-{m}" for f, m in pairs}
+
+
+def test_teacher_flows_of_another_size_are_refused_before_training(dataset, teacher_run,
+                                                                    tmp_path, capsys):
+    from aldk_tf.train_run import ensure_teacher_flows
+    folder, teacher = teacher_run
+    config = load_dataset_config(dataset)
+    path = ensure_teacher_flows(folder, teacher, config, list_pairs(config, "1"))
+    with h5py.File(path, "a") as handle:            # one flow of an 8^3 run, same attrs
+        flows = []
+        handle.visititems(lambda name, node: flows.append(name)
+                          if isinstance(node, h5py.Dataset) else None)
+        key = sorted(flows)[0]
+        attrs = dict(handle[key].attrs)
+        del handle[key]
+        handle.create_dataset(key, data=np.zeros((8, 8, 8, 3), np.float16))
+        handle[key].attrs.update(attrs)
+    weights = tmp_path / "weights"
+    code = train_cli.main(train_flags(dataset, weights, "student", "--flow-distill",
+                                      "0.1", "--teacher", folder, "--max_steps", "2"))
+    assert code == 2
+    one_error_line(capsys, path, "(8, 8, 8, 3)", f"expected ({SIZE}, {SIZE}, {SIZE}, 3)")
+    assert not (weights / "student").exists()
+
+
+# ------------------------------------------------- another process: lock, kill -9
+CLAIM = """
+import json, os, sys, time
+from aldk_tf import runs
+run_dir, name = sys.argv[1], sys.argv[2]
+while time.time() < float(sys.argv[3]):          # start together
+    pass
+try:
+    with runs.claim_run(run_dir, new=True):
+        with open(os.path.join(run_dir, "config.json"), "w") as handle:
+            json.dump({"owner": name}, handle)
+        time.sleep(1.0)
+except runs.RunError as error:
+    print(error)
+    sys.exit(2)
+"""
+
+
+def test_concurrent_starts_on_one_run_directory_let_exactly_one_run(tmp_path):
+    """Four processes claim one new run directory at the same instant (no TensorFlow:
+    the claim is the part that raced before the lock)."""
+    run_dir = str(tmp_path / "run")
+    start = time.time() + 1.0
+    processes = [subprocess.Popen([sys.executable, "-c", CLAIM, run_dir, f"p{i}",
+                                   str(start)], stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, "PYTHONPATH": ROOT})
+                 for i in range(4)]
+    results = [(process.wait(timeout=60), process.stdout.read()) for process in processes]
+    winners = [i for i, (code, _) in enumerate(results) if code == 0]
+    assert len(winners) == 1, results
+    for code, out in results:
+        if code != 0:
+            assert code == 2 and run_dir in out and (
+                "another training run holds" in out or "a run already exists" in out), out
+    with open(os.path.join(run_dir, "config.json")) as handle:
+        assert json.load(handle) == {"owner": f"p{winners[0]}"}
+
+
+def test_a_held_run_directory_is_refused_and_kill_9_then_resume(dataset, tmp_path,
+                                                               capsys):
+    weights = tmp_path / "weights"
+    command = [sys.executable, os.path.join(ROOT, "train.py"),
+               *train_flags(dataset, weights, "held", "--round", "1000")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL,
+                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    run_dir = str(weights / "held")
+    checkpoints = weights / "held" / "checkpoints"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(checkpoints.glob("ckpt-2.index")):
+            assert process.poll() is None, "the training process ended early"
+            time.sleep(0.2)
+        # The other process holds the directory: a second start and a resume stop.
+        config_before = open(os.path.join(run_dir, "config.json")).read()
+        assert train_cli.main(train_flags(dataset, weights, "held", "--max_steps",
+                                          "2")) == 2
+        one_error_line(capsys, run_dir, "another training run holds")
+        assert train_cli.main(["-c", run_dir, "--max_steps", "2", "-v", "0"]) == 2
+        one_error_line(capsys, run_dir, "another training run holds")
+        assert open(os.path.join(run_dir, "config.json")).read() == config_before
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    saved = latest_step(run_dir)
+    assert saved >= 2
+    # The lock died with the process: the same run resumes and ends at the same step.
+    assert train_cli.main(["-c", run_dir, "--max_steps", str(saved + 1), "-v", "0"]) == 0
+    assert latest_step(run_dir) == saved + 1
