@@ -163,6 +163,18 @@ def format_table(results: dict, size: int) -> str:
     return "\n".join(lines)
 
 
+def try_it(out: str, dataset: str, export_base: str) -> str:
+    """Write two test subjects as NIfTI (``<out>/scans``) and return the ``register``
+    command that aligns them with the exported student."""
+    from aldk_tf.data.demo_set import write_nifti_subjects
+    scans = write_nifti_subjects(dataset, os.path.join(out, "scans"))
+    fixed, _, moving, moving_seg = (str(path) for path in scans)
+    return ("try the exported student on two test subjects:\n"
+            f"  python -m aldk_tf.register --model {export_base} --fixed {fixed} "
+            f"--moving {moving} --moving-seg {moving_seg} "
+            f"--out-dir {os.path.join(out, 'registered')}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from aldk_tf.data import DataError, load_dataset_config
@@ -202,12 +214,15 @@ def main(argv=None) -> int:
                       file=sys.stderr)
                 export_model(models[best][0], base, version=1,
                              label_values=dataset_config.label_values)
+            command = try_it(out, dataset, base)
     except (DataError, runs.RunError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     atomic_write_text(os.path.join(out, "results.json"),
                       json.dumps(results, indent=2) + "\n")
     print(format_table(results, args.size))
+    if not args.no_export:
+        print(command)
     print(f"total {time.perf_counter() - started:.0f} s; results in "
           f"{os.path.join(out, 'results.json')}")
     return 0

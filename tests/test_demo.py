@@ -61,3 +61,14 @@ def test_demo_end_to_end_tiny_budget(demo_dataset_32, tmp_path, capsys):
     assert gated.train == config.train and gated.model.resolution_factor == 1
     assert ablation.main(["--demo", str(out), "--rows", "nope"]) == 2
     assert ablation.main(["--demo", str(tmp_path / "missing")]) == 2
+
+
+def test_demo_writes_two_test_scans_and_the_register_command(demo_dataset_32, tmp_path):
+    import nibabel as nib
+    command = demo.try_it(str(tmp_path), demo_dataset_32, "EXPORT")
+    scans = sorted((tmp_path / "scans").iterdir())
+    assert len(scans) == 4
+    for path in scans:
+        assert str(path) in command or path.name.endswith("_seg.nii.gz")
+        assert nib.load(path).shape == (32, 32, 32)
+    assert "--model EXPORT" in command and "--moving-seg" in command
