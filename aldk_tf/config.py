@@ -27,6 +27,8 @@ class ModelConfig:
     student_variant: str = "seed"         # "seed" | "release"
     image_size: tuple[int, int, int] = (128, 128, 128)
     resolution_factor: int = 1            # > 1: cross-resolution student (seed 002)
+    matrix_gain: float = 0.1              # affine W = head output x this (networks.affine;
+                                          # runs saved before it existed: 1.0)
 
     def build(self, rep: int | None = None, name: str | None = None):
         from aldk_tf.networks.cascade import RecursiveCascade
@@ -35,7 +37,7 @@ class ModelConfig:
                                 channels=self.channels,
                                 student_variant=self.student_variant,
                                 resolution_factor=self.resolution_factor,
-                                name=name or self.role)
+                                matrix_gain=self.matrix_gain, name=name or self.role)
 
 
 @dataclass
@@ -121,6 +123,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
         model = dict(data.get("model", {}))
+        if model and "matrix_gain" not in model:   # a run from before the affine gain
+            model["matrix_gain"] = 1.0
         if "image_size" in model:
             model["image_size"] = tuple(model["image_size"])
         return cls(dataset=data.get("dataset", ""),

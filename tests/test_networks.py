@@ -180,3 +180,24 @@ def test_an_adam_step_moves_the_affine_matrix_by_a_tenth_of_lr_per_feature(rng, 
     moved = stem(pair)["matrix"].numpy()             # W started at zero
     expected = 0.1 * 1e-3 * np.abs(features(pair).numpy()).sum()
     np.testing.assert_allclose(moved, -expected, rtol=1e-3)
+
+
+def test_models_saved_before_the_affine_gain_load_with_gain_one(rng):
+    """Runs and Keras configs from before the gain have none recorded: they were trained
+    with W = head output, so they must load with gain 1, new ones with 0.1."""
+    from aldk_tf.config import RunConfig
+    old = RunConfig.from_dict({"model": {"image_size": [16, 16, 16]}})
+    assert old.model.matrix_gain == 1.0
+    assert RunConfig.from_dict(RunConfig().to_dict()).model.matrix_gain == 0.1
+    new = build_student(SIZE)
+    config = new.get_config()
+    del config["matrix_gain"]
+    legacy = RecursiveCascade.from_config(config)
+    legacy.set_weights(new.get_weights())
+    stem = legacy.get_layer("affine_stem")
+    head = stem.get_layer("affine_stem_W")
+    head.kernel.assign(tf.fill(head.kernel.shape, 0.01))
+    new.get_layer("affine_stem").get_layer("affine_stem_W").kernel.assign(head.kernel)
+    inputs = pair(rng)
+    np.testing.assert_allclose(legacy(inputs)["matrix"], 10 * new(inputs)["matrix"].numpy(),
+                               rtol=1e-4, atol=1e-7)

@@ -22,7 +22,9 @@ STUDENT_AFFINE_ENCODER = ((16, 2), (32, 2), (64, 2), (128, 2))
 # an entry of ``W`` by up to lr x (sum of |features|), about 0.5 at lr 1e-3: one such
 # step folded the 64^3 teacher (det loss ~4e11). With the gain the step is ten times
 # smaller, as the release's at its learning rate of 1e-4; translations (voxels) keep 1.
+# Models saved before the gain existed (no ``matrix_gain`` in their config) had gain 1.
 MATRIX_GAIN = 0.1
+LEGACY_MATRIX_GAIN = 1.0
 AFFINE_VARIANTS = {
     "vtn": {"encoder": VTN_AFFINE_ENCODER, "pool": False, "init": RELEASE_INIT},
     "student": {"encoder": STUDENT_AFFINE_ENCODER, "pool": True,
@@ -37,13 +39,13 @@ class AffineStem(keras.Model):
     ``matrix`` is ``W`` in ``A = W + I``; ``flow = W c + b`` on centred voxel coordinates.
     The heads are bias-free 'valid' convs whose kernel covers the whole remaining grid,
     initialised to zero so that training starts from the identity; ``W``'s head output is
-    scaled by :data:`MATRIX_GAIN` (bounded steps).
+    scaled by ``matrix_gain`` (:data:`MATRIX_GAIN`: bounded steps).
     """
 
     stride = 16
 
     def __init__(self, image_size=(128, 128, 128), variant="vtn", name="affine_stem",
-                 **kwargs):
+                 matrix_gain=MATRIX_GAIN, **kwargs):
         if variant not in AFFINE_VARIANTS:
             raise ValueError(
                 f"AffineStem: variant must be one of {sorted(AFFINE_VARIANTS)}, "
@@ -62,7 +64,7 @@ class AffineStem(keras.Model):
                                      kernel_initializer="zeros", name=f"{name}_W")(x)
         translation = keras.layers.Conv3D(3, grid, padding="valid", use_bias=False,
                                           kernel_initializer="zeros", name=f"{name}_b")(x)
-        matrix = Scale(MATRIX_GAIN, name=f"{name}_W_gain")(matrix)
+        matrix = Scale(matrix_gain, name=f"{name}_W_gain")(matrix)
         matrix = keras.layers.Reshape((3, 3), name=f"{name}_matrix")(matrix)
         translation = keras.layers.Reshape((3,), name=f"{name}_translation")(translation)
         flow = AffineFlow(image_size, name=f"{name}_flow")([matrix, translation])
@@ -70,11 +72,12 @@ class AffineStem(keras.Model):
                          outputs={"matrix": matrix, "translation": translation, "flow": flow},
                          name=name, **kwargs)
         self.image_size, self.variant = image_size, variant
+        self.matrix_gain = float(matrix_gain)
 
     def get_config(self):
         return {"image_size": list(self.image_size), "variant": self.variant,
-                "name": self.name}
+                "matrix_gain": self.matrix_gain, "name": self.name}
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        return cls(**{"matrix_gain": LEGACY_MATRIX_GAIN, **config})

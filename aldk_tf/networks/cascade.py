@@ -11,7 +11,8 @@ from __future__ import annotations
 import keras
 
 from aldk_tf.layers import ComposeAffine, ComposeFlows, Downsample, UpsampleFlow, Warp
-from aldk_tf.networks.affine import AFFINE_VARIANTS, AffineStem
+from aldk_tf.networks.affine import (AFFINE_VARIANTS, LEGACY_MATRIX_GAIN, MATRIX_GAIN,
+                                     AffineStem)
 from aldk_tf.networks.blocks import check_image_size
 from aldk_tf.networks.student import StudentNet
 from aldk_tf.networks.voxelmorph import VoxelMorphNet
@@ -48,6 +49,8 @@ class RecursiveCascade(keras.Model):
       affine: "vtn", "student" or None (no affine stage).
       channels: VTN/student base width.
       student_variant: "seed" (paper) or "release" (released code's decoder).
+      matrix_gain: the affine stage's ``W`` = head output times this (see
+        :data:`aldk_tf.networks.affine.MATRIX_GAIN`; 1 in models saved before it existed).
       resolution_factor: cross-resolution model (seed 002): the inputs are
         ``image_size`` but every stage runs on the pair block-averaged by this factor;
         the aggregate flow (output ``low_flow``) is upsampled to full resolution (values
@@ -57,7 +60,7 @@ class RecursiveCascade(keras.Model):
 
     def __init__(self, image_size=(128, 128, 128), base="vtn", n_cascades=1, rep=1,
                  affine="vtn", channels=16, student_variant="seed", resolution_factor=1,
-                 name="cascade", **kwargs):
+                 matrix_gain=MATRIX_GAIN, name="cascade", **kwargs):
         if base not in BASES:
             raise ValueError(f"RecursiveCascade: base must be one of {BASES}, got {base!r}")
         if affine is not None and affine not in AFFINE_VARIANTS:
@@ -86,7 +89,8 @@ class RecursiveCascade(keras.Model):
         aggregate = matrix = None
         warped = moving
         if affine is not None:
-            stem = AffineStem(image_size, variant=affine, name="affine_stem")
+            stem = AffineStem(image_size, variant=affine, name="affine_stem",
+                              matrix_gain=matrix_gain)
             affine_out = stem(concat([fixed, moving]))
             matrix, aggregate = affine_out["matrix"], affine_out["flow"]
             outputs.update(matrix=matrix, translation=affine_out["translation"],
@@ -122,17 +126,19 @@ class RecursiveCascade(keras.Model):
         self.resolution_factor = factor
         self.n_cascades, self.rep, self.channels = int(n_cascades), int(rep), channels
         self.student_variant = student_variant
+        self.matrix_gain = float(matrix_gain)
         self.steps = step
 
     def get_config(self):
         return {"image_size": list(self.image_size), "base": self.base,
                 "n_cascades": self.n_cascades, "rep": self.rep, "affine": self.affine,
                 "channels": self.channels, "student_variant": self.student_variant,
-                "resolution_factor": self.resolution_factor, "name": self.name}
+                "resolution_factor": self.resolution_factor,
+                "matrix_gain": self.matrix_gain, "name": self.name}
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        return cls(**{"matrix_gain": LEGACY_MATRIX_GAIN, **config})
 
     def with_rep(self, rep: int) -> "RecursiveCascade":
         """The same weights applied with ``rep`` shared-weight repetitions."""
