@@ -183,8 +183,26 @@ class BatchStream:
         return dataset.with_options(options)
 
 
+def preview_images(fixed, moving, warped, flow) -> dict[str, np.ndarray]:
+    """Middle slices (along the first array axis) of one registered pair, as TensorBoard
+    images ``[1, H, W, 1]`` in [0, 1]: fixed, moving, warped and the flow's magnitude
+    (scaled by its maximum, which the tag's description does not need: it is a preview)."""
+    def middle(volume):
+        volume = np.asarray(volume, np.float32).reshape(np.shape(volume)[-4:])
+        return volume[volume.shape[0] // 2]
+
+    images = {name: np.clip(middle(volume), 0.0, 1.0)
+              for name, volume in (("fixed", fixed), ("moving", moving),
+                                   ("warped", warped))}
+    magnitude = np.linalg.norm(middle(flow), axis=-1, keepdims=True)
+    images["flow_magnitude"] = magnitude / max(float(magnitude.max()), 1e-6)
+    return {name: image[None] for name, image in images.items()}
+
+
 class ValidationDice(keras.callbacks.Callback):
-    """Mean Dice on the first pairs of the validation scheme every ``every`` steps."""
+    """Mean Dice on the first pairs of the validation scheme every ``every`` steps; with
+    a log folder also the Dice scalar and previews of the first pair
+    (:func:`preview_images`) for TensorBoard."""
 
     def __init__(self, network, dataset_config, step_variable, every: int, max_pairs: int,
                  log_dir: str | None = None):
@@ -197,6 +215,7 @@ class ValidationDice(keras.callbacks.Callback):
         self.pairs = [load_pair(dataset_config, f, m) for f, m in pairs]
         self.writer = tf.summary.create_file_writer(log_dir) if log_dir else None
         self.history: list[tuple[int, float]] = []
+        self.preview: dict[str, np.ndarray] = {}
 
     def on_train_batch_end(self, batch, logs=None):
         step = int(self.step_variable.numpy())
@@ -207,12 +226,20 @@ class ValidationDice(keras.callbacks.Callback):
             if self.writer is not None:
                 with self.writer.as_default():
                     tf.summary.scalar("validation/dice", self.history[-1][1], step=step)
+                    for name, image in self.preview.items():
+                        tf.summary.image(f"validation/{name}", image, step=step)
+                self.writer.flush()
 
     def evaluate(self) -> float:
         scores = []
+        self.preview = {}
         for pair in self.pairs:
             inputs = {k: pair[k][None] for k in ("fixed", "moving")}
-            flow = self.network(inputs, training=False)["flow"]
+            outputs = self.network(inputs, training=False)
+            flow = outputs["flow"]
+            if not self.preview:
+                self.preview = preview_images(inputs["fixed"], inputs["moving"],
+                                              outputs["warped"], flow)
             result = metrics.pair_metrics(pair["fixed_seg"][None], pair["moving_seg"][None],
                                           flow, self.label_values)
             scores.append(result["dice"][0])

@@ -438,3 +438,31 @@ def test_repeated_teacher_targets_live_in_their_own_file(dataset, tmp_path):
     store = TeacherFlowStore(path_twice)
     np.testing.assert_allclose(store.read(*pairs[0]), twice(inputs)["flow"][0], atol=2e-2)
     store.close()
+
+
+def test_validation_writes_dice_and_preview_images_for_tensorboard(dataset, tmp_path):
+    from aldk_tf.train_run import ValidationDice, preview_images
+    config = load_dataset_config(dataset)
+    network = ModelConfig(image_size=SIZE).build()
+    callback = ValidationDice(network, config, tf.Variable(4, dtype=tf.int64), every=2,
+                              max_pairs=2, log_dir=str(tmp_path))
+    callback.on_train_batch_end(0)
+    events = [value for path in tmp_path.iterdir()
+              for event in tf.compat.v1.train.summary_iterator(str(path))
+              for value in event.summary.value]
+    tags = {value.tag for value in events}
+    assert {"validation/dice", "validation/fixed", "validation/moving",
+            "validation/warped", "validation/flow_magnitude"} <= tags
+    # The previews are the middle slices of the first validation pair.
+    pair = load_pair(config, *list_pairs(config, "2")[0])
+    outputs = network({k: pair[k][None] for k in ("fixed", "moving")})
+    images = preview_images(pair["fixed"][None], pair["moving"][None], outputs["warped"],
+                            outputs["flow"])
+    middle = SIZE[0] // 2
+    np.testing.assert_allclose(images["fixed"][0], np.clip(pair["fixed"][middle], 0, 1))
+    np.testing.assert_allclose(images["warped"][0],
+                               np.clip(outputs["warped"][0, middle], 0, 1), atol=1e-6)
+    magnitude = np.linalg.norm(outputs["flow"][0, middle], axis=-1)
+    np.testing.assert_allclose(images["flow_magnitude"][0, ..., 0],
+                               magnitude / max(magnitude.max(), 1e-6), atol=1e-5)
+    assert all(image.shape == (1, *SIZE[1:], 1) for image in images.values())
