@@ -250,3 +250,17 @@ def test_label_values_up_to_65535_are_kept_as_uint16(tmp_path, rng):
     too_big = nib.Nifti1Image(big + 1, AFFINE)
     with pytest.raises(DataError, match="0..65535"):
         preprocess_scan(nib.Nifti1Image(data, AFFINE), label=too_big, size=16)
+
+
+def test_a_truncated_nifti_fails_with_its_name(tmp_path):
+    """nibabel reads voxels lazily: a cut .nii.gz must fail when loaded, naming the file,
+    not later with a gzip traceback."""
+    from aldk_tf.data.preprocess import load_image
+    path = tmp_path / "scan.nii.gz"
+    volume = np.random.default_rng(0).random((24, 24, 24)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
+    np.testing.assert_array_equal(np.asarray(load_image(path).dataobj), volume)
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"cut\.nii\.gz: cannot read image"):
+        load_image(cut)

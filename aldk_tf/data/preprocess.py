@@ -162,9 +162,12 @@ def load_image(path_or_image, what: str = "image") -> nib.spatialimages.SpatialI
             raise DataError(f"{path}: {what} file not found")
         try:
             image = nib.load(str(path))
-            image.shape  # noqa: B018  (header is parsed lazily)
-        except Exception as exc:  # nibabel raises many types for unreadable files
-            reason = " ".join(str(exc).split())
+            # The voxels are read lazily: read them now, so that a truncated or corrupt
+            # file fails here with its name, not later inside the pipeline.
+            image = image.__class__(np.asanyarray(image.dataobj), image.affine,
+                                    image.header)
+        except Exception as exc:  # nibabel, gzip, zlib raise many types for bad files
+            reason = " ".join(str(exc).split()) or type(exc).__name__
             raise DataError(f"{path}: cannot read {what} ({reason})") from None
     else:
         image = path_or_image
