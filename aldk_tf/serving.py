@@ -32,6 +32,7 @@ exporter holds a lock on its temporary folder; folders of exports killed before 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -335,6 +336,14 @@ def prepare_base(base: str) -> None:
     except OSError as error:
         raise ExportError(f"{base}: output directory not writable "
                           f"({error.strerror or error})") from None
+
+
+def remove_if_new_and_empty(base: str, existed: bool) -> None:
+    """Remove ``base`` when it did not exist before the command (``existed``) and holds
+    nothing: a command that failed leaves no empty output folder behind."""
+    if not existed:
+        with contextlib.suppress(OSError):
+            os.rmdir(base)
 
 
 def export_model(model, base: str, version: int | None = None,

@@ -40,6 +40,7 @@ import tensorflow as tf
 from aldk_tf import metrics
 from aldk_tf.refine import DEFAULT_LEARNING_RATE, refine_flow
 from aldk_tf.refine import add_arguments as add_refine_arguments
+from aldk_tf.refine import check_arguments as check_refine_arguments
 from aldk_tf.runs import TEACHER_FLOWS_NAME, RunError
 from aldk_tf.shards import Shard, ShardError, check_complete, find_parts, split_name
 
@@ -226,12 +227,12 @@ def missing_pairs(path: str, pairs) -> list[tuple[str, str]]:
 def refine_setting(steps: int = 0,
                    learning_rate: float = DEFAULT_LEARNING_RATE) -> dict:
     """The attributes that record how stored flows were refined (steps 0: not at all)."""
-    if steps < 0:
-        raise RunError(f"--refine must be >= 0, got {steps}")
+    try:
+        check_refine_arguments(steps, learning_rate)
+    except ValueError as error:
+        raise RunError(str(error)) from None
     if steps == 0:
         return {"refine_steps": 0}
-    if not np.isfinite(learning_rate) or learning_rate <= 0:
-        raise RunError(f"--refine-lr must be > 0, got {learning_rate}")
     return {"refine_steps": int(steps), "refine_learning_rate": float(learning_rate)}
 
 
