@@ -181,12 +181,21 @@ def sample_labels(labels: np.ndarray, coordinate: np.ndarray) -> np.ndarray:
     return result
 
 
+#: How far from an integer a label value stored as float may be (rounding of the file).
+LABEL_TOLERANCE = 1e-3
+
+
 def label_array(data: np.ndarray, where: str) -> np.ndarray:
     """Integer labels in the narrowest of uint8, uint16, int16, int32 that holds them."""
-    labels = np.rint(np.asarray(data, np.float64))
+    data = np.asarray(data, np.float64)
+    labels = np.rint(data)
     if labels.size == 0:
         return labels.astype(np.uint8)
     low, high = labels.min(), labels.max()
+    off = np.abs(data - labels) > LABEL_TOLERANCE       # NaN fails the range check below
+    if off.any():
+        raise WarpError(f"{where}: {int(off.sum())} voxel(s) are not integer labels (e.g. "
+                        f"{data[off].flat[0]:g}); expected a label map of integer values")
     for dtype in (np.uint8, np.uint16, np.int16, np.int32):
         info = np.iinfo(dtype)
         if info.min <= low and high <= info.max:

@@ -166,6 +166,7 @@ def load_image(path_or_image, what: str = "image") -> nib.spatialimages.SpatialI
             # file fails here with its name, not later inside the pipeline.
             image = image.__class__(np.asanyarray(image.dataobj), image.affine,
                                     image.header)
+            image.set_filename(str(path))          # errors further on name the file
         except Exception as exc:  # nibabel, gzip, zlib raise many types for bad files
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise DataError(f"{path}: cannot read {what} ({reason})") from None
