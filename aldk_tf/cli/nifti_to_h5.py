@@ -120,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="mask files are named <image name><suffix> (e.g. _mask)")
     parser.add_argument("--out", required=True,
                         help="output stem: writes OUT.h5 and OUT.json")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing OUT.h5 / OUT.json")
     parser.add_argument("--size", type=int, nargs="+", default=[preprocess.DEFAULT_SIZE],
                         help="target size: one int (cubic) or three (default 128)")
     parser.add_argument("--modality", choices=preprocess.MODALITIES, default="mr")
@@ -155,6 +157,11 @@ def convert(args: argparse.Namespace) -> Path:
     name = out.name
     h5_path, json_path = out.parent / f"{name}.h5", out.parent / f"{name}.json"
     prefix = args.prefix or name
+    for path in (h5_path, json_path):
+        if path.is_dir():
+            raise DataError(f"{path}: a folder; --out expects the stem of two new files")
+        if path.exists() and not args.overwrite:
+            raise DataError(f"{path}: exists; pass --overwrite to replace it")
     images = find_files(args.images, "image")
     labels = (match(images, find_files(args.labels, "label"), "label", args.label_suffix)
               if args.labels else {})
@@ -204,7 +211,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         convert(args)
-    except DataError as exc:
+    except (DataError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
