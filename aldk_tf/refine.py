@@ -51,10 +51,10 @@ def add_arguments(parser, what: str = "refine each flow") -> None:
 
 def check_arguments(steps: int, learning_rate: float) -> None:
     """ValueError naming the flag unless ``--refine`` and ``--refine-lr`` are in range
-    (the step size only matters, and is only checked, when there are steps)."""
+    (the step size too when there are no steps: a value given is a value checked)."""
     if steps < 0:
         raise ValueError(f"--refine: expected an integer >= 0, got {steps}")
-    if steps and not 0 < learning_rate < np.inf:
+    if not 0 < learning_rate < np.inf:
         raise ValueError(f"--refine-lr: expected a finite step size > 0 (voxels), got "
                          f"{learning_rate}")
 

@@ -65,8 +65,10 @@ class PreprocessSettings:
         self.size = ((int(self.size),) * 3 if np.ndim(self.size) == 0
                      else tuple(int(n) for n in self.size))
         self.margin, self.threshold = int(self.margin), float(self.threshold)
-        if len(self.window) != 2 or not self.window[1] > self.window[0]:
-            raise DataError(f"window: expected LOW < HIGH, got {self.window}")
+        if not np.isfinite(self.threshold):
+            raise DataError(f"threshold: expected a finite value in HU, got {self.threshold}")
+        if len(self.window) != 2 or not -np.inf < self.window[0] < self.window[1] < np.inf:
+            raise DataError(f"window: expected finite LOW < HIGH, got {self.window}")
         if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < \
                 self.percentiles[1] <= 100:
             raise DataError(f"percentiles: expected 0 <= LOW < HIGH <= 100, got "
