@@ -460,6 +460,7 @@ def test_failed_start_removes_the_weights_folder_it_made(dataset, tmp_path, caps
 @pytest.mark.parametrize("tool,flags,expected", [
     ("evaluate", ["--refine", "2", "--refine-lr", "inf"], "--refine-lr"),
     ("evaluate", ["-n", "../../x"], "-n/--name"),
+    ("evaluate", ["--exported", "export/1", "-r", "2"], "-r applies"),
     ("export", ["--version", "0"], "--version"),
     ("export", ["--tolerance", "nan"], "--tolerance"),
     ("export", ["--tolerance", "-1"], "--tolerance")])

@@ -232,9 +232,10 @@ def main(argv=None) -> int:
             dataset.scheme_subsets(VALIDATION_SCHEME if subset is None else subset)
         if args.rep is not None and args.rep < 1:
             raise EvaluationError(f"-r must be >= 1, got {args.rep}")
-        if args.rep is not None and not args.checkpoint:
-            raise EvaluationError("-r needs -c (an exported model has its repetitions "
-                                  "built in)")
+        if args.rep is not None and (args.exported or not args.checkpoint):
+            raise EvaluationError("-r applies to the run's Keras model (-c without "
+                                  "--exported); expected no -r with an exported model: "
+                                  "its repetitions are built in")
         if args.batch < 1:
             raise EvaluationError(f"--batch must be >= 1, got {args.batch}")
         try:
