@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 
 CONFIG_NAME = "config.json"
 
+#: The most shared-weight repetitions of a cascade a tool accepts (``-r``,
+#: ``--teacher-rep``): each one adds the cascade again to the graph, so a typing slip such
+#: as ``-r 1000000`` would build (or hang) instead of failing.
+MAX_REP = 100
+
 
 @dataclass
 class ModelConfig:

@@ -461,6 +461,8 @@ def test_failed_start_removes_the_weights_folder_it_made(dataset, tmp_path, caps
     ("evaluate", ["--refine", "2", "--refine-lr", "inf"], "--refine-lr"),
     ("evaluate", ["-n", "../../x"], "-n/--name"),
     ("evaluate", ["--exported", "export/1", "-r", "2"], "-r applies"),
+    ("evaluate", ["-r", "1000000"], "-r: expected an integer in 1..100"),
+    ("export", ["-r", "1000000"], "-r: expected an integer in 1..100"),
     ("export", ["--version", "0"], "--version"),
     ("export", ["--tolerance", "nan"], "--tolerance"),
     ("export", ["--tolerance", "-1"], "--tolerance")])

@@ -39,6 +39,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from aldk_tf import runs
+from aldk_tf.config import MAX_REP
 from aldk_tf.data import VALIDATION_SCHEME, DataError, load_dataset_config
 from aldk_tf.evaluation import (EvaluationError, write_json_report, write_label_csv,
                                 write_rcn_report)
@@ -230,8 +231,8 @@ def main(argv=None) -> int:
                    if args.val_subset else [None])
         for subset in subsets:               # unknown names fail before any work
             dataset.scheme_subsets(VALIDATION_SCHEME if subset is None else subset)
-        if args.rep is not None and args.rep < 1:
-            raise EvaluationError(f"-r must be >= 1, got {args.rep}")
+        if args.rep is not None and not 1 <= args.rep <= MAX_REP:
+            raise EvaluationError(f"-r: expected an integer in 1..{MAX_REP}, got {args.rep}")
         if args.rep is not None and (args.exported or not args.checkpoint):
             raise EvaluationError("-r applies to the run's Keras model (-c without "
                                   "--exported); expected no -r with an exported model: "

@@ -23,6 +23,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from aldk_tf import runs
+from aldk_tf.config import MAX_REP
 from aldk_tf.data import (VALIDATION_SCHEME, DataError, list_pairs,
                           load_dataset_config, load_pair)
 from aldk_tf.evaluation import EvaluationError, check_image_size
@@ -120,8 +121,8 @@ def main(argv=None) -> int:
     existed = os.path.isdir(args.out)
     try:
         variants = tflite_variants(args.tflite)
-        if args.rep is not None and args.rep < 1:
-            raise ExportError(f"-r must be >= 1, got {args.rep}")
+        if args.rep is not None and not 1 <= args.rep <= MAX_REP:
+            raise ExportError(f"-r: expected an integer in 1..{MAX_REP}, got {args.rep}")
         if args.version is not None and args.version < 1:
             raise ExportError(f"--version: expected an integer >= 1, got {args.version}")
         if not 0 <= args.tolerance < math.inf:

@@ -31,6 +31,8 @@ import datetime
 import os
 import sys
 
+from aldk_tf.config import MAX_REP
+
 BASES = {"vtn": ("teacher", "vtn", "vtn"), "voxelmorph": ("teacher", "voxelmorph", "vtn"),
          "ldr": ("student", "student", "student")}
 
@@ -219,6 +221,9 @@ def check_values(args) -> None:
     if args.round * args.epochs > MAX_STEPS:        # the step counter is an int64
         raise ValueError(f"--round {args.round} x --epochs {args.epochs}: expected at most "
                          f"{MAX_STEPS} steps")
+    for flag, value in (("-r/--rep", args.rep), ("--teacher-rep", args.teacher_rep)):
+        if value > MAX_REP:
+            raise ValueError(f"{flag}: expected at most {MAX_REP} repetitions, got {value}")
     for flag, value in (("--max_steps", args.max_steps),
                         ("--resolution_factor", args.resolution_factor)):
         if value is not None and value < 1:
