@@ -560,7 +560,8 @@ def test_build_demo_faults_are_one_line(tmp_path, capsys):
     blocker.write_text("x")
     cases = [(["--seed", "-1"], "--seed"),
              (["--heldout-t1", str(tmp_path / "missing.nii.gz")], "missing.nii.gz"),
-             (["--out", str(blocker)], str(blocker))]
+             (["--out", str(blocker)], str(blocker)),
+             (["--nifti", str(blocker)], f"--nifti {blocker}")]
     for flags, expected in cases:
         assert build_demo.main(["--out", str(tmp_path / "demo"), "--size", "16", *flags]) == 2
         one_error_line(capsys, expected)

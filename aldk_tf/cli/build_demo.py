@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     try:
         if args.seed < 0:
             raise ValueError(f"--seed: expected an integer >= 0, got {args.seed}")
+        for flag, folder in (("--out", args.out), ("--nifti", args.nifti)):
+            if folder and os.path.exists(folder) and not os.path.isdir(folder):
+                raise ValueError(f"{flag} {folder}: exists and is not a folder")
         path = build_demo(args.out, size=args.size, seed=args.seed, subjects=args.subjects,
                           validation=args.val, test=args.test,
                           vary=not args.same_anatomy, test_template=args.heldout_t1)
