@@ -587,3 +587,21 @@ def test_truncated_tflite_is_one_line_not_a_crash(tmp_path):
                             text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
     assert result.returncode == 2, (result.returncode, result.stderr[-500:])
     assert "truncated" in result.stdout
+
+
+@pytest.mark.parametrize("fault", ["nan", "no-intent"])
+def test_flow_with_nan_or_unnamed_axes_is_one_line(tmp_path, capsys, fault):
+    """A NaN in the flow was a TensorFlow traceback; a flow whose intent names no axes
+    was read as RAS silently (an ITK/ANTs field is LPS)."""
+    from aldk_tf import warp
+    flow = np.zeros((SIZE,) * 3 + (1, 3), np.float32)
+    if fault == "nan":
+        flow[1, 1, 1] = np.nan
+    flow_path = nifti(tmp_path / "flow.nii.gz", flow)
+    image = nifti(tmp_path / "image.nii.gz", np.ones((SIZE,) * 3, np.float32))
+    out = tmp_path / "warped.nii.gz"
+    flags = ["--flow-space", "ras"] if fault == "nan" else []
+    assert warp.main(["--flow", flow_path, "--image", image, "--out", str(out),
+                      *flags]) == 2
+    one_error_line(capsys, flow_path, "NaN" if fault == "nan" else "--flow-space")
+    assert not out.exists()
