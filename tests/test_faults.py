@@ -552,6 +552,10 @@ def test_data_preparation_never_overwrites_a_dataset(tmp_path, capsys):
                                  "8", "--val", "1", *bad]) == 2
         one_error_line(capsys, bad[0].lstrip("-"), "finite")
     assert not (tmp_path / "other.h5").exists()
+    new = tmp_path / "new" / "set"                   # a failed run leaves no folder
+    assert nifti_to_h5.main([*flags[:-4], "--out", str(new), "--seed", "-1"]) == 2
+    one_error_line(capsys, "--seed")
+    assert not new.parent.exists()
 
 
 def test_build_demo_faults_are_one_line(tmp_path, capsys):

@@ -21,6 +21,7 @@ Installed, the same tool is the console script ``aldk-prep``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import sys
 from pathlib import Path
@@ -97,6 +98,8 @@ def match(images: list[Path], others: list[Path], what: str,
 
 def split(ids: list[str], val: int, test: int, seed: int) -> dict[str, list[str]]:
     """Seeded random split into train / val / test (train keeps the rest, sorted)."""
+    if seed < 0:
+        raise DataError(f"--seed: expected an integer >= 0, got {seed}")
     if val < 0 or test < 0 or val + test >= len(ids):
         raise DataError(f"--val {val} --test {test}: need at least one training scan "
                         f"out of {len(ids)}")
@@ -209,10 +212,15 @@ def convert(args: argparse.Namespace) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    folder = Path(args.out).parent
+    existed = folder.exists()
     try:
         convert(args)
     except (DataError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if not existed:                         # the output folder this run made
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         return 2
     return 0
 
