@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 
 CONFIG_NAME = "config.json"
 
+#: The most shared-weight repetitions of a cascade a tool accepts (``-r``,
+#: ``--teacher-rep``): each one adds the cascade again to the graph, so a typing slip such
+#: as ``-r 1000000`` would build (or hang) instead of failing.
+MAX_REP = 100
+
 
 @dataclass
 class ModelConfig:
@@ -122,17 +127,19 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
-        model = dict(data.get("model", {}))
+        """TypeError naming the setting unless ``data`` holds settings of the right
+        types (a model's settings are required: their defaults are no trained model)."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            raise TypeError("expected a JSON object with a 'model' object")
+        model = dict(data["model"])
         if model and "matrix_gain" not in model:   # a run from before the affine gain
             model["matrix_gain"] = 1.0
-        if "image_size" in model:
-            model["image_size"] = tuple(model["image_size"])
         return cls(dataset=data.get("dataset", ""),
-                   model=ModelConfig(**model),
-                   losses=LossWeights(**data.get("losses", {})),
-                   train=TrainConfig(**data.get("train", {})),
-                   aldk=ALDKConfig(**data.get("aldk", {})),
-                   crd=CRDConfig(**data.get("crd", {})),
+                   model=_section(ModelConfig, model, "model"),
+                   losses=_section(LossWeights, data.get("losses", {}), "losses"),
+                   train=_section(TrainConfig, data.get("train", {}), "train"),
+                   aldk=_section(ALDKConfig, data.get("aldk", {}), "aldk"),
+                   crd=_section(CRDConfig, data.get("crd", {}), "crd"),
                    preprocessing=data.get("preprocessing"),
                    history=list(data.get("history", [])))
 
@@ -155,6 +162,29 @@ class RunConfig:
             except (json.JSONDecodeError, TypeError) as error:
                 raise ValueError(f"{path}: not a valid run configuration ({error})") \
                     from None
+
+
+#: JSON types a setting of each annotated type may have (bool is no int here).
+_SETTING_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+                  "str | None": (str, type(None)),
+                  "tuple[int, int, int]": (list, tuple)}
+
+
+def _section(cls, data, name: str):
+    """``cls(**data)``; TypeError naming the setting whose value has another type."""
+    if not isinstance(data, dict):
+        raise TypeError(f"'{name}' is {type(data).__name__}, expected an object")
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in fields:
+            raise TypeError(f"'{name}.{key}' is not a setting")
+        allowed = _SETTING_TYPES.get(fields[key], (object,))
+        if (isinstance(value, bool) and bool not in allowed
+                or not isinstance(value, allowed)):
+            raise TypeError(f"'{name}.{key}' is {value!r}, expected {fields[key]}")
+    if "image_size" in data:
+        data = {**data, "image_size": tuple(data["image_size"])}
+    return cls(**data)
 
 
 def atomic_write_text(path: str, text: str) -> None:

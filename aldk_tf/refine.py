@@ -49,6 +49,16 @@ def add_arguments(parser, what: str = "refine each flow") -> None:
                         f"(default {DEFAULT_LEARNING_RATE})")
 
 
+def check_arguments(steps: int, learning_rate: float) -> None:
+    """ValueError naming the flag unless ``--refine`` and ``--refine-lr`` are in range
+    (the step size too when there are no steps: a value given is a value checked)."""
+    if steps < 0:
+        raise ValueError(f"--refine: expected an integer >= 0, got {steps}")
+    if not 0 < learning_rate < np.inf:
+        raise ValueError(f"--refine-lr: expected a finite step size > 0 (voxels), got "
+                         f"{learning_rate}")
+
+
 def refine_flow(fixed_image, moving_image, initial_flow, steps: int = DEFAULT_STEPS, *,
                 learning_rate: float = DEFAULT_LEARNING_RATE, smoothness: float = 1.0,
                 similarity: float = 1.0) -> tuple[tf.Tensor, dict]:

@@ -70,6 +70,7 @@ from aldk_tf.data import DataError  # noqa: E402
 from aldk_tf.data import preprocess  # noqa: E402
 from aldk_tf.refine import DEFAULT_LEARNING_RATE  # noqa: E402
 from aldk_tf.refine import add_arguments as add_refine_arguments  # noqa: E402
+from aldk_tf.refine import check_arguments as check_refine_arguments  # noqa: E402
 from aldk_tf.serving import INFO_NAME, SERVING_SIGNATURE, make_readable  # noqa: E402
 
 SUMMARY_NAME = "registration.json"
@@ -300,10 +301,10 @@ class Registrar:
     def __init__(self, model: str, overrides: dict | None = None,
                  with_masks: bool = False, refine: int = 0,
                  refine_learning_rate: float = DEFAULT_LEARNING_RATE):
-        if refine < 0:
-            raise RegisterError(f"--refine must be >= 0, got {refine}")
-        if refine and not refine_learning_rate > 0:
-            raise RegisterError(f"--refine-lr must be > 0, got {refine_learning_rate}")
+        try:
+            check_refine_arguments(refine, refine_learning_rate)
+        except ValueError as error:
+            raise RegisterError(str(error)) from None
         self.loaded, self.size = load_serving_model(model)
         self.model_path = latest_version(model)
         self.info = read_export_info(self.model_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -31,15 +32,24 @@ def parameter_reports(size: int = 128) -> dict[str, dict[str, int]]:
     return {name: build(shape).parameter_report() for name, build in MODELS.items()}
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=128)
     args = parser.parse_args(argv)
-    for name, report in parameter_reports(args.size).items():
+    try:
+        if args.size < 16 or args.size % 16:
+            raise ValueError(f"expected a cubic size that is a positive multiple of 16 "
+                             f"(the network's total stride), got {args.size}")
+        reports = parameter_reports(args.size)
+    except ValueError as error:
+        print(f"error: --size: {error}", file=sys.stderr)
+        return 2
+    for name, report in reports.items():
         stages = ", ".join(f"{stage} {count:,}" for stage, count in report.items()
                            if stage != "total")
         print(f"{name}: {report['total']:,} ({stages})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

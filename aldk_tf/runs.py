@@ -42,7 +42,10 @@ def load_run_config(run_dir: str) -> RunConfig:
     if not os.path.isfile(os.path.join(run_dir, CONFIG_NAME)):
         raise RunError(f"{run_dir}: no {CONFIG_NAME}; expected a run directory written "
                        f"by train.py")
-    return RunConfig.load(run_dir)
+    try:
+        return RunConfig.load(run_dir)
+    except (OSError, ValueError) as error:
+        raise RunError(str(error)) from None
 
 
 def load_model(run_dir: str, rep: int | None = None):
@@ -101,11 +104,16 @@ def claim_run(run_dir: str, new: bool):
 
     ``new``: the directory is created if needed and must not hold a run yet; when the
     block fails before the run saved a checkpoint, whatever this start created is removed
-    again (a failed start leaves no run directory behind). A resumed run's directory is
+    again, parent folders (``--weights_dir``) included: a failed start leaves no run
+    directory behind. A resumed run's directory is
     never removed.
     """
-    created = False
+    created, parents = False, []
     if new:
+        parent = os.path.dirname(os.path.abspath(run_dir))
+        while not os.path.exists(parent):        # made here, removed again on failure
+            parents.append(parent)
+            parent = os.path.dirname(parent)
         os.makedirs(os.path.dirname(os.path.abspath(run_dir)), exist_ok=True)
         try:
             os.mkdir(run_dir)
@@ -124,6 +132,9 @@ def claim_run(run_dir: str, new: bool):
     except BaseException:
         if new and not has_checkpoint(run_dir):
             _remove_created(run_dir, created, before)
+            for folder in parents:                # deepest first, only when empty
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
         raise
     finally:
         handle.close()

@@ -32,6 +32,7 @@ exporter holds a lock on its temporary folder; folders of exports killed before 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -213,14 +214,37 @@ def convert_tflite(model, variant: str = "fp32") -> bytes:
             from None
 
 
-def tflite_runner(path_or_bytes):
-    """``run(fixed, moving) -> {"flow", "warped"}`` over a TFLite model (batch 1)."""
+def check_flatbuffer(content: bytes) -> None:
+    """ValueError unless ``content`` parses whole as a TFLite model: the interpreter does
+    not verify its input, and a truncated file crashes the process (segfault)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    if content[4:8] != b"TFL3":
+        raise ValueError("no TFL3 file identifier")
+    try:
+        model = schema.ModelT.InitFromPackedBuf(content, 0)
+    except Exception as error:  # noqa: BLE001  struct/flatbuffers errors on a cut file
+        raise ValueError(f"truncated or corrupt flatbuffer ({error})") from None
+    for buffer in model.buffers or []:
+        if buffer.offset and buffer.offset + buffer.size > len(content):
+            raise ValueError("truncated: a weight buffer lies beyond the end of the file")
+
+
+def _interpreter(path_or_bytes):
+    """A ``tf.lite.Interpreter`` over a model file or its bytes, checked first."""
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        content = bytes(path_or_bytes)
+    else:
+        with open(path_or_bytes, "rb") as handle:
+            content = handle.read()
+    check_flatbuffer(content)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")      # tf.lite.Interpreter's deprecation notice
-        if isinstance(path_or_bytes, (bytes, bytearray)):
-            interpreter = tf.lite.Interpreter(model_content=bytes(path_or_bytes))
-        else:
-            interpreter = tf.lite.Interpreter(model_path=str(path_or_bytes))
+        return tf.lite.Interpreter(model_content=content)
+
+
+def tflite_runner(path_or_bytes):
+    """``run(fixed, moving) -> {"flow", "warped"}`` over a TFLite model (batch 1)."""
+    interpreter = _interpreter(path_or_bytes)
     signature = interpreter.get_signature_runner(SERVING_SIGNATURE)
 
     def run(fixed, moving):
@@ -236,11 +260,7 @@ def tflite_runner(path_or_bytes):
 
 def tflite_ops(path_or_bytes) -> list[str]:
     """The sorted op names of a TFLite model (to check it is builtin-only)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        interpreter = (tf.lite.Interpreter(model_content=bytes(path_or_bytes))
-                       if isinstance(path_or_bytes, (bytes, bytearray))
-                       else tf.lite.Interpreter(model_path=str(path_or_bytes)))
+    interpreter = _interpreter(path_or_bytes)
     return sorted({op["op_name"] for op in interpreter._get_ops_details()})
 
 
@@ -335,6 +355,14 @@ def prepare_base(base: str) -> None:
     except OSError as error:
         raise ExportError(f"{base}: output directory not writable "
                           f"({error.strerror or error})") from None
+
+
+def remove_if_new_and_empty(base: str, existed: bool) -> None:
+    """Remove ``base`` when it did not exist before the command (``existed``) and holds
+    nothing: a command that failed leaves no empty output folder behind."""
+    if not existed:
+        with contextlib.suppress(OSError):
+            os.rmdir(base)
 
 
 def export_model(model, base: str, version: int | None = None,

@@ -38,8 +38,10 @@ import numpy as np
 import tensorflow as tf
 
 from aldk_tf import metrics
+from aldk_tf.config import MAX_REP
 from aldk_tf.refine import DEFAULT_LEARNING_RATE, refine_flow
 from aldk_tf.refine import add_arguments as add_refine_arguments
+from aldk_tf.refine import check_arguments as check_refine_arguments
 from aldk_tf.runs import TEACHER_FLOWS_NAME, RunError
 from aldk_tf.shards import Shard, ShardError, check_complete, find_parts, split_name
 
@@ -226,12 +228,12 @@ def missing_pairs(path: str, pairs) -> list[tuple[str, str]]:
 def refine_setting(steps: int = 0,
                    learning_rate: float = DEFAULT_LEARNING_RATE) -> dict:
     """The attributes that record how stored flows were refined (steps 0: not at all)."""
-    if steps < 0:
-        raise RunError(f"--refine must be >= 0, got {steps}")
+    try:
+        check_refine_arguments(steps, learning_rate)
+    except ValueError as error:
+        raise RunError(str(error)) from None
     if steps == 0:
         return {"refine_steps": 0}
-    if not np.isfinite(learning_rate) or learning_rate <= 0:
-        raise RunError(f"--refine-lr must be > 0, got {learning_rate}")
     return {"refine_steps": int(steps), "refine_learning_rate": float(learning_rate)}
 
 
@@ -501,8 +503,9 @@ def main(argv=None) -> int:
         if args.batch < 1:
             raise RunError(f"--batch: expected an integer >= 1, got {args.batch}")
         refine_setting(args.refine, args.refine_lr)          # a bad value fails first
-        if args.teacher_rep < 0:
-            raise RunError(f"--teacher-rep: expected R >= 0, got {args.teacher_rep}")
+        if not 0 <= args.teacher_rep <= MAX_REP:
+            raise RunError(f"--teacher-rep: expected R in 0..{MAX_REP}, got "
+                           f"{args.teacher_rep}")
         teacher_config = runs.load_run_config(args.teacher)
         rep = args.teacher_rep or teacher_config.model.rep
         dataset_config = load_dataset_config(args.dataset or teacher_config.dataset)

@@ -18,7 +18,8 @@ Flow spaces (``--flow-space``):
   the file but leaves the vector values as stored, so a field meant for
   ``antsApplyTransforms -t flow.nii.gz`` must hold LPS vectors;
 - ``auto`` (default): the space named in the file's intent name (``displacement RAS``
-  or ``displacement LPS``, as register writes it), RAS if it names none.
+  or ``displacement LPS``, as register writes it); a file that names neither is refused
+  (pass ``--flow-space``: guessing RAS would warp an ITK field the wrong way silently).
 
 Interpolation: ``linear`` (trilinear, edge-clamped: :func:`aldk_tf.spatial.resample`, for
 images), ``nearest`` (nearest voxel, for label maps without partial-volume voting) and
@@ -102,9 +103,18 @@ def read_flow(path: str, space: str = "auto"):
     if data.ndim != 4 or data.shape[3] != 3:
         raise WarpError(f"{path}: flow has shape {image.shape}, expected [X, Y, Z, 1, 3] "
                         "(a displacement field as aldk-register writes it)")
+    if not np.isfinite(data).all():
+        raise WarpError(f"{path}: {int((~np.isfinite(data)).sum())} flow value(s) are NaN "
+                        "or infinite; expected a finite displacement field")
     if space == "auto":
         name = image.header.get_intent()[2].upper()
-        space = "lps" if "LPS" in name else "ras"
+        found = [known for known in FLOW_SPACES if known.upper() in name.split()]
+        if len(found) != 1:
+            raise WarpError(f"{path}: intent name '{name}' does not say the flow's axes "
+                            f"(expected '{FLOW_INTENT.format(space='RAS')}' or "
+                            f"'{FLOW_INTENT.format(space='LPS')}'); pass --flow-space ras "
+                            "or lps")
+        space = found[0]
     elif space not in FLOW_SPACES:
         raise WarpError(f"--flow-space: expected auto or one of {FLOW_SPACES}, "
                         f"got '{space}'")
@@ -181,12 +191,21 @@ def sample_labels(labels: np.ndarray, coordinate: np.ndarray) -> np.ndarray:
     return result
 
 
+#: How far from an integer a label value stored as float may be (rounding of the file).
+LABEL_TOLERANCE = 1e-3
+
+
 def label_array(data: np.ndarray, where: str) -> np.ndarray:
     """Integer labels in the narrowest of uint8, uint16, int16, int32 that holds them."""
-    labels = np.rint(np.asarray(data, np.float64))
+    data = np.asarray(data, np.float64)
+    labels = np.rint(data)
     if labels.size == 0:
         return labels.astype(np.uint8)
     low, high = labels.min(), labels.max()
+    off = np.abs(data - labels) > LABEL_TOLERANCE       # NaN fails the range check below
+    if off.any():
+        raise WarpError(f"{where}: {int(off.sum())} voxel(s) are not integer labels (e.g. "
+                        f"{data[off].flat[0]:g}); expected a label map of integer values")
     for dtype in (np.uint8, np.uint16, np.int16, np.int32):
         info = np.iinfo(dtype)
         if info.min <= low and high <= info.max:

@@ -96,6 +96,15 @@ def test_bad_flag_is_one_line_and_creates_nothing(dataset, tmp_path, capsys, fla
     assert not weights.exists()
 
 
+def test_more_steps_than_the_step_counter_holds_is_refused(dataset, tmp_path, capsys):
+    weights = tmp_path / "weights"
+    code = train_cli.main(train_flags(dataset, weights, "x", "--max_steps", "1",
+                                      "--epochs", "99999999999999999999"))
+    assert code == 2
+    one_error_line(capsys, "--round 100 x --epochs 99999999999999999999", "expected")
+    assert not weights.exists()
+
+
 def test_override_without_a_resumed_run_is_refused(dataset, tmp_path, capsys):
     assert train_cli.main(train_flags(dataset, tmp_path, "x", "--override")) == 2
     one_error_line(capsys, "--override", "-c")
@@ -411,3 +420,192 @@ def test_a_held_run_directory_is_refused_and_kill_9_then_resume(dataset, tmp_pat
     # The lock died with the process: the same run resumes and ends at the same step.
     assert train_cli.main(["-c", run_dir, "--max_steps", str(saved + 1), "-v", "0"]) == 0
     assert latest_step(run_dir) == saved + 1
+
+
+# ------------------------------------------- files and flags of the other tools
+@pytest.mark.parametrize("text", ["", "{not json", "[]", '{"dataset": "x.json"}',
+                                  "model-channels"])
+def test_corrupt_or_foreign_config_json_is_one_line(run, tmp_path, capsys, text):
+    """config.json empty, not JSON, not an object, without a model, or with a setting
+    of another type: one line naming it, for every tool that reads a run."""
+    path = os.path.join(run, "config.json")
+    if text == "model-channels":
+        document = json.load(open(path))
+        document["model"]["channels"] = "four"
+        text = json.dumps(document)
+    with open(path, "w") as handle:
+        handle.write(text)
+    out = tmp_path / "out"
+    assert evaluate_cli.main(["-c", run, "--out-dir", str(out), "--no-progress"]) == 2
+    one_error_line(capsys, path, "not a valid run configuration")
+    assert train_cli.main(["-c", run, "-v", "0"]) == 2
+    one_error_line(capsys, path, "not a valid run configuration")
+    assert not out.exists()
+
+
+def test_failed_start_removes_the_weights_folder_it_made(dataset, tmp_path, capsys):
+    """A dataset whose HDF5 file is missing fails inside the run: neither the run
+    directory nor the --weights_dir folders made for it are left."""
+    config = json.load(open(dataset))
+    config["files"] = {key: {**value, "path": "missing.h5"}
+                       for key, value in config["files"].items()}
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(config))
+    weights = tmp_path / "new" / "weights"
+    assert train_cli.main(train_flags(str(broken), weights, "x")) == 2
+    one_error_line(capsys, "missing.h5")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("tool,flags,expected", [
+    ("evaluate", ["--refine", "2", "--refine-lr", "inf"], "--refine-lr"),
+    ("evaluate", ["-n", "../../x"], "-n/--name"),
+    ("evaluate", ["--exported", "export/1", "-r", "2"], "-r applies"),
+    ("evaluate", ["-r", "1000000"], "-r: expected an integer in 1..100"),
+    ("export", ["-r", "1000000"], "-r: expected an integer in 1..100"),
+    ("export", ["--version", "0"], "--version"),
+    ("export", ["--tolerance", "nan"], "--tolerance"),
+    ("export", ["--tolerance", "-1"], "--tolerance")])
+def test_evaluate_and_export_flag_out_of_range_is_one_line(run, tmp_path, capsys,
+                                                           tool, flags, expected):
+    out = tmp_path / "out"
+    if tool == "evaluate":
+        code = evaluate_cli.main(["-c", run, "--out-dir", str(out), "--no-progress",
+                                  *flags])
+    else:
+        code = export_cli.main(["-c", run, "--out", str(out), "--tflite", "none", *flags])
+    assert code == 2
+    one_error_line(capsys, expected, "expected")
+    assert not out.exists() and not (tmp_path / "x.json").exists()
+
+
+def test_refine_lr_out_of_range_is_refused_even_without_steps(run, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert evaluate_cli.main(["-c", run, "--out-dir", str(out), "--no-progress",
+                              "--refine-lr", "0"]) == 2
+    one_error_line(capsys, "--refine-lr", "expected a finite step size > 0")
+    assert not out.exists()
+
+
+def test_evaluation_that_fails_leaves_no_output_folder(run, tmp_path, capsys):
+    os.remove(runs.weights_path(run))
+    out = tmp_path / "reports"
+    assert evaluate_cli.main(["-c", run, "--out-dir", str(out), "--no-progress"]) == 2
+    one_error_line(capsys, run, "no model.weights.h5")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("size", ["0", "-16", "24"])
+def test_report_size_out_of_range_is_one_line(capsys, size):
+    from aldk_tf import report
+    assert report.main(["--size", size]) == 2
+    one_error_line(capsys, "--size", "multiple of 16", size)
+
+
+def nifti(path, data, affine=None):
+    import nibabel as nib
+    nib.save(nib.Nifti1Image(data, np.diag([1.5, 1.5, 1.5, 1]) if affine is None
+                             else affine), str(path))
+    return str(path)
+
+
+def test_non_integer_labels_are_refused_not_rounded(tmp_path, capsys):
+    """A float label map (0.5, 1.5 ...) would be rounded into other labels silently."""
+    from aldk_tf import warp
+    rng = np.random.default_rng(0)
+    flow = np.zeros((SIZE,) * 3 + (1, 3), np.float32)
+    flow_path = nifti(tmp_path / "flow.nii.gz", flow)
+    labels = nifti(tmp_path / "labels.nii.gz",
+                   rng.integers(0, 3, (SIZE,) * 3).astype(np.float32) + 0.5)
+    out = tmp_path / "warped.nii.gz"
+    assert warp.main(["--flow", flow_path, "--image", labels, "--out", str(out),
+                      "--interpolation", "labels", "--flow-space", "ras"]) == 2
+    one_error_line(capsys, labels, "not integer labels", "expected")
+    assert not out.exists()
+
+
+def test_errors_about_a_loaded_scan_name_its_file(tmp_path):
+    from aldk_tf.data import DataError
+    from aldk_tf.data.preprocess import load_image, preprocess_scan
+    path = nifti(tmp_path / "blank.nii.gz", np.zeros((SIZE,) * 3, np.float32))
+    with pytest.raises(DataError, match="blank.nii.gz"):
+        preprocess_scan(load_image(path), size=SIZE)
+
+
+def test_data_preparation_never_overwrites_a_dataset(tmp_path, capsys):
+    from aldk_tf.cli import nifti_to_h5
+    rng = np.random.default_rng(0)
+    images = [nifti(tmp_path / f"s{i}.nii.gz", rng.random((12,) * 3).astype(np.float32))
+              for i in range(3)]
+    out = tmp_path / "set"
+    (tmp_path / "set.h5").write_text("an earlier dataset")
+    flags = ["--images", *images, "--out", str(out), "--size", "8", "--val", "1"]
+    assert nifti_to_h5.main(flags) == 2
+    one_error_line(capsys, "set.h5", "exists", "--overwrite")
+    assert (tmp_path / "set.h5").read_text() == "an earlier dataset"
+    assert not (tmp_path / "set.json").exists()
+    assert nifti_to_h5.main([*flags, "--overwrite"]) == 0
+    assert h5py.is_hdf5(tmp_path / "set.h5")
+    capsys.readouterr()
+    for bad in (["--threshold", "nan"], ["--window", "300", "inf"]):
+        assert nifti_to_h5.main([*flags[:-4], "--out", str(tmp_path / "other"), "--size",
+                                 "8", "--val", "1", *bad]) == 2
+        one_error_line(capsys, bad[0].lstrip("-"), "finite")
+    assert not (tmp_path / "other.h5").exists()
+    new = tmp_path / "new" / "set"                   # a failed run leaves no folder
+    assert nifti_to_h5.main([*flags[:-4], "--out", str(new), "--seed", "-1"]) == 2
+    one_error_line(capsys, "--seed")
+    assert not new.parent.exists()
+
+
+def test_build_demo_faults_are_one_line(tmp_path, capsys):
+    from aldk_tf.cli import build_demo
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cases = [(["--seed", "-1"], "--seed"),
+             (["--heldout-t1", str(tmp_path / "missing.nii.gz")], "missing.nii.gz"),
+             (["--out", str(blocker)], str(blocker)),
+             (["--nifti", str(blocker)], f"--nifti {blocker}")]
+    for flags, expected in cases:
+        assert build_demo.main(["--out", str(tmp_path / "demo"), "--size", "16", *flags]) == 2
+        one_error_line(capsys, expected)
+    assert not (tmp_path / "demo").exists() and blocker.read_text() == "x"
+
+
+def test_truncated_tflite_is_one_line_not_a_crash(tmp_path):
+    """tf.lite.Interpreter does not verify a model: a cut file crashed the process
+    (segfault); the flatbuffer is checked first. In a subprocess: a crash is the fault."""
+    weights = tf.Variable(tf.random.normal([64, 64]))
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 64], tf.float32)])
+    def model(x):
+        return {"y": tf.matmul(x, weights)}
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [model.get_concrete_function()], model)
+    content = converter.convert()
+    path = tmp_path / "model.tflite"
+    path.write_bytes(content[:len(content) // 2])
+    check = ("import sys\nfrom aldk_tf import serving\ntry:\n    serving.tflite_ops(sys.argv[1])"
+             "\nexcept ValueError as error:\n    print(error)\n    sys.exit(2)\n")
+    result = subprocess.run([sys.executable, "-c", check, str(path)], capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    assert result.returncode == 2, (result.returncode, result.stderr[-500:])
+    assert "truncated" in result.stdout
+
+
+@pytest.mark.parametrize("fault", ["nan", "no-intent"])
+def test_flow_with_nan_or_unnamed_axes_is_one_line(tmp_path, capsys, fault):
+    """A NaN in the flow was a TensorFlow traceback; a flow whose intent names no axes
+    was read as RAS silently (an ITK/ANTs field is LPS)."""
+    from aldk_tf import warp
+    flow = np.zeros((SIZE,) * 3 + (1, 3), np.float32)
+    if fault == "nan":
+        flow[1, 1, 1] = np.nan
+    flow_path = nifti(tmp_path / "flow.nii.gz", flow)
+    image = nifti(tmp_path / "image.nii.gz", np.ones((SIZE,) * 3, np.float32))
+    out = tmp_path / "warped.nii.gz"
+    flags = ["--flow-space", "ras"] if fault == "nan" else []
+    assert warp.main(["--flow", flow_path, "--image", image, "--out", str(out),
+                      *flags]) == 2
+    one_error_line(capsys, flow_path, "NaN" if fault == "nan" else "--flow-space")
+    assert not out.exists()

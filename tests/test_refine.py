@@ -240,7 +240,7 @@ def test_extraction_cli_refine_reports_and_refuses_a_mismatch(teacher_run, capsy
     assert teacher_flows.TeacherFlowStore(raw).setting == {"refine_steps": 0}
     assert teacher_flows.TeacherFlowStore(path).setting["refine_steps"] == 10
     assert teacher_flows.main(["--teacher", teacher_run, "--refine", "-1"]) == 2
-    assert "--refine must be >= 0" in capsys.readouterr().err
+    assert "--refine: expected an integer >= 0" in capsys.readouterr().err
     os.remove(path)
     os.remove(raw)
 
@@ -293,7 +293,7 @@ def test_evaluate_refine_scores_the_refined_flow(student_run_32, demo_dataset_32
         np.mean([r["dice"] for r in records]), abs=2e-3)
     assert load_cli("evaluate").main(["-c", student_run_32, "--refine", "-2",
                                       "--out-dir", str(out)]) == 2
-    assert "--refine must be >= 0" in capsys.readouterr().err
+    assert "--refine: expected an integer >= 0" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- register

@@ -40,13 +40,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
+        if args.seed < 0:
+            raise ValueError(f"--seed: expected an integer >= 0, got {args.seed}")
+        for flag, folder in (("--out", args.out), ("--nifti", args.nifti)):
+            if folder and os.path.exists(folder) and not os.path.isdir(folder):
+                raise ValueError(f"{flag} {folder}: exists and is not a folder")
         path = build_demo(args.out, size=args.size, seed=args.seed, subjects=args.subjects,
                           validation=args.val, test=args.test,
                           vary=not args.same_anatomy, test_template=args.heldout_t1)
         if args.nifti:
             for written in write_nifti_subjects(path, args.nifti):
                 print(written)
-    except (DataError, ValueError) as exc:
+    except (DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{summary(path)} ({time.perf_counter() - start:.1f} s)")

@@ -39,11 +39,13 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from aldk_tf import runs
+from aldk_tf.config import MAX_REP
 from aldk_tf.data import VALIDATION_SCHEME, DataError, load_dataset_config
 from aldk_tf.evaluation import (EvaluationError, write_json_report, write_label_csv,
                                 write_rcn_report)
 from aldk_tf.refine import add_arguments as add_refine_arguments
-from aldk_tf.serving import ExportError, prepare_base
+from aldk_tf.refine import check_arguments as check_refine_arguments
+from aldk_tf.serving import ExportError, prepare_base, remove_if_new_and_empty
 from aldk_tf.shards import Shard, ShardError, find_parts, split_name
 
 
@@ -196,6 +198,7 @@ def export_source(path: str) -> tuple[str, dict, str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    existed = os.path.isdir(args.out_dir)
     try:
         if args.merge and args.shard:
             raise EvaluationError("--merge and --shard exclude each other")
@@ -205,6 +208,10 @@ def main(argv=None) -> int:
         if not args.checkpoint and not args.exported:
             raise EvaluationError("-c/--checkpoint is required (or --exported MODEL, or "
                                   "--merge PART.json ...)")
+        if args.name is not None and (not args.name or os.sep in args.name
+                                      or args.name in (".", "..")):
+            raise EvaluationError(f"-n/--name: expected a report name suffix without "
+                                  f"'{os.sep}', got '{args.name}'")
         shard = Shard.parse(args.shard) if args.shard else None
         run_config, info = None, {}
         if args.checkpoint:
@@ -224,17 +231,18 @@ def main(argv=None) -> int:
                    if args.val_subset else [None])
         for subset in subsets:               # unknown names fail before any work
             dataset.scheme_subsets(VALIDATION_SCHEME if subset is None else subset)
-        if args.rep is not None and args.rep < 1:
-            raise EvaluationError(f"-r must be >= 1, got {args.rep}")
-        if args.rep is not None and not args.checkpoint:
-            raise EvaluationError("-r needs -c (an exported model has its repetitions "
-                                  "built in)")
+        if args.rep is not None and not 1 <= args.rep <= MAX_REP:
+            raise EvaluationError(f"-r: expected an integer in 1..{MAX_REP}, got {args.rep}")
+        if args.rep is not None and (args.exported or not args.checkpoint):
+            raise EvaluationError("-r applies to the run's Keras model (-c without "
+                                  "--exported); expected no -r with an exported model: "
+                                  "its repetitions are built in")
         if args.batch < 1:
             raise EvaluationError(f"--batch must be >= 1, got {args.batch}")
-        if args.refine < 0:
-            raise EvaluationError(f"--refine must be >= 0, got {args.refine}")
-        if args.refine and not args.refine_lr > 0:
-            raise EvaluationError(f"--refine-lr must be > 0, got {args.refine_lr}")
+        try:
+            check_refine_arguments(args.refine, args.refine_lr)
+        except ValueError as error:
+            raise EvaluationError(str(error)) from None
         from aldk_tf.evaluation import check_image_size
         if run_config is not None:
             check_image_size(run_config.model.image_size, dataset)
@@ -245,6 +253,8 @@ def main(argv=None) -> int:
     except (runs.RunError, DataError, EvaluationError, ExportError, ShardError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        remove_if_new_and_empty(args.out_dir, existed)
 
 
 def _merge(args, parts_by_subset: dict) -> int:

@@ -16,16 +16,19 @@ Installed, the same tool is the console script ``aldk-export``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from aldk_tf import runs
+from aldk_tf.config import MAX_REP
 from aldk_tf.data import (VALIDATION_SCHEME, DataError, list_pairs,
                           load_dataset_config, load_pair)
 from aldk_tf.evaluation import EvaluationError, check_image_size
-from aldk_tf.serving import TFLITE_VARIANTS, ExportError, prepare_base
+from aldk_tf.serving import (TFLITE_VARIANTS, ExportError, prepare_base,
+                             remove_if_new_and_empty)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -115,10 +118,16 @@ def run_preprocessing(run_config) -> dict | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    existed = os.path.isdir(args.out)
     try:
         variants = tflite_variants(args.tflite)
-        if args.rep is not None and args.rep < 1:
-            raise ExportError(f"-r must be >= 1, got {args.rep}")
+        if args.rep is not None and not 1 <= args.rep <= MAX_REP:
+            raise ExportError(f"-r: expected an integer in 1..{MAX_REP}, got {args.rep}")
+        if args.version is not None and args.version < 1:
+            raise ExportError(f"--version: expected an integer >= 1, got {args.version}")
+        if not 0 <= args.tolerance < math.inf:
+            raise ExportError(f"--tolerance: expected a finite number of voxels >= 0, "
+                              f"got {args.tolerance}")
         run_config = runs.load_run_config(args.checkpoint)
         sample, label_values, described = parity_sample(args, run_config)
         _, model = runs.load_model(args.checkpoint, rep=args.rep)   # before any output
@@ -135,6 +144,8 @@ def main(argv=None) -> int:
     except (runs.RunError, DataError, EvaluationError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        remove_if_new_and_empty(args.out, existed)
     print(f"SavedModel: {info['path']}  (signatures serving_default: fixed, moving -> "
           f"flow, warped; warp_segmentation: segmentation, flow -> warped_segmentation)")
     for variant, name in info["tflite"].items():

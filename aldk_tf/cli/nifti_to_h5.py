@@ -21,6 +21,7 @@ Installed, the same tool is the console script ``aldk-prep``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import sys
 from pathlib import Path
@@ -97,6 +98,8 @@ def match(images: list[Path], others: list[Path], what: str,
 
 def split(ids: list[str], val: int, test: int, seed: int) -> dict[str, list[str]]:
     """Seeded random split into train / val / test (train keeps the rest, sorted)."""
+    if seed < 0:
+        raise DataError(f"--seed: expected an integer >= 0, got {seed}")
     if val < 0 or test < 0 or val + test >= len(ids):
         raise DataError(f"--val {val} --test {test}: need at least one training scan "
                         f"out of {len(ids)}")
@@ -120,6 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="mask files are named <image name><suffix> (e.g. _mask)")
     parser.add_argument("--out", required=True,
                         help="output stem: writes OUT.h5 and OUT.json")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing OUT.h5 / OUT.json")
     parser.add_argument("--size", type=int, nargs="+", default=[preprocess.DEFAULT_SIZE],
                         help="target size: one int (cubic) or three (default 128)")
     parser.add_argument("--modality", choices=preprocess.MODALITIES, default="mr")
@@ -155,6 +160,11 @@ def convert(args: argparse.Namespace) -> Path:
     name = out.name
     h5_path, json_path = out.parent / f"{name}.h5", out.parent / f"{name}.json"
     prefix = args.prefix or name
+    for path in (h5_path, json_path):
+        if path.is_dir():
+            raise DataError(f"{path}: a folder; --out expects the stem of two new files")
+        if path.exists() and not args.overwrite:
+            raise DataError(f"{path}: exists; pass --overwrite to replace it")
     images = find_files(args.images, "image")
     labels = (match(images, find_files(args.labels, "label"), "label", args.label_suffix)
               if args.labels else {})
@@ -202,10 +212,15 @@ def convert(args: argparse.Namespace) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    folder = Path(args.out).parent
+    existed = folder.exists()
     try:
         convert(args)
-    except DataError as exc:
+    except (DataError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if not existed:                         # the output folder this run made
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         return 2
     return 0
 

@@ -31,6 +31,8 @@ import datetime
 import os
 import sys
 
+from aldk_tf.config import MAX_REP
+
 BASES = {"vtn": ("teacher", "vtn", "vtn"), "voxelmorph": ("teacher", "voxelmorph", "vtn"),
          "ldr": ("student", "student", "student")}
 
@@ -194,6 +196,10 @@ BUDGET_SETTINGS = {"train.epochs", "train.checkpoint_every", "train.validate_eve
 BASE_FLAGS = {"vtn": "VTN", "voxelmorph": "VoxelMorph", "student": "LDR"}
 
 
+#: The most training steps a run may be given (the checkpointed step is an int64).
+MAX_STEPS = 2 ** 62
+
+
 def check_values(args) -> None:
     """ValueError naming the flag unless every value is in its range (checked before
     anything is created)."""
@@ -212,6 +218,12 @@ def check_values(args) -> None:
     for flag, value, lowest in at_least:
         if value < lowest:
             raise ValueError(f"{flag}: expected an integer >= {lowest}, got {value}")
+    if args.round * args.epochs > MAX_STEPS:        # the step counter is an int64
+        raise ValueError(f"--round {args.round} x --epochs {args.epochs}: expected at most "
+                         f"{MAX_STEPS} steps")
+    for flag, value in (("-r/--rep", args.rep), ("--teacher-rep", args.teacher_rep)):
+        if value > MAX_REP:
+            raise ValueError(f"{flag}: expected at most {MAX_REP} repetitions, got {value}")
     for flag, value in (("--max_steps", args.max_steps),
                         ("--resolution_factor", args.resolution_factor)):
         if value is not None and value < 1:

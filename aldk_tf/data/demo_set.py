@@ -41,7 +41,7 @@ from aldk_tf import spatial
 from .anatomy import template_from_t1, vary_anatomy
 from .augment import transform_points, upsample_control
 from .hdf5 import DatasetWriter, write_dataset_config
-from .preprocess import bounding_box, box_affine, resample_box
+from .preprocess import bounding_box, box_affine, load_image, resample_box
 
 TISSUES = {"CSF": 1, "GM": 2, "WM": 3}
 # Six landmarks in MNI space (mm, RAS), spread over both hemispheres and the midline.
@@ -72,7 +72,7 @@ def load_template(size: int, t1_path=None) -> dict:
         t1 = np.asarray(t1_image.get_fdata(), np.float32)
     else:
         import nibabel as nib
-        t1_image = nib.as_closest_canonical(nib.load(str(t1_path)))
+        t1_image = nib.as_closest_canonical(load_image(t1_path, "held-out T1"))
         built = template_from_t1(t1_image.get_fdata())
         t1, brain = built["t1"], built["labels"] > 0
         probabilities = list(np.moveaxis(built["probabilities"], -1, 0))

@@ -65,8 +65,10 @@ class PreprocessSettings:
         self.size = ((int(self.size),) * 3 if np.ndim(self.size) == 0
                      else tuple(int(n) for n in self.size))
         self.margin, self.threshold = int(self.margin), float(self.threshold)
-        if len(self.window) != 2 or not self.window[1] > self.window[0]:
-            raise DataError(f"window: expected LOW < HIGH, got {self.window}")
+        if not np.isfinite(self.threshold):
+            raise DataError(f"threshold: expected a finite value in HU, got {self.threshold}")
+        if len(self.window) != 2 or not -np.inf < self.window[0] < self.window[1] < np.inf:
+            raise DataError(f"window: expected finite LOW < HIGH, got {self.window}")
         if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < \
                 self.percentiles[1] <= 100:
             raise DataError(f"percentiles: expected 0 <= LOW < HIGH <= 100, got "
@@ -166,6 +168,7 @@ def load_image(path_or_image, what: str = "image") -> nib.spatialimages.SpatialI
             # file fails here with its name, not later inside the pipeline.
             image = image.__class__(np.asanyarray(image.dataobj), image.affine,
                                     image.header)
+            image.set_filename(str(path))          # errors further on name the file
         except Exception as exc:  # nibabel, gzip, zlib raise many types for bad files
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise DataError(f"{path}: cannot read {what} ({reason})") from None
