@@ -4,6 +4,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from aldk_tf import demo, runs
 from aldk_tf.config import RunConfig
 from scripts import load_script
@@ -30,6 +32,7 @@ def test_run_configs_differ_only_where_the_rows_say(tmp_path):
     assert "student_crd" not in demo.run_configs(demo.parse_args(["--no-crd"]), "d", "t")
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_tiny_budget(demo_dataset_32, tmp_path, capsys):
     out = tmp_path / "demo"
     shutil.copytree(Path(demo_dataset_32).parent, out / "data")   # skip building it

@@ -49,6 +49,7 @@ def assert_same_trajectory(distributed, single, keys, label):
                                    atol=1e-7, err_msg=f"{label}: {key}")
 
 
+@pytest.mark.slow
 def test_mirrored_training_matches_one_device(dataset, tmp_path):
     result = subprocess.run([sys.executable, HELPER, dataset, str(tmp_path)],
                             capture_output=True, text=True, timeout=TIMEOUT,
@@ -94,6 +95,7 @@ def load_train_cli():
     return load_cli("train")
 
 
+@pytest.mark.slow
 def test_multi_worker_aldk_on_loopback(dataset, tmp_path):
     """Two workers, one CPU replica each: the chief extracts the teacher flows while the
     other waits, three ALDK steps (global batch 2), one checkpoint, and the same weights

@@ -389,6 +389,7 @@ def test_concurrent_starts_on_one_run_directory_let_exactly_one_run(tmp_path):
         assert json.load(handle) == {"owner": f"p{winners[0]}"}
 
 
+@pytest.mark.slow
 def test_a_held_run_directory_is_refused_and_kill_9_then_resume(dataset, tmp_path,
                                                                capsys):
     weights = tmp_path / "weights"
