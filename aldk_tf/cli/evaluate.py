@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 
@@ -127,17 +126,13 @@ def exported_model(path: str, dataset):
 
 
 def _export_info(version_dir: str) -> dict:
-    from aldk_tf.serving import INFO_NAME
-    info_path = os.path.join(version_dir, INFO_NAME)
-    if not os.path.isfile(info_path):
-        return {}
+    """The version directory's ``export_info.json`` ({} when absent), read as ``register``
+    reads it; an unreadable one is an :class:`EvaluationError`."""
+    from aldk_tf.register import RegisterError, read_export_info
     try:
-        with open(info_path) as handle:
-            info = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise EvaluationError(f"{info_path}: not readable export information ({error})") \
-            from None
-    return info if isinstance(info, dict) else {}
+        return read_export_info(version_dir)
+    except RegisterError as error:
+        raise EvaluationError(str(error)) from None
 
 
 def fingerprint(path: str) -> str:
@@ -171,10 +166,7 @@ def report_run(args) -> str:
 def export_source(path: str) -> tuple[str, dict, str]:
     """``(version directory or .tflite path, export_info.json, report base name)`` of an
     exported model given alone; the base name is ``<name>-v<N>`` of ``export/<name>/<N>``."""
-    import json
-
     from aldk_tf.register import latest_version
-    from aldk_tf.serving import INFO_NAME
     path = latest_version(os.path.normpath(path))
     if path.endswith(".tflite") and os.path.isfile(path):
         version_dir = os.path.dirname(os.path.dirname(path))
@@ -183,14 +175,7 @@ def export_source(path: str) -> tuple[str, dict, str]:
     else:
         raise EvaluationError(f"{path}: --exported needs a .tflite file or a SavedModel "
                               "version directory (export/<name>/<N>)")
-    info = {}
-    info_path = os.path.join(version_dir, INFO_NAME)
-    if os.path.isfile(info_path):
-        try:
-            with open(info_path) as handle:
-                info = json.load(handle)
-        except (OSError, json.JSONDecodeError) as error:
-            raise EvaluationError(f"{info_path}: not readable JSON ({error})") from None
+    info = _export_info(version_dir)
     version = os.path.basename(os.path.abspath(version_dir))
     name = os.path.basename(os.path.dirname(os.path.abspath(version_dir)))
     return path, info, f"{name}-v{version}" if version.isdigit() else version
