@@ -1,11 +1,15 @@
 """The distillation study: does a student gain from its teacher? ``python bench/study.py``.
 
-One dataset, one augmentation, one schedule, one step budget and one seed for every
+One dataset, one augmentation, one schedule (``--decay-epochs``: flat, then halved per
+epoch; the teacher the same over its longer budget), one step budget and one seed for every
 student row; the rows differ only in what their names say. Steps:
 
 1. data: synthetic subjects of *varied* anatomy built from nilearn's ICBM 2009a template
    (:mod:`aldk_tf.data.anatomy`); with ``--heldout-t1`` the test subjects come from another
-   template (e.g. ``avg152T1_brain.nii.gz``, see docs/results.md): unseen brains;
+   template (e.g. ``avg152T1_brain.nii.gz``, see docs/results.md): unseen brains; the
+   training subjects are many (56) and paired only within groups of ``--group-size``, so
+   no student can memorise its training anatomy and the teacher's flows are stored for a
+   few pairs per subject;
 2. the teacher (affine + VTN), with a teacher's budget (``--teacher-steps``), applied with
    R shared-weight repetitions of its cascade (RCN's test-time recursion), R chosen on the
    validation pairs (``--teacher-rep`` fixes it);
@@ -61,8 +65,12 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="study_64", help="work folder (resumable)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--subjects", type=int, default=22,
+    parser.add_argument("--subjects", type=int, default=66,
                         help="training = subjects - validation - test")
+    parser.add_argument("--group-size", type=int, default=4,
+                        help="training subjects per pairing group (pairs are drawn within "
+                             "a group: many subjects, few stored teacher flows; 0: all "
+                             "ordered pairs)")
     parser.add_argument("--validation", type=int, default=4)
     parser.add_argument("--test", type=int, default=6)
     parser.add_argument("--heldout-t1", help="skull-stripped T1 (MNI space) the test "
@@ -70,9 +78,12 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--student-steps", type=int, default=600)
     parser.add_argument("--teacher-steps", type=int, default=1800)
-    parser.add_argument("--lr", type=float, default=1e-3, help="student Adam LR (constant)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam LR (peak)")
+    parser.add_argument("--decay-epochs", type=int, default=6,
+                        help="every run's steps split into this many epochs with the step "
+                             "schedule (flat 3 epochs, then halved per epoch); 1: constant")
     parser.add_argument("--teacher-lr", type=float, default=None,
-                        help="teacher Adam LR (default: --lr)")
+                        help="teacher Adam peak LR (default: --lr)")
     parser.add_argument("--clip-norm", type=float, default=1.0,
                         help="clip every run's gradient global norm (typical norms are "
                              "0.2-0.6; this only cuts spikes)")
@@ -89,10 +100,19 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def schedule(args, steps: int) -> dict:
+    """TrainConfig fields for ``steps`` steps: ``--decay-epochs`` epochs, step schedule."""
+    epochs = max(args.decay_epochs, 1)
+    if steps % epochs:
+        raise SystemExit(f"error: {steps} steps do not split into --decay-epochs {epochs}")
+    return {"round": steps // epochs, "epochs": epochs,
+            "schedule": "step" if epochs > 1 else "constant"}
+
+
 def student_runs(args, dataset: str, teacher: str, rep: int) -> dict[str, RunConfig]:
     size = (args.size,) * 3
-    train = TrainConfig(batch=args.batch, lr=args.lr, seed=args.seed, schedule="constant",
-                        round=args.student_steps, epochs=1, checkpoint_every=100,
+    train = TrainConfig(batch=args.batch, lr=args.lr, seed=args.seed,
+                        **schedule(args, args.student_steps), checkpoint_every=100,
                         validate_every=0, clip_norm=args.clip_norm)
     model = ModelConfig(image_size=size)
     crd_model = ModelConfig(image_size=size, resolution_factor=2)
@@ -128,7 +148,7 @@ def teacher_run(args, dataset: str) -> RunConfig:
         role="teacher", base="vtn", affine="vtn", n_cascades=1,
         image_size=(args.size,) * 3),
         train=TrainConfig(batch=args.batch, lr=args.teacher_lr or args.lr, seed=args.seed,
-                          schedule="constant", round=args.teacher_steps, epochs=1,
+                          **schedule(args, args.teacher_steps),
                           checkpoint_every=100, validate_every=0,
                           clip_norm=args.clip_norm))
 
@@ -251,7 +271,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         build_demo(os.path.join(out, "data"), size=args.size, seed=args.seed,
                    subjects=args.subjects, validation=args.validation, test=args.test,
-                   log=None, vary=True, test_template=args.heldout_t1)
+                   log=None, vary=True, test_template=args.heldout_t1,
+                   group_size=args.group_size)
     try:
         dataset_config = load_dataset_config(dataset)
     except DataError as error:

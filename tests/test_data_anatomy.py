@@ -101,3 +101,22 @@ def test_build_demo_with_varied_anatomy_and_a_held_out_template(tmp_path):
     np.testing.assert_allclose(np.asarray(image.dataobj)[..., None] / 255.0,
                                test_pair["fixed"], atol=1e-6)
     assert not np.allclose(image.affine, np.eye(4))
+
+
+def test_training_groups_pair_subjects_only_within_their_group():
+    from aldk_tf.data.demo_set import training_subsets
+    entries = [f"demo/s{index}" for index in range(11)]
+    groups = training_subsets(entries, 4)
+    # Consecutive groups of four; the remainder of three forms its own group.
+    assert [len(group) for group in groups.values()] == [4, 4, 3]
+    assert sum(groups.values(), []) == entries
+    # A remainder of one cannot be paired: it joins the previous group.
+    assert [len(g) for g in training_subsets(entries[:9], 4).values()] == [4, 5]
+    assert training_subsets(entries, 0) == {"demo-train": entries}
+    from aldk_tf.data.hdf5 import DatasetConfig
+    from aldk_tf.data.pairs import list_pairs
+    config = DatasetConfig(files={}, subsets=groups,
+                           schemes={"1": {name: 1.0 for name in groups}})
+    pairs = list_pairs(config, "1")
+    assert len(pairs) == 12 + 12 + 6
+    assert all(any(f in g and m in g for g in groups.values()) for f, m in pairs)

@@ -35,6 +35,10 @@ def main(argv=None) -> int:
                              "subject a different brain)")
     parser.add_argument("--heldout-t1", help="skull-stripped T1 in MNI space the test "
                         "subjects are built from (a held-out anatomy)")
+    parser.add_argument("--group-size", type=int, default=0,
+                        help="split the training subjects into subsets of this many; "
+                             "training pairs are drawn within a subset (default 0: one "
+                             "subset, all ordered pairs)")
     parser.add_argument("--nifti", metavar="DIR", help="also write two test subjects as "
                         "NIfTI (T1 + labels) into DIR, to try register on")
     args = parser.parse_args(argv)
@@ -47,7 +51,8 @@ def main(argv=None) -> int:
                 raise ValueError(f"{flag} {folder}: exists and is not a folder")
         path = build_demo(args.out, size=args.size, seed=args.seed, subjects=args.subjects,
                           validation=args.val, test=args.test,
-                          vary=not args.same_anatomy, test_template=args.heldout_t1)
+                          vary=not args.same_anatomy, test_template=args.heldout_t1,
+                          group_size=args.group_size)
         if args.nifti:
             for written in write_nifti_subjects(path, args.nifti):
                 print(written)

@@ -178,19 +178,26 @@ def make_subject(template: dict, seed: int, index: int, vary: bool = False) -> d
 
 def build_demo(out_dir="datasets", size: int = 64, seed: int = 0, subjects: int = 20,
                validation: int = 4, test: int = 4, log=print, vary: bool = False,
-               test_template=None) -> Path:
+               test_template=None, group_size: int = 0) -> Path:
     """Write ``out_dir/demo.h5`` and ``out_dir/demo.json``; returns the JSON path.
 
     Subjects ``0 .. n-1`` are split in order: training first, then ``validation``, then
     ``test`` (never used for training). Schemes: "1" training, "2" validation, "test".
     ``vary``: every subject a different brain (see module docstring). ``test_template``:
     path of a skull-stripped T1 in MNI space the test subjects are built from instead.
+    ``group_size`` > 0: the training subjects are split into subsets of that many
+    (``demo-train-00``, ...; the last takes any remainder), each its own stream of scheme
+    "1", so training pairs are drawn within a group only: many subjects with few pairs
+    (teacher flows are stored per pair).
     """
     train = subjects - validation - test
     if size < 16 or validation < 1 or test < 1 or train < 2:
         raise ValueError(f"need size >= 16 and at least 2 training, 1 validation and 1 "
                          f"test subject, got size {size}, {subjects} subjects, "
                          f"{validation} validation, {test} test")
+    if group_size == 1 or group_size < 0:
+        raise ValueError(f"group_size must be 0 (one training subset) or at least 2, "
+                         f"got {group_size}")
     out_dir = Path(out_dir)
     template = load_template(size)
     held_out = load_template(size, test_template) if test_template else template
@@ -207,17 +214,30 @@ def build_demo(out_dir="datasets", size: int = 64, seed: int = 0, subjects: int 
                    + (", anatomy varied per subject" if vary else "")
                    + (f", test subjects from {Path(test_template).name}"
                       if test_template else "") + "; built by aldk_tf.data.demo_set")
+    training = training_subsets(entries[:train], group_size)
     config = write_dataset_config(
         out_dir / "demo.json", files={"demo": {"type": "HDF5", "path": "demo.h5"}},
-        subsets={"demo-train": entries[:train],
-                 "demo-val": entries[train:train + validation],
+        subsets={**training, "demo-val": entries[train:train + validation],
                  "demo-test": entries[train + validation:]},
-        schemes={"1": {"demo-train": 1.0}, "2": {"demo-val": 1.0},
-                 "test": {"demo-test": 1.0}},
+        schemes={"1": {name: round(1.0 / len(training), 6) for name in training},
+                 "2": {"demo-val": 1.0}, "test": {"demo-test": 1.0}},
         image_size=(size,) * 3, image_type="brain", segmentation_class_value=dict(TISSUES),
         description=description)
     config.validate(check_labels=True)
     return config.path
+
+
+def training_subsets(entries: list[str], group_size: int) -> dict[str, list[str]]:
+    """``{"demo-train": entries}``, or consecutive groups of ``group_size`` entries (a
+    remainder too small to pair joins the last group)."""
+    if group_size <= 0 or group_size >= len(entries):
+        return {"demo-train": list(entries)}
+    groups = [list(entries[start:start + group_size])
+              for start in range(0, len(entries), group_size)]
+    if len(groups) > 1 and len(groups[-1]) < 2:
+        remainder = groups.pop()
+        groups[-1] = groups[-1] + remainder
+    return {f"demo-train-{index:02d}": group for index, group in enumerate(groups)}
 
 
 def summary(json_path) -> str:
