@@ -196,7 +196,8 @@ def choose_teacher_rep(out: str, teacher, dataset_config, most: int = 3) -> int:
 def train_row(name: str, config: RunConfig, run_dir: str):
     from aldk_tf.train_run import train
     started = time.perf_counter()
-    print(f"[study] training {name} ({config.train.round} steps) in {run_dir}",
+    print(f"[study] training {name} ({config.train.round * config.train.epochs} steps) "
+          f"in {run_dir}",
           file=sys.stderr)
     train(config, run_dir, verbose=2)
     print(f"[study] {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
