@@ -105,6 +105,27 @@ def test_more_steps_than_the_step_counter_holds_is_refused(dataset, tmp_path, ca
     assert not weights.exists()
 
 
+@pytest.mark.parametrize("output, expected", [
+    ("../..", "expected a run name"), ("/abs/run", "expected a run name"),
+    (".", "expected a run name"), ("a_file/run", "is a file, not a folder")])
+def test_output_must_name_a_run_inside_the_weights_folder(dataset, tmp_path, capsys,
+                                                          output, expected):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "a_file").write_text("not a folder")
+    assert train_cli.main(train_flags(dataset, weights, output)) == 2
+    one_error_line(capsys, f"--output {output}", expected)
+    assert sorted(os.listdir(weights)) == ["a_file"]
+    assert sorted(os.listdir(tmp_path)) == ["weights"]
+
+
+def test_weights_dir_that_is_a_file_is_refused(dataset, tmp_path, capsys):
+    (tmp_path / "weights").write_text("not a folder")
+    assert train_cli.main(train_flags(dataset, tmp_path / "weights", "x")) == 2
+    one_error_line(capsys, "--weights_dir", "expected a folder")
+    assert (tmp_path / "weights").read_text() == "not a folder"
+
+
 def test_override_without_a_resumed_run_is_refused(dataset, tmp_path, capsys):
     assert train_cli.main(train_flags(dataset, tmp_path, "x", "--override")) == 2
     one_error_line(capsys, "--override", "-c")

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import datetime
 import os
+from pathlib import Path
 import sys
 
 from aldk_tf.config import MAX_REP
@@ -248,6 +249,30 @@ def check_values(args) -> None:
             raise ValueError(f"{flag}: expected {bound}, got {value}")
 
 
+def check_paths(args) -> None:
+    """ValueError naming the flag unless ``--weights_dir`` is (or can become) a folder and
+    ``--output`` names a run inside it (checked before anything is created)."""
+    if args.checkpoint:
+        if os.path.exists(args.checkpoint) and not os.path.isdir(args.checkpoint):
+            raise ValueError(f"-c {args.checkpoint}: expected a run directory, found a file")
+        return
+    if os.path.exists(args.weights_dir) and not os.path.isdir(args.weights_dir):
+        raise ValueError(f"--weights_dir {args.weights_dir}: expected a folder for the run "
+                         "directories, found a file")
+    if args.output is not None:
+        parts = Path(args.output).parts
+        if (not parts or os.path.isabs(args.output) or ".." in parts
+                or Path(args.output).name in ("", ".")):
+            raise ValueError(f"--output {args.output}: expected a run name (a relative "
+                             f"path without '..', created inside --weights_dir "
+                             f"{args.weights_dir}); to choose the folder use --weights_dir")
+        parent = os.path.join(args.weights_dir, args.output)
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if parent and not os.path.isdir(parent):
+            raise ValueError(f"--output {args.output}: {parent} is a file, not a folder")
+
+
 def build_config(args):
     from aldk_tf.config import ALDKConfig, CRDConfig, ModelConfig, RunConfig, TrainConfig
     from aldk_tf.data import load_dataset_config
@@ -364,6 +389,7 @@ def main(argv=None) -> int:
     from aldk_tf.data import DataError
     try:
         check_values(args)                  # before anything is created
+        check_paths(args)
         if args.override and not args.checkpoint:
             raise ValueError("--override applies to a resumed run (-c RUN)")
         if args.output and args.checkpoint:
