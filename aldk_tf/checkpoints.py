@@ -14,6 +14,7 @@ scratch folder they delete straight away.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -84,7 +85,17 @@ class RunCheckpoint:
 
     def save(self) -> str | None:
         if self.chief:
-            return self.manager.save(checkpoint_number=self.step)
+            try:
+                return self.manager.save(checkpoint_number=self.step)
+            except (tf.errors.OpError, OSError) as error:     # e.g. a full disk
+                _remove_unfinished_saves(self.manager.directory)
+                previous = self.manager.latest_checkpoint
+                raise RunError(
+                    f"{self.manager.directory}: cannot write the checkpoint of step "
+                    f"{self.step} ({write_failure(error)}); "
+                    + (f"{os.path.basename(previous)} is intact, resume from it with -c "
+                       "once the cause is fixed" if previous else
+                       "no earlier checkpoint")) from None
         scratch = tempfile.mkdtemp(prefix="aldk-worker-checkpoint-")
         try:
             self.checkpoint.write(os.path.join(scratch, "ckpt"))
@@ -105,6 +116,15 @@ def unreadable_reason(path: str) -> str | None:
     return None
 
 
+def write_failure(error: Exception) -> str:
+    """The reason of a failed write, without TensorFlow's op prefix and temporary names."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(getattr(error, "message", error)).strip()
+    text = text.splitlines()[0] if text else type(error).__name__
+    return text.rsplit("; ", 1)[-1].split(" [Op:")[0].strip()
+
+
 def _remove_unfinished_saves(directory: str) -> None:
     """``ckpt-N_temp/`` folders of saves cut off by a kill or a full disk."""
     if os.path.isdir(directory):
@@ -117,8 +137,15 @@ def save_weights_atomic(network, run_dir: str) -> str:
     """Write ``model.weights.h5`` through a temporary file and a rename."""
     path = weights_path(run_dir)
     temporary = os.path.join(run_dir, ".saving.weights.h5")
-    network.save_weights(temporary)
-    os.replace(temporary, path)
+    try:
+        network.save_weights(temporary)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError, ValueError) as error:     # e.g. a full disk
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise RunError(f"{path}: cannot write the weights ({write_failure(error)}); "
+                       + ("the previous file is intact" if os.path.exists(path) else
+                          "the checkpoints hold them")) from None
     return path
 
 

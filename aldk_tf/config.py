@@ -188,9 +188,13 @@ def _section(cls, data, name: str):
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    """Write ``text`` to ``path`` through a temporary file and a rename; an OS error
+    (a full disk, a read-only folder) names ``path`` and leaves it as it was."""
     folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    except OSError as error:
+        raise OSError(f"{path}: cannot write ({error.strerror or error})") from None
     try:
         with os.fdopen(handle, "w") as out:
             out.write(text)
@@ -198,7 +202,10 @@ def atomic_write_text(path: str, text: str) -> None:
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)      # mkstemp's 0600 would hide the file
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(temporary):
             os.remove(temporary)
+        if isinstance(error, OSError):
+            raise OSError(f"{path}: cannot write ({error.strerror or error}); it is as it "
+                          "was") from None
         raise

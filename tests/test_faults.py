@@ -631,3 +631,37 @@ def test_flow_with_nan_or_unnamed_axes_is_one_line(tmp_path, capsys, fault):
                       *flags]) == 2
     one_error_line(capsys, flow_path, "NaN" if fault == "nan" else "--flow-space")
     assert not out.exists()
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_last_one(
+        run, capsys, monkeypatch):
+    """What TensorFlow raises when the disk fills during SaveV2 (seen on a 2 MB tmpfs):
+    the half-written ``ckpt-N_temp/`` is removed and the previous checkpoint resumes."""
+    def full_disk(manager, checkpoint_number=None, **_):
+        os.makedirs(os.path.join(manager.directory, f"ckpt-{checkpoint_number}_temp"))
+        raise tf.errors.ResourceExhaustedError(
+            None, None, "{{function_node __wrapped__SaveV2}} /x/ckpt_temp/part-0.tempstate1;"
+                        " No space left on device [Op:SaveV2]")
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", full_disk)
+    assert train_cli.main(["-c", run, "--max_steps", "6"]) == 2
+    one_error_line(capsys, os.path.join(run, "checkpoints"), "step 6",
+                   "(No space left on device)", "ckpt-4 is intact")
+    assert not [n for n in os.listdir(os.path.join(run, "checkpoints")) if "_temp" in n]
+    monkeypatch.undo()
+    assert train_cli.main(["-c", run, "--max_steps", "6"]) == 0
+    assert latest_step(run) == 6
+
+
+def test_a_full_disk_while_writing_the_config_names_it_and_keeps_it(tmp_path, monkeypatch):
+    from aldk_tf.config import atomic_write_text
+    path = tmp_path / "config.json"
+    path.write_text("old")
+
+    def no_space(*_):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(OSError) as raised:
+        atomic_write_text(str(path), "new")
+    assert str(raised.value) == (f"{path}: cannot write (No space left on device); it is "
+                                 "as it was")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["config.json"]
