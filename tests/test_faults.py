@@ -665,3 +665,63 @@ def test_a_full_disk_while_writing_the_config_names_it_and_keeps_it(tmp_path, mo
     assert str(raised.value) == (f"{path}: cannot write (No space left on device); it is "
                                  "as it was")
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["config.json"]
+
+
+EXTRACT_SLOWLY = """
+import sys, time
+from aldk_tf import teacher_flows
+write = teacher_flows._write_flow
+def write_slowly(*args, **kwargs):      # time for the test to kill between two pairs
+    write(*args, **kwargs)
+    time.sleep(0.5)
+teacher_flows._write_flow = write_slowly
+sys.exit(teacher_flows.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_during_teacher_flow_extraction_then_rerun_gives_every_flow(
+        run, tmp_path, capsys):
+    from aldk_tf import teacher_flows
+    path = teacher_flows.flows_path(run)
+    process = subprocess.Popen(
+        [sys.executable, "-c", EXTRACT_SLOWLY, "--teacher", run, "--batch", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            assert process.poll() is None, "the extraction ended before the kill"
+            if len(_keys_while_written(path)) >= 2:
+                break
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    pairs = list_pairs(load_dataset_config(runs.load_run_config(run).dataset), "1")
+    assert len(teacher_flows.stored_keys(path)) < len(pairs)        # killed part-way
+    assert teacher_flows.main(["--teacher", run, "--batch", "1"]) == 0
+    assert teacher_flows.stored_keys(path) == {teacher_flows.pair_key(*p) for p in pairs}
+    # The same flows as an extraction that was never interrupted.
+    shutil.copytree(run, str(tmp_path / "clean_run"))
+    assert teacher_flows.main(["--teacher", str(tmp_path / "clean_run"), "--batch",
+                               "1"]) == 0
+    clean = teacher_flows.flows_path(str(tmp_path / "clean_run"))
+    with h5py.File(path, "r") as resumed, h5py.File(clean, "r") as fresh:
+        for pair in pairs:
+            key = teacher_flows.pair_key(*pair)
+            np.testing.assert_allclose(np.asarray(resumed[key]), np.asarray(fresh[key]),
+                                       atol=1e-3)
+
+
+def _keys_while_written(path):
+    """Flows (datasets) in a file another process is writing (HDF5's lock bypassed: the
+    library's readers would rightly refuse a file in use)."""
+    found = set()
+    try:
+        with h5py.File(path, "r", locking=False) as handle:
+            handle.visititems(lambda name, node: found.add(name)
+                              if isinstance(node, h5py.Dataset) else None)
+            return found
+    except (OSError, KeyError, RuntimeError):      # not there yet, or mid-write
+        return set()
