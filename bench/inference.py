@@ -2,6 +2,7 @@
 
     python bench/inference.py [--size 128] [--repeats 5] [--warmup 1]
                               [--rows ROW,ROW,...] [--json PATH] [--list]
+                              [--peak full|quick|off]
 
 Every row is one way of registering a (fixed, moving) pair of ``[1, S, S, S, 1]``
 float32 volumes: networks + warps + flow composition as deployed; preprocessing (file
@@ -39,6 +40,19 @@ through ``/proc/self/clear_refs`` before the first call), ``+call`` their differ
 (what inference itself needed on top). These are process-level numbers; memory that
 TensorFlow or the allocator kept from earlier rows counts in ``rss``.
 
+Distance to the machine's limit, measured in the same process: before the rows,
+``--peak full`` times a 2048^2 ``tf.matmul`` and a 1x1x1 ``Conv3D`` (64^3 x 128 channels)
+in float32 and bfloat16 (median of ``--repeats``, TensorFlow's default threads) and the
+memory bandwidth (STREAM-style scale and sum over 256 MB arrays, one thread per core;
+:mod:`bench.machine`). Per network row: ``work_gflop``, the convolutions' and dense
+layers' FLOP as the row runs them (2 per multiply-add, sub-pixel flow heads in their
+convolution form; :mod:`bench.work`), ``gflops`` = work / median time and
+``peak_fraction`` = ``gflops`` / the larger of the two micro-benchmarks of the row's
+dtype. The ``warp`` row: ``bytes`` it must move (20 per voxel: image and flow read,
+result written), ``bound_ms`` = bytes / scale bandwidth, ``peak_fraction`` = ``bound_ms``
+/ median. ``--peak quick`` only checks that the micro-benchmarks run (tiny sizes, not a
+peak); ``--json`` writes ``{"machine": {...}, "rows": {row: {...}}}``.
+
 The table ends with the teacher/student ratios, SavedModel/in-process ratios and the
 graph check: for in-process and SavedModel rows, any op of
 :data:`aldk_tf.inference.SLOW_OPS` in the graph, or gathers outside XLA.
@@ -70,9 +84,13 @@ from aldk_tf.inference import registration_function, slow_ops  # noqa: E402
 from aldk_tf.networks import build_student, build_teacher  # noqa: E402
 
 try:                                 # python -m bench.<script>; imported from the root (tests)
+    from bench import machine
     from bench.timing import repeat_timed
+    from bench.work import count_work
 except ModuleNotFoundError:          # python bench/<script>.py: sys.path[0] is bench/
+    import machine
     from timing import repeat_timed
+    from work import count_work
 
 MODELS = {
     "teacher_affine_vtn1": lambda size: build_teacher(size, 1),
@@ -175,15 +193,25 @@ def build_model(row: Row, size: int):
     return MODELS[row.model]((size,) * 3)
 
 
-def prepare(row: Row, size: int, workdir: str):
-    """``(run(fixed, moving) -> outputs, params, slow ops or None, keep-alive)``."""
+@dataclasses.dataclass
+class Prepared:
+    """A row ready to time: ``run(fixed, moving) -> outputs`` and what to report."""
+    run: object
+    params: int
+    slow: dict | None          # slow ops in the graph (None: not checked)
+    keep: object               # keeps the model / interpreter alive while timing
+    work: dict                 # FLOP per kind (bench/work.py), or {"bytes": ...} (warp)
+
+
+def prepare(row: Row, size: int, workdir: str) -> Prepared:
     if row.source == "warp":
         image = tf.TensorSpec([1, size, size, size, 1], tf.float32)
         flow_spec = tf.TensorSpec([1, size, size, size, 3], tf.float32)
         warp = tf.function(spatial.warp, input_signature=[image, flow_spec])
         flow = tf.constant(smooth_flow(size))
-        return (lambda fixed, moving: {"warped": warp(moving, flow)}), 0, \
-            slow_ops(warp.get_concrete_function()), warp
+        return Prepared(lambda fixed, moving: {"warped": warp(moving, flow)}, 0,
+                        slow_ops(warp.get_concrete_function()), warp,
+                        {"bytes": machine.warp_bytes(size)})
     model = build_model(row, size)
     params = model.parameter_report()["total"]
     if row.source == "tflite":
@@ -193,19 +221,22 @@ def prepare(row: Row, size: int, workdir: str):
             interpreter = tf.lite.Interpreter(model_content=flatbuffer,
                                               num_threads=TFLITE_THREADS)
         signature = interpreter.get_signature_runner(serving.SERVING_SIGNATURE)
-        return (lambda fixed, moving: signature(fixed=fixed, moving=moving)), params, \
-            None, interpreter
+        # TFLite converts the Keras graph: transposed convolutions as they are.
+        return Prepared(lambda fixed, moving: signature(fixed=fixed, moving=moving), params,
+                        None, interpreter, count_work(model, subpixel=False))
     register = registration_function(model, batch=1, dtype=row.dtype,
                                      subpixel=row.subpixel)
+    work = count_work(register.graph, subpixel=row.subpixel)
     if row.source == "in-process":
-        return register, params, slow_ops(register.get_concrete_function()), register
+        return Prepared(register, params, slow_ops(register.get_concrete_function()),
+                        register, work)
     path = os.path.join(workdir, row.name)
     serving.save_savedmodel(register.graph, path,
                             portable=row.source == "savedmodel_portable")
     loaded = tf.saved_model.load(path)
     signature = loaded.signatures[serving.SERVING_SIGNATURE]
-    return (lambda fixed, moving: signature(fixed=fixed, moving=moving)), params, \
-        slow_ops(signature), loaded
+    return Prepared(lambda fixed, moving: signature(fixed=fixed, moving=moving), params,
+                    slow_ops(signature), loaded, work)
 
 
 def measure(run, fixed, moving, warmup: int, repeats: int) -> dict:
@@ -227,16 +258,43 @@ def measure(run, fixed, moving, warmup: int, repeats: int) -> dict:
     return result
 
 
+def add_speed(result: dict, work: dict, peaks: dict) -> dict:
+    """Work and distance to the machine's limit of one measured row (in place).
+
+    Network rows: ``work_gflop`` (convolutions and dense layers, bench/work.py),
+    ``gflops`` (work / median time) and ``peak_fraction`` (``gflops`` over the measured
+    peak of the row's dtype). The warp row: ``bytes`` it must move, ``bound_ms`` (bytes
+    over the measured "scale" bandwidth) and ``peak_fraction`` (``bound_ms`` / median).
+    """
+    seconds = result["median_ms"] / 1e3
+    if "bytes" in work:
+        result["bytes"] = int(work["bytes"])
+        bandwidth = peaks.get("memory", {}).get("scale_gbs")
+        if bandwidth:
+            result["bound_ms"] = 1e3 * work["bytes"] / (bandwidth * 1e9)
+            result["peak_fraction"] = result["bound_ms"] / result["median_ms"]
+        return result
+    result["work_gflop"] = work["total"] / 1e9
+    result["work_by_kind_gflop"] = {kind: flops / 1e9 for kind, flops in work.items()
+                                    if kind != "total" and flops}
+    result["gflops"] = result["work_gflop"] / seconds
+    peak = peaks.get(result.get("dtype", "float32"), {}).get("gflops")
+    if peak:
+        result["peak_fraction"] = result["gflops"] / peak
+    return result
+
+
 def run_row(row: Row, size: int, fixed, moving, warmup: int, repeats: int,
-            workdir: str) -> dict:
-    run, params, slow, keep = prepare(row, size, workdir)
+            workdir: str, peaks: dict | None = None) -> dict:
+    prepared = prepare(row, size, workdir)
     if row.source != "tflite":
         fixed, moving = tf.constant(fixed), tf.constant(moving)
-    result = measure(run, fixed, moving, warmup, repeats)
-    result.update(params=int(params), source=row.source, dtype=row.dtype)
-    if slow is not None:
-        result["slow_ops"] = slow
-    del run, keep
+    result = measure(prepared.run, fixed, moving, warmup, repeats)
+    result.update(params=int(prepared.params), source=row.source, dtype=row.dtype)
+    add_speed(result, prepared.work, peaks or {})
+    if prepared.slow is not None:
+        result["slow_ops"] = prepared.slow
+    del prepared
     keras.backend.clear_session()
     gc.collect()
     return result
@@ -272,16 +330,63 @@ def ratios(results: dict) -> list[tuple[str, float, float]]:
             for a, b in pairs if a in results and b in results]
 
 
+def measure_machine(size: str, repeats: int, bf16: bool) -> dict:
+    """The machine's limits in this process (bench/machine.py): peak GFLOP/s per dtype
+    (``bfloat16`` only when the bf16 rows run) and memory bandwidth; ``{}`` for "off"."""
+    if size == "off":
+        return {}
+    peaks = {"size": size, "float32": machine.peak_gflops("float32", size, repeats)}
+    if bf16:
+        peaks["bfloat16"] = machine.peak_gflops("bfloat16", size, repeats)
+    peaks["memory"] = machine.memory_bandwidth(size, repeats)
+    return peaks
+
+
+def format_machine(peaks: dict) -> str:
+    if not peaks:
+        return "machine peak: not measured (--peak off): no fraction of peak"
+    lines = [f"machine peak, this process ({peaks['size']} micro-benchmarks, median):"]
+    for dtype in ("float32", "bfloat16"):
+        if dtype in peaks:
+            p = peaks[dtype]
+            lines.append(f"  {dtype:9s} matmul {p['matmul']['n']}^2: "
+                         f"{p['matmul']['gflops']:.1f} GFLOP/s; 1x1x1 conv "
+                         f"{p['conv1x1x1']['grid']}^3 x {p['conv1x1x1']['channels']} ch: "
+                         f"{p['conv1x1x1']['gflops']:.1f} GFLOP/s; peak {p['gflops']:.1f}")
+    memory = peaks["memory"]
+    lines.append(f"  memory    scale {memory['scale_gbs']:.1f} GB/s (read + write), sum "
+                 f"{memory['sum_gbs']:.1f} GB/s (read), {memory['megabytes']:.0f} MB "
+                 f"arrays, {memory['threads']} threads")
+    return "\n".join(lines)
+
+
 def format_table(results: dict) -> str:
     def mb(entry, key):
         return f"{entry[key]:,.0f}" if key in entry else "-"
+
+    def speed(entry):
+        if "work_gflop" in entry:
+            work, rate = f"{entry['work_gflop']:.2f}", f"{entry['gflops']:.1f}"
+        elif "bytes" in entry:
+            work, rate = f"{entry['bytes'] / 1e6:.1f} MB", "-"
+        else:
+            work, rate = "-", "-"
+        fraction = f"{100 * entry['peak_fraction']:.1f}" if "peak_fraction" in entry \
+            else "-"
+        if "bytes" in entry and "peak_fraction" in entry:
+            fraction += " bw"
+        return f"{work:>9s}{rate:>9s}{fraction:>9s}"
     lines = [f"{'row':36s}{'median ms':>10s}{'min':>8s}{'max':>8s}{'cpu ms':>9s}"
-             f"{'params':>12s}{'rss MB':>8s}{'peak MB':>9s}{'+call':>7s}{'load':>6s}"]
+             f"{'params':>12s}{'rss MB':>8s}{'peak MB':>9s}{'+call':>7s}{'load':>6s}"
+             f"{'GFLOP':>9s}{'GFLOP/s':>9s}{'% peak':>9s}"]
     for name, r in results.items():
         lines.append(f"{name:36s}{r['median_ms']:10.1f}{r['min_ms']:8.1f}{r['max_ms']:8.1f}"
                      f"{r['cpu_ms']:9.1f}{r['params']:12,d}{mb(r, 'rss_mb'):>8s}"
                      f"{mb(r, 'peak_mb'):>9s}{mb(r, 'peak_increase_mb'):>7s}"
-                     f"{r['load_1min']:6.1f}")
+                     f"{r['load_1min']:6.1f}{speed(r)}")
+    lines.append("GFLOP: convolutions and dense layers as the row runs them (2 per "
+                 "multiply-add); % peak: GFLOP/s over the row dtype's measured peak; "
+                 "warp: 'bw' = bandwidth bound (bytes / scale GB/s) over its time")
     table_ratios = ratios(results)
     if table_ratios:
         lines.append("")
@@ -307,6 +412,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rows", help="comma-separated rows (default: all of --list)")
     parser.add_argument("--json", help="write {row: {median_ms, params, ...}} here")
     parser.add_argument("--list", action="store_true", help="print the default rows")
+    parser.add_argument("--peak", choices=("full", "quick", "off"), default="full",
+                        help="machine micro-benchmarks before the rows (peak GFLOP/s, "
+                             "memory bandwidth): 'quick' only checks they run (default "
+                             "full)")
     return parser.parse_args(argv)
 
 
@@ -338,6 +447,8 @@ def main(argv=None) -> int:
           f"weights; median of {args.repeats} after {args.warmup} warm-up call(s)")
     print(f"machine: {machine_description()}; load average at start "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    peaks = measure_machine(args.peak, args.repeats, bf16=True)
+    print(format_machine(peaks), flush=True)
     fixed, moving = sample_pair(args.size)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as workdir:
@@ -345,7 +456,7 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             try:
                 results[row.name] = run_row(row, args.size, fixed, moving, args.warmup,
-                                            args.repeats, workdir)
+                                            args.repeats, workdir, peaks)
             except (ValueError, serving.ExportError) as error:
                 print(f"{row.name}: failed: {error}", file=sys.stderr, flush=True)
                 continue
@@ -356,7 +467,8 @@ def main(argv=None) -> int:
     print(format_table(results))
     print(f"\nload average at end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.json:
-        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps({"machine": peaks, "rows": results},
+                                                indent=2) + "\n")
     return 0 if len(results) == len(rows) else 1
 
 

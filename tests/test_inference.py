@@ -198,14 +198,21 @@ def test_bench_script_writes_the_required_rows(tmp_path):
     out = tmp_path / "results" / "out.json"          # the folder is created
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "inference.py"), "--size", "32",
-         "--repeats", "1", "--rows", "warp,student_1,savedmodel_student_1",
+         "--repeats", "1", "--peak", "quick", "--rows", "warp,student_1,savedmodel_student_1",
          "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
-    results = json.loads(out.read_text())
+    written = json.loads(out.read_text())
+    results, peaks = written["rows"], written["machine"]
     assert list(results) == ["warp", "student_1", "savedmodel_student_1"]
     for entry in results.values():
         assert entry["median_ms"] > 0 and isinstance(entry["params"], int)
+        assert entry["peak_fraction"] > 0
+    assert peaks["float32"]["gflops"] > 0 and peaks["memory"]["scale_gbs"] > 0
     assert results["warp"]["params"] == 0
+    assert results["warp"]["bytes"] == 20 * 32 ** 3 and results["warp"]["bound_ms"] > 0
+    assert results["student_1"]["work_gflop"] == results["savedmodel_student_1"]["work_gflop"]
+    assert results["student_1"]["gflops"] == pytest.approx(
+        results["student_1"]["work_gflop"] / (results["student_1"]["median_ms"] / 1e3))
     assert results["student_1"]["params"] == results["savedmodel_student_1"]["params"] \
         == build_student(SIZE, 1).count_params()
     assert "savedmodel_student_1 / student_1" in result.stdout
