@@ -2,7 +2,7 @@
 
     python bench/inference.py [--size 128] [--repeats 5] [--warmup 1]
                               [--rows ROW,ROW,...] [--json PATH] [--list]
-                              [--peak full|quick|off]
+                              [--peak full|quick|off] [--bf16 auto|on|off]
 
 Every row is one way of registering a (fixed, moving) pair of ``[1, S, S, S, 1]``
 float32 volumes: networks + warps + flow composition as deployed; preprocessing (file
@@ -19,7 +19,10 @@ with ``<model>`` one of ``teacher_affine_vtn1``, ``teacher_affine_vtn3``,
 
 - ``<model>``: in-process, :func:`aldk_tf.inference.registration_function` (fixed
   input signature; flow heads as sub-pixel convolutions, float32).
-- ``_bf16``: the same with the convolutions in bfloat16 (``dtype="bfloat16"``).
+- ``_bf16``: the same with the convolutions in bfloat16 (``dtype="bfloat16"``). Built
+  only where the CPU has native bfloat16 (``amx_bf16`` or ``avx512_bf16`` in
+  ``/proc/cpuinfo``) or with ``--bf16 on`` (default ``$ALDK_BF16`` or ``auto``); otherwise
+  the row says ``skipped:`` and why.
 - ``_keras_upconv``: the Keras graph unchanged (``subpixel=False``), i.e. what the
   TFLite files are converted from (``export.py``'s SavedModel has the sub-pixel heads).
 - ``savedmodel_``: the row's graph saved with :func:`aldk_tf.serving.save_savedmodel`
@@ -314,8 +317,14 @@ def machine_description() -> str:
             f"{keras.__version__}, oneDNN opts {onednn}")
 
 
+def measured(results: dict) -> dict:
+    """The rows that ran (not ``{"skipped": why}``)."""
+    return {name: r for name, r in results.items() if "median_ms" in r}
+
+
 def ratios(results: dict) -> list[tuple[str, float, float]]:
     """``(label, ratio of median wall times, ratio of median CPU times)``."""
+    results = measured(results)
     pairs = list(RATIOS)
     for name in results:
         for prefix in ("savedmodel_", "savedmodel_portable_"):
@@ -380,6 +389,9 @@ def format_table(results: dict) -> str:
              f"{'params':>12s}{'rss MB':>8s}{'peak MB':>9s}{'+call':>7s}{'load':>6s}"
              f"{'GFLOP':>9s}{'GFLOP/s':>9s}{'% peak':>9s}"]
     for name, r in results.items():
+        if "skipped" in r:
+            lines.append(f"{name:36s}skipped: {r['skipped']}")
+            continue
         lines.append(f"{name:36s}{r['median_ms']:10.1f}{r['min_ms']:8.1f}{r['max_ms']:8.1f}"
                      f"{r['cpu_ms']:9.1f}{r['params']:12,d}{mb(r, 'rss_mb'):>8s}"
                      f"{mb(r, 'peak_mb'):>9s}{mb(r, 'peak_increase_mb'):>7s}"
@@ -412,6 +424,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rows", help="comma-separated rows (default: all of --list)")
     parser.add_argument("--json", help="write {row: {median_ms, params, ...}} here")
     parser.add_argument("--list", action="store_true", help="print the default rows")
+    parser.add_argument("--bf16", default=machine.default_bf16_mode(),
+                        help="the _bf16 rows and the bf16 peak: 'auto' (default, or "
+                             f"${machine.BF16_ENV}) runs them only where /proc/cpuinfo "
+                             "lists amx_bf16 or avx512_bf16; 'on' forces them; 'off' skips "
+                             "them")
     parser.add_argument("--peak", choices=("full", "quick", "off"), default="full",
                         help="machine micro-benchmarks before the rows (peak GFLOP/s, "
                              "memory bandwidth): 'quick' only checks they run (default "
@@ -434,6 +451,11 @@ def main(argv=None) -> int:
     if args.repeats < 1 or args.warmup < 1:
         print("error: --repeats and --warmup must be >= 1", file=sys.stderr)
         return 2
+    try:
+        bf16, bf16_reason = machine.bf16_decision(args.bf16)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.json:
         try:                  # checked now, not after minutes of measuring
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -447,12 +469,16 @@ def main(argv=None) -> int:
           f"weights; median of {args.repeats} after {args.warmup} warm-up call(s)")
     print(f"machine: {machine_description()}; load average at start "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
-    peaks = measure_machine(args.peak, args.repeats, bf16=True)
+    print(f"bfloat16 rows: {'run' if bf16 else 'skipped'} ({bf16_reason})")
+    peaks = measure_machine(args.peak, args.repeats, bf16=bf16)
     print(format_machine(peaks), flush=True)
     fixed, moving = sample_pair(args.size)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as workdir:
         for row in rows:
+            if row.dtype == "bfloat16" and not bf16:
+                results[row.name] = {"skipped": f"no bfloat16: {bf16_reason}"}
+                continue
             started = time.perf_counter()
             try:
                 results[row.name] = run_row(row, args.size, fixed, moving, args.warmup,
@@ -467,6 +493,8 @@ def main(argv=None) -> int:
     print(format_table(results))
     print(f"\nload average at end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.json:
+        peaks = {**peaks, "bf16": {"run": bf16, "reason": bf16_reason,
+                                   "cpu_flags": machine.bf16_features()}}
         atomic_write_text(args.json, json.dumps({"machine": peaks, "rows": results},
                                                 indent=2) + "\n")
     return 0 if len(results) == len(rows) else 1
