@@ -12,7 +12,7 @@ randomly initialised weights: the time does not depend on the weights' values), 
 times with ``time.perf_counter`` around the call and the fetch of both outputs.
 
 Row names: ``[savedmodel_ | savedmodel_portable_ | tflite_<fp32|fp16|int8>_]<model>
-[_bf16 | _keras_upconv]``
+[_bf16 | _keras_upconv][@b<N>]``
 with ``<model>`` one of ``teacher_affine_vtn1``, ``teacher_affine_vtn3``,
 ``student_1``, ``student_2``, ``student_3``, ``student_crd_1`` (cross-resolution,
 1/2), plus the row ``warp`` (one trilinear warp of the image alone).
@@ -23,6 +23,9 @@ with ``<model>`` one of ``teacher_affine_vtn1``, ``teacher_affine_vtn3``,
   only where the CPU has native bfloat16 (``amx_bf16`` or ``avx512_bf16`` in
   ``/proc/cpuinfo``) or with ``--bf16 on`` (default ``$ALDK_BF16`` or ``auto``); otherwise
   the row says ``skipped:`` and why.
+- ``@b<N>`` (throughput rows, not TFLite): the same graph traced for batch ``N`` (the
+  pair repeated ``N`` times); ``pairs_per_s`` = N / median seconds, listed per batch
+  under the table (what a serving team sizes hardware with).
 - ``_keras_upconv``: the Keras graph unchanged (``subpixel=False``), i.e. what the
   TFLite files are converted from (``export.py``'s SavedModel has the sub-pixel heads).
 - ``savedmodel_``: the row's graph saved with :func:`aldk_tf.serving.save_savedmodel`
@@ -108,7 +111,10 @@ DEFAULT_ROWS = (
     "teacher_affine_vtn1", "teacher_affine_vtn3",
     "student_1", "student_2", "student_3", "student_crd_1",
     "student_1_bf16", "student_3_bf16", "student_crd_1_bf16", "student_1_keras_upconv",
+    "student_1@b2", "student_1@b4", "student_crd_1@b2", "student_crd_1@b4",
     "savedmodel_student_1", "savedmodel_student_3", "savedmodel_student_crd_1",
+    "savedmodel_student_1@b2", "savedmodel_student_1@b4",
+    "savedmodel_student_crd_1@b2", "savedmodel_student_crd_1@b4",
     "savedmodel_teacher_affine_vtn1", "savedmodel_student_1_keras_upconv",
     "savedmodel_portable_student_1", "savedmodel_portable_student_3",
     "tflite_fp32_student_1", "tflite_fp16_student_1", "tflite_int8_student_1",
@@ -120,7 +126,8 @@ RATIOS = (("teacher_affine_vtn1", "student_1"), ("teacher_affine_vtn3", "student
 TFLITE_THREADS = 2
 _ROW = re.compile(r"^(?:(?P<savedmodel>savedmodel_(?P<portable>portable_)?)|"
                   r"tflite_(?P<tflite>fp32|fp16|int8)_)?"
-                  r"(?P<model>" + "|".join(MODELS) + r")(?P<variant>_bf16|_keras_upconv)?$")
+                  r"(?P<model>" + "|".join(MODELS) + r")(?P<variant>_bf16|_keras_upconv)?"
+                  r"(?:@b(?P<batch>[1-9][0-9]*))?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +139,7 @@ class Row:
     dtype: str = "float32"
     subpixel: bool = True
     tflite: str | None = None
+    batch: int = 1
 
 
 def parse_row(name: str) -> Row:
@@ -139,11 +147,11 @@ def parse_row(name: str) -> Row:
     if name == "warp":
         return Row(name, source="warp")
     match = _ROW.match(name)
-    if not match or (match["tflite"] and match["variant"]):
+    if not match or (match["tflite"] and (match["variant"] or match["batch"])):
         raise ValueError(
             f"unknown row {name!r}: expected 'warp' or [savedmodel_ | savedmodel_portable_ | "
-            f"tflite_<fp32|fp16|int8>_]<model>[_bf16 | _keras_upconv] with <model> one of "
-            f"{', '.join(MODELS)} (TFLite rows take no suffix)")
+            f"tflite_<fp32|fp16|int8>_]<model>[_bf16 | _keras_upconv][@b<batch>] with "
+            f"<model> one of {', '.join(MODELS)} (TFLite rows take no suffix)")
     source = "in-process"
     if match["savedmodel"]:
         source = "savedmodel_portable" if match["portable"] else "savedmodel"
@@ -151,7 +159,8 @@ def parse_row(name: str) -> Row:
         source = "tflite"
     return Row(name, source=source, model=match["model"],
                dtype="bfloat16" if match["variant"] == "_bf16" else "float32",
-               subpixel=match["variant"] != "_keras_upconv", tflite=match["tflite"])
+               subpixel=match["variant"] != "_keras_upconv", tflite=match["tflite"],
+               batch=int(match["batch"] or 1))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -227,9 +236,9 @@ def prepare(row: Row, size: int, workdir: str) -> Prepared:
         # TFLite converts the Keras graph: transposed convolutions as they are.
         return Prepared(lambda fixed, moving: signature(fixed=fixed, moving=moving), params,
                         None, interpreter, count_work(model, subpixel=False))
-    register = registration_function(model, batch=1, dtype=row.dtype,
+    register = registration_function(model, batch=row.batch, dtype=row.dtype,
                                      subpixel=row.subpixel)
-    work = count_work(register.graph, subpixel=row.subpixel)
+    work = count_work(register.graph, batch=row.batch, subpixel=row.subpixel)
     if row.source == "in-process":
         return Prepared(register, params, slow_ops(register.get_concrete_function()),
                         register, work)
@@ -290,10 +299,13 @@ def add_speed(result: dict, work: dict, peaks: dict) -> dict:
 def run_row(row: Row, size: int, fixed, moving, warmup: int, repeats: int,
             workdir: str, peaks: dict | None = None) -> dict:
     prepared = prepare(row, size, workdir)
+    if row.batch > 1:                    # the same pair, row.batch times
+        fixed, moving = (np.repeat(image, row.batch, axis=0) for image in (fixed, moving))
     if row.source != "tflite":
         fixed, moving = tf.constant(fixed), tf.constant(moving)
     result = measure(prepared.run, fixed, moving, warmup, repeats)
-    result.update(params=int(prepared.params), source=row.source, dtype=row.dtype)
+    result.update(params=int(prepared.params), source=row.source, dtype=row.dtype,
+                  batch=row.batch, pairs_per_s=row.batch / (result["median_ms"] / 1e3))
     add_speed(result, prepared.work, peaks or {})
     if prepared.slow is not None:
         result["slow_ops"] = prepared.slow
@@ -369,6 +381,29 @@ def format_machine(peaks: dict) -> str:
     return "\n".join(lines)
 
 
+def throughput(results: dict) -> dict[str, dict[int, float]]:
+    """``{row without @b: {batch: pairs per second}}`` for rows measured at more than one
+    batch size (``student_1`` counts as batch 1 of ``student_1@b4``)."""
+    table = {}
+    for name, r in measured(results).items():
+        table.setdefault(name.split("@b")[0], {})[r.get("batch", 1)] = r["pairs_per_s"]
+    return {name: dict(sorted(by_batch.items())) for name, by_batch in table.items()
+            if len(by_batch) > 1}
+
+
+def format_throughput(results: dict) -> list[str]:
+    table = throughput(results)
+    if not table:
+        return []
+    batches = sorted({b for by_batch in table.values() for b in by_batch})
+    lines = ["", f"{'pairs per second (median)':36s}" + "".join(f"{f'batch {b}':>10s}"
+                                                            for b in batches)]
+    for name, by_batch in table.items():
+        lines.append(f"  {name:34s}" + "".join(
+            f"{by_batch[b]:10.2f}" if b in by_batch else f"{'-':>10s}" for b in batches))
+    return lines
+
+
 def format_table(results: dict) -> str:
     def mb(entry, key):
         return f"{entry[key]:,.0f}" if key in entry else "-"
@@ -399,6 +434,7 @@ def format_table(results: dict) -> str:
     lines.append("GFLOP: convolutions and dense layers as the row runs them (2 per "
                  "multiply-add); % peak: GFLOP/s over the row dtype's measured peak; "
                  "warp: 'bw' = bandwidth bound (bytes / scale GB/s) over its time")
+    lines.extend(format_throughput(results))
     table_ratios = ratios(results)
     if table_ratios:
         lines.append("")
