@@ -15,7 +15,13 @@ Row names: ``[savedmodel_ | savedmodel_portable_ | tflite_<fp32|fp16|int8>_]<mod
 [_bf16 | _keras_upconv][@b<N>]``
 with ``<model>`` one of ``teacher_affine_vtn1``, ``teacher_affine_vtn3``,
 ``student_1``, ``student_2``, ``student_3``, ``student_crd_1`` (cross-resolution,
-1/2), plus the row ``warp`` (one trilinear warp of the image alone).
+1/2), ``voxelmorph_1`` (the peer network: ``train.py -b VoxelMorph -n 1``, i.e. the VTN
+affine stem and one VoxelMorph cascade), plus the rows ``warp`` (one trilinear warp of
+the image alone) and ``ants_syn`` (the peer method: ANTs SyN, affine + deformable, through
+``antspyx`` -- the optional extra ``pip install 'aldk-tf[bench]'`` -- on the same pair,
+``--ants-repeats`` timed calls without warm-up; "skipped: antspyx not installed" when it
+is absent). Under the table: "N x faster than VoxelMorph, M x faster than ANTs SyN" for
+``student_crd_1`` and ``student_1`` (``"peers"`` in the JSON).
 
 - ``<model>``: in-process, :func:`aldk_tf.inference.registration_function` (fixed
   input signature; flow heads as sub-pixel convolutions, float32).
@@ -105,11 +111,15 @@ MODELS = {
     "student_2": lambda size: build_student(size, 2),
     "student_3": lambda size: build_student(size, 3),
     "student_crd_1": lambda size: build_student(size, 1, resolution_factor=2),
+    # The peer a user would train instead: train.py -b VoxelMorph -n 1 (VTN affine stem +
+    # one VoxelMorph cascade).
+    "voxelmorph_1": lambda size: build_teacher(size, 1, base="voxelmorph"),
 }
 DEFAULT_ROWS = (
     "warp",
     "teacher_affine_vtn1", "teacher_affine_vtn3",
     "student_1", "student_2", "student_3", "student_crd_1",
+    "voxelmorph_1", "ants_syn",
     "student_1_bf16", "student_3_bf16", "student_crd_1_bf16", "student_1_keras_upconv",
     "student_1@b2", "student_1@b4", "student_crd_1@b2", "student_crd_1@b4",
     "savedmodel_student_1", "savedmodel_student_3", "savedmodel_student_crd_1",
@@ -119,10 +129,16 @@ DEFAULT_ROWS = (
     "savedmodel_portable_student_1", "savedmodel_portable_student_3",
     "tflite_fp32_student_1", "tflite_fp16_student_1", "tflite_int8_student_1",
 )
+#: The peers of the summary line, row -> what it says.
+PEERS = {"voxelmorph_1": "VoxelMorph", "ants_syn": "ANTs SyN"}
+#: The students the summary line compares with the peers.
+PEER_STUDENTS = ("student_crd_1", "student_1")
+ANTS_TRANSFORM = "SyN"               # antspyx: affine + deformable SyN, mutual information
 #: (numerator, denominator) rows of the printed ratios.
 RATIOS = (("teacher_affine_vtn1", "student_1"), ("teacher_affine_vtn3", "student_3"),
           ("teacher_affine_vtn3", "student_1"), ("teacher_affine_vtn3", "student_crd_1"),
-          ("student_1", "student_crd_1"))
+          ("student_1", "student_crd_1"),
+          *((peer, student) for peer in PEERS for student in PEER_STUDENTS))
 TFLITE_THREADS = 2
 _ROW = re.compile(r"^(?:(?P<savedmodel>savedmodel_(?P<portable>portable_)?)|"
                   r"tflite_(?P<tflite>fp32|fp16|int8)_)?"
@@ -134,7 +150,7 @@ _ROW = re.compile(r"^(?:(?P<savedmodel>savedmodel_(?P<portable>portable_)?)|"
 class Row:
     name: str
     source: str = "in-process"  # "in-process" | "savedmodel" | "savedmodel_portable" | "tflite"
-                                #  | "warp"
+                                #  | "warp" | "ants"
     model: str | None = None
     dtype: str = "float32"
     subpixel: bool = True
@@ -146,12 +162,14 @@ def parse_row(name: str) -> Row:
     """:class:`Row` of a row name; ``ValueError`` naming the grammar if it is unknown."""
     if name == "warp":
         return Row(name, source="warp")
+    if name == "ants_syn":
+        return Row(name, source="ants")
     match = _ROW.match(name)
     if not match or (match["tflite"] and (match["variant"] or match["batch"])):
         raise ValueError(
-            f"unknown row {name!r}: expected 'warp' or [savedmodel_ | savedmodel_portable_ | "
-            f"tflite_<fp32|fp16|int8>_]<model>[_bf16 | _keras_upconv][@b<batch>] with "
-            f"<model> one of {', '.join(MODELS)} (TFLite rows take no suffix)")
+            f"unknown row {name!r}: expected 'warp', 'ants_syn' or [savedmodel_ | "
+            f"savedmodel_portable_ | tflite_<fp32|fp16|int8>_]<model>[_bf16 | _keras_upconv]"
+            f"[@b<batch>] with <model> one of {', '.join(MODELS)} (TFLite rows take no suffix)")
     source = "in-process"
     if match["savedmodel"]:
         source = "savedmodel_portable" if match["portable"] else "savedmodel"
@@ -205,6 +223,35 @@ def build_model(row: Row, size: int):
     return MODELS[row.model]((size,) * 3)
 
 
+class Skipped(Exception):
+    """A row that cannot run here (a missing optional package, no bfloat16): the reason."""
+
+
+def prepare_ants(size: int) -> "Prepared":
+    """ANTs SyN through antspyx (``pip install 'aldk-tf[bench]'``) on the same pair: one
+    call of ``ants.registration`` as a user makes it (ITK threads: every core); its
+    transform files are removed after each call."""
+    try:
+        import ants
+    except ModuleNotFoundError as error:
+        if error.name != "ants":
+            raise Skipped(f"antspyx does not import: {error}") from None
+        raise Skipped("antspyx not installed (pip install 'aldk-tf[bench]')") from None
+    except ImportError as error:
+        raise Skipped(f"antspyx does not import: {error}") from None
+
+    def run(fixed, moving):
+        result = ants.registration(ants.from_numpy(fixed[0, ..., 0]),
+                                   ants.from_numpy(moving[0, ..., 0]),
+                                   type_of_transform=ANTS_TRANSFORM, random_seed=0)
+        warped = result["warpedmovout"].numpy()
+        for path in {*result["fwdtransforms"], *result["invtransforms"]}:
+            if os.path.isfile(path):
+                os.remove(path)
+        return {"warped": warped}
+    return Prepared(run, 0, None, ants, {})
+
+
 @dataclasses.dataclass
 class Prepared:
     """A row ready to time: ``run(fixed, moving) -> outputs`` and what to report."""
@@ -216,6 +263,8 @@ class Prepared:
 
 
 def prepare(row: Row, size: int, workdir: str) -> Prepared:
+    if row.source == "ants":
+        return prepare_ants(size)
     if row.source == "warp":
         image = tf.TensorSpec([1, size, size, size, 1], tf.float32)
         flow_spec = tf.TensorSpec([1, size, size, size, 3], tf.float32)
@@ -286,6 +335,8 @@ def add_speed(result: dict, work: dict, peaks: dict) -> dict:
             result["bound_ms"] = 1e3 * work["bytes"] / (bandwidth * 1e9)
             result["peak_fraction"] = result["bound_ms"] / result["median_ms"]
         return result
+    if "total" not in work:                                   # ANTs: not counted
+        return result
     result["work_gflop"] = work["total"] / 1e9
     result["work_by_kind_gflop"] = {kind: flops / 1e9 for kind, flops in work.items()
                                     if kind != "total" and flops}
@@ -297,12 +348,14 @@ def add_speed(result: dict, work: dict, peaks: dict) -> dict:
 
 
 def run_row(row: Row, size: int, fixed, moving, warmup: int, repeats: int,
-            workdir: str, peaks: dict | None = None) -> dict:
+            workdir: str, peaks: dict | None = None, ants_repeats: int = 1) -> dict:
     prepared = prepare(row, size, workdir)
     if row.batch > 1:                    # the same pair, row.batch times
         fixed, moving = (np.repeat(image, row.batch, axis=0) for image in (fixed, moving))
-    if row.source != "tflite":
+    if row.source not in ("tflite", "ants"):
         fixed, moving = tf.constant(fixed), tf.constant(moving)
+    if row.source == "ants":             # nothing to trace or compile; minutes per call
+        warmup, repeats = 0, ants_repeats
     result = measure(prepared.run, fixed, moving, warmup, repeats)
     result.update(params=int(prepared.params), source=row.source, dtype=row.dtype,
                   batch=row.batch, pairs_per_s=row.batch / (result["median_ms"] / 1e3))
@@ -381,6 +434,33 @@ def format_machine(peaks: dict) -> str:
     return "\n".join(lines)
 
 
+def peer_summary(results: dict) -> dict[str, dict[str, float | str]]:
+    """``{student: {peer row: how many times faster (median wall), or why not}}``."""
+    summary = {}
+    for student in PEER_STUDENTS:
+        if "median_ms" not in results.get(student, {}):
+            continue
+        summary[student] = {}
+        for peer in PEERS:
+            entry = results.get(peer)
+            if entry is None:
+                summary[student][peer] = "not in this run"
+            elif "skipped" in entry:
+                summary[student][peer] = f"skipped: {entry['skipped']}"
+            else:
+                summary[student][peer] = entry["median_ms"] / results[student]["median_ms"]
+    return summary
+
+
+def format_peers(results: dict) -> list[str]:
+    lines = []
+    for student, peers in peer_summary(results).items():
+        parts = [f"{value:.1f}x faster than {PEERS[peer]}" if isinstance(value, float)
+                 else f"{PEERS[peer]} {value}" for peer, value in peers.items()]
+        lines.append(f"  {student}: " + ", ".join(parts))
+    return ["", "peers (same run, median wall time):", *lines] if lines else []
+
+
 def throughput(results: dict) -> dict[str, dict[int, float]]:
     """``{row without @b: {batch: pairs per second}}`` for rows measured at more than one
     batch size (``student_1`` counts as batch 1 of ``student_1@b4``)."""
@@ -435,6 +515,7 @@ def format_table(results: dict) -> str:
                  "multiply-add); % peak: GFLOP/s over the row dtype's measured peak; "
                  "warp: 'bw' = bandwidth bound (bytes / scale GB/s) over its time")
     lines.extend(format_throughput(results))
+    lines.extend(format_peers(results))
     table_ratios = ratios(results)
     if table_ratios:
         lines.append("")
@@ -465,6 +546,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"${machine.BF16_ENV}) runs them only where /proc/cpuinfo "
                              "lists amx_bf16 or avx512_bf16; 'on' forces them; 'off' skips "
                              "them")
+    parser.add_argument("--ants-repeats", "--ants_repeats", type=int, default=1,
+                        help="timed calls of the ants_syn row (no warm-up; default 1)")
     parser.add_argument("--peak", choices=("full", "quick", "off"), default="full",
                         help="machine micro-benchmarks before the rows (peak GFLOP/s, "
                              "memory bandwidth): 'quick' only checks they run (default "
@@ -484,8 +567,8 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.repeats < 1 or args.warmup < 1:
-        print("error: --repeats and --warmup must be >= 1", file=sys.stderr)
+    if args.repeats < 1 or args.warmup < 1 or args.ants_repeats < 1:
+        print("error: --repeats, --warmup and --ants-repeats must be >= 1", file=sys.stderr)
         return 2
     try:
         bf16, bf16_reason = machine.bf16_decision(args.bf16)
@@ -518,7 +601,11 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             try:
                 results[row.name] = run_row(row, args.size, fixed, moving, args.warmup,
-                                            args.repeats, workdir, peaks)
+                                            args.repeats, workdir, peaks, args.ants_repeats)
+            except Skipped as reason:
+                results[row.name] = {"skipped": str(reason)}
+                print(f"  {row.name}: skipped: {reason}", file=sys.stderr, flush=True)
+                continue
             except (ValueError, serving.ExportError) as error:
                 print(f"{row.name}: failed: {error}", file=sys.stderr, flush=True)
                 continue
@@ -531,8 +618,9 @@ def main(argv=None) -> int:
     if args.json:
         peaks = {**peaks, "bf16": {"run": bf16, "reason": bf16_reason,
                                    "cpu_flags": machine.bf16_features()}}
-        atomic_write_text(args.json, json.dumps({"machine": peaks, "rows": results},
-                                                indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(
+            {"machine": peaks, "rows": results, "peers": peer_summary(results)},
+            indent=2) + "\n")
     return 0 if len(results) == len(rows) else 1
 
 

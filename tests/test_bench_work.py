@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from aldk_tf.inference import registration_function
-from aldk_tf.networks import build_student
+from aldk_tf.networks import build_student, build_teacher
 from scripts import load_script
 
 work = load_script("bench/work.py")
@@ -56,13 +56,16 @@ def graph_counts(function) -> tuple[int, int]:
     return conv, transposed
 
 
-@pytest.mark.parametrize("subpixel", [True, False])
-def test_student_count_matches_the_traced_graph(subpixel):
+@pytest.mark.parametrize("subpixel, build", [
+    (True, lambda: build_student((16, 16, 16), 2, rep=2)),   # four cascade-net calls
+    (False, lambda: build_student((16, 16, 16), 2, rep=2)),
+    (True, lambda: build_teacher((16, 16, 16), 1, base="voxelmorph"))])  # the peer row
+def test_count_matches_the_traced_graph(subpixel, build):
     keras.utils.set_random_seed(0)
-    model = build_student((16, 16, 16), 2, rep=2)       # four calls of the cascade nets
+    model = build()
     register = registration_function(model, batch=1, subpixel=subpixel)
     counted = work.count_work(register.graph, subpixel=subpixel)
     conv, transposed = graph_counts(register)
     assert counted["Conv3D"] + counted["Conv3D (sub-pixel)"] == conv
     assert counted["Conv3DTranspose"] == transposed
-    assert (counted["Conv3D (sub-pixel)"] > 0) == subpixel
+    assert (counted["Conv3D (sub-pixel)"] > 0) == (subpixel and model.base == "student")

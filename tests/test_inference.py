@@ -229,6 +229,25 @@ def test_bench_script_writes_the_required_rows(tmp_path):
     assert "pairs per second" in result.stdout
 
 
+def test_bench_peer_rows_and_summary(monkeypatch, tmp_path):
+    bench = load_bench("inference")
+    assert bench.parse_row("ants_syn").source == "ants"
+    assert bench.parse_row("voxelmorph_1").model == "voxelmorph_1"
+    results = {"student_1": {"median_ms": 100.0}, "student_crd_1": {"median_ms": 20.0},
+               "voxelmorph_1": {"median_ms": 300.0},
+               "ants_syn": {"skipped": "antspyx not installed"}}
+    assert bench.peer_summary(results) == {
+        "student_crd_1": {"voxelmorph_1": 15.0, "ants_syn": "skipped: antspyx not installed"},
+        "student_1": {"voxelmorph_1": 3.0, "ants_syn": "skipped: antspyx not installed"}}
+    assert "student_crd_1: 15.0x faster than VoxelMorph, ANTs SyN skipped: antspyx not " \
+        "installed" in "\n".join(bench.format_peers(results))
+    monkeypatch.setitem(sys.modules, "ants", None)       # import ants fails: not installed
+    out = tmp_path / "out.json"
+    assert bench.main(["--peak", "off", "--rows", "ants_syn", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"]["ants_syn"] == {
+        "skipped": "antspyx not installed (pip install 'aldk-tf[bench]')"}
+
+
 def test_bench_throughput_groups_batch_sizes():
     bench = load_bench("inference")
     results = {"student_1": {"median_ms": 100.0, "batch": 1, "pairs_per_s": 10.0},
