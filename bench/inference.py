@@ -2,6 +2,7 @@
 
     python bench/inference.py [--size 128] [--repeats 5] [--warmup 1]
                               [--rows ROW,ROW,...] [--json PATH] [--list]
+                              [--peak full|quick|off] [--bf16 auto|on|off]
 
 Every row is one way of registering a (fixed, moving) pair of ``[1, S, S, S, 1]``
 float32 volumes: networks + warps + flow composition as deployed; preprocessing (file
@@ -11,14 +12,26 @@ randomly initialised weights: the time does not depend on the weights' values), 
 times with ``time.perf_counter`` around the call and the fetch of both outputs.
 
 Row names: ``[savedmodel_ | savedmodel_portable_ | tflite_<fp32|fp16|int8>_]<model>
-[_bf16 | _keras_upconv]``
+[_bf16 | _keras_upconv][@b<N>]``
 with ``<model>`` one of ``teacher_affine_vtn1``, ``teacher_affine_vtn3``,
 ``student_1``, ``student_2``, ``student_3``, ``student_crd_1`` (cross-resolution,
-1/2), plus the row ``warp`` (one trilinear warp of the image alone).
+1/2), ``voxelmorph_1`` (the peer network: ``train.py -b VoxelMorph -n 1``, i.e. the VTN
+affine stem and one VoxelMorph cascade), plus the rows ``warp`` (one trilinear warp of
+the image alone) and ``ants_syn`` (the peer method: ANTs SyN, affine + deformable, through
+``antspyx`` -- the optional extra ``pip install 'aldk-tf[bench]'`` -- on the same pair,
+``--ants-repeats`` timed calls without warm-up; "skipped: antspyx not installed" when it
+is absent). Under the table: "N x faster than VoxelMorph, M x faster than ANTs SyN" for
+``student_crd_1`` and ``student_1`` (``"peers"`` in the JSON).
 
 - ``<model>``: in-process, :func:`aldk_tf.inference.registration_function` (fixed
   input signature; flow heads as sub-pixel convolutions, float32).
-- ``_bf16``: the same with the convolutions in bfloat16 (``dtype="bfloat16"``).
+- ``_bf16``: the same with the convolutions in bfloat16 (``dtype="bfloat16"``). Built
+  only where the CPU has native bfloat16 (``amx_bf16`` or ``avx512_bf16`` in
+  ``/proc/cpuinfo``) or with ``--bf16 on`` (default ``$ALDK_BF16`` or ``auto``); otherwise
+  the row says ``skipped:`` and why.
+- ``@b<N>`` (throughput rows, not TFLite): the same graph traced for batch ``N`` (the
+  pair repeated ``N`` times); ``pairs_per_s`` = N / median seconds, listed per batch
+  under the table (what a serving team sizes hardware with).
 - ``_keras_upconv``: the Keras graph unchanged (``subpixel=False``), i.e. what the
   TFLite files are converted from (``export.py``'s SavedModel has the sub-pixel heads).
 - ``savedmodel_``: the row's graph saved with :func:`aldk_tf.serving.save_savedmodel`
@@ -38,6 +51,19 @@ before the row's first call (model built, everything earlier in the process incl
 through ``/proc/self/clear_refs`` before the first call), ``+call`` their difference
 (what inference itself needed on top). These are process-level numbers; memory that
 TensorFlow or the allocator kept from earlier rows counts in ``rss``.
+
+Distance to the machine's limit, measured in the same process: before the rows,
+``--peak full`` times a 2048^2 ``tf.matmul`` and a 1x1x1 ``Conv3D`` (64^3 x 128 channels)
+in float32 and bfloat16 (median of ``--repeats``, TensorFlow's default threads) and the
+memory bandwidth (STREAM-style scale and sum over 256 MB arrays, one thread per core;
+:mod:`bench.machine`). Per network row: ``work_gflop``, the convolutions' and dense
+layers' FLOP as the row runs them (2 per multiply-add, sub-pixel flow heads in their
+convolution form; :mod:`bench.work`), ``gflops`` = work / median time and
+``peak_fraction`` = ``gflops`` / the larger of the two micro-benchmarks of the row's
+dtype. The ``warp`` row: ``bytes`` it must move (20 per voxel: image and flow read,
+result written), ``bound_ms`` = bytes / scale bandwidth, ``peak_fraction`` = ``bound_ms``
+/ median. ``--peak quick`` only checks that the micro-benchmarks run (tiny sizes, not a
+peak); ``--json`` writes ``{"machine": {...}, "rows": {row: {...}}}``.
 
 The table ends with the teacher/student ratios, SavedModel/in-process ratios and the
 graph check: for in-process and SavedModel rows, any op of
@@ -70,9 +96,13 @@ from aldk_tf.inference import registration_function, slow_ops  # noqa: E402
 from aldk_tf.networks import build_student, build_teacher  # noqa: E402
 
 try:                                 # python -m bench.<script>; imported from the root (tests)
+    from bench import machine
     from bench.timing import repeat_timed
+    from bench.work import count_work
 except ModuleNotFoundError:          # python bench/<script>.py: sys.path[0] is bench/
+    import machine
     from timing import repeat_timed
+    from work import count_work
 
 MODELS = {
     "teacher_affine_vtn1": lambda size: build_teacher(size, 1),
@@ -81,48 +111,65 @@ MODELS = {
     "student_2": lambda size: build_student(size, 2),
     "student_3": lambda size: build_student(size, 3),
     "student_crd_1": lambda size: build_student(size, 1, resolution_factor=2),
+    # The peer a user would train instead: train.py -b VoxelMorph -n 1 (VTN affine stem +
+    # one VoxelMorph cascade).
+    "voxelmorph_1": lambda size: build_teacher(size, 1, base="voxelmorph"),
 }
 DEFAULT_ROWS = (
     "warp",
     "teacher_affine_vtn1", "teacher_affine_vtn3",
     "student_1", "student_2", "student_3", "student_crd_1",
+    "voxelmorph_1", "ants_syn",
     "student_1_bf16", "student_3_bf16", "student_crd_1_bf16", "student_1_keras_upconv",
+    "student_1@b2", "student_1@b4", "student_crd_1@b2", "student_crd_1@b4",
     "savedmodel_student_1", "savedmodel_student_3", "savedmodel_student_crd_1",
+    "savedmodel_student_1@b2", "savedmodel_student_1@b4",
+    "savedmodel_student_crd_1@b2", "savedmodel_student_crd_1@b4",
     "savedmodel_teacher_affine_vtn1", "savedmodel_student_1_keras_upconv",
     "savedmodel_portable_student_1", "savedmodel_portable_student_3",
     "tflite_fp32_student_1", "tflite_fp16_student_1", "tflite_int8_student_1",
 )
+#: The peers of the summary line, row -> what it says.
+PEERS = {"voxelmorph_1": "VoxelMorph", "ants_syn": "ANTs SyN"}
+#: The students the summary line compares with the peers.
+PEER_STUDENTS = ("student_crd_1", "student_1")
+ANTS_TRANSFORM = "SyN"               # antspyx: affine + deformable SyN, mutual information
 #: (numerator, denominator) rows of the printed ratios.
 RATIOS = (("teacher_affine_vtn1", "student_1"), ("teacher_affine_vtn3", "student_3"),
           ("teacher_affine_vtn3", "student_1"), ("teacher_affine_vtn3", "student_crd_1"),
-          ("student_1", "student_crd_1"))
+          ("student_1", "student_crd_1"),
+          *((peer, student) for peer in PEERS for student in PEER_STUDENTS))
 TFLITE_THREADS = 2
 _ROW = re.compile(r"^(?:(?P<savedmodel>savedmodel_(?P<portable>portable_)?)|"
                   r"tflite_(?P<tflite>fp32|fp16|int8)_)?"
-                  r"(?P<model>" + "|".join(MODELS) + r")(?P<variant>_bf16|_keras_upconv)?$")
+                  r"(?P<model>" + "|".join(MODELS) + r")(?P<variant>_bf16|_keras_upconv)?"
+                  r"(?:@b(?P<batch>[1-9][0-9]*))?$")
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
     source: str = "in-process"  # "in-process" | "savedmodel" | "savedmodel_portable" | "tflite"
-                                #  | "warp"
+                                #  | "warp" | "ants"
     model: str | None = None
     dtype: str = "float32"
     subpixel: bool = True
     tflite: str | None = None
+    batch: int = 1
 
 
 def parse_row(name: str) -> Row:
     """:class:`Row` of a row name; ``ValueError`` naming the grammar if it is unknown."""
     if name == "warp":
         return Row(name, source="warp")
+    if name == "ants_syn":
+        return Row(name, source="ants")
     match = _ROW.match(name)
-    if not match or (match["tflite"] and match["variant"]):
+    if not match or (match["tflite"] and (match["variant"] or match["batch"])):
         raise ValueError(
-            f"unknown row {name!r}: expected 'warp' or [savedmodel_ | savedmodel_portable_ | "
-            f"tflite_<fp32|fp16|int8>_]<model>[_bf16 | _keras_upconv] with <model> one of "
-            f"{', '.join(MODELS)} (TFLite rows take no suffix)")
+            f"unknown row {name!r}: expected 'warp', 'ants_syn' or [savedmodel_ | "
+            f"savedmodel_portable_ | tflite_<fp32|fp16|int8>_]<model>[_bf16 | _keras_upconv]"
+            f"[@b<batch>] with <model> one of {', '.join(MODELS)} (TFLite rows take no suffix)")
     source = "in-process"
     if match["savedmodel"]:
         source = "savedmodel_portable" if match["portable"] else "savedmodel"
@@ -130,7 +177,8 @@ def parse_row(name: str) -> Row:
         source = "tflite"
     return Row(name, source=source, model=match["model"],
                dtype="bfloat16" if match["variant"] == "_bf16" else "float32",
-               subpixel=match["variant"] != "_keras_upconv", tflite=match["tflite"])
+               subpixel=match["variant"] != "_keras_upconv", tflite=match["tflite"],
+               batch=int(match["batch"] or 1))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -175,15 +223,56 @@ def build_model(row: Row, size: int):
     return MODELS[row.model]((size,) * 3)
 
 
-def prepare(row: Row, size: int, workdir: str):
-    """``(run(fixed, moving) -> outputs, params, slow ops or None, keep-alive)``."""
+class Skipped(Exception):
+    """A row that cannot run here (a missing optional package, no bfloat16): the reason."""
+
+
+def prepare_ants(size: int) -> "Prepared":
+    """ANTs SyN through antspyx (``pip install 'aldk-tf[bench]'``) on the same pair: one
+    call of ``ants.registration`` as a user makes it (ITK threads: every core); its
+    transform files are removed after each call."""
+    try:
+        import ants
+    except ModuleNotFoundError as error:
+        if error.name != "ants":
+            raise Skipped(f"antspyx does not import: {error}") from None
+        raise Skipped("antspyx not installed (pip install 'aldk-tf[bench]')") from None
+    except ImportError as error:
+        raise Skipped(f"antspyx does not import: {error}") from None
+
+    def run(fixed, moving):
+        result = ants.registration(ants.from_numpy(fixed[0, ..., 0]),
+                                   ants.from_numpy(moving[0, ..., 0]),
+                                   type_of_transform=ANTS_TRANSFORM, random_seed=0)
+        warped = result["warpedmovout"].numpy()
+        for path in {*result["fwdtransforms"], *result["invtransforms"]}:
+            if os.path.isfile(path):
+                os.remove(path)
+        return {"warped": warped}
+    return Prepared(run, 0, None, ants, {})
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A row ready to time: ``run(fixed, moving) -> outputs`` and what to report."""
+    run: object
+    params: int
+    slow: dict | None          # slow ops in the graph (None: not checked)
+    keep: object               # keeps the model / interpreter alive while timing
+    work: dict                 # FLOP per kind (bench/work.py), or {"bytes": ...} (warp)
+
+
+def prepare(row: Row, size: int, workdir: str) -> Prepared:
+    if row.source == "ants":
+        return prepare_ants(size)
     if row.source == "warp":
         image = tf.TensorSpec([1, size, size, size, 1], tf.float32)
         flow_spec = tf.TensorSpec([1, size, size, size, 3], tf.float32)
         warp = tf.function(spatial.warp, input_signature=[image, flow_spec])
         flow = tf.constant(smooth_flow(size))
-        return (lambda fixed, moving: {"warped": warp(moving, flow)}), 0, \
-            slow_ops(warp.get_concrete_function()), warp
+        return Prepared(lambda fixed, moving: {"warped": warp(moving, flow)}, 0,
+                        slow_ops(warp.get_concrete_function()), warp,
+                        {"bytes": machine.warp_bytes(size)})
     model = build_model(row, size)
     params = model.parameter_report()["total"]
     if row.source == "tflite":
@@ -193,19 +282,22 @@ def prepare(row: Row, size: int, workdir: str):
             interpreter = tf.lite.Interpreter(model_content=flatbuffer,
                                               num_threads=TFLITE_THREADS)
         signature = interpreter.get_signature_runner(serving.SERVING_SIGNATURE)
-        return (lambda fixed, moving: signature(fixed=fixed, moving=moving)), params, \
-            None, interpreter
-    register = registration_function(model, batch=1, dtype=row.dtype,
+        # TFLite converts the Keras graph: transposed convolutions as they are.
+        return Prepared(lambda fixed, moving: signature(fixed=fixed, moving=moving), params,
+                        None, interpreter, count_work(model, subpixel=False))
+    register = registration_function(model, batch=row.batch, dtype=row.dtype,
                                      subpixel=row.subpixel)
+    work = count_work(register.graph, batch=row.batch, subpixel=row.subpixel)
     if row.source == "in-process":
-        return register, params, slow_ops(register.get_concrete_function()), register
+        return Prepared(register, params, slow_ops(register.get_concrete_function()),
+                        register, work)
     path = os.path.join(workdir, row.name)
     serving.save_savedmodel(register.graph, path,
                             portable=row.source == "savedmodel_portable")
     loaded = tf.saved_model.load(path)
     signature = loaded.signatures[serving.SERVING_SIGNATURE]
-    return (lambda fixed, moving: signature(fixed=fixed, moving=moving)), params, \
-        slow_ops(signature), loaded
+    return Prepared(lambda fixed, moving: signature(fixed=fixed, moving=moving), params,
+                    slow_ops(signature), loaded, work)
 
 
 def measure(run, fixed, moving, warmup: int, repeats: int) -> dict:
@@ -227,16 +319,50 @@ def measure(run, fixed, moving, warmup: int, repeats: int) -> dict:
     return result
 
 
+def add_speed(result: dict, work: dict, peaks: dict) -> dict:
+    """Work and distance to the machine's limit of one measured row (in place).
+
+    Network rows: ``work_gflop`` (convolutions and dense layers, bench/work.py),
+    ``gflops`` (work / median time) and ``peak_fraction`` (``gflops`` over the measured
+    peak of the row's dtype). The warp row: ``bytes`` it must move, ``bound_ms`` (bytes
+    over the measured "scale" bandwidth) and ``peak_fraction`` (``bound_ms`` / median).
+    """
+    seconds = result["median_ms"] / 1e3
+    if "bytes" in work:
+        result["bytes"] = int(work["bytes"])
+        bandwidth = peaks.get("memory", {}).get("scale_gbs")
+        if bandwidth:
+            result["bound_ms"] = 1e3 * work["bytes"] / (bandwidth * 1e9)
+            result["peak_fraction"] = result["bound_ms"] / result["median_ms"]
+        return result
+    if "total" not in work:                                   # ANTs: not counted
+        return result
+    result["work_gflop"] = work["total"] / 1e9
+    result["work_by_kind_gflop"] = {kind: flops / 1e9 for kind, flops in work.items()
+                                    if kind != "total" and flops}
+    result["gflops"] = result["work_gflop"] / seconds
+    peak = peaks.get(result.get("dtype", "float32"), {}).get("gflops")
+    if peak:
+        result["peak_fraction"] = result["gflops"] / peak
+    return result
+
+
 def run_row(row: Row, size: int, fixed, moving, warmup: int, repeats: int,
-            workdir: str) -> dict:
-    run, params, slow, keep = prepare(row, size, workdir)
-    if row.source != "tflite":
+            workdir: str, peaks: dict | None = None, ants_repeats: int = 1) -> dict:
+    prepared = prepare(row, size, workdir)
+    if row.batch > 1:                    # the same pair, row.batch times
+        fixed, moving = (np.repeat(image, row.batch, axis=0) for image in (fixed, moving))
+    if row.source not in ("tflite", "ants"):
         fixed, moving = tf.constant(fixed), tf.constant(moving)
-    result = measure(run, fixed, moving, warmup, repeats)
-    result.update(params=int(params), source=row.source, dtype=row.dtype)
-    if slow is not None:
-        result["slow_ops"] = slow
-    del run, keep
+    if row.source == "ants":             # nothing to trace or compile; minutes per call
+        warmup, repeats = 0, ants_repeats
+    result = measure(prepared.run, fixed, moving, warmup, repeats)
+    result.update(params=int(prepared.params), source=row.source, dtype=row.dtype,
+                  batch=row.batch, pairs_per_s=row.batch / (result["median_ms"] / 1e3))
+    add_speed(result, prepared.work, peaks or {})
+    if prepared.slow is not None:
+        result["slow_ops"] = prepared.slow
+    del prepared
     keras.backend.clear_session()
     gc.collect()
     return result
@@ -256,8 +382,14 @@ def machine_description() -> str:
             f"{keras.__version__}, oneDNN opts {onednn}")
 
 
+def measured(results: dict) -> dict:
+    """The rows that ran (not ``{"skipped": why}``)."""
+    return {name: r for name, r in results.items() if "median_ms" in r}
+
+
 def ratios(results: dict) -> list[tuple[str, float, float]]:
     """``(label, ratio of median wall times, ratio of median CPU times)``."""
+    results = measured(results)
     pairs = list(RATIOS)
     for name in results:
         for prefix in ("savedmodel_", "savedmodel_portable_"):
@@ -272,16 +404,118 @@ def ratios(results: dict) -> list[tuple[str, float, float]]:
             for a, b in pairs if a in results and b in results]
 
 
+def measure_machine(size: str, repeats: int, bf16: bool) -> dict:
+    """The machine's limits in this process (bench/machine.py): peak GFLOP/s per dtype
+    (``bfloat16`` only when the bf16 rows run) and memory bandwidth; ``{}`` for "off"."""
+    if size == "off":
+        return {}
+    peaks = {"size": size, "float32": machine.peak_gflops("float32", size, repeats)}
+    if bf16:
+        peaks["bfloat16"] = machine.peak_gflops("bfloat16", size, repeats)
+    peaks["memory"] = machine.memory_bandwidth(size, repeats)
+    return peaks
+
+
+def format_machine(peaks: dict) -> str:
+    if not peaks:
+        return "machine peak: not measured (--peak off): no fraction of peak"
+    lines = [f"machine peak, this process ({peaks['size']} micro-benchmarks, median):"]
+    for dtype in ("float32", "bfloat16"):
+        if dtype in peaks:
+            p = peaks[dtype]
+            lines.append(f"  {dtype:9s} matmul {p['matmul']['n']}^2: "
+                         f"{p['matmul']['gflops']:.1f} GFLOP/s; 1x1x1 conv "
+                         f"{p['conv1x1x1']['grid']}^3 x {p['conv1x1x1']['channels']} ch: "
+                         f"{p['conv1x1x1']['gflops']:.1f} GFLOP/s; peak {p['gflops']:.1f}")
+    memory = peaks["memory"]
+    lines.append(f"  memory    scale {memory['scale_gbs']:.1f} GB/s (read + write), sum "
+                 f"{memory['sum_gbs']:.1f} GB/s (read), {memory['megabytes']:.0f} MB "
+                 f"arrays, {memory['threads']} threads")
+    return "\n".join(lines)
+
+
+def peer_summary(results: dict) -> dict[str, dict[str, float | str]]:
+    """``{student: {peer row: how many times faster (median wall), or why not}}``."""
+    summary = {}
+    for student in PEER_STUDENTS:
+        if "median_ms" not in results.get(student, {}):
+            continue
+        summary[student] = {}
+        for peer in PEERS:
+            entry = results.get(peer)
+            if entry is None:
+                summary[student][peer] = "not in this run"
+            elif "skipped" in entry:
+                summary[student][peer] = f"skipped: {entry['skipped']}"
+            else:
+                summary[student][peer] = entry["median_ms"] / results[student]["median_ms"]
+    return summary
+
+
+def format_peers(results: dict) -> list[str]:
+    lines = []
+    for student, peers in peer_summary(results).items():
+        parts = [f"{value:.1f}x faster than {PEERS[peer]}" if isinstance(value, float)
+                 else f"{PEERS[peer]} {value}" for peer, value in peers.items()]
+        lines.append(f"  {student}: " + ", ".join(parts))
+    return ["", "peers (same run, median wall time):", *lines] if lines else []
+
+
+def throughput(results: dict) -> dict[str, dict[int, float]]:
+    """``{row without @b: {batch: pairs per second}}`` for rows measured at more than one
+    batch size (``student_1`` counts as batch 1 of ``student_1@b4``)."""
+    table = {}
+    for name, r in measured(results).items():
+        table.setdefault(name.split("@b")[0], {})[r.get("batch", 1)] = r["pairs_per_s"]
+    return {name: dict(sorted(by_batch.items())) for name, by_batch in table.items()
+            if len(by_batch) > 1}
+
+
+def format_throughput(results: dict) -> list[str]:
+    table = throughput(results)
+    if not table:
+        return []
+    batches = sorted({b for by_batch in table.values() for b in by_batch})
+    lines = ["", f"{'pairs per second (median)':36s}" + "".join(f"{f'batch {b}':>10s}"
+                                                            for b in batches)]
+    for name, by_batch in table.items():
+        lines.append(f"  {name:34s}" + "".join(
+            f"{by_batch[b]:10.2f}" if b in by_batch else f"{'-':>10s}" for b in batches))
+    return lines
+
+
 def format_table(results: dict) -> str:
     def mb(entry, key):
         return f"{entry[key]:,.0f}" if key in entry else "-"
+
+    def speed(entry):
+        if "work_gflop" in entry:
+            work, rate = f"{entry['work_gflop']:.2f}", f"{entry['gflops']:.1f}"
+        elif "bytes" in entry:
+            work, rate = f"{entry['bytes'] / 1e6:.1f} MB", "-"
+        else:
+            work, rate = "-", "-"
+        fraction = f"{100 * entry['peak_fraction']:.1f}" if "peak_fraction" in entry \
+            else "-"
+        if "bytes" in entry and "peak_fraction" in entry:
+            fraction += " bw"
+        return f"{work:>9s}{rate:>9s}{fraction:>9s}"
     lines = [f"{'row':36s}{'median ms':>10s}{'min':>8s}{'max':>8s}{'cpu ms':>9s}"
-             f"{'params':>12s}{'rss MB':>8s}{'peak MB':>9s}{'+call':>7s}{'load':>6s}"]
+             f"{'params':>12s}{'rss MB':>8s}{'peak MB':>9s}{'+call':>7s}{'load':>6s}"
+             f"{'GFLOP':>9s}{'GFLOP/s':>9s}{'% peak':>9s}"]
     for name, r in results.items():
+        if "skipped" in r:
+            lines.append(f"{name:36s}skipped: {r['skipped']}")
+            continue
         lines.append(f"{name:36s}{r['median_ms']:10.1f}{r['min_ms']:8.1f}{r['max_ms']:8.1f}"
                      f"{r['cpu_ms']:9.1f}{r['params']:12,d}{mb(r, 'rss_mb'):>8s}"
                      f"{mb(r, 'peak_mb'):>9s}{mb(r, 'peak_increase_mb'):>7s}"
-                     f"{r['load_1min']:6.1f}")
+                     f"{r['load_1min']:6.1f}{speed(r)}")
+    lines.append("GFLOP: convolutions and dense layers as the row runs them (2 per "
+                 "multiply-add); % peak: GFLOP/s over the row dtype's measured peak; "
+                 "warp: 'bw' = bandwidth bound (bytes / scale GB/s) over its time")
+    lines.extend(format_throughput(results))
+    lines.extend(format_peers(results))
     table_ratios = ratios(results)
     if table_ratios:
         lines.append("")
@@ -307,6 +541,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rows", help="comma-separated rows (default: all of --list)")
     parser.add_argument("--json", help="write {row: {median_ms, params, ...}} here")
     parser.add_argument("--list", action="store_true", help="print the default rows")
+    parser.add_argument("--bf16", default=machine.default_bf16_mode(),
+                        help="the _bf16 rows and the bf16 peak: 'auto' (default, or "
+                             f"${machine.BF16_ENV}) runs them only where /proc/cpuinfo "
+                             "lists amx_bf16 or avx512_bf16; 'on' forces them; 'off' skips "
+                             "them")
+    parser.add_argument("--ants-repeats", "--ants_repeats", type=int, default=1,
+                        help="timed calls of the ants_syn row (no warm-up; default 1)")
+    parser.add_argument("--peak", choices=("full", "quick", "off"), default="full",
+                        help="machine micro-benchmarks before the rows (peak GFLOP/s, "
+                             "memory bandwidth): 'quick' only checks they run (default "
+                             "full)")
     return parser.parse_args(argv)
 
 
@@ -322,8 +567,13 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.repeats < 1 or args.warmup < 1:
-        print("error: --repeats and --warmup must be >= 1", file=sys.stderr)
+    if args.repeats < 1 or args.warmup < 1 or args.ants_repeats < 1:
+        print("error: --repeats, --warmup and --ants-repeats must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        bf16, bf16_reason = machine.bf16_decision(args.bf16)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     if args.json:
         try:                  # checked now, not after minutes of measuring
@@ -338,14 +588,24 @@ def main(argv=None) -> int:
           f"weights; median of {args.repeats} after {args.warmup} warm-up call(s)")
     print(f"machine: {machine_description()}; load average at start "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    print(f"bfloat16 rows: {'run' if bf16 else 'skipped'} ({bf16_reason})")
+    peaks = measure_machine(args.peak, args.repeats, bf16=bf16)
+    print(format_machine(peaks), flush=True)
     fixed, moving = sample_pair(args.size)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as workdir:
         for row in rows:
+            if row.dtype == "bfloat16" and not bf16:
+                results[row.name] = {"skipped": f"no bfloat16: {bf16_reason}"}
+                continue
             started = time.perf_counter()
             try:
                 results[row.name] = run_row(row, args.size, fixed, moving, args.warmup,
-                                            args.repeats, workdir)
+                                            args.repeats, workdir, peaks, args.ants_repeats)
+            except Skipped as reason:
+                results[row.name] = {"skipped": str(reason)}
+                print(f"  {row.name}: skipped: {reason}", file=sys.stderr, flush=True)
+                continue
             except (ValueError, serving.ExportError) as error:
                 print(f"{row.name}: failed: {error}", file=sys.stderr, flush=True)
                 continue
@@ -356,7 +616,11 @@ def main(argv=None) -> int:
     print(format_table(results))
     print(f"\nload average at end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.json:
-        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+        peaks = {**peaks, "bf16": {"run": bf16, "reason": bf16_reason,
+                                   "cpu_flags": machine.bf16_features()}}
+        atomic_write_text(args.json, json.dumps(
+            {"machine": peaks, "rows": results, "peers": peer_summary(results)},
+            indent=2) + "\n")
     return 0 if len(results) == len(rows) else 1
 
 

@@ -187,9 +187,14 @@ def test_bench_row_names():
     assert bench.parse_row("savedmodel_portable_student_1").source == "savedmodel_portable"
     assert bench.parse_row("tflite_int8_teacher_affine_vtn3").tflite == "int8"
     assert bench.parse_row("student_1_keras_upconv").subpixel is False
+    assert bench.parse_row("student_1").batch == 1
+    row = bench.parse_row("savedmodel_student_crd_1_bf16@b4")
+    assert (row.source, row.model, row.dtype, row.batch) == \
+        ("savedmodel", "student_crd_1", "bfloat16", 4)
     for name in bench.DEFAULT_ROWS:
         bench.parse_row(name)
-    for bad in ("student_4", "tflite_fp32_student_1_bf16", "savedmodel_warp", ""):
+    for bad in ("student_4", "tflite_fp32_student_1_bf16", "savedmodel_warp", "",
+                "tflite_fp32_student_1@b2", "student_1@b0", "student_1@4", "warp@b2"):
         with pytest.raises(ValueError, match="unknown row"):
             bench.parse_row(bad)
 
@@ -198,17 +203,58 @@ def test_bench_script_writes_the_required_rows(tmp_path):
     out = tmp_path / "results" / "out.json"          # the folder is created
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "inference.py"), "--size", "32",
-         "--repeats", "1", "--rows", "warp,student_1,savedmodel_student_1",
+         "--repeats", "1", "--peak", "quick", "--rows",
+         "warp,student_1,savedmodel_student_1,student_1@b2",
          "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
-    results = json.loads(out.read_text())
-    assert list(results) == ["warp", "student_1", "savedmodel_student_1"]
+    written = json.loads(out.read_text())
+    results, peaks = written["rows"], written["machine"]
+    assert list(results) == ["warp", "student_1", "savedmodel_student_1", "student_1@b2"]
     for entry in results.values():
         assert entry["median_ms"] > 0 and isinstance(entry["params"], int)
+        assert entry["peak_fraction"] > 0
+    assert peaks["float32"]["gflops"] > 0 and peaks["memory"]["scale_gbs"] > 0
     assert results["warp"]["params"] == 0
+    assert results["warp"]["bytes"] == 20 * 32 ** 3 and results["warp"]["bound_ms"] > 0
+    assert results["student_1"]["work_gflop"] == results["savedmodel_student_1"]["work_gflop"]
+    assert results["student_1"]["gflops"] == pytest.approx(
+        results["student_1"]["work_gflop"] / (results["student_1"]["median_ms"] / 1e3))
     assert results["student_1"]["params"] == results["savedmodel_student_1"]["params"] \
         == build_student(SIZE, 1).count_params()
     assert "savedmodel_student_1 / student_1" in result.stdout
+    batched = results["student_1@b2"]
+    assert batched["batch"] == 2 and batched["work_gflop"] == pytest.approx(
+        2 * results["student_1"]["work_gflop"])
+    assert batched["pairs_per_s"] == pytest.approx(2e3 / batched["median_ms"])
+    assert "pairs per second" in result.stdout
+
+
+def test_bench_peer_rows_and_summary(monkeypatch, tmp_path):
+    bench = load_bench("inference")
+    assert bench.parse_row("ants_syn").source == "ants"
+    assert bench.parse_row("voxelmorph_1").model == "voxelmorph_1"
+    results = {"student_1": {"median_ms": 100.0}, "student_crd_1": {"median_ms": 20.0},
+               "voxelmorph_1": {"median_ms": 300.0},
+               "ants_syn": {"skipped": "antspyx not installed"}}
+    assert bench.peer_summary(results) == {
+        "student_crd_1": {"voxelmorph_1": 15.0, "ants_syn": "skipped: antspyx not installed"},
+        "student_1": {"voxelmorph_1": 3.0, "ants_syn": "skipped: antspyx not installed"}}
+    assert "student_crd_1: 15.0x faster than VoxelMorph, ANTs SyN skipped: antspyx not " \
+        "installed" in "\n".join(bench.format_peers(results))
+    monkeypatch.setitem(sys.modules, "ants", None)       # import ants fails: not installed
+    out = tmp_path / "out.json"
+    assert bench.main(["--peak", "off", "--rows", "ants_syn", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"]["ants_syn"] == {
+        "skipped": "antspyx not installed (pip install 'aldk-tf[bench]')"}
+
+
+def test_bench_throughput_groups_batch_sizes():
+    bench = load_bench("inference")
+    results = {"student_1": {"median_ms": 100.0, "batch": 1, "pairs_per_s": 10.0},
+               "student_1@b4": {"median_ms": 200.0, "batch": 4, "pairs_per_s": 20.0},
+               "student_crd_1": {"median_ms": 10.0, "batch": 1, "pairs_per_s": 100.0},
+               "student_1_bf16@b2": {"skipped": "no bfloat16"}}
+    assert bench.throughput(results) == {"student_1": {1: 10.0, 4: 20.0}}
 
 
 def test_bench_script_rejects_unknown_rows():
