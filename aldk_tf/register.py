@@ -46,7 +46,7 @@ took is printed (the first call includes tracing the refinement, about a second)
 
 Correspondence: the network maps preprocessed fixed voxel ``v`` to preprocessed moving
 voxel ``v + flow(v)``; each grid's affine (kept by the preprocessing) takes these to world
-coordinates. Sampling uses :func:`aldk_tf.spatial.resample` (trilinear, edge-clamped).
+coordinates. Sampling uses :func:`aldk_tf.spatial.sample` (trilinear, edge-clamped).
 All files are computed first in a temporary folder, which is then renamed into place.
 """
 
@@ -371,8 +371,7 @@ class Registrar:
         # Fixed source voxel -> model voxel v -> moving model voxel v + flow(v) -> world.
         source_to_model = np.linalg.inv(fixed_scan.affine) @ fixed_image.affine
         model_points = warp.grid_to(source_to_model, fixed_image.shape)  # [X, Y, Z, 3]
-        displacement = np.stack([warp.sample_linear(flow[0, ..., axis], model_points)
-                                 for axis in range(3)], axis=-1)
+        displacement = warp.sample_linear(flow[0], model_points)
         moving_world = warp.apply_affine(moving_scan.affine, model_points + displacement)
         field = moving_world - warp.grid_to(fixed_image.affine, fixed_image.shape)
         moving_points = warp.moving_voxels(field, fixed_image.affine, moving_image.affine)

@@ -21,8 +21,8 @@ Signatures of the SavedModel:
 - ``serving_default``: ``fixed``, ``moving`` ``[B, D, H, W, 1]`` float32 in [0, 1] ->
   ``flow`` ``[B, D, H, W, 3]`` (voxels), ``warped`` ``[B, D, H, W, 1]``.
 - ``warp_segmentation``: ``segmentation`` ``[B, D, H, W, 1]`` float32 label values,
-  ``flow`` ``[B, D, H, W, 3]`` -> ``warped_segmentation`` (label values), warped one
-  label mask at a time like the evaluation (:func:`aldk_tf.metrics.warp_segmentation`).
+  ``flow`` ``[B, D, H, W, 3]`` -> ``warped_segmentation`` (label values), warped by
+  :func:`aldk_tf.spatial.warp_labels`, the function the evaluation uses.
 
 A version directory is written under a temporary name and renamed when complete, so TF
 Serving (which only loads numeric directory names) never sees a partial version. The
@@ -77,27 +77,6 @@ def model_image_size(model) -> tuple[int, int, int]:
     return tuple(int(n) for n in shape[1:4])
 
 
-def warp_label_map(segmentation: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
-    """Warp a label map ``[B, D, H, W, 1]`` by ``flow``, one label mask at a time.
-
-    Each distinct value's mask (x 255) is warped trilinearly and thresholded at
-    :data:`aldk_tf.metrics.MASK_THRESHOLD`, exactly as the evaluation warps segmentations;
-    the warped masks of all values sum to 255, so at most one of them passes the threshold
-    at any voxel. Voxels where none passes get 0.
-    """
-    values, _ = tf.unique(tf.reshape(segmentation, [-1]))
-
-    def body(index, result):
-        value = values[index]
-        mask = tf.cast(tf.equal(segmentation, value), tf.float32) * 255.0
-        warped_mask = spatial.warp(mask, flow) > metrics.MASK_THRESHOLD
-        return index + 1, tf.where(warped_mask, value, result)
-
-    _, result = tf.while_loop(lambda index, _: index < tf.size(values), body,
-                              [tf.constant(0), tf.zeros_like(segmentation)])
-    return result
-
-
 class RegistrationModule(tf.Module):
     """A ``tf.Module`` holding the registration graph and its serving functions.
 
@@ -123,7 +102,8 @@ class RegistrationModule(tf.Module):
         return {"flow": outputs["flow"], "warped": outputs["warped"]}
 
     def _warp_segmentation(self, segmentation, flow):
-        return {"warped_segmentation": warp_label_map(segmentation, flow)}
+        # The evaluation's label warp (metrics.warp_segmentation calls the same function).
+        return {"warped_segmentation": spatial.warp_labels(segmentation, flow, "threshold")}
 
 
 def save_savedmodel(model, path: str, portable: bool = False) -> None:
@@ -530,5 +510,5 @@ def synthetic_sample(image_size, seed: int = 0) -> dict:
     # Trilinear upsampling: full-resolution voxel i samples coarse position i * scale.
     scale = [(c - 1) / max(n - 1, 1) for c, n in zip(coarse_size, image_size)]
     coordinate = spatial.voxel_grid(image_size) * tf.constant(scale, tf.float32)
-    volumes = spatial.resample(coarse, coordinate, 2).numpy()
+    volumes = spatial.sample(coarse, tf.stack([coordinate] * 2)).numpy()
     return {"fixed": volumes[:1], "moving": volumes[1:]}

@@ -1,10 +1,13 @@
 """Pure tensor functions for dense spatial transforms.
 
-Everything that moves voxels lives here, once: the voxel grid, the trilinear warp with
-edge clamping, the affine-matrix-to-flow map, flow composition and the Jacobian
-determinant. Models, losses, metrics, augmentation and exporters all call these.
+Everything that moves voxels lives here, once: the voxel grid, the one trilinear sampler
+with edge clamping (:func:`warp` on a flow, :func:`sample` at points, both with
+``mode="linear"|"nearest"``), label warping (:func:`warp_labels`, :func:`sample_labels`:
+one set of rules), the affine-matrix-to-flow map, flow composition and the Jacobian
+determinant. Models, losses, metrics, augmentation, exporters and the register/warp tools
+all call these.
 
-Conventions (see DESIGN.md): tensors are channels-last ``[B, D, H, W, C]``; a flow is
+Conventions: tensors are channels-last ``[B, D, H, W, C]``; a flow is
 ``[B, D, H, W, 3]`` in voxels and channel ``i`` is the displacement along array axis
 ``i``; warping samples the moving image at ``x + flow(x)``.
 """
@@ -36,30 +39,39 @@ def _check_same_grid(image: tf.Tensor, flow: tf.Tensor) -> None:
 
 
 def voxel_grid(spatial_shape, centred: bool = False) -> tf.Tensor:
-    """Voxel coordinates ``[D, H, W, 3]`` (float32); centred subtracts ``(n - 1) / 2``."""
-    axes = [tf.range(n, dtype=tf.float32) for n in spatial_shape]
+    """Voxel coordinates ``[D, H, W, 3]`` (float32); centred subtracts ``(n - 1) / 2``.
+
+    ``spatial_shape`` holds ints or (symbolic) integer scalars.
+    """
+    axes = [tf.cast(tf.range(n), tf.float32) for n in spatial_shape]
     if centred:
-        axes = [a - (float(n) - 1.0) / 2.0 for a, n in zip(axes, spatial_shape)]
+        axes = [a - (tf.cast(n, tf.float32) - 1.0) / 2.0 for a, n in zip(axes, spatial_shape)]
     return tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1)
 
 
-def warp(image: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
-    """Sample ``image`` at ``x + flow(x)`` with trilinear interpolation.
+MODES = ("linear", "nearest")
+
+
+def warp(image: tf.Tensor, flow: tf.Tensor, mode: str = "linear") -> tf.Tensor:
+    """Sample ``image`` at ``x + flow(x)``: trilinear (``"linear"``) or nearest voxel.
 
     Sample positions are clamped to the volume, which is the same as replicating the edge
-    voxels outwards (``scipy.ndimage.map_coordinates(order=1, mode='nearest')``).
-    Differentiable with respect to ``image`` and ``flow``; where a position was clamped
-    the flow gets no gradient along that axis (as through ``tf.clip_by_value``).
+    voxels outwards (``scipy.ndimage.map_coordinates(order=1, mode='nearest')``; ``order=0``
+    for ``"nearest"``, ties rounded to even). ``"linear"`` is differentiable with respect
+    to ``image`` and ``flow``; where a position was clamped the flow gets no gradient along
+    that axis (as through ``tf.clip_by_value``). ``"nearest"`` keeps any dtype (label maps).
 
-    Speed: the forward pass is one XLA-compiled function (eight gathers from the flat,
-    edge-padded image and the interpolation fused into one loop), the hand-written
-    gradient two more; only gathers, a scatter and elementwise math, no convolutions.
-    The same ops are correct without XLA, which is how TFLite conversion sees them
-    (builtin ops only). ``bench/warp.py`` times it against the previous formulations.
+    Speed (``"linear"``): the forward pass is one XLA-compiled function (eight gathers from
+    the flat, edge-padded image and the interpolation fused into one loop), the
+    hand-written gradient two more; only gathers, a scatter and elementwise math, no
+    convolutions. The same ops are correct without XLA, which is how TFLite conversion
+    sees them (builtin ops only). ``bench/warp.py`` times it against other formulations.
 
     Args:
-      image: ``[B, D, H, W, C]`` any float dtype, any channel count.
+      image: ``[B, D, H, W, C]`` any float dtype (any dtype for ``"nearest"``), any
+        channel count.
       flow: ``[B, D, H, W, 3]`` displacement in voxels.
+      mode: ``"linear"`` or ``"nearest"``.
     Returns:
       ``[B, D, H, W, C]`` warped image, same dtype as ``image``.
     """
@@ -68,10 +80,109 @@ def warp(image: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
     _check_volume("image", image)
     _check_volume("flow", flow, channels=3)
     _check_same_grid(image, flow)
+    _check_mode(mode)
+    if mode == "nearest":
+        return _nearest(image, _flow_positions(tf.cast(flow, tf.float32)))
     # Half precision interpolates in float32, float64 in float64 (no-op casts for float32).
     compute_dtype = tf.float64 if image.dtype == tf.float64 else tf.float32
     warped = _trilinear(tf.cast(image, compute_dtype), tf.cast(flow, tf.float32))
     return tf.cast(warped, image.dtype)
+
+
+def sample(image: tf.Tensor, points: tf.Tensor, mode: str = "linear") -> tf.Tensor:
+    """Values of ``image`` at voxel positions ``points``: the point form of :func:`warp`.
+
+    Same interpolation and clamping as :func:`warp` (the same corner and interpolation
+    code, run without XLA); ``points`` may lie on any grid, e.g. another image's voxels
+    (``[B, X, Y, Z, 3]``) or landmarks (``[B, N, 3]``).
+
+    Args:
+      image: ``[B, D, H, W, C]``.
+      points: ``[B, ..., 3]`` absolute voxel positions in ``image``.
+      mode: ``"linear"`` or ``"nearest"``.
+    Returns:
+      ``[B, ..., C]``, same dtype as ``image``.
+    """
+    image = tf.convert_to_tensor(image)
+    points = tf.convert_to_tensor(points, tf.float32)
+    _check_volume("image", image)
+    _check_mode(mode)
+    if points.shape.rank is not None and (points.shape.rank < 2 or points.shape[-1] != 3):
+        raise ValueError(f"points: expected shape [B, ..., 3], got {points.shape}")
+    positions = tuple(tf.unstack(points, axis=-1))
+    if mode == "nearest":
+        return _nearest(image, positions)
+    compute_dtype = tf.float64 if image.dtype == tf.float64 else tf.float32
+    values = _interpolate(tf.cast(image, compute_dtype),
+                          *_cells(positions, tf.shape(image)[1:4])[:2])
+    return tf.cast(values, image.dtype)
+
+
+#: Label rules of :func:`warp_labels`. ``"threshold"`` is the evaluation's: each label's
+#: mask x 255 is warped trilinearly and kept where above :data:`MASK_THRESHOLD` (the warped
+#: masks of all labels sum to 255, so at most one passes at any voxel; 0 where none does).
+#: ``"largest"`` is the augmentation's: each label's mask and the background's are warped
+#: and every voxel takes the label of the largest. ``"nearest"``: the nearest voxel's label.
+LABEL_RULES = ("threshold", "largest", "nearest")
+
+#: The 0..255 threshold of a binary mask (the liver's 0/255 segmentations) and of warped
+#: label masks.
+MASK_THRESHOLD = 128.0
+
+
+def warp_labels(labels: tf.Tensor, flow: tf.Tensor, rule: str = "threshold",
+                label_values=None) -> tf.Tensor:
+    """Warp a label map ``[B, D, H, W, 1]`` by ``flow`` without mixing label values.
+
+    The one label warp: the evaluation (:func:`aldk_tf.metrics.warp_segmentation`), the
+    SavedModel's ``warp_segmentation`` signature, augmentation and the register/warp
+    tools all use it. ``rule`` is one of :data:`LABEL_RULES`; ``label_values`` lists the
+    labels to keep (others become 0), by default every value present. Dtype kept.
+    """
+    labels = tf.convert_to_tensor(labels)
+    return _labels_by_rule(labels, lambda volume, mode: warp(volume, flow, mode),
+                           tf.shape(labels), rule, label_values)
+
+
+def sample_labels(labels: tf.Tensor, points: tf.Tensor, rule: str = "threshold",
+                  label_values=None) -> tf.Tensor:
+    """:func:`warp_labels` at voxel ``points`` ``[B, ..., 3]`` (see :func:`sample`)."""
+    labels = tf.convert_to_tensor(labels)
+    points = tf.convert_to_tensor(points, tf.float32)
+    return _labels_by_rule(labels, lambda volume, mode: sample(volume, points, mode),
+                           tf.concat([tf.shape(points)[:-1], [1]], 0), rule, label_values)
+
+
+def _labels_by_rule(labels, move, output_shape, rule, label_values):
+    """``labels`` moved by ``move(volume, mode)`` under ``rule`` (see :func:`warp_labels`)."""
+    if rule not in LABEL_RULES:
+        raise ValueError(f"rule: expected one of {LABEL_RULES}, got {rule!r}")
+    if rule == "nearest":
+        return move(labels, "nearest")
+    if label_values is None:
+        values, _ = tf.unique(tf.reshape(labels, [-1]))
+    else:
+        values = tf.cast(tf.constant(list(label_values), tf.float64), labels.dtype)
+    values = tf.boolean_mask(values, tf.not_equal(values, 0))    # [L], background left out
+    if rule == "largest":
+        masks = tf.cast(tf.equal(labels, values), tf.float32)    # [B, D, H, W, L]
+        masks = tf.concat([1.0 - tf.reduce_sum(masks, -1, keepdims=True), masks], axis=-1)
+        largest = tf.argmax(move(masks, "linear"), axis=-1)
+        return tf.gather(tf.concat([tf.zeros([1], labels.dtype), values], 0), largest)[..., None]
+
+    def one_label(index, result):
+        mask = tf.cast(tf.equal(labels, values[index]), tf.float32) * 255.0
+        return index + 1, tf.where(move(mask, "linear") > MASK_THRESHOLD, values[index],
+                                   result)
+
+    _, result = tf.while_loop(lambda index, _: index < tf.size(values), one_label,
+                              [tf.constant(0), tf.zeros(output_shape, labels.dtype)])
+    return result
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
 
 
 @tf.custom_gradient
@@ -82,40 +193,72 @@ def _trilinear(image: tf.Tensor, flow: tf.Tensor):
     warped = _trilinear_forward_xla(tf.stop_gradient(image), tf.stop_gradient(flow))
 
     def gradient(upstream):
-        cells = _cells_xla(flow)
+        cells = _flow_cells_xla(flow)
         return _trilinear_backward_xla(image, upstream, *cells)
 
     return warped, gradient
 
 
-def _cells(flow: tf.Tensor):
-    """Where each voxel samples: the lower corner of its cell and the position inside it.
-
-    Returns:
-      corner: ``[B, D, H, W]`` int32 flat index of the cell's lower corner in the image
-        padded by one voxel at the end of each spatial axis (see :func:`_pad_end`).
-      fractions: ``(z, y, x)``, each ``[B, D, H, W]`` float32 in ``[0, 1]``.
-      inside: ``(z, y, x)``, each ``[B, D, H, W]`` bool, False where the position was
-        clamped (no flow gradient there).
-    """
-    shape = tf.shape(flow)
-    batch, sizes = shape[0], (shape[1], shape[2], shape[3])
-    lower, fractions, inside = [], [], []
-    for axis, (displacement, size) in enumerate(zip(tf.unstack(flow, axis=-1), sizes)):
+def _flow_positions(flow: tf.Tensor) -> tuple:
+    """``x + flow(x)`` as three ``[B, D, H, W]`` tensors (positions along D, H and W)."""
+    positions = []
+    for axis, displacement in enumerate(tf.unstack(flow, axis=-1)):
         along_axis = [1, 1, 1, 1]
         along_axis[axis + 1] = -1
-        position = displacement + tf.reshape(tf.range(size, dtype=tf.float32), along_axis)
-        last = tf.cast(size - 1, tf.float32)
+        size = tf.shape(flow)[axis + 1]
+        positions.append(displacement + tf.reshape(tf.range(size, dtype=tf.float32),
+                                                   along_axis))
+    return tuple(positions)
+
+
+def _cells(positions, image_size):
+    """Where each position samples: the lower corner of its cell and the place inside it.
+
+    Args:
+      positions: ``(z, y, x)``, each ``[B, ...]`` float32 voxel positions.
+      image_size: ``(D, H, W)`` of the sampled image.
+    Returns:
+      corner: ``[B, ...]`` int32 flat index of the cell's lower corner in the image
+        padded by one voxel at the end of each spatial axis (see :func:`_pad_end`).
+      fractions: ``(z, y, x)``, each ``[B, ...]`` float32 in ``[0, 1]``.
+      inside: ``(z, y, x)``, each ``[B, ...]`` bool, False where the position was
+        clamped (no flow gradient there).
+    """
+    lower, fractions, inside = [], [], []
+    for axis, position in enumerate(positions):
+        last = tf.cast(image_size[axis] - 1, tf.float32)
         inside.append((position >= 0.0) & (position <= last))
         position = tf.clip_by_value(position, 0.0, last)
         index = tf.cast(position, tf.int32)                     # floor: position >= 0
         lower.append(index)
         fractions.append(position - tf.cast(index, tf.float32))
-    depth, height, width = sizes
-    padded_volume = (depth + 1) * (height + 1) * (width + 1)
+    depth, height, width = image_size[0], image_size[1], image_size[2]
     corner = (lower[0] * (height + 1) + lower[1]) * (width + 1) + lower[2]
-    corner += tf.reshape(tf.range(batch) * padded_volume, [-1, 1, 1, 1])
+    corner += _batch_offsets(corner, (depth + 1) * (height + 1) * (width + 1))
     return corner, tuple(fractions), tuple(inside)
+
+
+def _flow_cells(flow: tf.Tensor):
+    """:func:`_cells` for :func:`warp`: positions ``x + flow(x)`` on the flow's own grid."""
+    return _cells(_flow_positions(flow), tf.shape(flow)[1:4])
+
+
+def _batch_offsets(index: tf.Tensor, volume) -> tf.Tensor:
+    """``b * volume`` for batch element ``b``, shaped to broadcast against ``index``."""
+    offsets = tf.range(tf.shape(index)[0]) * volume
+    return tf.reshape(offsets, [-1] + [1] * (index.shape.rank - 1))
+
+
+def _nearest(image: tf.Tensor, positions) -> tf.Tensor:
+    """The nearest voxel's value (ties to even, indices clamped), any dtype."""
+    size = tf.shape(image)[1:4]
+    index = 0
+    for axis, position in enumerate(positions):
+        last = tf.cast(size[axis] - 1, tf.float32)
+        index = index * size[axis] + tf.cast(tf.clip_by_value(tf.round(position), 0.0, last),
+                                             tf.int32)
+    index += _batch_offsets(index, tf.reduce_prod(size))
+    return tf.gather(tf.reshape(image, [-1, tf.shape(image)[4]]), index)
 
 
 def _pad_end(image: tf.Tensor) -> tf.Tensor:
@@ -138,14 +281,19 @@ def _lerp(a, b, t):
     return a + t * (b - a)
 
 
-def _trilinear_forward(image: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
-    corner, fractions, _ = _cells(flow)
+def _interpolate(image: tf.Tensor, corner: tf.Tensor, fractions) -> tf.Tensor:
+    """The trilinear sampler: ``image`` interpolated in the cells :func:`_cells` found."""
     flat = tf.reshape(_pad_end(image), [-1, tf.shape(image)[4]])      # [voxels, C]
     v = [tf.gather(flat, corner + offset) for offset in _corner_offsets(tf.shape(image))]
     tz, ty, tx = [tf.cast(f, image.dtype)[..., None] for f in fractions]
     # Along x, then y, then z; a fraction of exactly 0 returns the lower corner exactly.
     return _lerp(_lerp(_lerp(v[0], v[1], tx), _lerp(v[2], v[3], tx), ty),
                  _lerp(_lerp(v[4], v[5], tx), _lerp(v[6], v[7], tx), ty), tz)
+
+
+def _trilinear_forward(image: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
+    corner, fractions, _ = _flow_cells(flow)
+    return _interpolate(image, corner, fractions)
 
 
 def _trilinear_backward(image, upstream, corner, fractions, inside):
@@ -189,15 +337,9 @@ def _trilinear_backward(image, upstream, corner, fractions, inside):
 
 _trilinear_forward_xla = tf.function(_trilinear_forward, jit_compile=True,
                                      reduce_retracing=True)
-_cells_xla = tf.function(_cells, jit_compile=True, reduce_retracing=True)
+_flow_cells_xla = tf.function(_flow_cells, jit_compile=True, reduce_retracing=True)
 _trilinear_backward_xla = tf.function(_trilinear_backward, jit_compile=True,
                                       reduce_retracing=True)
-
-
-def voxel_grid_dynamic(depth, height, width) -> tf.Tensor:
-    """Like :func:`voxel_grid` for (possibly symbolic) integer sizes."""
-    axes = [tf.cast(tf.range(n), tf.float32) for n in (depth, height, width)]
-    return tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1)
 
 
 def affine_flow(matrix: tf.Tensor, translation: tf.Tensor, spatial_shape) -> tf.Tensor:
@@ -376,56 +518,3 @@ def downsample_flow(flow: tf.Tensor, factor: int) -> tf.Tensor:
 def upsample_flow(flow: tf.Tensor, factor: int) -> tf.Tensor:
     """A low-resolution flow on the full grid, in full-resolution voxels."""
     return upsample(flow, factor) * float(factor)
-
-
-def sample_points(field: tf.Tensor, points: tf.Tensor) -> tf.Tensor:
-    """Trilinear values of ``field`` ``[B, D, H, W, C]`` at ``points`` ``[B, N, 3]``.
-
-    Positions are clamped to the volume like :func:`warp`. Used for landmarks (metrics,
-    augmentation).
-    Returns ``[B, N, C]``.
-    """
-    field = tf.convert_to_tensor(field, tf.float32)
-    points = tf.convert_to_tensor(points, tf.float32)
-    size = tf.shape(field)[1:4]
-    position = tf.clip_by_value(points, 0.0, tf.cast(size - 1, tf.float32))
-    lower = tf.floor(position)
-    fraction = position - lower                                  # [B, N, 3]
-    lower = tf.cast(lower, tf.int32)
-    offsets = tf.constant([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)],
-                          tf.int32)                              # [8, 3]
-    corners = tf.minimum(lower[:, :, None, :] + offsets, size - 1)  # [B, N, 8, 3]
-    offsets = tf.cast(offsets, tf.float32)
-    weights = tf.reduce_prod(offsets * fraction[:, :, None, :] +
-                             (1.0 - offsets) * (1.0 - fraction[:, :, None, :]),
-                             axis=-1)                            # [B, N, 8]
-    values = tf.gather_nd(field, corners, batch_dims=1)         # [B, N, 8, C]
-    return tf.reduce_sum(values * weights[..., None], axis=2)
-
-
-def resample(image: tf.Tensor, coordinate: tf.Tensor, batch) -> tf.Tensor:
-    """Sample ``image`` ``[B, D, H, W, C]`` at absolute voxel ``coordinate`` ``[d, h, w, 3]``.
-
-    The output grid may differ in size from the input; same clamping as :func:`warp`.
-    """
-    shape = tf.shape(image)
-    channels = shape[4]
-    size = tf.cast(shape[1:4], tf.float32)
-    position = tf.clip_by_value(coordinate, 0.0, size - 1.0)
-    lower = tf.floor(position)
-    fraction = position - lower
-    lower = tf.cast(lower, tf.int32)
-    upper = tf.minimum(lower + 1, shape[1:4] - 1)
-    out = 0.0
-    for corner in range(8):
-        pick = [(corner >> (2 - axis)) & 1 for axis in range(3)]
-        index = tf.stack([upper[..., a] if p else lower[..., a]
-                          for a, p in enumerate(pick)], axis=-1)
-        weight = 1.0
-        for a, p in enumerate(pick):
-            weight = weight * (fraction[..., a] if p else 1.0 - fraction[..., a])
-        values = tf.gather_nd(image, tf.broadcast_to(
-            index[None], tf.concat([[batch], tf.shape(index)], 0)), batch_dims=1)
-        out = out + values * tf.cast(weight[None, ..., None], image.dtype)
-    del channels
-    return out

@@ -166,6 +166,30 @@ def test_warp_segmentation_signature_matches_the_evaluation_warp(exported, demo_
     assert set(np.unique(warped)) <= {0.0, 1.0, 2.0, 3.0}
 
 
+def test_evaluation_and_savedmodel_warp_labels_identically(tmp_path, rng):
+    """The SavedModel's warp_segmentation and metrics.warp_segmentation are one function
+    (spatial.warp_labels): identical masks, for listed labels and for a 0/255 mask."""
+    import keras
+
+    fixed = keras.Input((16, 16, 16, 1), name="fixed")
+    moving = keras.Input((16, 16, 16, 1), name="moving")
+    flow = keras.layers.Conv3D(3, 3, padding="same")(
+        keras.layers.Concatenate()([fixed, moving]))
+    model = keras.Model({"fixed": fixed, "moving": moving}, {"flow": flow, "warped": moving})
+    serving.save_savedmodel(model, str(tmp_path / "model"))
+    signature = tf.saved_model.load(str(tmp_path / "model")).signatures[
+        serving.WARP_SIGNATURE]
+    flow = rng.normal(0, 1.5, (2, 16, 16, 16, 3)).astype(np.float32)
+    labels = rng.choice([0, 1, 2, 3], (2, 16, 16, 16, 1)).astype(np.float32)
+    for segmentation, label_values in [(labels, [1, 2, 3]), ((labels > 1) * 255.0, None)]:
+        warped = signature(segmentation=tf.constant(segmentation, tf.float32),
+                           flow=tf.constant(flow))["warped_segmentation"].numpy()
+        expected = metrics.warp_segmentation(segmentation, flow, label_values)
+        np.testing.assert_array_equal(metrics.segmentation_masks(warped, label_values),
+                                      expected)
+        assert expected.any() and not np.array_equal(warped, segmentation)
+
+
 def test_next_version_and_savedmodel_only_export(student_run_32, exported):
     version, _ = exported
     base = version.parent

@@ -21,7 +21,7 @@ from .hdf5 import (TRAINING_SCHEME, VALIDATION_SCHEME, DatasetConfig, DatasetWri
 _LAZY = {
     "pair_dataset": "pairs", "list_pairs": "pairs", "load_pair": "pairs",
     "free_form_flow": "augment", "augment_pair": "augment",
-    "transform_points": "augment", "warp_labels": "augment",
+    "transform_points": "augment",
 }
 
 __all__ = ["DataError", "DatasetConfig", "DatasetWriter", "ScanStore", "TRAINING_SCHEME",
