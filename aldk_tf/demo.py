@@ -172,7 +172,7 @@ def try_it(out: str, dataset: str, export_base: str) -> str:
     return ("try the exported student on two test subjects:\n"
             f"  python -m aldk_tf.register --model {export_base} --fixed {fixed} "
             f"--moving {moving} --moving-seg {moving_seg} "
-            f"--out-dir {os.path.join(out, 'registered')}")
+            f"--out {os.path.join(out, 'registered')}")
 
 
 def main(argv=None) -> int:

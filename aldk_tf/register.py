@@ -1,11 +1,11 @@
 """Register a new NIfTI pair with an exported model: ``python -m aldk_tf.register``.
 
     python -m aldk_tf.register --model export/<name>[/<N>] --fixed F.nii.gz \\
-        --moving M.nii.gz --out-dir DIR [--moving-seg S.nii.gz] [--overwrite]
+        --moving M.nii.gz --out DIR [--moving-seg S.nii.gz] [--overwrite]
         [--fixed-mask FM.nii.gz --moving-mask MM.nii.gz] [--flow-space ras|lps]
         [--modality/--crop/--margin/--window/--percentiles/--threshold ...]
         [--refine N [--refine-lr VOXELS]]
-    python -m aldk_tf.register --model ... --pairs pairs.csv --out-dir DIR   # many pairs
+    python -m aldk_tf.register --model ... --pairs pairs.csv --out DIR   # many pairs
 
 Both scans go through the data preparation's preprocessing
 (:func:`aldk_tf.data.preprocess.preprocess_scan`: RAS reorientation, crop box, intensities
@@ -501,7 +501,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Register a NIfTI pair with an exported model (export.py).",
         epilog="Writes warped.nii.gz, flow.nii.gz, jacobian.nii.gz, [warped_seg.nii.gz], "
-        "preview.png and registration.json into --out-dir; apply flow.nii.gz to other "
+        "preview.png and registration.json into --out; apply flow.nii.gz to other "
         "images with aldk-warp (python -m aldk_tf.warp).")
     parser.add_argument("--model", required=True, help="SavedModel version directory "
                         "export/<name>/<N> (or export/<name>: its latest version)")
@@ -509,8 +509,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--moving", help="moving image (NIfTI)")
     parser.add_argument("--pairs", help="instead of --fixed/--moving: a CSV with columns "
                         "fixed, moving [, moving_seg, fixed_mask, moving_mask, name]; "
-                        "one output folder per pair in --out-dir, plus summary.csv")
-    parser.add_argument("--out-dir", "--out_dir", dest="out_dir", required=True,
+                        "one output folder per pair in --out, plus summary.csv")
+    parser.add_argument("--out", "--out-dir", "--out_dir", dest="out_dir", required=True,
                         help="output folder (must not exist or be empty, or --overwrite); "
                         "with --pairs the folder of the pairs' folders")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar "

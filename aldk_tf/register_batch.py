@@ -1,4 +1,4 @@
-"""Batch registration from a pairs CSV: ``aldk-register --pairs pairs.csv --out-dir DIR``.
+"""Batch registration from a pairs CSV: ``aldk-register --pairs pairs.csv --out DIR``.
 
 The CSV has a header row and one row per pair; columns ``fixed`` and ``moving`` (NIfTI
 paths) are required, ``moving_seg``, ``fixed_mask``, ``moving_mask`` and ``name`` are

@@ -9,8 +9,8 @@ Extraction can be split across machines: shard ``i/n`` (:mod:`aldk_tf.shards`) w
 ``teacher_flows.shard-i-of-n.h5`` beside the teacher, and a merge copies the parts into
 ``teacher_flows.h5``, which then holds exactly what an unsharded extraction writes::
 
-    python -m aldk_tf.teacher_flows --teacher weights/<run> -d data.json --shard 2/3
-    python -m aldk_tf.teacher_flows --teacher weights/<run> -d data.json --merge
+    python -m aldk_tf.teacher_flows -c weights/<run> -d data.json --shard 2/3
+    python -m aldk_tf.teacher_flows -c weights/<run> -d data.json --merge
 
 With ``refine=N`` (``--refine N``) each teacher flow is refined by N steps of instance
 optimisation (:mod:`aldk_tf.refine`) before it is stored, so the targets are better than
@@ -480,14 +480,15 @@ def main(argv=None) -> int:
     merge the shards; one-line errors, exit code 2."""
     parser = argparse.ArgumentParser(
         description="Store a teacher's final flows of every training pair (for ALDK).")
-    parser.add_argument("--teacher", required=True, help="teacher run, weights/<run>")
+    parser.add_argument("-c", "--checkpoint", "--teacher", dest="checkpoint", required=True,
+                        help="teacher run directory, weights/<run> (--teacher: old name)")
     parser.add_argument("-d", "--dataset", help="dataset JSON whose training pairs to "
                         "extract (default: the teacher run's)")
     parser.add_argument("--shard", help="extract only shard i/n of the pairs (1-based, "
                         "every n-th pair) into teacher_flows.shard-i-of-n.h5")
     parser.add_argument("--merge", action="store_true", help="merge the shard files into "
-                        "teacher_flows.h5 (then removed unless --keep_parts)")
-    parser.add_argument("--keep_parts", action="store_true")
+                        "teacher_flows.h5 (then removed unless --keep-parts)")
+    parser.add_argument("--keep-parts", "--keep_parts", action="store_true")
     parser.add_argument("--batch", type=int, default=1, help="pairs per teacher call")
     parser.add_argument("--teacher-rep", "--teacher_rep", dest="teacher_rep", type=int,
                         default=0, help="apply the teacher's cascades R times with shared "
@@ -506,13 +507,13 @@ def main(argv=None) -> int:
         if not 0 <= args.teacher_rep <= MAX_REP:
             raise RunError(f"--teacher-rep: expected R in 0..{MAX_REP}, got "
                            f"{args.teacher_rep}")
-        teacher_config = runs.load_run_config(args.teacher)
+        teacher_config = runs.load_run_config(args.checkpoint)
         rep = args.teacher_rep or teacher_config.model.rep
         dataset_config = load_dataset_config(args.dataset or teacher_config.dataset)
         pairs = list_pairs(dataset_config, TRAINING_SCHEME)
-        path = flows_path(args.teacher, refine=args.refine, rep=rep)
+        path = flows_path(args.checkpoint, refine=args.refine, rep=rep)
         if args.merge:
-            parts = find_parts(args.teacher, *flows_stem(args.refine, rep))
+            parts = find_parts(args.checkpoint, *flows_stem(args.refine, rep))
             copied = merge_teacher_flows(path, parts)
             missing = missing_pairs(path, pairs)
             if missing:
@@ -525,11 +526,11 @@ def main(argv=None) -> int:
             print(f"merged {len(parts)} parts ({copied} flows) into {path}")
             return 0
         if tuple(teacher_config.model.image_size) != tuple(dataset_config.image_size):
-            raise RunError(f"{args.teacher}: teacher image size "
+            raise RunError(f"{args.checkpoint}: teacher image size "
                            f"{tuple(teacher_config.model.image_size)} differs from "
                            f"{dataset_config.where}'s {tuple(dataset_config.image_size)}")
         check_flow_file(path, args.refine, args.refine_lr)
-        _, teacher = runs.load_model(args.teacher, rep=rep)
+        _, teacher = runs.load_model(args.checkpoint, rep=rep)
         fingerprints = provenance(teacher, dataset_config, pairs)   # all training pairs
         reason = set_aside_if_stale(path, fingerprints)
         if reason is not None:
@@ -537,7 +538,7 @@ def main(argv=None) -> int:
         if shard is not None:
             done = stored_keys(path)
             pairs = [pair for pair in shard.select(pairs) if pair_key(*pair) not in done]
-            path = flows_path(args.teacher, shard, args.refine, rep)
+            path = flows_path(args.checkpoint, shard, args.refine, rep)
             _open(path).close()               # exists even when it has nothing to do
         count = extract_teacher_flows(teacher, dataset_config, pairs, path, args.batch,
                                       refine=args.refine,

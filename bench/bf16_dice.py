@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--checkpoint", required=True, help="run directory")
     parser.add_argument("-d", "--dataset", help="dataset JSON (default: the run's)")
-    parser.add_argument("-v", "--subset", default="test", help="scheme or subset "
+    parser.add_argument("-v", "--val-subset", "--subset", dest="subset", default="test",
+                        help="scheme or subset "
                         "(default test)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)

@@ -15,9 +15,9 @@ Rows (factor 2 = the cross-resolution student, 1 = full resolution):
 
 - ``crd_none``: factor 2, distillation weights 0 (similarity/regularisers only);
 - ``crd_flow_only`` / ``crd_feature_only``: factor 2, one of the two terms;
-- ``crd_gated`` / ``full_gated``: factor 2 / 1, ``--crd_gate teacher_better``;
+- ``crd_gated`` / ``full_gated``: factor 2 / 1, ``--crd-gate teacher_better``;
 - ``crd_anneal``: factor 2, weights decayed linearly to 0 over the run
-  (``--crd_anneal`` = the run's steps).
+  (``--crd-anneal`` = the run's steps).
 """
 
 from __future__ import annotations

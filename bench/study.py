@@ -71,7 +71,7 @@ def parse_args(argv=None):
                         help="training subjects per pairing group (pairs are drawn within "
                              "a group: many subjects, few stored teacher flows; 0: all "
                              "ordered pairs)")
-    parser.add_argument("--validation", type=int, default=4)
+    parser.add_argument("--val", "--validation", dest="validation", type=int, default=4)
     parser.add_argument("--test", type=int, default=6)
     parser.add_argument("--heldout-t1", help="skull-stripped T1 (MNI space) the test "
                         "subjects are built from (unseen anatomy)")

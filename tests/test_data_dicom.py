@@ -119,7 +119,7 @@ def test_register_takes_a_series_folder(series, savedmodel_32, tmp_path):
     from aldk_tf import register
     out = tmp_path / "out"
     assert register.main(["--model", savedmodel_32, "--fixed", series["folder"],
-                          "--moving", series["nifti"], "--out-dir", str(out),
+                          "--moving", series["nifti"], "--out", str(out),
                           "--modality", "ct", "--crop", "none"]) == 0
     warped = nib.load(out / "warped.nii.gz")
     np.testing.assert_allclose(warped.affine, nib.load(series["nifti"]).affine, atol=1e-4)

@@ -106,9 +106,9 @@ def test_multi_worker_aldk_on_loopback(dataset, tmp_path):
 
     def arguments(teacher):
         return ["-b", "LDR", "-d", dataset, "--aldk", "--teacher", str(teacher),
-                "--batch", "2", "--round", "3", "--epochs", "1", "--adv_period", "2",
-                "--critic_period", "2", "--checkpoint_every", "3", "--validate_every",
-                "0", "--weights_dir", str(weights), "-v", "0"]
+                "--batch", "2", "--round", "3", "--epochs", "1", "--adv-period", "2",
+                "--critic-period", "2", "--checkpoint-every", "3", "--validate-every",
+                "0", "--weights-dir", str(weights), "--verbose", "0"]
 
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
     workers, logs = [], []
@@ -155,7 +155,7 @@ def test_multi_worker_aldk_on_loopback(dataset, tmp_path):
     ("1,1", "auto", 1, "expected GPU ids"),
     ("0", "auto", 1, "no GPU"),
     (None, "ring", 1, "--strategy"),
-    (None, "auto", 0, "--cpu_replicas must be >= 1"),
+    (None, "auto", 0, "--cpu-replicas must be >= 1"),
     (None, "multiworker", 2, "does not combine"),
 ])
 def test_device_requests_fail_with_one_line(gpu, kind, replicas, expected, monkeypatch):

@@ -88,7 +88,7 @@ def test_cli_writes_reports_that_match_the_library(run_and_data, student_run_32,
     cli = load_cli("evaluate")
     out = tmp_path / "evaluate"
     code = cli.main(["-c", student_run_32, "-v", "demo-test", "--batch", "2",
-                     "--out-dir", str(out), "--no-progress"])
+                     "--out", str(out), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     _, summary = evaluation.evaluate_pairs(model, dataset, list_pairs(dataset, "demo-test"),
                                            1, dataset.label_values, progress=False)
@@ -108,7 +108,7 @@ def test_cli_writes_reports_that_match_the_library(run_and_data, student_run_32,
 
 def test_cli_default_scheme_and_rep_name(student_run_32, tmp_path, capsys):
     cli = load_cli("evaluate")
-    code = cli.main(["-c", student_run_32, "-r", "2", "--out-dir", str(tmp_path),
+    code = cli.main(["-c", student_run_32, "-r", "2", "--out", str(tmp_path),
                      "--no-progress"])
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student32-rep2.csv",
@@ -137,7 +137,7 @@ def test_cli_errors_are_one_line_and_leave_nothing(case, expected, student_run_3
                                                    demo_dataset_32, tmp_path, capsys):
     cli = load_cli("evaluate")
     out = tmp_path / "evaluate"
-    args = ["-c", student_run_32, "-v", "demo-test", "--out-dir", str(out),
+    args = ["-c", student_run_32, "-v", "demo-test", "--out", str(out),
             "--no-progress"]
     if case == "no_config":
         empty = tmp_path / "weights" / "empty"
@@ -186,7 +186,7 @@ def test_cli_exported_model_alone_writes_rcn_report_and_label_csv(
         exported_alone, demo_dataset_32, tmp_path, capsys):
     import csv
     code = load_cli("evaluate").main(["--exported", str(exported_alone), "-v", "test",
-                                      "--out-dir", str(tmp_path), "--no-progress"])
+                                      "--out", str(tmp_path), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     stem = tmp_path / "student-v1-savedmodel-test"
     text = Path(f"{stem}.txt").read_text().splitlines()
@@ -260,8 +260,25 @@ def test_cli_exported_alone_without_a_dataset_fails_with_one_line(exported_alone
     info = json.loads((model / "export_info.json").read_text())
     del info["dataset"]
     (model / "export_info.json").write_text(json.dumps(info))
-    code = load_cli("evaluate").main(["--exported", str(model), "--out-dir",
+    code = load_cli("evaluate").main(["--exported", str(model), "--out",
                                       str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "pass -d" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_flags_are_hyphenated_with_the_old_spellings_as_aliases():
+    from aldk_tf.cli import evaluate, train
+
+    new = train.make_parser().parse_args(
+        ["-b", "LDR", "-n", "2", "--no-augment", "--max-steps", "3", "--teacher-online",
+         "--weights-dir", "w", "--verbose", "0"])
+    old = train.make_parser().parse_args(
+        ["--base_network", "LDR", "--n_cascades", "2", "--no_augment", "--max_steps", "3",
+         "--teacher_online", "--weights_dir", "w", "--verbose", "0"])
+    assert vars(new) == vars(old)
+    assert (new.base_network, new.n_cascades, new.no_augment, new.max_steps) == \
+        ("LDR", 2, True, 3)
+    new = evaluate.parse_args(["-c", "run", "-v", "test", "--out", "reports"])
+    old = evaluate.parse_args(["-c", "run", "--val_subset", "test", "--out-dir", "reports"])
+    assert vars(new) == vars(old) and new.out == "reports" and new.val_subset == "test"

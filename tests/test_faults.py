@@ -43,8 +43,8 @@ def dataset(tmp_path_factory):
 
 def train_flags(dataset, weights_dir, output, *extra):
     return ["-b", "LDR", "-d", dataset, "--batch", "1", "--round", "100", "--epochs",
-            "1", "--output", output, "--weights_dir", str(weights_dir),
-            "--checkpoint_every", "2", "--validate_every", "0", "--channels", "4", "-v",
+            "1", "--output", output, "--weights-dir", str(weights_dir),
+            "--checkpoint-every", "2", "--validate-every", "0", "--channels", "4", "--verbose",
             "0", *extra]
 
 
@@ -52,7 +52,7 @@ def train_flags(dataset, weights_dir, output, *extra):
 def trained_run(dataset, tmp_path_factory):
     """A student run stopped at step 4 (checkpoints 2 and 4, model.weights.h5)."""
     weights = tmp_path_factory.mktemp("weights")
-    assert train_cli.main(train_flags(dataset, weights, "base", "--max_steps", "4")) == 0
+    assert train_cli.main(train_flags(dataset, weights, "base", "--max-steps", "4")) == 0
     return str(weights / "base")
 
 
@@ -85,9 +85,9 @@ def truncate(path, keep=0.5):
 # ------------------------------------------------------------------ a failed start
 @pytest.mark.parametrize("flag,value", [
     ("--batch", "0"), ("--round", "-2"), ("--epochs", "0"), ("--lr", "nan"),
-    ("--lr", "inf"), ("--lr", "0"), ("--adv_period", "0"), ("--critic_period", "0"),
-    ("--n_cascades", "0"), ("--beta", "1.5"), ("--critic_lr", "0"),
-    ("--max_steps", "0"), ("--checkpoint_every", "0"), ("--clip-norm", "inf")])
+    ("--lr", "inf"), ("--lr", "0"), ("--adv-period", "0"), ("--critic-period", "0"),
+    ("--n-cascades", "0"), ("--beta", "1.5"), ("--critic-lr", "0"),
+    ("--max-steps", "0"), ("--checkpoint-every", "0"), ("--clip-norm", "inf")])
 def test_bad_flag_is_one_line_and_creates_nothing(dataset, tmp_path, capsys, flag, value):
     weights = tmp_path / "weights"
     code = train_cli.main(train_flags(dataset, weights, "x", flag, value))
@@ -98,7 +98,7 @@ def test_bad_flag_is_one_line_and_creates_nothing(dataset, tmp_path, capsys, fla
 
 def test_more_steps_than_the_step_counter_holds_is_refused(dataset, tmp_path, capsys):
     weights = tmp_path / "weights"
-    code = train_cli.main(train_flags(dataset, weights, "x", "--max_steps", "1",
+    code = train_cli.main(train_flags(dataset, weights, "x", "--max-steps", "1",
                                       "--epochs", "99999999999999999999"))
     assert code == 2
     one_error_line(capsys, "--round 100 x --epochs 99999999999999999999", "expected")
@@ -120,7 +120,7 @@ def test_output_with_a_resumed_run_is_refused(run, capsys):
 
 def test_teacher_flow_extraction_refuses_batch_0(run, capsys):
     from aldk_tf import teacher_flows
-    assert teacher_flows.main(["--teacher", run, "--batch", "0"]) == 2
+    assert teacher_flows.main(["-c", run, "--batch", "0"]) == 2
     one_error_line(capsys, "--batch", "expected an integer >= 1, got 0")
     assert not os.path.exists(teacher_flows.flows_path(run))
 
@@ -151,7 +151,7 @@ def test_new_run_on_an_existing_run_is_refused_and_leaves_it_intact(dataset, run
 def test_resume_refuses_flags_that_change_what_is_trained(run, capsys):
     before = open(os.path.join(run, "config.json")).read()
     code = train_cli.main(["-c", run, "--lr", "0.5", "--epochs", "3", "--batch", "4",
-                           "-v", "0"])
+                           "--verbose", "0"])
     assert code == 2
     line = one_error_line(capsys, "train.lr 0.0001 -> 0.5", "train.batch 1 -> 4",
                           "--override")
@@ -161,7 +161,7 @@ def test_resume_refuses_flags_that_change_what_is_trained(run, capsys):
 
 
 def test_resume_applies_and_records_a_longer_budget(run, capsys):
-    code = train_cli.main(["-c", run, "--epochs", "2", "--max_steps", "4", "-v", "0"])
+    code = train_cli.main(["-c", run, "--epochs", "2", "--max-steps", "4", "--verbose", "0"])
     assert code == 0, capsys.readouterr().err
     config = runs.load_run_config(run)
     assert config.train.epochs == 2
@@ -170,8 +170,8 @@ def test_resume_applies_and_records_a_longer_budget(run, capsys):
 
 
 def test_override_applies_and_records_the_change(run, capsys):
-    code = train_cli.main(["-c", run, "--lr", "5e-4", "--override", "--max_steps", "4",
-                           "-v", "0"])
+    code = train_cli.main(["-c", run, "--lr", "5e-4", "--override", "--max-steps", "4",
+                           "--verbose", "0"])
     assert code == 0, capsys.readouterr().err
     config = runs.load_run_config(run)
     assert config.train.lr == 5e-4
@@ -182,7 +182,7 @@ def test_override_applies_and_records_the_change(run, capsys):
 def test_checkpoint_of_another_model_is_refused_whole(run, capsys):
     """n_cascades 1 -> 2 with --override: the checkpoint lacks the second cascade."""
     before = open(os.path.join(run, "config.json")).read()
-    code = train_cli.main(["-c", run, "-n", "2", "--override", "-v", "0"])
+    code = train_cli.main(["-c", run, "-n", "2", "--override", "--verbose", "0"])
     assert code == 2
     one_error_line(capsys, "ckpt-4", "does not match the model")
     assert open(os.path.join(run, "config.json")).read() == before
@@ -208,7 +208,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(run, capsys, caplo
     truncate(data)
     os.makedirs(os.path.join(run, "checkpoints", "ckpt-6_temp"))     # a cut-off save
     with caplog.at_level(logging.WARNING):
-        code = train_cli.main(["-c", run, "--max_steps", "3", "-v", "0"])
+        code = train_cli.main(["-c", run, "--max-steps", "3", "--verbose", "0"])
     assert code == 0, capsys.readouterr().err
     warnings = [r.getMessage() for r in caplog.records if "unreadable checkpoint" in
                 r.getMessage()]
@@ -220,7 +220,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(run, capsys, caplo
 def test_no_readable_checkpoint_is_one_line(run, capsys):
     for step in (2, 4):
         truncate(os.path.join(run, "checkpoints", f"ckpt-{step}.index"))
-    assert train_cli.main(["-c", run, "-v", "0"]) == 2
+    assert train_cli.main(["-c", run, "--verbose", "0"]) == 2
     one_error_line(capsys, "no readable checkpoint", "ckpt-4")
 
 
@@ -229,7 +229,7 @@ def test_truncated_weights_are_one_line_and_write_nothing(run, tmp_path, capsys,
     truncate(runs.weights_path(run))
     out = tmp_path / "out"
     if tool == "evaluate":
-        code = evaluate_cli.main(["-c", run, "--out-dir", str(out), "--no-progress"])
+        code = evaluate_cli.main(["-c", run, "--out", str(out), "--no-progress"])
     else:
         code = export_cli.main(["-c", run, "--out", str(out), "--tflite", "none"])
     assert code == 2
@@ -245,7 +245,7 @@ def test_exported_report_names_the_exported_model_and_merge_checks_weights(
     version = os.path.join(out, "1")
     other = shutil.copytree(run, str(tmp_path / "other"))        # another run's -c
     reports = str(tmp_path / "reports")
-    flags = ["--out-dir", reports, "--no-progress"]
+    flags = ["--out", reports, "--no-progress"]
     assert evaluate_cli.main(["-c", other, "--exported", version, *flags]) == 0
     document = json.load(open(os.path.join(reports, "run-savedmodel.json")))
     assert document["run"] == run and document["exported"] == version
@@ -265,7 +265,7 @@ def test_exported_report_names_the_exported_model_and_merge_checks_weights(
                os.path.join(reports, "mixed.shard-2-of-2.json"))
     capsys.readouterr()
     parts = [os.path.join(reports, f"mixed.shard-{i}-of-2.json") for i in (1, 2)]
-    assert evaluate_cli.main(["--merge", *parts, "--out-dir", reports]) == 2
+    assert evaluate_cli.main(["--merge", *parts, "--out", reports]) == 2
     one_error_line(capsys, parts[1], "other weights")
     assert not os.path.exists(os.path.join(reports, "mixed.json"))
 
@@ -294,7 +294,7 @@ def test_fake_exported_model_is_one_line(run, tmp_path, capsys):
     lite = tmp_path / "model.tflite"
     lite.write_bytes(b"not a flatbuffer")
     for path in (str(fake), str(lite)):
-        code = evaluate_cli.main(["-c", run, "--exported", path, "--out-dir",
+        code = evaluate_cli.main(["-c", run, "--exported", path, "--out",
                                   str(tmp_path / "reports"), "--no-progress"])
         assert code == 2
         one_error_line(capsys, path, "expected the output of export.py")
@@ -345,7 +345,7 @@ def test_teacher_flows_of_another_size_are_refused_before_training(dataset, teac
         handle[key].attrs.update(attrs)
     weights = tmp_path / "weights"
     code = train_cli.main(train_flags(dataset, weights, "student", "--flow-distill",
-                                      "0.1", "--teacher", folder, "--max_steps", "2"))
+                                      "0.1", "--teacher", folder, "--max-steps", "2"))
     assert code == 2
     one_error_line(capsys, path, "(8, 8, 8, 3)", f"expected ({SIZE}, {SIZE}, {SIZE}, 3)")
     assert not (weights / "student").exists()
@@ -407,10 +407,10 @@ def test_a_held_run_directory_is_refused_and_kill_9_then_resume(dataset, tmp_pat
             time.sleep(0.2)
         # The other process holds the directory: a second start and a resume stop.
         config_before = open(os.path.join(run_dir, "config.json")).read()
-        assert train_cli.main(train_flags(dataset, weights, "held", "--max_steps",
+        assert train_cli.main(train_flags(dataset, weights, "held", "--max-steps",
                                           "2")) == 2
         one_error_line(capsys, run_dir, "another training run holds")
-        assert train_cli.main(["-c", run_dir, "--max_steps", "2", "-v", "0"]) == 2
+        assert train_cli.main(["-c", run_dir, "--max-steps", "2", "--verbose", "0"]) == 2
         one_error_line(capsys, run_dir, "another training run holds")
         assert open(os.path.join(run_dir, "config.json")).read() == config_before
     finally:
@@ -419,7 +419,7 @@ def test_a_held_run_directory_is_refused_and_kill_9_then_resume(dataset, tmp_pat
     saved = latest_step(run_dir)
     assert saved >= 2
     # The lock died with the process: the same run resumes and ends at the same step.
-    assert train_cli.main(["-c", run_dir, "--max_steps", str(saved + 1), "-v", "0"]) == 0
+    assert train_cli.main(["-c", run_dir, "--max-steps", str(saved + 1), "--verbose", "0"]) == 0
     assert latest_step(run_dir) == saved + 1
 
 
@@ -437,16 +437,16 @@ def test_corrupt_or_foreign_config_json_is_one_line(run, tmp_path, capsys, text)
     with open(path, "w") as handle:
         handle.write(text)
     out = tmp_path / "out"
-    assert evaluate_cli.main(["-c", run, "--out-dir", str(out), "--no-progress"]) == 2
+    assert evaluate_cli.main(["-c", run, "--out", str(out), "--no-progress"]) == 2
     one_error_line(capsys, path, "not a valid run configuration")
-    assert train_cli.main(["-c", run, "-v", "0"]) == 2
+    assert train_cli.main(["-c", run, "--verbose", "0"]) == 2
     one_error_line(capsys, path, "not a valid run configuration")
     assert not out.exists()
 
 
 def test_failed_start_removes_the_weights_folder_it_made(dataset, tmp_path, capsys):
     """A dataset whose HDF5 file is missing fails inside the run: neither the run
-    directory nor the --weights_dir folders made for it are left."""
+    directory nor the --weights-dir folders made for it are left."""
     config = json.load(open(dataset))
     config["files"] = {key: {**value, "path": "missing.h5"}
                        for key, value in config["files"].items()}
@@ -460,7 +460,7 @@ def test_failed_start_removes_the_weights_folder_it_made(dataset, tmp_path, caps
 
 @pytest.mark.parametrize("tool,flags,expected", [
     ("evaluate", ["--refine", "2", "--refine-lr", "inf"], "--refine-lr"),
-    ("evaluate", ["-n", "../../x"], "-n/--name"),
+    ("evaluate", ["--name", "../../x"], "--name"),
     ("evaluate", ["--exported", "export/1", "-r", "2"], "-r applies"),
     ("evaluate", ["-r", "1000000"], "-r: expected an integer in 1..100"),
     ("export", ["-r", "1000000"], "-r: expected an integer in 1..100"),
@@ -471,7 +471,7 @@ def test_evaluate_and_export_flag_out_of_range_is_one_line(run, tmp_path, capsys
                                                            tool, flags, expected):
     out = tmp_path / "out"
     if tool == "evaluate":
-        code = evaluate_cli.main(["-c", run, "--out-dir", str(out), "--no-progress",
+        code = evaluate_cli.main(["-c", run, "--out", str(out), "--no-progress",
                                   *flags])
     else:
         code = export_cli.main(["-c", run, "--out", str(out), "--tflite", "none", *flags])
@@ -482,7 +482,7 @@ def test_evaluate_and_export_flag_out_of_range_is_one_line(run, tmp_path, capsys
 
 def test_refine_lr_out_of_range_is_refused_even_without_steps(run, tmp_path, capsys):
     out = tmp_path / "out"
-    assert evaluate_cli.main(["-c", run, "--out-dir", str(out), "--no-progress",
+    assert evaluate_cli.main(["-c", run, "--out", str(out), "--no-progress",
                               "--refine-lr", "0"]) == 2
     one_error_line(capsys, "--refine-lr", "expected a finite step size > 0")
     assert not out.exists()
@@ -491,7 +491,7 @@ def test_refine_lr_out_of_range_is_refused_even_without_steps(run, tmp_path, cap
 def test_evaluation_that_fails_leaves_no_output_folder(run, tmp_path, capsys):
     os.remove(runs.weights_path(run))
     out = tmp_path / "reports"
-    assert evaluate_cli.main(["-c", run, "--out-dir", str(out), "--no-progress"]) == 2
+    assert evaluate_cli.main(["-c", run, "--out", str(out), "--no-progress"]) == 2
     one_error_line(capsys, run, "no model.weights.h5")
     assert not out.exists()
 

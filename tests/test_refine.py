@@ -216,7 +216,7 @@ def test_extraction_stores_refined_flows_and_their_dice(teacher_run, blobs, tmp_
 
 
 def test_extraction_cli_refine_reports_and_refuses_a_mismatch(teacher_run, capsys):
-    assert teacher_flows.main(["--teacher", teacher_run, "--refine", "10",
+    assert teacher_flows.main(["-c", teacher_run, "--refine", "10",
                                "--refine-lr", "0.2"]) == 0, capsys.readouterr().err
     lines = capsys.readouterr().out.strip().splitlines()
     assert any(line.startswith("6 flows extracted") for line in lines), lines
@@ -229,29 +229,29 @@ def test_extraction_cli_refine_reports_and_refuses_a_mismatch(teacher_run, capsy
     assert os.path.exists(path) and not os.path.exists(teacher_flows.flows_path(teacher_run))
     # Another learning rate for the same step count would mix targets in one file.
     for args in (["--refine", "10"], ["--refine", "10", "--shard", "1/2"]):
-        assert teacher_flows.main(["--teacher", teacher_run, *args]) == 2
+        assert teacher_flows.main(["-c", teacher_run, *args]) == 2
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and "flows stored with --refine 10 --refine-lr 0.2" in \
             error[0], error
     # Raw flows of the same teacher go to their own file, beside the refined ones.
-    assert teacher_flows.main(["--teacher", teacher_run, "--refine", "0"]) == 0
+    assert teacher_flows.main(["-c", teacher_run, "--refine", "0"]) == 0
     capsys.readouterr()
     raw = teacher_flows.flows_path(teacher_run)
     assert teacher_flows.TeacherFlowStore(raw).setting == {"refine_steps": 0}
     assert teacher_flows.TeacherFlowStore(path).setting["refine_steps"] == 10
-    assert teacher_flows.main(["--teacher", teacher_run, "--refine", "-1"]) == 2
+    assert teacher_flows.main(["-c", teacher_run, "--refine", "-1"]) == 2
     assert "--refine: expected an integer >= 0" in capsys.readouterr().err
     os.remove(path)
     os.remove(raw)
 
 
 def test_merge_takes_only_parts_of_its_setting(teacher_run, capsys):
-    assert teacher_flows.main(["--teacher", teacher_run, "--shard", "1/2"]) == 0
-    assert teacher_flows.main(["--teacher", teacher_run, "--shard", "2/2",
+    assert teacher_flows.main(["-c", teacher_run, "--shard", "1/2"]) == 0
+    assert teacher_flows.main(["-c", teacher_run, "--shard", "2/2",
                                "--refine", "2"]) == 0
     capsys.readouterr()
     # The refined part has its own name: the raw merge is missing its part 2/2.
-    assert teacher_flows.main(["--teacher", teacher_run, "--merge"]) == 2
+    assert teacher_flows.main(["-c", teacher_run, "--merge"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "error:" in error[0], error
     assert not os.path.exists(teacher_flows.flows_path(teacher_run))
@@ -280,7 +280,7 @@ def test_evaluate_refine_scores_the_refined_flow(student_run_32, demo_dataset_32
 
     out = tmp_path / "evaluate"
     code = load_cli("evaluate").main(["-c", student_run_32, "-v", "demo-test", "--batch",
-                                      "2", "--refine", "4", "--out-dir", str(out),
+                                      "2", "--refine", "4", "--out", str(out),
                                       "--no-progress"])
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["student32-refine4-demo-test.csv",
@@ -292,7 +292,7 @@ def test_evaluate_refine_scores_the_refined_flow(student_run_32, demo_dataset_32
     assert reported["Dice score"][0] == pytest.approx(
         np.mean([r["dice"] for r in records]), abs=2e-3)
     assert load_cli("evaluate").main(["-c", student_run_32, "--refine", "-2",
-                                      "--out-dir", str(out)]) == 2
+                                      "--out", str(out)]) == 2
     assert "--refine: expected an integer >= 0" in capsys.readouterr().err
 
 
@@ -302,7 +302,7 @@ def test_register_refine_writes_the_refined_flow(savedmodel, nifti_pair,  # noqa
     from aldk_tf import register
     out_dir = tmp_path / "out"
     code = register.main(["--model", savedmodel, "--fixed", nifti_pair["fixed"],
-                          "--moving", nifti_pair["moving"], "--out-dir", str(out_dir),
+                          "--moving", nifti_pair["moving"], "--out", str(out_dir),
                           "--crop", "none", "--refine", "3"])
     assert code == 0, capsys.readouterr().err
     assert "refined by 3 steps in" in capsys.readouterr().out

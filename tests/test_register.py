@@ -39,7 +39,7 @@ def nifti_pair(demo_dataset_32, tmp_path_factory):
 def run(savedmodel, pair, out_dir, *extra):
     return register.main(["--model", savedmodel, "--fixed", pair["fixed"], "--moving",
                           pair["moving"], "--moving-seg", pair["moving_seg"],
-                          "--out-dir", str(out_dir), "--crop", "none", *extra])
+                          "--out", str(out_dir), "--crop", "none", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_existing_output_folder_needs_overwrite_and_keeps_no_stale_file(
     assert register.latest_version(base) == savedmodel
     pair = {key: value for key, value in nifti_pair.items() if key != "moving_seg"}
     arguments = ["--model", base, "--fixed", pair["fixed"], "--moving", pair["moving"],
-                 "--out-dir", str(out_dir), "--crop", "none"]
+                 "--out", str(out_dir), "--crop", "none"]
     assert register.main(arguments) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--overwrite" in err[0], err

@@ -52,7 +52,7 @@ def test_pairs_csv_registers_each_pair_once_loaded(savedmodel, scans, tmp_path,
     monkeypatch.setattr(register, "load_serving_model",
                         lambda path: loads.append(path) or original(path))
     out_dir = tmp_path / "batch"
-    code = register.main(["--model", savedmodel, "--pairs", pairs, "--out-dir",
+    code = register.main(["--model", savedmodel, "--pairs", pairs, "--out",
                           str(out_dir), "--crop", "none", "--no-progress"])
     assert code == 1                                   # one pair failed, the others ran
     assert len(loads) == 1
@@ -70,7 +70,7 @@ def test_pairs_csv_registers_each_pair_once_loaded(savedmodel, scans, tmp_path,
     single = tmp_path / "single"
     assert register.main(["--model", savedmodel, "--fixed", str(scans / "subject_04.nii.gz"),
                           "--moving", str(scans / "subject_05.nii.gz"), "--moving-seg",
-                          str(scans / "subject_05_seg.nii.gz"), "--out-dir", str(single),
+                          str(scans / "subject_05_seg.nii.gz"), "--out", str(single),
                           "--crop", "none"]) == 0
     for name in ("flow.nii.gz", "warped_seg.nii.gz", "jacobian.nii.gz"):
         np.testing.assert_array_equal(
@@ -89,7 +89,7 @@ def test_pairs_csv_registers_each_pair_once_loaded(savedmodel, scans, tmp_path,
 def test_bad_pairs_csv_fails_with_one_line_before_any_work(rows, expected, savedmodel,
                                                             scans, tmp_path, capsys):
     pairs = write_csv(scans / f"bad_{len(rows)}_{len(rows[0])}.csv", rows)
-    code = register.main(["--model", savedmodel, "--pairs", pairs, "--out-dir",
+    code = register.main(["--model", savedmodel, "--pairs", pairs, "--out",
                           str(tmp_path / "out"), "--crop", "none", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and expected in err[0], err

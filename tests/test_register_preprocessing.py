@@ -89,7 +89,7 @@ def test_register_uses_the_models_window_without_any_flag(ct_model, tmp_path, ca
     monkeypatch.setattr(register.preprocess, "preprocess_scan", recording)
     pair, out_dir = ct_model["pair"], tmp_path / "out"
     assert register.main(["--model", ct_model["model"], "--fixed", pair["fixed"],
-                          "--moving", pair["moving"], "--out-dir", str(out_dir)]) == 0
+                          "--moving", pair["moving"], "--out", str(out_dir)]) == 0
     assert "window -1000..400 HU" in capsys.readouterr().out
     with open(out_dir / "registration.json") as handle:
         used = json.load(handle)["preprocessing"]
@@ -112,7 +112,7 @@ def _one_line_error(capsys):
 def test_a_mismatched_modality_fails_with_one_line(ct_model, tmp_path, capsys):
     pair = ct_model["pair"]
     code = register.main(["--model", ct_model["model"], "--fixed", pair["fixed"],
-                          "--moving", pair["moving"], "--out-dir", str(tmp_path / "out"),
+                          "--moving", pair["moving"], "--out", str(tmp_path / "out"),
                           "--modality", "mr"])
     assert code == 2
     assert "trained on CT scans" in _one_line_error(capsys)
@@ -125,7 +125,7 @@ def test_a_scan_outside_the_window_is_refused(ct_model, tmp_path, capsys):
     nib.save(nib.Nifti1Image(np.full((20, 20, 20), 900.0, np.float32) +
                              np.indices((20, 20, 20)).sum(0), AFFINE), mr_like)
     code = register.main(["--model", ct_model["model"], "--fixed", ct_model["pair"]["fixed"],
-                          "--moving", mr_like, "--out-dir", str(tmp_path / "out")])
+                          "--moving", mr_like, "--out", str(tmp_path / "out")])
     assert code == 2
     line = _one_line_error(capsys)
     assert mr_like in line and "every voxel maps to 255" in line

@@ -271,7 +271,7 @@ def test_evaluate_exported_tflite_reproduces_the_keras_dice(exported, student_ru
                                                             tmp_path):
     from aldk_tf import evaluation
     version, _ = exported
-    args = ["-c", student_run_32, "-v", "demo-test", "--out-dir", str(tmp_path),
+    args = ["-c", student_run_32, "-v", "demo-test", "--out", str(tmp_path),
             "--no-progress"]
     assert run_cli("evaluate", args)[0] == 0
     lite = str(version / "tflite" / "model_fp32.tflite")

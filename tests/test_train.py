@@ -135,8 +135,8 @@ def test_sigkill_loses_at_most_one_checkpoint_interval(dataset, tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     command = [sys.executable, os.path.join(ROOT, "train.py"), "-b", "LDR", "-d", dataset,
                "--batch", "1", "--round", "1000", "--epochs", "1", "--output", "killed",
-               "--weights_dir", str(tmp_path), "--checkpoint_every", "2",
-               "--validate_every", "0", "-v", "0"]
+               "--weights-dir", str(tmp_path), "--checkpoint-every", "2",
+               "--validate-every", "0", "--verbose", "0"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "killed" / "checkpoints"
@@ -149,8 +149,8 @@ def test_sigkill_loses_at_most_one_checkpoint_interval(dataset, tmp_path):
     assert saved is not None
     saved_step = int(saved.rsplit("-", 1)[1])
     assert saved_step >= 4
-    resume = subprocess.run(command[:2] + ["-c", str(tmp_path / "killed"), "--max_steps",
-                                           str(saved_step + 2), "-v", "0"],
+    resume = subprocess.run(command[:2] + ["-c", str(tmp_path / "killed"), "--max-steps",
+                                           str(saved_step + 2), "--verbose", "0"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert resume.returncode == 0, resume.stderr[-2000:]
     latest = tf.train.latest_checkpoint(str(checkpoints))
@@ -192,14 +192,14 @@ def test_cli_errors(dataset, tmp_path):
     missing = run_cli("-b", "LDR", "-d", str(tmp_path / "none.json"))
     assert missing.returncode == 2 and "none.json" in missing.stderr.splitlines()[-1]
     no_teacher = run_cli("-b", "LDR", "-d", dataset, "--aldk", "--teacher",
-                         str(tmp_path / "absent"), "--weights_dir", str(tmp_path),
+                         str(tmp_path / "absent"), "--weights-dir", str(tmp_path),
                          "--output", "x")
     assert no_teacher.returncode == 2 and "absent" in no_teacher.stderr.splitlines()[-1]
     assert not (tmp_path / "x").exists()          # nothing half-written
     small = str(tmp_path / "small_teacher")
     make_teacher_run(small, dataset, image_size=(16, 16, 16))
     mismatch = run_cli("-b", "LDR", "-d", dataset, "--aldk", "--teacher", small,
-                       "--weights_dir", str(tmp_path), "--output", "y")
+                       "--weights-dir", str(tmp_path), "--output", "y")
     assert mismatch.returncode == 2
     assert "teacher image size" in mismatch.stderr.splitlines()[-1]
 
@@ -356,7 +356,7 @@ def test_flow_distillation_term_pulls_the_student_to_the_target(dataset):
 
 def test_cli_flow_distill_needs_a_teacher(dataset, tmp_path):
     result = run_cli("-b", "LDR", "-d", dataset, "--flow-distill", "0.1",
-                     "--weights_dir", str(tmp_path), "--output", "z")
+                     "--weights-dir", str(tmp_path), "--output", "z")
     assert result.returncode == 2
     assert "--flow-distill needs --teacher" in result.stderr.splitlines()[-1]
     assert not (tmp_path / "z").exists()

@@ -46,7 +46,7 @@ def pair(demo_dataset_32, tmp_path_factory):
 def _register(savedmodel, pair, out_dir, space):
     assert register.main(["--model", savedmodel, "--fixed", pair["fixed"], "--moving",
                           pair["moving"], "--moving-seg", pair["moving_seg"],
-                          "--out-dir", str(out_dir), "--crop", "none",
+                          "--out", str(out_dir), "--crop", "none",
                           "--flow-space", space]) == 0
     return out_dir
 

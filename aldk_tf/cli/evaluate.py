@@ -1,7 +1,7 @@
 """Evaluate a trained run on the validation scheme or on named subsets (RCN format).
 
     python evaluate.py -c weights/<run> [-d dataset.json] [-v subset[,subset]] [--batch B]
-                       [-r rep] [--paired] [--refine N] [--out-dir evaluate]
+                       [-r rep] [--paired] [--refine N] [--out evaluate]
     python evaluate.py --exported export/<name>/<N> [-d dataset.json] [-v ...]
 
 writes ``evaluate/<run>[-rep<r>][-refine<N>][-<subset>].txt`` (one line per pair
@@ -54,8 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "config.json and model.weights.h5); required unless --exported or "
                         "--merge is given part files")
     parser.add_argument("-d", "--dataset", help="dataset JSON (default: the run's)")
-    parser.add_argument("-v", "--val-subset", help="scheme or subset name(s), comma "
-                        "separated (default: the validation scheme)")
+    parser.add_argument("-v", "--val-subset", "--val_subset", help="scheme or subset "
+                        "name(s), comma separated (default: the validation scheme)")
     parser.add_argument("--batch", type=int, default=1, help="pairs per model call")
     parser.add_argument("-r", "--rep", type=int, help="shared-weight repetitions of each "
                         "cascade (default: the run's)")
@@ -64,11 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--exported", help="evaluate an exported form instead of the "
                         "run's Keras model: a SavedModel version directory or a .tflite "
                         "file (from export.py)")
-    parser.add_argument("-n", "--name", help="suffix of the report names (default: the "
+    parser.add_argument("--name", help="suffix of the report names (default: the "
                         "exported file's name with --exported)")
     add_refine_arguments(parser, "refine each model flow by")
-    parser.add_argument("--out-dir", default="evaluate", help="report folder "
-                        "(default evaluate)")
+    parser.add_argument("--out", "--out-dir", "--out_dir", default="evaluate",
+                        help="report folder (default evaluate)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-surface", action="store_true", help="skip HD95 and mean "
                         "surface distance (faster)")
@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "every n-th pair) into <report>.shard-i-of-n.txt/.json")
     parser.add_argument("--merge", nargs="*", metavar="PART", help="merge shard parts "
                         "into the unsharded report: the parts' .json files, or none to "
-                        "find them in --out-dir by the report name of -c/-v/-r/-n")
+                        "find them in --out by the report name of -c/-v/-r/--name")
     return parser.parse_args(argv)
 
 
@@ -183,19 +183,19 @@ def export_source(path: str) -> tuple[str, dict, str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    existed = os.path.isdir(args.out_dir)
+    existed = os.path.isdir(args.out)
     try:
         if args.merge and args.shard:
             raise EvaluationError("--merge and --shard exclude each other")
         if args.merge:                       # part files named: no run needed
-            prepare_base(args.out_dir)
+            prepare_base(args.out)
             return _merge(args, {None: args.merge})
         if not args.checkpoint and not args.exported:
             raise EvaluationError("-c/--checkpoint is required (or --exported MODEL, or "
                                   "--merge PART.json ...)")
         if args.name is not None and (not args.name or os.sep in args.name
                                       or args.name in (".", "..")):
-            raise EvaluationError(f"-n/--name: expected a report name suffix without "
+            raise EvaluationError(f"--name: expected a report name suffix without "
                                   f"'{os.sep}', got '{args.name}'")
         shard = Shard.parse(args.shard) if args.shard else None
         run_config, info = None, {}
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         from aldk_tf.evaluation import check_image_size
         if run_config is not None:
             check_image_size(run_config.model.image_size, dataset)
-        prepare_base(args.out_dir)
+        prepare_base(args.out)
         if args.merge is not None:           # --merge alone: find each report's parts
             return _merge(args, {subset: [] for subset in subsets})
         return _evaluate(args, run_config, info, dataset, subsets, shard)
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        remove_if_new_and_empty(args.out_dir, existed)
+        remove_if_new_and_empty(args.out, existed)
 
 
 def _merge(args, parts_by_subset: dict) -> int:
@@ -250,9 +250,9 @@ def _merge(args, parts_by_subset: dict) -> int:
         if not parts:
             stem = report_stem(report_run(args), args.rep, subset, args.name,
                                args.refine)
-            found = find_parts(args.out_dir, stem, ".json")
+            found = find_parts(args.out, stem, ".json")
             if not found:
-                raise EvaluationError(f"{args.out_dir}: no parts {stem}.shard-*-of-*.json "
+                raise EvaluationError(f"{args.out}: no parts {stem}.shard-*-of-*.json "
                                       "to merge")
             groups[stem] = found
         for path in parts:
@@ -265,7 +265,7 @@ def _merge(args, parts_by_subset: dict) -> int:
         _check_same_weights(parts)
         metadata, records = merge_json_reports(parts)
         summary = summarise(records)
-        text_path, json_path = _report_paths(args.out_dir, stem)
+        text_path, json_path = _report_paths(args.out, stem)
         write_json_report(json_path, records, summary, **metadata)
         write_rcn_report(text_path, records)
         write_label_csv(_csv_path(text_path), records)
@@ -344,7 +344,7 @@ def _evaluate(args, run_config, info, dataset, subsets, shard=None) -> int:
                                               surface=not args.no_surface, before=True)
         else:                                # a shard of fewer pairs than shards
             records, summary = [], summarise([])
-        text_path, json_path = _report_paths(args.out_dir, stem)
+        text_path, json_path = _report_paths(args.out, stem)
         write_json_report(json_path, records, summary, **identity,
                           dataset=str(dataset.where), scheme=scheme, rep=rep,
                           paired=bool(args.paired), batch=args.batch,
