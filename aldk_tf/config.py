@@ -119,7 +119,8 @@ class RunConfig:
     # register prepares new scans the same way; None when the data did not record them.
     preprocessing: dict | None = None
     #: Settings changed on resume, oldest first: ``{"at_step", "changes": {setting:
-    #: [old, new]}, "override"}`` (``train.py -c``; see :func:`aldk_tf.runs.check_settings`).
+    #: [old, new]}, "override"}`` (``train.py -c``; see
+    #: :func:`aldk_tf.training.runs.check_settings`).
     history: list = field(default_factory=list)
 
     def to_dict(self) -> dict:

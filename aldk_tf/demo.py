@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from aldk_tf import runs  # noqa: E402
+from aldk_tf.training import runs  # noqa: E402
 from aldk_tf.config import (ALDKConfig, CRDConfig, ModelConfig, RunConfig,  # noqa: E402
                             TrainConfig, atomic_write_text)
 
@@ -170,7 +170,7 @@ def try_it(out: str, dataset: str, export_base: str) -> str:
     scans = write_nifti_subjects(dataset, os.path.join(out, "scans"))
     fixed, _, moving, moving_seg = (str(path) for path in scans)
     return ("try the exported student on two test subjects:\n"
-            f"  python -m aldk_tf.register --model {export_base} --fixed {fixed} "
+            f"  python -m aldk_tf.deploy.register --model {export_base} --fixed {fixed} "
             f"--moving {moving} --moving-seg {moving_seg} "
             f"--out {os.path.join(out, 'registered')}")
 
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from aldk_tf.data import DataError, load_dataset_config
     from aldk_tf.data.demo_set import build_demo
-    from aldk_tf.train_run import train
+    from aldk_tf.training.run import train
     started = time.perf_counter()
     out = os.path.abspath(args.out)
     data_dir = os.path.join(out, "data")
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
             models[name] = (model, int(model.count_params()))
         results = evaluate_runs(out, dataset_config, models)
         if not args.no_export:
-            from aldk_tf.serving import export_model
+            from aldk_tf.deploy.serving import export_model
             best = best_student(out, dataset_config, models)
             base = os.path.join(out, "export", best)
             if not os.path.isdir(base) or not os.listdir(base):

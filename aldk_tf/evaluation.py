@@ -23,7 +23,7 @@ import numpy as np
 from aldk_tf import metrics
 from aldk_tf.config import atomic_write_text
 from aldk_tf.data import DataError, ScanStore, load_pair
-from aldk_tf.refine import DEFAULT_LEARNING_RATE, refine_flow
+from aldk_tf.training.refine import DEFAULT_LEARNING_RATE, refine_flow
 
 #: (record key, report label) of the summary lines, in the original's order.
 RCN_SUMMARY = (("dice", "Dice score"), ("jacc", "Jacc score"),
@@ -70,7 +70,7 @@ def _flow_function(model, refine: int = 0,
     """``flow(fixed, moving) -> [B, D, H, W, 3]`` numpy for a Keras model or a callable,
     refined by ``refine`` instance-optimisation steps from the model's flow when > 0."""
     if isinstance(model, keras.Model):
-        from aldk_tf.serving import RegistrationModule   # one trace, dynamic batch
+        from aldk_tf.deploy.serving import RegistrationModule   # one trace, dynamic batch
         register = RegistrationModule(model).register
     else:
         register = model
@@ -126,7 +126,7 @@ def evaluate_pairs(model, dataset_config, pairs, batch: int = 1, label_values=No
       label_values: the segmentation label values to score (the config's
         ``label_values``), or None for a binary 0/255 mask.
       progress: show a progress bar.
-      refine: instance-optimisation steps (:func:`aldk_tf.refine.refine_flow`) from the
+      refine: instance-optimisation steps (:func:`aldk_tf.training.refine.refine_flow`) from the
         model's flow before scoring; 0 scores the model's flow itself.
       refine_learning_rate: the refinement's Adam step size in voxels.
       surface: also HD95 and mean surface distance per label (:mod:`aldk_tf.metrics`),

@@ -31,7 +31,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from aldk_tf import runs  # noqa: E402
+from aldk_tf.training import runs  # noqa: E402
 from aldk_tf.config import RunConfig, atomic_write_text  # noqa: E402
 
 DEMO_ROWS = ("student", "student_distilled", "student_crd")
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
     from aldk_tf.data import load_dataset_config
     from aldk_tf.demo import evaluate_runs
-    from aldk_tf.train_run import train
+    from aldk_tf.training.run import train
     dataset_config = load_dataset_config(base.dataset)
     out = os.path.join(demo, "ablation")
     results = {}

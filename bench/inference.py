@@ -16,18 +16,18 @@ with ``<model>`` one of ``teacher_affine_vtn1``, ``teacher_affine_vtn3``,
 ``student_1``, ``student_2``, ``student_3``, ``student_crd_1`` (cross-resolution,
 1/2), plus the row ``warp`` (one trilinear warp of the image alone).
 
-- ``<model>``: in-process, :func:`aldk_tf.inference.registration_function` (fixed
+- ``<model>``: in-process, :func:`aldk_tf.deploy.inference.registration_function` (fixed
   input signature; flow heads as sub-pixel convolutions, float32).
 - ``_bf16``: the same with the convolutions in bfloat16 (``dtype="bfloat16"``).
 - ``_keras_upconv``: the Keras graph unchanged (``subpixel=False``), i.e. what the
   TFLite files are converted from (``export.py``'s SavedModel has the sub-pixel heads).
-- ``savedmodel_``: the row's graph saved with :func:`aldk_tf.serving.save_savedmodel`
+- ``savedmodel_``: the row's graph saved with :func:`aldk_tf.deploy.serving.save_savedmodel`
   to a temporary directory, reloaded with ``tf.saved_model.load``, called through its
   ``serving_default`` signature.
 - ``savedmodel_portable_``: the same module saved with ``portable=True`` (``export.py
   --portable``, for TF Serving without XLA): the ``_XlaMustCompile`` marks stripped,
   which shows what the warps cost without XLA.
-- ``tflite_<variant>_``: :func:`aldk_tf.serving.convert_tflite` of the model as
+- ``tflite_<variant>_``: :func:`aldk_tf.deploy.serving.convert_tflite` of the model as
   ``export.py`` converts it, run by ``tf.lite.Interpreter(num_threads=2)``.
 
 Per row: median / min / max wall milliseconds, median process CPU milliseconds (all
@@ -41,7 +41,7 @@ TensorFlow or the allocator kept from earlier rows counts in ``rss``.
 
 The table ends with the teacher/student ratios, SavedModel/in-process ratios and the
 graph check: for in-process and SavedModel rows, any op of
-:data:`aldk_tf.inference.SLOW_OPS` in the graph, or gathers outside XLA.
+:data:`aldk_tf.deploy.inference.SLOW_OPS` in the graph, or gathers outside XLA.
 """
 
 from __future__ import annotations
@@ -64,9 +64,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from aldk_tf import serving, spatial  # noqa: E402
+from aldk_tf.deploy import serving  # noqa: E402
+
+from aldk_tf import spatial  # noqa: E402
 from aldk_tf.config import atomic_write_text  # noqa: E402
-from aldk_tf.inference import registration_function, slow_ops  # noqa: E402
+from aldk_tf.deploy.inference import registration_function, slow_ops  # noqa: E402
 from aldk_tf.networks import build_student, build_teacher  # noqa: E402
 
 try:                                 # python -m bench.<script>; imported from the root (tests)

@@ -1,4 +1,4 @@
-"""Instance optimisation (:func:`aldk_tf.refine.refine_flow`): time per pair, and Dice
+"""Instance optimisation (:func:`aldk_tf.training.refine.refine_flow`): time per pair, and Dice
 before/after refining from a zero flow on a dataset's pairs.
 
     python bench/refine.py [--sizes 64 128] [--steps 0 25 50 100] [--lr 0.25]
@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import scipy.ndimage as ndimage  # noqa: E402
 
 from aldk_tf import metrics  # noqa: E402
-from aldk_tf.refine import DEFAULT_LEARNING_RATE, refine_flow  # noqa: E402
+from aldk_tf.training.refine import DEFAULT_LEARNING_RATE, refine_flow  # noqa: E402
 
 try:                                 # python -m bench.<script>; imported from the root (tests)
     from bench.timing import repeat_timed

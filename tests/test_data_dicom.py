@@ -116,7 +116,7 @@ def test_data_preparation_takes_a_folder_of_series(series, tmp_path):
 
 
 def test_register_takes_a_series_folder(series, savedmodel_32, tmp_path):
-    from aldk_tf import register
+    from aldk_tf.deploy import register
     out = tmp_path / "out"
     assert register.main(["--model", savedmodel_32, "--fixed", series["folder"],
                           "--moving", series["nifti"], "--out", str(out),

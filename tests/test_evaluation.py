@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aldk_tf import evaluation, metrics, runs
+from aldk_tf import evaluation, metrics
+
+from aldk_tf.training import runs
 from aldk_tf.data import list_pairs, load_dataset_config, load_pair
 from scripts import load_cli
 

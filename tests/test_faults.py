@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from aldk_tf import runs
-from aldk_tf.checkpoints import save_weights_atomic
+from aldk_tf.training import runs
+from aldk_tf.training.checkpoints import save_weights_atomic
 from aldk_tf.cli import evaluate as evaluate_cli
 from aldk_tf.cli import export as export_cli
 from aldk_tf.cli import train as train_cli
@@ -119,7 +119,7 @@ def test_output_with_a_resumed_run_is_refused(run, capsys):
 
 
 def test_teacher_flow_extraction_refuses_batch_0(run, capsys):
-    from aldk_tf import teacher_flows
+    from aldk_tf.training import teacher_flows
     assert teacher_flows.main(["-c", run, "--batch", "0"]) == 2
     one_error_line(capsys, "--batch", "expected an integer >= 1, got 0")
     assert not os.path.exists(teacher_flows.flows_path(run))
@@ -190,7 +190,7 @@ def test_checkpoint_of_another_model_is_refused_whole(run, capsys):
 
 def test_train_refuses_an_unrecorded_change_of_settings(run):
     """The demo and the benchmarks call train() directly: another seed is no resume."""
-    from aldk_tf.train_run import train
+    from aldk_tf.training.run import train
     config = runs.load_run_config(run)
     config.train.seed = 7
     with pytest.raises(runs.RunError, match=r"train.seed 0 -> 7"):
@@ -271,7 +271,7 @@ def test_exported_report_names_the_exported_model_and_merge_checks_weights(
 
 
 def test_export_removes_the_folders_of_killed_exports_only(tmp_path):
-    from aldk_tf import serving
+    from aldk_tf.deploy import serving
     dead, running, fresh = (tmp_path / name for name in (".tmp-1-a", ".tmp-2-b", ".tmp-3-c"))
     for folder in (dead, running, fresh):
         folder.mkdir()
@@ -314,8 +314,8 @@ def teacher_run(dataset, tmp_path):
 
 def test_truncated_teacher_flows_are_set_aside_and_extracted_again(dataset, teacher_run,
                                                                    capsys):
-    from aldk_tf.teacher_flows import stored_keys
-    from aldk_tf.train_run import ensure_teacher_flows
+    from aldk_tf.training.teacher_flows import stored_keys
+    from aldk_tf.training.run import ensure_teacher_flows
     folder, teacher = teacher_run
     config = load_dataset_config(dataset)
     pairs = list_pairs(config, "1")[:2]
@@ -330,7 +330,7 @@ def test_truncated_teacher_flows_are_set_aside_and_extracted_again(dataset, teac
 
 def test_teacher_flows_of_another_size_are_refused_before_training(dataset, teacher_run,
                                                                     tmp_path, capsys):
-    from aldk_tf.train_run import ensure_teacher_flows
+    from aldk_tf.training.run import ensure_teacher_flows
     folder, teacher = teacher_run
     config = load_dataset_config(dataset)
     path = ensure_teacher_flows(folder, teacher, config, list_pairs(config, "1"))
@@ -354,7 +354,7 @@ def test_teacher_flows_of_another_size_are_refused_before_training(dataset, teac
 # ------------------------------------------------- another process: lock, kill -9
 CLAIM = """
 import json, os, sys, time
-from aldk_tf import runs
+from aldk_tf.training import runs
 run_dir, name = sys.argv[1], sys.argv[2]
 while time.time() < float(sys.argv[3]):          # start together
     pass
@@ -512,7 +512,7 @@ def nifti(path, data, affine=None):
 
 def test_non_integer_labels_are_refused_not_rounded(tmp_path, capsys):
     """A float label map (0.5, 1.5 ...) would be rounded into other labels silently."""
-    from aldk_tf import warp
+    from aldk_tf.deploy import warp
     rng = np.random.default_rng(0)
     flow = np.zeros((SIZE,) * 3 + (1, 3), np.float32)
     flow_path = nifti(tmp_path / "flow.nii.gz", flow)
@@ -598,7 +598,7 @@ def test_truncated_tflite_is_one_line_not_a_crash(tmp_path):
 def test_flow_with_nan_or_unnamed_axes_is_one_line(tmp_path, capsys, fault):
     """A NaN in the flow was a TensorFlow traceback; a flow whose intent names no axes
     was read as RAS silently (an ITK/ANTs field is LPS)."""
-    from aldk_tf import warp
+    from aldk_tf.deploy import warp
     flow = np.zeros((SIZE,) * 3 + (1, 3), np.float32)
     if fault == "nan":
         flow[1, 1, 1] = np.nan

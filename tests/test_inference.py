@@ -1,4 +1,4 @@
-"""aldk_tf/inference.py and bench/inference.py: fast paths against the reference, no timing.
+"""aldk_tf/deploy/inference.py and bench/inference.py: fast paths against the reference, no timing.
 
 Every fast path (fixed-signature function, sub-pixel flow heads, bfloat16 convolutions,
 SavedModel of the prepared graph) is compared with the Keras model's outputs and with the
@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from aldk_tf import serving, spatial
-from aldk_tf.inference import (graph_ops, inference_graph, registration_function,
+from aldk_tf.deploy import serving
+
+from aldk_tf import spatial
+from aldk_tf.deploy.inference import (graph_ops, inference_graph, registration_function,
                                slow_ops, transposed_conv3d)
 from aldk_tf.networks import build_student, build_teacher
 from scripts import load_script

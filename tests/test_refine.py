@@ -1,5 +1,5 @@
-"""aldk_tf/refine.py (instance optimisation) and its three users: the teacher-flow
-extraction (``--refine``), evaluate.py ``--refine`` and ``python -m aldk_tf.register
+"""aldk_tf/training/refine.py (instance optimisation) and its three users: the teacher-flow
+extraction (``--refine``), evaluate.py ``--refine`` and ``python -m aldk_tf.deploy.register
 --refine``."""
 
 import json
@@ -12,13 +12,15 @@ import pytest
 import scipy.ndimage as ndimage
 import tensorflow as tf
 
-from aldk_tf import evaluation, losses, metrics, runs, spatial, teacher_flows
-from aldk_tf.checkpoints import save_weights_atomic
+from aldk_tf import evaluation, losses, metrics, spatial
+
+from aldk_tf.training import runs, teacher_flows
+from aldk_tf.training.checkpoints import save_weights_atomic
 from aldk_tf.config import ModelConfig, RunConfig
 from aldk_tf.data import list_pairs, load_dataset_config, load_pair
 from aldk_tf.data.preprocess import preprocess_scan
-from aldk_tf.refine import objective, refine_flow
-from aldk_tf.runs import RunError
+from aldk_tf.training.refine import objective, refine_flow
+from aldk_tf.training.runs import RunError
 from scripts import load_cli
 from synthetic import write_blob_dataset
 from test_register import nifti_pair, savedmodel  # noqa: F401  (fixtures)
@@ -299,7 +301,7 @@ def test_evaluate_refine_scores_the_refined_flow(student_run_32, demo_dataset_32
 # ----------------------------------------------------------------------------- register
 def test_register_refine_writes_the_refined_flow(savedmodel, nifti_pair,  # noqa: F811
                                                  tmp_path, capsys):
-    from aldk_tf import register
+    from aldk_tf.deploy import register
     out_dir = tmp_path / "out"
     code = register.main(["--model", savedmodel, "--fixed", nifti_pair["fixed"],
                           "--moving", nifti_pair["moving"], "--out", str(out_dir),

@@ -1,4 +1,4 @@
-"""aldk_tf/register.py: a NIfTI pair registered with an exported SavedModel."""
+"""aldk_tf/deploy/register.py: a NIfTI pair registered with an exported SavedModel."""
 
 import os
 
@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from aldk_tf import metrics, register, spatial
+from aldk_tf import metrics, spatial
+
+from aldk_tf.deploy import register
 from aldk_tf.data import load_dataset_config, read_dataset
 from aldk_tf.data.preprocess import preprocess_scan
 

@@ -1,4 +1,4 @@
-"""aldk_tf/register_batch.py (aldk-register --pairs) and the in-memory Registrar."""
+"""aldk_tf/deploy/register_batch.py (aldk-register --pairs) and the in-memory Registrar."""
 
 import csv
 import os
@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from aldk_tf import register
+from aldk_tf.deploy import register
 from aldk_tf.data import load_dataset_config, read_dataset
 
 

@@ -8,7 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from aldk_tf import register, runs
+from aldk_tf.deploy import register
+
+from aldk_tf.training import runs
 from aldk_tf.cli import export as export_cli
 from aldk_tf.cli import nifti_to_h5
 from aldk_tf.cli import train as train_cli

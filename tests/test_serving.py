@@ -1,4 +1,4 @@
-"""aldk_tf/serving.py and export.py: SavedModel signatures, TFLite, TF Serving contract."""
+"""aldk_tf/deploy/serving.py and export.py: SavedModel signatures, TFLite, TF Serving contract."""
 
 import contextlib
 import io
@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from aldk_tf import metrics, runs, serving
+from aldk_tf import metrics
+
+from aldk_tf.training import runs
+
+from aldk_tf.deploy import serving
 from aldk_tf.data import list_pairs, load_dataset_config, load_pair
 from scripts import load_cli
 
@@ -291,7 +295,7 @@ def test_evaluate_exported_tflite_reproduces_the_keras_dice(exported, student_ru
 def test_savedmodel_serves_the_fast_inference_graph(exported):
     """The SavedModel runs the graph bench/inference.py times: no transposed convolution
     to few channels (sub-pixel flow heads), no gathers outside XLA, no graph loops."""
-    from aldk_tf.inference import graph_ops, slow_ops
+    from aldk_tf.deploy.inference import graph_ops, slow_ops
     version, _ = exported
     info = json.loads((version / serving.INFO_NAME).read_text())
     assert info["subpixel_flow_heads"] is True and info["xla"] is True

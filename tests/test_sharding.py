@@ -1,5 +1,5 @@
 """Sharded evaluation (evaluate.py --shard/--merge) and sharded teacher-flow extraction
-(python -m aldk_tf.teacher_flows --shard/--merge): merged parts equal the unsharded run."""
+(python -m aldk_tf.training.teacher_flows --shard/--merge): merged parts equal the unsharded run."""
 
 import json
 import os
@@ -10,8 +10,8 @@ import h5py
 import numpy as np
 import pytest
 
-from aldk_tf import runs, teacher_flows
-from aldk_tf.checkpoints import save_weights_atomic
+from aldk_tf.training import runs, teacher_flows
+from aldk_tf.training.checkpoints import save_weights_atomic
 from aldk_tf.config import ModelConfig, RunConfig
 from aldk_tf.shards import Shard, ShardError
 from synthetic import write_blob_dataset

@@ -1,4 +1,4 @@
-"""aldk_tf/warp.py: a flow saved by register applied to other images (aldk-warp), flow
+"""aldk_tf/deploy/warp.py: a flow saved by register applied to other images (aldk-warp), flow
 spaces RAS/LPS checked with an independent resampler (scipy) and nibabel's affines."""
 
 import os
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from aldk_tf import register, warp
+from aldk_tf.deploy import register, warp
 
 #: Fixed voxel -> world for ITK/ANTs: the NIfTI (RAS) affine with x and y negated.
 RAS_TO_LPS_4 = np.diag([-1.0, -1.0, 1.0, 1.0])

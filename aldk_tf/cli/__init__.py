@@ -7,7 +7,7 @@
 - ``aldk-build-demo``  :mod:`aldk_tf.cli.build_demo`   (``python data_prep/build_demo.py``)
 
 and, from the modules that already had a ``main``: ``aldk-register``
-(:mod:`aldk_tf.register`), ``aldk-teacher-flows`` (:mod:`aldk_tf.teacher_flows`),
+(:mod:`aldk_tf.deploy.register`), ``aldk-teacher-flows`` (:mod:`aldk_tf.training.teacher_flows`),
 ``aldk-demo`` (:mod:`aldk_tf.demo`) and ``aldk-report`` (:mod:`aldk_tf.report`); see
 ``[project.scripts]`` in pyproject.toml. Each ``main(argv=None)`` returns the exit status
 (0, or 2 after a one-line ``error: ...``). Importing this package imports no TensorFlow:

@@ -15,7 +15,7 @@ else voxels), % folding and std det(J). Without ``-v`` the dataset's validation 
 file without the run directory: the dataset is ``-d`` or the one named in the export's
 ``export_info.json``; reports are named after the export (``<name>-v<N>``).
 ``--refine N`` refines each flow by N steps of instance optimisation from the model's
-(:mod:`aldk_tf.refine`) before scoring; the seconds per pair then include it.
+(:mod:`aldk_tf.training.refine`) before scoring; the seconds per pair then include it.
 
 Sharded across machines: ``--shard i/n`` (1-based) evaluates every n-th pair starting at
 pair i and writes ``<report>.shard-i-of-n.txt/.json``; then, with all parts in one folder,
@@ -37,14 +37,14 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from aldk_tf import runs
+from aldk_tf.training import runs
 from aldk_tf.config import MAX_REP
 from aldk_tf.data import VALIDATION_SCHEME, DataError, load_dataset_config
 from aldk_tf.evaluation import (EvaluationError, write_json_report, write_label_csv,
                                 write_rcn_report)
-from aldk_tf.refine import add_arguments as add_refine_arguments
-from aldk_tf.refine import check_arguments as check_refine_arguments
-from aldk_tf.serving import ExportError, prepare_base, remove_if_new_and_empty
+from aldk_tf.training.refine import add_arguments as add_refine_arguments
+from aldk_tf.training.refine import check_arguments as check_refine_arguments
+from aldk_tf.deploy.serving import ExportError, prepare_base, remove_if_new_and_empty
 from aldk_tf.shards import Shard, ShardError, find_parts, split_name
 
 
@@ -101,7 +101,7 @@ def exported_model(path: str, dataset):
     ``{"exported", "weights_sha256", "export_info"}`` (``export_info.json`` of its
     version directory, ``{}`` if there is none).
     """
-    from aldk_tf import serving
+    from aldk_tf.deploy import serving
     from aldk_tf.evaluation import check_image_size
     if path.endswith(".tflite") and os.path.isfile(path):
         load, name = serving.tflite_runner, os.path.basename(path)[:-7]
@@ -128,7 +128,7 @@ def exported_model(path: str, dataset):
 def _export_info(version_dir: str) -> dict:
     """The version directory's ``export_info.json`` ({} when absent), read as ``register``
     reads it; an unreadable one is an :class:`EvaluationError`."""
-    from aldk_tf.register import RegisterError, read_export_info
+    from aldk_tf.deploy.register import RegisterError, read_export_info
     try:
         return read_export_info(version_dir)
     except RegisterError as error:
@@ -166,7 +166,7 @@ def report_run(args) -> str:
 def export_source(path: str) -> tuple[str, dict, str]:
     """``(version directory or .tflite path, export_info.json, report base name)`` of an
     exported model given alone; the base name is ``<name>-v<N>`` of ``export/<name>/<N>``."""
-    from aldk_tf.register import latest_version
+    from aldk_tf.deploy.register import latest_version
     path = latest_version(os.path.normpath(path))
     if path.endswith(".tflite") and os.path.isfile(path):
         version_dir = os.path.dirname(os.path.dirname(path))

@@ -162,7 +162,7 @@ def given_flags(argv) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
-#: The settings (``aldk_tf.runs.settings`` keys) each flag sets: what a resumed run
+#: The settings (``aldk_tf.training.runs.settings`` keys) each flag sets: what a resumed run
 #: compares with the settings it was trained with.
 FLAG_SETTINGS = {
     "base_network": ("model.role", "model.base", "model.affine"),
@@ -314,7 +314,7 @@ def resumed_config(run_dir: str, stored, argv, override: bool):
     """The configuration to resume ``run_dir`` with: ``stored`` with the settings the
     flags of ``argv`` give, the change recorded in its history. ValueError listing the
     changed settings when they change what is trained and ``override`` is not set."""
-    from aldk_tf import runs
+    from aldk_tf.training import runs
     given = given_flags(argv)
     unknown = given - FLAG_SETTINGS.keys() - NOT_SETTINGS
     assert not unknown, f"flags missing from FLAG_SETTINGS: {sorted(unknown)}"
@@ -362,7 +362,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from aldk_tf import distribute, runs
+    from aldk_tf.training import distribute, runs
     from aldk_tf.data import DataError
     try:
         check_values(args)                  # before anything is created
@@ -384,7 +384,7 @@ def main(argv=None) -> int:
         if distribute.is_multi_worker(strategy) and not (args.checkpoint or args.output):
             raise ValueError("--strategy multiworker needs --output (or -c): every "
                              "worker must name the same run")
-        from aldk_tf.train_run import train
+        from aldk_tf.training.run import train
         # Only the chief writes the run directory (and holds its lock).
         claim = (runs.claim_run(run_dir, new) if distribute.is_chief(strategy)
                  else contextlib.nullcontext())

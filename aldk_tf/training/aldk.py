@@ -35,7 +35,7 @@ import keras
 import tensorflow as tf
 
 from aldk_tf.losses import critic_loss, distillation_loss, registration_losses
-from aldk_tf.training import (BuiltTrainer, add_distillation, add_flow_distillation,
+from aldk_tf.training.trainer import (BuiltTrainer, add_distillation, add_flow_distillation,
                               average_over_batch, network_inputs, replica_mean,
                               tracked_terms, unpack)
 

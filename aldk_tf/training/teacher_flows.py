@@ -9,11 +9,11 @@ Extraction can be split across machines: shard ``i/n`` (:mod:`aldk_tf.shards`) w
 ``teacher_flows.shard-i-of-n.h5`` beside the teacher, and a merge copies the parts into
 ``teacher_flows.h5``, which then holds exactly what an unsharded extraction writes::
 
-    python -m aldk_tf.teacher_flows -c weights/<run> -d data.json --shard 2/3
-    python -m aldk_tf.teacher_flows -c weights/<run> -d data.json --merge
+    python -m aldk_tf.training.teacher_flows -c weights/<run> -d data.json --shard 2/3
+    python -m aldk_tf.training.teacher_flows -c weights/<run> -d data.json --merge
 
 With ``refine=N`` (``--refine N``) each teacher flow is refined by N steps of instance
-optimisation (:mod:`aldk_tf.refine`) before it is stored, so the targets are better than
+optimisation (:mod:`aldk_tf.training.refine`) before it is stored, so the targets are better than
 the teacher itself. The file and every flow record the setting (attributes
 ``refine_steps`` and ``refine_learning_rate``); a file written with another setting is
 refused, never mixed or silently reused; each setting has its own file
@@ -39,10 +39,10 @@ import tensorflow as tf
 
 from aldk_tf import metrics
 from aldk_tf.config import MAX_REP
-from aldk_tf.refine import DEFAULT_LEARNING_RATE, refine_flow
-from aldk_tf.refine import add_arguments as add_refine_arguments
-from aldk_tf.refine import check_arguments as check_refine_arguments
-from aldk_tf.runs import TEACHER_FLOWS_NAME, RunError
+from aldk_tf.training.refine import DEFAULT_LEARNING_RATE, refine_flow
+from aldk_tf.training.refine import add_arguments as add_refine_arguments
+from aldk_tf.training.refine import check_arguments as check_refine_arguments
+from aldk_tf.training.runs import TEACHER_FLOWS_NAME, RunError
 from aldk_tf.shards import Shard, ShardError, check_complete, find_parts, split_name
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ def extract_teacher_flows(teacher, dataset_config, pairs, path: str, batch_size:
     """Run ``teacher`` on every pair whose flow is not stored yet; return how many ran.
 
     ``refine > 0`` stores each flow after that many instance-optimisation steps
-    (:func:`aldk_tf.refine.refine_flow`, smoothness weight 1 on the increment). Raises
+    (:func:`aldk_tf.training.refine.refine_flow`, smoothness weight 1 on the increment). Raises
     :class:`RunError` when ``path`` holds flows made with a different setting.
     ``fingerprints`` (:func:`provenance`, computed when not given) are recorded on the
     file; a file made by another teacher or from other data is set aside first.
@@ -476,7 +476,7 @@ class TeacherFlowStore:
 
 
 def main(argv=None) -> int:
-    """``python -m aldk_tf.teacher_flows``: extract (a shard of) the teacher flows, or
+    """``python -m aldk_tf.training.teacher_flows``: extract (a shard of) the teacher flows, or
     merge the shards; one-line errors, exit code 2."""
     parser = argparse.ArgumentParser(
         description="Store a teacher's final flows of every training pair (for ALDK).")
@@ -495,7 +495,7 @@ def main(argv=None) -> int:
                         "weights (RCN's test-time recursion; default: as trained)")
     add_refine_arguments(parser, "store each teacher flow refined by")
     args = parser.parse_args(argv)
-    from aldk_tf import runs
+    from aldk_tf.training import runs
     from aldk_tf.data import TRAINING_SCHEME, DataError, list_pairs, load_dataset_config
     try:
         if args.merge and args.shard:

@@ -47,7 +47,7 @@ import numpy as np
 import tensorflow as tf
 
 from aldk_tf import metrics, spatial
-from aldk_tf.inference import inference_graph
+from aldk_tf.deploy.inference import inference_graph
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ def export_model(model, base: str, version: int | None = None,
     ``sample`` (``fixed``/``moving`` ``[B, D, H, W, 1]``, optional segmentations) is the
     input of the parity check; the SavedModel and the fp32 TFLite model must give the
     Keras model's flow to ``tolerance`` or nothing is written. ``subpixel``: the
-    SavedModel runs :func:`aldk_tf.inference.inference_graph` (stride-2 flow heads as
+    SavedModel runs :func:`aldk_tf.deploy.inference.inference_graph` (stride-2 flow heads as
     forward convolutions, ~3x faster on CPU) instead of the Keras graph. Returns the
     export info (also saved as ``export_info.json``): ``path``, ``version``, ``parity``...
     """

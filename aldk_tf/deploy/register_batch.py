@@ -101,7 +101,7 @@ def register_batch(model: str, pairs_csv: str, out_dir: str, overrides: dict | N
                    progress: bool = True) -> list[dict]:
     """Register every pair of ``pairs_csv`` into ``out_dir/<name>/``; returns the summary
     rows (also written to ``out_dir/summary.csv``)."""
-    from aldk_tf import register
+    from aldk_tf.deploy import register
 
     pairs = read_pairs(pairs_csv)
     with_masks = pairs[0]["fixed_mask"] is not None or pairs[0]["moving_mask"] is not None

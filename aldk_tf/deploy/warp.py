@@ -1,6 +1,6 @@
-"""Apply a saved flow to any NIfTI image or label map: ``python -m aldk_tf.warp``.
+"""Apply a saved flow to any NIfTI image or label map: ``python -m aldk_tf.deploy.warp``.
 
-    python -m aldk_tf.warp --flow DIR/flow.nii.gz --image M.nii.gz --out W.nii.gz
+    python -m aldk_tf.deploy.warp --flow DIR/flow.nii.gz --image M.nii.gz --out W.nii.gz
         [--interpolation linear|nearest|labels] [--flow-space auto|ras|lps] [--overwrite]
 
 The flow is a displacement field as ``aldk-register`` writes it: ``[X, Y, Z, 1, 3]`` on

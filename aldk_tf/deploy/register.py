@@ -1,11 +1,11 @@
-"""Register a new NIfTI pair with an exported model: ``python -m aldk_tf.register``.
+"""Register a new NIfTI pair with an exported model: ``python -m aldk_tf.deploy.register``.
 
-    python -m aldk_tf.register --model export/<name>[/<N>] --fixed F.nii.gz \\
+    python -m aldk_tf.deploy.register --model export/<name>[/<N>] --fixed F.nii.gz \\
         --moving M.nii.gz --out DIR [--moving-seg S.nii.gz] [--overwrite]
         [--fixed-mask FM.nii.gz --moving-mask MM.nii.gz] [--flow-space ras|lps]
         [--modality/--crop/--margin/--window/--percentiles/--threshold ...]
         [--refine N [--refine-lr VOXELS]]
-    python -m aldk_tf.register --model ... --pairs pairs.csv --out DIR   # many pairs
+    python -m aldk_tf.deploy.register --model ... --pairs pairs.csv --out DIR   # many pairs
 
 Both scans go through the data preparation's preprocessing
 (:func:`aldk_tf.data.preprocess.preprocess_scan`: RAS reorientation, crop box, intensities
@@ -23,7 +23,7 @@ from the fixed file):
                            the corresponding points;
 - ``flow.nii.gz``          the displacement ``u`` in millimetres, ``[X, Y, Z, 1, 3]``,
                            intent "vector", world RAS axes (``--flow-space lps``: ITK/ANTs
-                           LPS axes; see :mod:`aldk_tf.warp`): the fixed voxel at world
+                           LPS axes; see :mod:`aldk_tf.deploy.warp`): the fixed voxel at world
                            position ``p`` corresponds to the moving image's ``p + u(p)``;
 - ``jacobian.nii.gz``      det of the Jacobian of ``p -> p + u(p)`` (volume change; <= 0
                            is folding);
@@ -37,11 +37,11 @@ from the fixed file):
 An existing non-empty ``DIR`` is refused unless ``--overwrite``; then it is replaced as
 a whole (no file of a previous pair stays). ``aldk-warp`` applies ``flow.nii.gz`` to
 other images. ``--pairs`` registers every row of a CSV with the model loaded once
-(:mod:`aldk_tf.register_batch`). :class:`Registrar` is the in-memory interface (model
+(:mod:`aldk_tf.deploy.register_batch`). :class:`Registrar` is the in-memory interface (model
 loaded once; nibabel images in and out).
 
 With ``--refine N`` the SavedModel's flow is refined on the model's grid by N steps of
-instance optimisation (:mod:`aldk_tf.refine`) before anything is written; the time it
+instance optimisation (:mod:`aldk_tf.training.refine`) before anything is written; the time it
 took is printed (the first call includes tracing the refinement, about a second).
 
 Correspondence: the network maps preprocessed fixed voxel ``v`` to preprocessed moving
@@ -65,13 +65,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from aldk_tf import warp  # noqa: E402
+from aldk_tf.deploy import warp  # noqa: E402
 from aldk_tf.data import DataError  # noqa: E402
 from aldk_tf.data import preprocess  # noqa: E402
-from aldk_tf.refine import DEFAULT_LEARNING_RATE  # noqa: E402
-from aldk_tf.refine import add_arguments as add_refine_arguments  # noqa: E402
-from aldk_tf.refine import check_arguments as check_refine_arguments  # noqa: E402
-from aldk_tf.serving import INFO_NAME, SERVING_SIGNATURE, make_readable  # noqa: E402
+from aldk_tf.training.refine import DEFAULT_LEARNING_RATE  # noqa: E402
+from aldk_tf.training.refine import add_arguments as add_refine_arguments  # noqa: E402
+from aldk_tf.training.refine import check_arguments as check_refine_arguments  # noqa: E402
+from aldk_tf.deploy.serving import INFO_NAME, SERVING_SIGNATURE, make_readable  # noqa: E402
 
 SUMMARY_NAME = "registration.json"
 OUTPUT_NAMES = ("warped.nii.gz", "flow.nii.gz", "jacobian.nii.gz", "warped_seg.nii.gz",
@@ -359,7 +359,7 @@ class Registrar:
         warped_model = outputs["warped"].numpy()[0, ..., 0]
         refine_seconds = 0.0
         if self.refine:
-            from aldk_tf.refine import refine_flow
+            from aldk_tf.training.refine import refine_flow
             start = time.perf_counter()
             flow, _ = refine_flow(fixed_input, moving_input, flow, self.refine,
                                   learning_rate=self.refine_learning_rate)
@@ -502,7 +502,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Register a NIfTI pair with an exported model (export.py).",
         epilog="Writes warped.nii.gz, flow.nii.gz, jacobian.nii.gz, [warped_seg.nii.gz], "
         "preview.png and registration.json into --out; apply flow.nii.gz to other "
-        "images with aldk-warp (python -m aldk_tf.warp).")
+        "images with aldk-warp (python -m aldk_tf.deploy.warp).")
     parser.add_argument("--model", required=True, help="SavedModel version directory "
                         "export/<name>/<N> (or export/<name>: its latest version)")
     parser.add_argument("--fixed", help="fixed image (NIfTI)")
@@ -566,7 +566,7 @@ def main(argv=None) -> int:
 
 
 def _main_batch(args) -> int:
-    from aldk_tf.register_batch import SUMMARY_NAME, PairsError, register_batch
+    from aldk_tf.deploy.register_batch import SUMMARY_NAME, PairsError, register_batch
     try:
         rows = register_batch(args.model, args.pairs, args.out_dir,
                               overrides=preprocessing_overrides(args), refine=args.refine,

@@ -207,7 +207,7 @@ def registration_function(model, batch: int = 1, dtype: str = "float32",
     :func:`inference_graph`; both outputs float32.
 
     The function carries ``graph`` (the prepared Keras model, e.g. for
-    :func:`aldk_tf.serving.save_savedmodel`) and ``image_size``.
+    :func:`aldk_tf.deploy.serving.save_savedmodel`) and ``image_size``.
     """
     graph = inference_graph(model, dtype=dtype, subpixel=subpixel)
     size = _image_size(graph)
