@@ -170,7 +170,7 @@ def try_it(out: str, dataset: str, export_base: str) -> str:
     scans = write_nifti_subjects(dataset, os.path.join(out, "scans"))
     fixed, _, moving, moving_seg = (str(path) for path in scans)
     return ("try the exported student on two test subjects:\n"
-            f"  python -m aldk_tf.deploy.register --model {export_base} --fixed {fixed} "
+            f"  python -m aldk_tf.cli.register --model {export_base} --fixed {fixed} "
             f"--moving {moving} --moving-seg {moving_seg} "
             f"--out {os.path.join(out, 'registered')}")
 

@@ -119,10 +119,11 @@ def test_output_with_a_resumed_run_is_refused(run, capsys):
 
 
 def test_teacher_flow_extraction_refuses_batch_0(run, capsys):
-    from aldk_tf.training import teacher_flows
+    from aldk_tf.cli import teacher_flows
+    from aldk_tf.training.flow_store import flows_path
     assert teacher_flows.main(["-c", run, "--batch", "0"]) == 2
     one_error_line(capsys, "--batch", "expected an integer >= 1, got 0")
-    assert not os.path.exists(teacher_flows.flows_path(run))
+    assert not os.path.exists(flows_path(run))
 
 
 def test_start_failing_after_creation_removes_its_run_directory(dataset, run, tmp_path,
@@ -314,7 +315,7 @@ def teacher_run(dataset, tmp_path):
 
 def test_truncated_teacher_flows_are_set_aside_and_extracted_again(dataset, teacher_run,
                                                                    capsys):
-    from aldk_tf.training.teacher_flows import stored_keys
+    from aldk_tf.training.flow_store import stored_keys
     from aldk_tf.training.run import ensure_teacher_flows
     folder, teacher = teacher_run
     config = load_dataset_config(dataset)

@@ -19,7 +19,7 @@ from aldk_tf.deploy import serving
 
 from aldk_tf import spatial
 from aldk_tf.deploy.inference import (graph_ops, inference_graph, registration_function,
-                               slow_ops, transposed_conv3d)
+                                      slow_ops, transposed_conv3d)
 from aldk_tf.networks import build_student, build_teacher
 from scripts import load_script
 

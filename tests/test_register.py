@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from aldk_tf import metrics, spatial
 
+from aldk_tf.cli import register as register_cli
 from aldk_tf.deploy import register
 from aldk_tf.data import load_dataset_config, read_dataset
 from aldk_tf.data.preprocess import preprocess_scan
@@ -39,9 +40,9 @@ def nifti_pair(demo_dataset_32, tmp_path_factory):
 
 
 def run(savedmodel, pair, out_dir, *extra):
-    return register.main(["--model", savedmodel, "--fixed", pair["fixed"], "--moving",
-                          pair["moving"], "--moving-seg", pair["moving_seg"],
-                          "--out", str(out_dir), "--crop", "none", *extra])
+    return register_cli.main(["--model", savedmodel, "--fixed", pair["fixed"], "--moving",
+                              pair["moving"], "--moving-seg", pair["moving_seg"],
+                              "--out", str(out_dir), "--crop", "none", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +126,11 @@ def test_existing_output_folder_needs_overwrite_and_keeps_no_stale_file(
     pair = {key: value for key, value in nifti_pair.items() if key != "moving_seg"}
     arguments = ["--model", base, "--fixed", pair["fixed"], "--moving", pair["moving"],
                  "--out", str(out_dir), "--crop", "none"]
-    assert register.main(arguments) == 2
+    assert register_cli.main(arguments) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--overwrite" in err[0], err
     assert sorted(os.listdir(out_dir)) == ["warped_seg.nii.gz"]  # untouched
-    assert register.main([*arguments, "--overwrite"]) == 0
+    assert register_cli.main([*arguments, "--overwrite"]) == 0
     expected = sorted(set(register.OUTPUT_NAMES) - {"warped_seg.nii.gz"})
     assert sorted(os.listdir(out_dir)) == expected               # the stale file is gone
     assert sorted(os.listdir(tmp_path)) == ["out"]              # no staging left over

@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from aldk_tf.cli import register as register_cli
 from aldk_tf.deploy import register
 from aldk_tf.data import load_dataset_config, read_dataset
 
@@ -52,8 +53,8 @@ def test_pairs_csv_registers_each_pair_once_loaded(savedmodel, scans, tmp_path,
     monkeypatch.setattr(register, "load_serving_model",
                         lambda path: loads.append(path) or original(path))
     out_dir = tmp_path / "batch"
-    code = register.main(["--model", savedmodel, "--pairs", pairs, "--out",
-                          str(out_dir), "--crop", "none", "--no-progress"])
+    code = register_cli.main(["--model", savedmodel, "--pairs", pairs, "--out",
+                              str(out_dir), "--crop", "none", "--no-progress"])
     assert code == 1                                   # one pair failed, the others ran
     assert len(loads) == 1
     assert sorted(os.listdir(out_dir)) == ["b", "subject_04__subject_05", "summary.csv"]
@@ -68,10 +69,10 @@ def test_pairs_csv_registers_each_pair_once_loaded(savedmodel, scans, tmp_path,
 
     # The same pair registered alone gives the same files.
     single = tmp_path / "single"
-    assert register.main(["--model", savedmodel, "--fixed", str(scans / "subject_04.nii.gz"),
-                          "--moving", str(scans / "subject_05.nii.gz"), "--moving-seg",
-                          str(scans / "subject_05_seg.nii.gz"), "--out", str(single),
-                          "--crop", "none"]) == 0
+    assert register_cli.main(["--model", savedmodel, "--fixed", str(scans / "subject_04.nii.gz"),
+                              "--moving", str(scans / "subject_05.nii.gz"), "--moving-seg",
+                              str(scans / "subject_05_seg.nii.gz"), "--out", str(single),
+                              "--crop", "none"]) == 0
     for name in ("flow.nii.gz", "warped_seg.nii.gz", "jacobian.nii.gz"):
         np.testing.assert_array_equal(
             nib.load(single / name).get_fdata(),
@@ -89,8 +90,8 @@ def test_pairs_csv_registers_each_pair_once_loaded(savedmodel, scans, tmp_path,
 def test_bad_pairs_csv_fails_with_one_line_before_any_work(rows, expected, savedmodel,
                                                             scans, tmp_path, capsys):
     pairs = write_csv(scans / f"bad_{len(rows)}_{len(rows[0])}.csv", rows)
-    code = register.main(["--model", savedmodel, "--pairs", pairs, "--out",
-                          str(tmp_path / "out"), "--crop", "none", "--no-progress"])
+    code = register_cli.main(["--model", savedmodel, "--pairs", pairs, "--out",
+                              str(tmp_path / "out"), "--crop", "none", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and expected in err[0], err
     assert not (tmp_path / "out").exists()

@@ -1,5 +1,5 @@
 """Sharded evaluation (evaluate.py --shard/--merge) and sharded teacher-flow extraction
-(python -m aldk_tf.training.teacher_flows --shard/--merge): merged parts equal the unsharded run."""
+(python -m aldk_tf.cli.teacher_flows --shard/--merge): merged parts equal the unsharded run."""
 
 import json
 import os
@@ -10,7 +10,8 @@ import h5py
 import numpy as np
 import pytest
 
-from aldk_tf.training import runs, teacher_flows
+from aldk_tf.cli import teacher_flows as teacher_flows_cli
+from aldk_tf.training import flow_store, runs
 from aldk_tf.training.checkpoints import save_weights_atomic
 from aldk_tf.config import ModelConfig, RunConfig
 from aldk_tf.shards import Shard, ShardError
@@ -144,7 +145,7 @@ def make_teacher_run(folder, dataset):
 
 def read_flows(path):
     with h5py.File(path, "r") as handle:
-        keys = sorted(teacher_flows._complete_keys(handle))
+        keys = sorted(flow_store._complete_keys(handle))
         return {key: handle[key][()] for key in keys}
 
 
@@ -153,21 +154,21 @@ def test_sharded_teacher_flow_extraction_merges_to_the_unsharded_file(dataset, t
     whole = make_teacher_run(tmp_path / "whole", dataset)
     sharded = str(tmp_path / "sharded")
     shutil.copytree(whole, sharded)
-    assert teacher_flows.main(["-c", whole]) == 0, capsys.readouterr().err
+    assert teacher_flows_cli.main(["-c", whole]) == 0, capsys.readouterr().err
     for index in (3, 1, 2):
-        assert teacher_flows.main(["-c", sharded, "--shard", f"{index}/3"]) == 0
+        assert teacher_flows_cli.main(["-c", sharded, "--shard", f"{index}/3"]) == 0
     assert len(read_flows(os.path.join(sharded, "teacher_flows.shard-1-of-3.h5"))) == 2
     capsys.readouterr()
 
     # An incomplete set of parts is refused and leaves the parts in place.
     os.rename(os.path.join(sharded, "teacher_flows.shard-2-of-3.h5"),
               os.path.join(tmp_path, "held-back.h5"))
-    assert teacher_flows.main(["-c", sharded, "--merge"]) == 2
+    assert teacher_flows_cli.main(["-c", sharded, "--merge"]) == 2
     assert "missing 2/3" in capsys.readouterr().err
     os.rename(os.path.join(tmp_path, "held-back.h5"),
               os.path.join(sharded, "teacher_flows.shard-2-of-3.h5"))
 
-    assert teacher_flows.main(["-c", sharded, "--merge"]) == 0, \
+    assert teacher_flows_cli.main(["-c", sharded, "--merge"]) == 0, \
         capsys.readouterr().err
     expected, merged = (read_flows(os.path.join(run, "teacher_flows.h5"))
                         for run in (whole, sharded))

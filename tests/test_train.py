@@ -18,8 +18,8 @@ from aldk_tf.config import ALDKConfig, LossWeights, ModelConfig, RunConfig, Trai
 from aldk_tf.networks.critic import FlowCritic
 from aldk_tf.data import list_pairs, load_dataset_config, load_pair
 from aldk_tf.networks import build_student, build_teacher
-from aldk_tf.training.teacher_flows import (TeacherFlowStore, extract_teacher_flows, flows_path,
-                                   stored_keys)
+from aldk_tf.training.flow_store import TeacherFlowStore, flows_path, stored_keys
+from aldk_tf.training.teacher_flows import extract_teacher_flows
 from aldk_tf.training.run import train
 from aldk_tf.training.trainer import RegistrationTrainer
 
@@ -410,7 +410,7 @@ def test_repeated_teacher_targets_live_in_their_own_file(dataset, tmp_path):
     """--teacher-rep R: the teacher's cascades applied R times with shared weights give
     other targets, stored beside the as-trained ones; a file made with another R is set
     aside, never read as if it were the asked-for setting."""
-    from aldk_tf.training.teacher_flows import flows_path
+    from aldk_tf.training.flow_store import flows_path
     from aldk_tf.training.run import ensure_teacher_flows, load_teacher
     teacher_dir = str(tmp_path / "teacher")
     make_teacher_run(teacher_dir, dataset)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from aldk_tf.deploy import register, warp
+from aldk_tf.cli import register as register_cli
+from aldk_tf.deploy import warp
 
 #: Fixed voxel -> world for ITK/ANTs: the NIfTI (RAS) affine with x and y negated.
 RAS_TO_LPS_4 = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -44,10 +45,10 @@ def pair(demo_dataset_32, tmp_path_factory):
 
 
 def _register(savedmodel, pair, out_dir, space):
-    assert register.main(["--model", savedmodel, "--fixed", pair["fixed"], "--moving",
-                          pair["moving"], "--moving-seg", pair["moving_seg"],
-                          "--out", str(out_dir), "--crop", "none",
-                          "--flow-space", space]) == 0
+    assert register_cli.main(["--model", savedmodel, "--fixed", pair["fixed"], "--moving",
+                              pair["moving"], "--moving-seg", pair["moving_seg"],
+                              "--out", str(out_dir), "--crop", "none",
+                              "--flow-space", space]) == 0
     return out_dir
 
 

@@ -28,7 +28,7 @@ from aldk_tf.data import (VALIDATION_SCHEME, DataError, list_pairs,
                           load_dataset_config, load_pair)
 from aldk_tf.evaluation import EvaluationError, check_image_size
 from aldk_tf.deploy.serving import (TFLITE_VARIANTS, ExportError, prepare_base,
-                             remove_if_new_and_empty)
+                                    remove_if_new_and_empty)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

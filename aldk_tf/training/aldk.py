@@ -36,8 +36,8 @@ import tensorflow as tf
 
 from aldk_tf.losses import critic_loss, distillation_loss, registration_losses
 from aldk_tf.training.trainer import (BuiltTrainer, add_distillation, add_flow_distillation,
-                              average_over_batch, network_inputs, replica_mean,
-                              tracked_terms, unpack)
+                                      average_over_batch, network_inputs, replica_mean,
+                                      tracked_terms, unpack)
 
 ALDK_METRICS = ("loss", "rec", "dis", "critic", "gp", "adversarial")
 

@@ -15,7 +15,7 @@ the step count and the weights are tensors, so changing them does not retrace). 
 state is carried through the loop rather than held in a ``tf.Variable``: a call has no
 state left over from the previous one, and a new batch size or grid needs no new
 variables. Used by the teacher-flow extraction (:mod:`aldk_tf.training.teacher_flows`),
-``evaluate.py --refine`` and ``python -m aldk_tf.deploy.register --refine``.
+``evaluate.py --refine`` and ``python -m aldk_tf.cli.register --refine``.
 """
 
 from __future__ import annotations

@@ -27,9 +27,10 @@ from aldk_tf.config import RunConfig
 from aldk_tf.networks.critic import FlowCritic
 from aldk_tf.training.crd import CrossResolutionDistiller
 from aldk_tf.training.schedules import release_schedule
-from aldk_tf.training.teacher_flows import (TeacherFlowStore, check_flow_shapes,
-                                   extract_teacher_flows, flows_path, missing_pairs,
-                                   provenance, set_aside_if_stale, teacher_rep)
+from aldk_tf.training.flow_store import (TeacherFlowStore, check_flow_shapes, flows_path,
+                                         missing_pairs, provenance, set_aside_if_stale,
+                                         teacher_rep)
+from aldk_tf.training.teacher_flows import extract_teacher_flows
 from aldk_tf.training.trainer import RegistrationTrainer
 
 log = logging.getLogger(__name__)
