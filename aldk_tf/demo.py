@@ -206,7 +206,7 @@ def main(argv=None) -> int:
             models[name] = (model, int(model.count_params()))
         results = evaluate_runs(out, dataset_config, models)
         if not args.no_export:
-            from aldk_tf.deploy.serving import export_model
+            from aldk_tf.deploy.export import export_model
             best = best_student(out, dataset_config, models)
             base = os.path.join(out, "export", best)
             if not os.path.isdir(base) or not os.listdir(base):

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
                         help="replace an existing export in --out")
     args = parser.parse_args(argv)
     from aldk_tf.data import load_dataset_config
-    from aldk_tf.deploy.serving import export_model
+    from aldk_tf.deploy.export import export_model
     try:
         best, validation = best_by_validation(args.study)
         with open(os.path.join(args.study, "study.json")) as handle:

@@ -64,7 +64,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from aldk_tf.deploy import serving  # noqa: E402
+from aldk_tf.deploy import export, serving  # noqa: E402
 
 from aldk_tf import spatial  # noqa: E402
 from aldk_tf.config import atomic_write_text  # noqa: E402
@@ -138,7 +138,7 @@ def parse_row(name: str) -> Row:
 # ----------------------------------------------------------------------------- inputs
 def sample_pair(size: int) -> tuple[np.ndarray, np.ndarray]:
     """A smooth random (fixed, moving) pair ``[1, S, S, S, 1]`` in [0, 1]."""
-    sample = serving.synthetic_sample((size,) * 3, seed=0)
+    sample = export.synthetic_sample((size,) * 3, seed=0)
     return sample["fixed"].astype(np.float32), sample["moving"].astype(np.float32)
 
 

@@ -165,7 +165,7 @@ def main() -> None:
         low = tf.constant(smooth_flow(rng, args.batch, args.size // 2) / 2.0)
         upsampled = {
             "spatial.upsample_flow (XLA, library)": lambda f: spatial.upsample_flow(f, 2),
-            "reference: same ops without XLA": lambda f: 2.0 * spatial._upsample(f, 2)}
+            "reference: same ops without XLA": lambda f: 2.0 * spatial.resolution._upsample(f, 2)}
         print(f"\nflow upsampling {list(low.shape)} -> {args.size}^3 (factor 2)")
         # A random upstream gradient (an input, so that nothing is constant-folded).
         upstream = tf.constant(rng.random(image.shape[:4] + (3,), dtype=np.float32))

@@ -272,7 +272,7 @@ def test_exported_report_names_the_exported_model_and_merge_checks_weights(
 
 
 def test_export_removes_the_folders_of_killed_exports_only(tmp_path):
-    from aldk_tf.deploy import serving
+    from aldk_tf.deploy import export
     dead, running, fresh = (tmp_path / name for name in (".tmp-1-a", ".tmp-2-b", ".tmp-3-c"))
     for folder in (dead, running, fresh):
         folder.mkdir()
@@ -280,9 +280,9 @@ def test_export_removes_the_folders_of_killed_exports_only(tmp_path):
     hour_ago = time.time() - 3600
     for folder in (dead, running):
         os.utime(folder, (hour_ago, hour_ago))
-    held = serving._hold(str(running))            # as an export in progress holds it
+    held = export._hold(str(running))            # as an export in progress holds it
     try:
-        assert serving.remove_abandoned_staging(str(tmp_path)) == [str(dead)]
+        assert export.remove_abandoned_staging(str(tmp_path)) == [str(dead)]
     finally:
         os.close(held)
     assert running.exists() and fresh.exists() and not dead.exists()
@@ -587,8 +587,9 @@ def test_truncated_tflite_is_one_line_not_a_crash(tmp_path):
     content = converter.convert()
     path = tmp_path / "model.tflite"
     path.write_bytes(content[:len(content) // 2])
-    check = ("import sys\nfrom aldk_tf import serving\ntry:\n    serving.tflite_ops(sys.argv[1])"
-             "\nexcept ValueError as error:\n    print(error)\n    sys.exit(2)\n")
+    check = ("import sys\nfrom aldk_tf.deploy import serving\ntry:\n"
+             "    serving.tflite_ops(sys.argv[1])\nexcept ValueError as error:\n"
+             "    print(error)\n    sys.exit(2)\n")
     result = subprocess.run([sys.executable, "-c", check, str(path)], capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
     assert result.returncode == 2, (result.returncode, result.stderr[-500:])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from aldk_tf.deploy import serving
+from aldk_tf.deploy import export, serving
 
 from aldk_tf import spatial
 from aldk_tf.deploy.inference import (graph_ops, inference_graph, registration_function,
@@ -41,7 +41,7 @@ def perturbed(model, seed=0, scale=0.05):
 
 
 def smooth_pair(size=SIZE, seed=0):
-    sample = serving.synthetic_sample(size, seed=seed)
+    sample = export.synthetic_sample(size, seed=seed)
     return sample["fixed"].astype(np.float32), sample["moving"].astype(np.float32)
 
 

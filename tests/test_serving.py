@@ -17,7 +17,7 @@ from aldk_tf import metrics
 
 from aldk_tf.training import runs
 
-from aldk_tf.deploy import serving
+from aldk_tf.deploy import export, serving
 from aldk_tf.data import list_pairs, load_dataset_config, load_pair
 from scripts import load_cli
 
@@ -197,7 +197,7 @@ def test_evaluation_and_savedmodel_warp_labels_identically(tmp_path, rng):
 def test_next_version_and_savedmodel_only_export(student_run_32, exported):
     version, _ = exported
     base = version.parent
-    assert serving.next_version(str(base)) == 2
+    assert export.next_version(str(base)) == 2
     code, out, err = run_cli("export", ["-c", student_run_32, "--out", str(base),
                                         "--tflite", "none"])
     assert code == 0, err
@@ -263,7 +263,7 @@ def test_student_variants_convert_with_parity(rng, n_cascades, factor):
                         resolution_factor=factor).build()
     model.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype)
                        for w in model.get_weights()])
-    sample = serving.synthetic_sample((32, 32, 32))
+    sample = export.synthetic_sample((32, 32, 32))
     reference = model({"fixed": sample["fixed"], "moving": sample["moving"]})["flow"]
     assert np.abs(reference).max() > 0.5
     flatbuffer = serving.convert_tflite(model, "fp32")
@@ -330,7 +330,7 @@ def test_warmup_requests_read_back_as_prediction_logs(exported):
     from tensorflow_serving.apis import prediction_log_pb2
 
     version, _ = exported
-    path = version / serving.WARMUP_PATH
+    path = version / export.WARMUP_PATH
     assert path.is_file()
     logs = [prediction_log_pb2.PredictionLog.FromString(record.numpy())
             for record in tf.data.TFRecordDataset(str(path))]
@@ -349,13 +349,13 @@ def test_warmup_requests_read_back_as_prediction_logs(exported):
         outputs = signature(**tensors)
         assert all(np.isfinite(value.numpy()).all() for value in outputs.values())
     info = json.loads((version / serving.INFO_NAME).read_text())
-    assert info["warmup_requests"] == serving.WARMUP_PATH
+    assert info["warmup_requests"] == export.WARMUP_PATH
 
 
 def test_warmup_requests_are_skipped_with_a_note_without_serving_api(tmp_path,
                                                                      monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_serving.apis", None)   # ImportError
-    sample = serving.synthetic_sample((8, 8, 8))
-    note = serving.write_warmup_requests(str(tmp_path), sample, "m")
+    sample = export.synthetic_sample((8, 8, 8))
+    note = export.write_warmup_requests(str(tmp_path), sample, "m")
     assert note.startswith("skipped: tensorflow-serving-api is not installed")
     assert os.listdir(tmp_path) == []

@@ -6,6 +6,7 @@ import scipy.ndimage as ndimage
 import tensorflow as tf
 
 from aldk_tf import spatial
+from aldk_tf.spatial import sampling
 
 
 def scipy_warp(image, flow, order=1):
@@ -114,12 +115,12 @@ def test_custom_gradient_matches_autodiff_of_plain_ops(rng):
     image = rng.random(shape).astype(np.float32)
     flow = edge_case_flow(rng, shape)
     upstream = rng.standard_normal(shape).astype(np.float32)
-    expected = gradients(spatial._trilinear_forward, image, flow, upstream)
+    expected = gradients(sampling._trilinear_forward, image, flow, upstream)
     for actual, reference in zip(gradients(spatial.warp, image, flow, upstream), expected):
         np.testing.assert_allclose(actual, reference, atol=1e-5)
     # The backward ops also give the same without XLA.
-    plain = spatial._trilinear_backward(tf.constant(image), tf.constant(upstream),
-                                        *spatial._flow_cells(tf.constant(flow)))
+    plain = sampling._trilinear_backward(tf.constant(image), tf.constant(upstream),
+                                         *sampling._flow_cells(tf.constant(flow)))
     for actual, reference in zip(plain, expected):
         np.testing.assert_allclose(actual.numpy(), reference, atol=1e-5)
 
@@ -129,7 +130,7 @@ def test_warp_without_xla_matches_scipy(rng):
     shape = (2, 9, 10, 8, 2)
     image = rng.random(shape).astype(np.float32)
     flow = edge_case_flow(rng, shape)
-    np.testing.assert_allclose(spatial._trilinear_forward(image, flow).numpy(),
+    np.testing.assert_allclose(sampling._trilinear_forward(image, flow).numpy(),
                                scipy_warp(image, flow), atol=1e-5)
 
 
@@ -174,8 +175,8 @@ def test_graph_mode_with_unknown_batch(rng):
         flow = (rng.standard_normal((batch,) + shape + (3,)) * 3).astype(np.float32)
         np.testing.assert_allclose(forward(image, flow).numpy(), scipy_warp(image, flow),
                                    atol=1e-5)
-        upstream = 2 * spatial._trilinear_forward(image, flow)
-        expected = gradients(spatial._trilinear_forward, image, flow, upstream)
+        upstream = 2 * sampling._trilinear_forward(image, flow)
+        expected = gradients(sampling._trilinear_forward, image, flow, upstream)
         for actual, reference in zip(backward(image, flow), expected):
             np.testing.assert_allclose(actual.numpy(), reference, atol=1e-5)
 

@@ -10,7 +10,8 @@
 
 and, from the modules that hold their own small ``main``: ``aldk-warp``
 (:mod:`aldk_tf.deploy.warp`), ``aldk-demo`` (:mod:`aldk_tf.demo`) and ``aldk-report``
-(:mod:`aldk_tf.report`); see ``[project.scripts]`` in pyproject.toml. Each ``main(argv=None)`` returns the exit status
-(0, or 2 after a one-line ``error: ...``). Importing this package imports no TensorFlow:
-``aldk-train`` must choose its devices before TensorFlow starts.
+(:mod:`aldk_tf.report`); see ``[project.scripts]`` in pyproject.toml. Each
+``main(argv=None)`` returns the exit status (0, or 2 after a one-line ``error: ...``).
+Importing this package imports no TensorFlow: ``aldk-train`` must choose its devices
+before TensorFlow starts.
 """

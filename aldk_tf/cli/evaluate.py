@@ -44,7 +44,8 @@ from aldk_tf.evaluation import (EvaluationError, write_json_report, write_label_
                                 write_rcn_report)
 from aldk_tf.training.refine import add_arguments as add_refine_arguments
 from aldk_tf.training.refine import check_arguments as check_refine_arguments
-from aldk_tf.deploy.serving import ExportError, prepare_base, remove_if_new_and_empty
+from aldk_tf.deploy.export import prepare_base, remove_if_new_and_empty
+from aldk_tf.deploy.serving import ExportError
 from aldk_tf.shards import Shard, ShardError, find_parts, split_name
 
 

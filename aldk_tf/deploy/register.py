@@ -61,7 +61,8 @@ from aldk_tf.data import DataError, preprocess  # noqa: E402
 from aldk_tf.deploy import warp  # noqa: E402
 from aldk_tf.deploy.preparation import (RegisterError, check_prepared,  # noqa: E402
                                         resolve_preprocessing, scan_crop)
-from aldk_tf.deploy.serving import INFO_NAME, SERVING_SIGNATURE, make_readable  # noqa: E402
+from aldk_tf.deploy.export import make_readable  # noqa: E402
+from aldk_tf.deploy.serving import INFO_NAME, SERVING_SIGNATURE  # noqa: E402
 from aldk_tf.training.refine import DEFAULT_LEARNING_RATE  # noqa: E402
 from aldk_tf.training.refine import check_arguments as check_refine_arguments  # noqa: E402
 
