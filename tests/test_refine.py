@@ -190,7 +190,7 @@ def test_extraction_stores_refined_flows_and_their_dice(teacher_run, blobs, tmp_
     inputs = {"fixed": pair["fixed"][None], "moving": pair["moving"][None]}
     raw = teacher.registration_model()(inputs)["flow"]
     expected, _ = refine_flow(inputs["fixed"], inputs["moving"], raw, 5)
-    store = teacher_flows.TeacherFlowStore(path)
+    store = flow_store.TeacherFlowStore(path)
     assert store.setting["refine_steps"] == 5
     np.testing.assert_allclose(store.read(*pairs[2]), expected.numpy()[0], atol=2e-2)
     store.close()
@@ -220,7 +220,7 @@ def test_extraction_stores_refined_flows_and_their_dice(teacher_run, blobs, tmp_
 
 def test_extraction_cli_refine_reports_and_refuses_a_mismatch(teacher_run, capsys):
     assert teacher_flows_cli.main(["-c", teacher_run, "--refine", "10",
-                               "--refine-lr", "0.2"]) == 0, capsys.readouterr().err
+                                   "--refine-lr", "0.2"]) == 0, capsys.readouterr().err
     lines = capsys.readouterr().out.strip().splitlines()
     assert any(line.startswith("6 flows extracted") for line in lines), lines
     report = json.loads(lines[-1])
@@ -240,8 +240,8 @@ def test_extraction_cli_refine_reports_and_refuses_a_mismatch(teacher_run, capsy
     assert teacher_flows_cli.main(["-c", teacher_run, "--refine", "0"]) == 0
     capsys.readouterr()
     raw = flow_store.flows_path(teacher_run)
-    assert teacher_flows.TeacherFlowStore(raw).setting == {"refine_steps": 0}
-    assert teacher_flows.TeacherFlowStore(path).setting["refine_steps"] == 10
+    assert flow_store.TeacherFlowStore(raw).setting == {"refine_steps": 0}
+    assert flow_store.TeacherFlowStore(path).setting["refine_steps"] == 10
     assert teacher_flows_cli.main(["-c", teacher_run, "--refine", "-1"]) == 2
     assert "--refine: expected an integer >= 0" in capsys.readouterr().err
     os.remove(path)
@@ -251,7 +251,7 @@ def test_extraction_cli_refine_reports_and_refuses_a_mismatch(teacher_run, capsy
 def test_merge_takes_only_parts_of_its_setting(teacher_run, capsys):
     assert teacher_flows_cli.main(["-c", teacher_run, "--shard", "1/2"]) == 0
     assert teacher_flows_cli.main(["-c", teacher_run, "--shard", "2/2",
-                               "--refine", "2"]) == 0
+                                   "--refine", "2"]) == 0
     capsys.readouterr()
     # The refined part has its own name: the raw merge is missing its part 2/2.
     assert teacher_flows_cli.main(["-c", teacher_run, "--merge"]) == 2

@@ -8,11 +8,10 @@ import pytest
 import tensorflow as tf
 
 from aldk_tf import metrics, spatial
-
 from aldk_tf.cli import register as register_cli
-from aldk_tf.deploy import register
 from aldk_tf.data import load_dataset_config, read_dataset
 from aldk_tf.data.preprocess import preprocess_scan
+from aldk_tf.deploy import register
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from aldk_tf.cli import register as register_cli
-from aldk_tf.deploy import register
 from aldk_tf.data import load_dataset_config, read_dataset
+from aldk_tf.deploy import register
 
 
 @pytest.fixture(scope="module")
