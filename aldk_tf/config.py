@@ -123,6 +123,15 @@ class RunConfig:
     #: :func:`aldk_tf.training.runs.check_settings`).
     history: list = field(default_factory=list)
 
+    def check_teacher(self) -> None:
+        """ValueError unless every distillation term that needs a teacher names one."""
+        for flag, used, teacher in (
+                ("--aldk", self.aldk.enabled, self.aldk.teacher),
+                ("--flow-distill", self.aldk.flow_weight > 0, self.aldk.teacher),
+                ("--crd", self.crd.enabled, self.crd.teacher)):
+            if used and not teacher:
+                raise ValueError(f"{flag} needs --teacher weights/<teacher run>")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -191,6 +200,7 @@ def _section(cls, data, name: str):
 def atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         with os.fdopen(handle, "w") as out:

@@ -9,9 +9,10 @@ import tensorflow as tf
 
 from aldk_tf import metrics, spatial
 from aldk_tf.cli import register as register_cli
-from aldk_tf.data import load_dataset_config, read_dataset
 from aldk_tf.data.preprocess import preprocess_scan
 from aldk_tf.deploy import register
+
+from demo_nifti import demo_scans, write_pair
 
 
 @pytest.fixture(scope="module")
@@ -22,20 +23,12 @@ def savedmodel(savedmodel_32):
 @pytest.fixture(scope="module")
 def nifti_pair(demo_dataset_32, tmp_path_factory):
     """Two demo test subjects as NIfTI; the moving one with its own (shifted) affine."""
-    dataset = load_dataset_config(demo_dataset_32)
-    scans = read_dataset(dataset.resolve_file("demo"))
-    fixed_scan, moving_scan = scans["subject_04"], scans["subject_05"]
-    folder = tmp_path_factory.mktemp("nifti")
-    fixed_affine = fixed_scan["attrs"]["affine"]
+    scans = demo_scans(demo_dataset_32)
+    fixed_affine = scans["subject_04"]["attrs"]["affine"]
     moving_affine = fixed_affine.copy()
     moving_affine[:3, 3] += [12.0, -7.0, 3.0]
-    paths = {}
-    for name, data, affine in (("fixed", fixed_scan["volume"], fixed_affine),
-                               ("moving", moving_scan["volume"], moving_affine),
-                               ("moving_seg", moving_scan["segmentation"], moving_affine)):
-        paths[name] = str(folder / f"{name}.nii.gz")
-        nib.save(nib.Nifti1Image(data, affine), paths[name])
-    return paths
+    return write_pair(tmp_path_factory.mktemp("nifti"), scans["subject_04"],
+                      scans["subject_05"], fixed_affine, moving_affine)
 
 
 def run(savedmodel, pair, out_dir, *extra):

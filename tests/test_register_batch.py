@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from aldk_tf.cli import register as register_cli
-from aldk_tf.data import load_dataset_config, read_dataset
 from aldk_tf.deploy import register
+
+from demo_nifti import demo_scans, save_nifti
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +21,13 @@ def savedmodel(savedmodel_32):
 @pytest.fixture(scope="module")
 def scans(demo_dataset_32, tmp_path_factory):
     """Three demo subjects as NIfTI (+ labels) and an empty scan, in one folder."""
-    dataset = load_dataset_config(demo_dataset_32)
-    stored = read_dataset(dataset.resolve_file("demo"))
+    stored = demo_scans(demo_dataset_32)
     folder = tmp_path_factory.mktemp("scans")
     for subject in ("subject_03", "subject_04", "subject_05"):
         affine = stored[subject]["attrs"]["affine"]
-        nib.save(nib.Nifti1Image(stored[subject]["volume"], affine),
-                 folder / f"{subject}.nii.gz")
-        nib.save(nib.Nifti1Image(stored[subject]["segmentation"], affine),
-                 folder / f"{subject}_seg.nii.gz")
-    nib.save(nib.Nifti1Image(np.zeros((32, 32, 32), np.uint8), np.eye(4)),
-             folder / "empty.nii.gz")
+        save_nifti(folder / f"{subject}.nii.gz", stored[subject]["volume"], affine)
+        save_nifti(folder / f"{subject}_seg.nii.gz", stored[subject]["segmentation"], affine)
+    save_nifti(folder / "empty.nii.gz", np.zeros((32, 32, 32), np.uint8), np.eye(4))
     return folder
 
 

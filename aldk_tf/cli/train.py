@@ -274,15 +274,13 @@ def build_config(args):
                        ("--crd", args.crd)):
         if used and role != "student":
             raise ValueError(f"{flag} applies to the student (-b LDR)")
-        if used and not args.teacher:
-            raise ValueError(f"{flag} needs --teacher weights/<teacher run>")
     if not 0.0 <= args.clip_norm < float("inf"):
         raise ValueError(f"--clip-norm: expected a finite value >= 0, got {args.clip_norm}")
     if args.refine_targets < 0:
         raise ValueError(f"--refine-targets: expected N >= 0, got {args.refine_targets}")
     factor = args.resolution_factor or (2 if args.crd else 1)
     teacher = os.path.abspath(args.teacher) if args.teacher else None
-    return RunConfig(
+    config = RunConfig(
         dataset=os.path.abspath(args.dataset),
         preprocessing=dataset_config.extra.get("preprocessing"),
         model=ModelConfig(role=role, base=network, n_cascades=args.n_cascades,
@@ -308,6 +306,8 @@ def build_config(args):
                       feature_weight=args.crd_feature_weight, gate=args.crd_gate,
                       anneal_steps=args.crd_anneal,
                       teacher=teacher, teacher_rep=args.teacher_rep))
+    config.check_teacher()
+    return config
 
 
 def resumed_config(run_dir: str, stored, argv, override: bool):

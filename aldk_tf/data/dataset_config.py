@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .hdf5 import ScanStore, check_scan, write_text_atomic
+from aldk_tf.config import atomic_write_text
+
+from .hdf5 import ScanStore, check_scan
 
 TRAINING_SCHEME = "1"
 VALIDATION_SCHEME = "2"
@@ -217,7 +219,7 @@ class DatasetConfig:
         if path is None:
             raise DataError("<dataset config>: no path to save to")
         self.check_structure()
-        write_text_atomic(path, json.dumps(self.to_json(), indent=2) + "\n")
+        atomic_write_text(str(path), json.dumps(self.to_json(), indent=2) + "\n")
         self.path = path
         return path
 

@@ -39,12 +39,11 @@ import numpy as np
 import tensorflow as tf
 
 from aldk_tf import spatial
-from aldk_tf.deploy.inference import inference_graph
+from aldk_tf.deploy.inference import inference_graph, model_image_size
 from aldk_tf.deploy.serving import (INFO_NAME, SERVING_SIGNATURE, TFLITE_DIR,
                                     TFLITE_VARIANTS, WARP_SIGNATURE, ExportError,
-                                    convert_tflite, model_image_size, parity_report,
-                                    registration_graph, save_savedmodel,
-                                    savedmodel_runner, tflite_runner)
+                                    convert_tflite, parity_report, registration_graph,
+                                    save_savedmodel, savedmodel_runner, tflite_runner)
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +58,18 @@ def next_version(base: str) -> int:
     return max(versions, default=0) + 1
 
 
+def make_writable_folder(folder: str) -> None:
+    """Create ``folder`` (and its parents) and check that a file can be written in it;
+    OSError if not."""
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
 def prepare_base(base: str) -> None:
     """Create ``base`` and check that a file can be written in it (ExportError if not)."""
     try:
-        os.makedirs(base, exist_ok=True)
-        with tempfile.TemporaryFile(dir=base):
-            pass
+        make_writable_folder(base)
     except OSError as error:
         raise ExportError(f"{base}: output directory not writable "
                           f"({error.strerror or error})") from None

@@ -61,7 +61,7 @@ from aldk_tf.data import DataError, preprocess  # noqa: E402
 from aldk_tf.deploy import warp  # noqa: E402
 from aldk_tf.deploy.preparation import (RegisterError, check_prepared,  # noqa: E402
                                         resolve_preprocessing, scan_crop)
-from aldk_tf.deploy.export import make_readable  # noqa: E402
+from aldk_tf.deploy.export import make_readable, make_writable_folder  # noqa: E402
 from aldk_tf.deploy.serving import INFO_NAME, SERVING_SIGNATURE  # noqa: E402
 from aldk_tf.training.refine import DEFAULT_LEARNING_RATE  # noqa: E402
 from aldk_tf.training.refine import check_arguments as check_refine_arguments  # noqa: E402
@@ -148,11 +148,9 @@ def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
         raise RegisterError(f"{out_dir}: output folder exists and is not empty; pass "
                             "--overwrite to replace it (its files are removed)")
     try:
-        os.makedirs(parent, exist_ok=True)
+        make_writable_folder(parent)
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise NotADirectoryError(20, "exists and is not a directory")
-        with tempfile.TemporaryFile(dir=parent):
-            pass
     except OSError as error:
         raise RegisterError(f"{out_dir}: output directory not writable "
                             f"({error.strerror or error})") from None

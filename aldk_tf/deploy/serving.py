@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from aldk_tf import metrics, spatial
+from aldk_tf.deploy.inference import model_image_size
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +45,6 @@ def registration_graph(model) -> keras.Model:
     if hasattr(model, "registration_model"):
         return model.registration_model()
     return model
-
-
-def model_image_size(model) -> tuple[int, int, int]:
-    shape = model.input["fixed"].shape if isinstance(model.input, dict) else \
-        model.input[0].shape
-    return tuple(int(n) for n in shape[1:4])
 
 
 class RegistrationModule(tf.Module):

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from aldk_tf.data import TRAINING_SCHEME, VALIDATION_SCHEME
 from aldk_tf.training import distribute, runs
 
 from aldk_tf import metrics
@@ -35,8 +36,6 @@ from aldk_tf.training.trainer import RegistrationTrainer
 
 log = logging.getLogger(__name__)
 
-TRAINING_SCHEME = "1"
-VALIDATION_SCHEME = "2"
 #: What the trainers read from a training batch.
 TRAINING_KEYS = ("fixed", "moving", "teacher_flow")
 
@@ -280,11 +279,7 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
             f"{config.dataset}: image_size {tuple(dataset_config.image_size)} differs "
             f"from the model's {tuple(config.model.image_size)}")
     teacher = None
-    for name, part in (("--aldk", config.aldk), ("--crd", config.crd)):
-        if part.enabled and not part.teacher:
-            raise runs.RunError(f"{name} needs --teacher weights/<teacher run>")
-    if config.aldk.flow_weight > 0 and not config.aldk.teacher:
-        raise runs.RunError("--flow-distill needs --teacher weights/<teacher run>")
+    config.check_teacher()
     distilling = config.aldk.enabled or config.aldk.flow_weight > 0
     teacher_run, rep = ((config.aldk.teacher, config.aldk.teacher_rep) if distilling
                         else (config.crd.teacher, config.crd.teacher_rep))
