@@ -31,7 +31,7 @@ class ModelConfig:
     channels: int = 16
     student_variant: str = "seed"         # "seed" | "release"
     image_size: tuple[int, int, int] = (128, 128, 128)
-    resolution_factor: int = 1            # > 1: cross-resolution student (seed 002)
+    resolution_factor: int = 1            # > 1: cross-resolution student (CRD)
     matrix_gain: float = 0.1              # affine W = head output x this (networks.affine;
                                           # runs saved before it existed: 1.0)
 
@@ -55,7 +55,7 @@ class LossWeights:
 
 @dataclass
 class ALDKConfig:
-    """Distillation from a teacher's flows: adversarial (ALDK, seed 001, Algorithm 1, when
+    """Distillation from a teacher's flows: adversarial (ALDK, the paper's Algorithm 1, when
     ``enabled``) and/or a plain flow term (``flow_weight``)."""
     enabled: bool = False
     beta: float = 0.1                     # phi_hat = beta * teacher + (1 - beta) * student
@@ -79,7 +79,7 @@ class ALDKConfig:
 
 @dataclass
 class CRDConfig:
-    """Cross-resolution distillation (seed 002); the factor is ModelConfig's."""
+    """Cross-resolution distillation (CRD); the factor is ModelConfig's."""
     enabled: bool = False
     flow_weight: float = 0.1
     feature_weight: float = 0.05

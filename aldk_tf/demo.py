@@ -149,8 +149,8 @@ def best_student(out: str, dataset_config, models: dict) -> str:
 
 
 def format_table(results: dict, size: int) -> str:
-    lines = [f"Demo results on the test subjects ({size}^3, CPU time per pair on this "
-             f"machine, batch 1):",
+    lines = [f"Demo results on the test subjects ({size}^3, wall-clock time per pair on "
+             f"this machine's CPU, batch 1):",
              f"{'method':34s} {'Dice':>14s} {'Jacc':>7s} {'fold %':>7s} {'ms/pair':>8s} "
              f"{'params':>11s}"]
     for method in METHODS:

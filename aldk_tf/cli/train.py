@@ -128,7 +128,7 @@ def make_parser() -> argparse.ArgumentParser:
                       help="adversarial term only before this step")
     aldk.add_argument("--critic-period", "--critic_period", type=int, default=3,
                       help="critic update on every k-th step (before --adv-until)")
-    crd = parser.add_argument_group("cross-resolution student (seed 002)")
+    crd = parser.add_argument_group("cross-resolution student (CRD)")
     crd.add_argument("--crd", action="store_true",
                      help="distil a low-resolution student from the full-resolution "
                           "--teacher (flow + feature-shifted-teacher feature terms)")

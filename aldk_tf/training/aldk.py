@@ -1,4 +1,4 @@
-"""ALDK: adversarial learning with distilled knowledge (seed 001, parts 2 and 3).
+"""ALDK: adversarial learning with distilled knowledge (the ALDK paper, parts 2 and 3).
 
 One Keras model holds the student, the critic and (optionally) the frozen teacher; its
 ``train_step`` makes, on the schedule of Algorithm 1,
