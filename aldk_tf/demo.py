@@ -110,7 +110,8 @@ class Identity:
 
 def evaluate_runs(out: str, dataset_config, models: dict) -> dict:
     from aldk_tf.data import list_pairs
-    from aldk_tf.evaluation import evaluate_pairs, write_json_report, write_rcn_report
+    from aldk_tf.evaluation import evaluate_pairs
+    from aldk_tf.reports import write_json_report, write_rcn_report
     pairs = list_pairs(dataset_config, "test")
     results = {}
     os.makedirs(os.path.join(out, "evaluate"), exist_ok=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aldk_tf import evaluation, metrics
+from aldk_tf import evaluation, metrics, reports
 
 from aldk_tf.training import runs
 from aldk_tf.data import list_pairs, load_dataset_config, load_pair
@@ -71,7 +71,7 @@ def test_rcn_report_format(tmp_path):
     records = [record("a/1", "a/2", 0.5, 0.25, 2.0, 0.1),
                record("a/2", "a/1", 0.75, 0.5, float("nan"), 0.3)]
     path = tmp_path / "run.txt"
-    evaluation.write_rcn_report(path, records)
+    reports.write_rcn_report(path, records)
     lines = path.read_text().splitlines()
     assert lines[:3] == ["a/1 a/2 0.5 0.25 2.0 0.1", "a/2 a/1 0.75 0.5 nan 0.3", "Summary"]
     assert lines[3] == f"Dice score: {np.mean([0.5, 0.75])} ({np.std([0.5, 0.75])})"
@@ -79,7 +79,7 @@ def test_rcn_report_format(tmp_path):
     assert lines[5] == "Landmark distance: 2.0 (0.0)"           # NaN left out
     assert lines[6] == f"Jacobian determinant: {np.mean([0.1, 0.3])} ({np.std([0.1, 0.3])})"
     assert len(lines) == 7
-    summary = evaluation.read_rcn_summary(path)
+    summary = reports.read_rcn_summary(path)
     assert summary["Dice score"] == pytest.approx((0.625, 0.125))
     assert list(tmp_path.iterdir()) == [path]                   # no temporary left over
 
@@ -95,7 +95,7 @@ def test_cli_writes_reports_that_match_the_library(run_and_data, student_run_32,
     _, summary = evaluation.evaluate_pairs(model, dataset, list_pairs(dataset, "demo-test"),
                                            1, dataset.label_values, progress=False)
     text = out / "student32-demo-test.txt"
-    reported = evaluation.read_rcn_summary(text)
+    reported = reports.read_rcn_summary(text)
     assert reported["Dice score"][0] == pytest.approx(summary["dice"]["mean"], abs=1e-6)
     assert reported["Jacobian determinant"][0] == pytest.approx(
         summary["jacobian_det_std"]["mean"], abs=1e-5)
@@ -165,7 +165,7 @@ def test_cli_errors_are_one_line_and_leave_nothing(case, expected, student_run_3
 
 def test_summary_ignores_missing_landmarks():
     records = [record("a", "b", 0.5, 0.3, float("nan"), 0.1)]
-    summary = evaluation.summarise(records)
+    summary = reports.summarise(records)
     assert math.isnan(summary["landmark_distance"]["mean"])
     assert summary["dice"] == {"mean": 0.5, "std": 0.0}
     assert os.path.basename(load_cli("evaluate").report_stem("weights/run/", None, None)) \
@@ -195,10 +195,10 @@ def test_cli_exported_model_alone_writes_rcn_report_and_label_csv(
     dataset = load_dataset_config(demo_dataset_32)
     pairs = list_pairs(dataset, "test")
     assert len(text) == len(pairs) + 5 and text[len(pairs)] == "Summary"
-    summary = evaluation.read_rcn_summary(f"{stem}.txt")
+    summary = reports.read_rcn_summary(f"{stem}.txt")
     with open(f"{stem}.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert tuple(rows[0]) == evaluation.CSV_COLUMNS
+    assert tuple(rows[0]) == reports.CSV_COLUMNS
     labels = ["CSF", "GM", "WM"]
     assert len(rows) == 2 * len(pairs) * len(labels)
     assert [row["stage"] for row in rows[:6]] == ["before"] * 3 + ["after"] * 3

@@ -12,7 +12,7 @@ import pytest
 import scipy.ndimage as ndimage
 import tensorflow as tf
 
-from aldk_tf import evaluation, losses, metrics, spatial
+from aldk_tf import evaluation, losses, metrics, reports, spatial
 
 from aldk_tf.cli import teacher_flows as teacher_flows_cli
 from aldk_tf.training import flow_store, runs, teacher_flows
@@ -291,7 +291,7 @@ def test_evaluate_refine_scores_the_refined_flow(student_run_32, demo_dataset_32
                                                      "student32-refine4-demo-test.txt"]
     document = json.loads((out / "student32-refine4-demo-test.json").read_text())
     assert document["refine_steps"] == 4
-    reported = evaluation.read_rcn_summary(out / "student32-refine4-demo-test.txt")
+    reported = reports.read_rcn_summary(out / "student32-refine4-demo-test.txt")
     assert reported["Dice score"][0] == pytest.approx(
         np.mean([r["dice"] for r in records]), abs=2e-3)
     assert load_cli("evaluate").main(["-c", student_run_32, "--refine", "-2",

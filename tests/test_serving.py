@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from aldk_tf import metrics
+from aldk_tf import metrics, reports
 
 from aldk_tf.training import runs
 
@@ -273,7 +273,6 @@ def test_student_variants_convert_with_parity(rng, n_cascades, factor):
 
 def test_evaluate_exported_tflite_reproduces_the_keras_dice(exported, student_run_32,
                                                             tmp_path):
-    from aldk_tf import evaluation
     version, _ = exported
     args = ["-c", student_run_32, "-v", "demo-test", "--out", str(tmp_path),
             "--no-progress"]
@@ -281,8 +280,8 @@ def test_evaluate_exported_tflite_reproduces_the_keras_dice(exported, student_ru
     lite = str(version / "tflite" / "model_fp32.tflite")
     code, _, err = run_cli("evaluate", [*args, "--exported", lite])
     assert code == 0, err
-    keras_dice = evaluation.read_rcn_summary(tmp_path / "student32-demo-test.txt")
-    lite_dice = evaluation.read_rcn_summary(tmp_path /
+    keras_dice = reports.read_rcn_summary(tmp_path / "student32-demo-test.txt")
+    lite_dice = reports.read_rcn_summary(tmp_path /
                                             "student32-model_fp32-demo-test.txt")
     assert lite_dice["Dice score"][0] == pytest.approx(keras_dice["Dice score"][0],
                                                        abs=1e-6)

@@ -40,8 +40,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from aldk_tf.training import runs
 from aldk_tf.config import MAX_REP
 from aldk_tf.data import VALIDATION_SCHEME, DataError, load_dataset_config
-from aldk_tf.evaluation import (EvaluationError, write_json_report, write_label_csv,
-                                write_rcn_report)
+from aldk_tf.evaluation import EvaluationError
+from aldk_tf.reports import write_json_report, write_label_csv, write_rcn_report
 from aldk_tf.training.refine import add_arguments as add_refine_arguments
 from aldk_tf.training.refine import check_arguments as check_refine_arguments
 from aldk_tf.deploy.export import prepare_base, remove_if_new_and_empty
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
 
 def _merge(args, parts_by_subset: dict) -> int:
     """Write the unsharded report of each set of parts (named, or found by report name)."""
-    from aldk_tf.evaluation import merge_json_reports, summarise
+    from aldk_tf.reports import merge_json_reports, summarise
     groups: dict[str, list[str]] = {}
     for subset, parts in parts_by_subset.items():
         if not parts:
@@ -276,7 +276,7 @@ def _merge(args, parts_by_subset: dict) -> int:
 
 def _check_same_weights(parts: list[str]) -> None:
     """EvaluationError unless every part was evaluated with the same weights."""
-    from aldk_tf.evaluation import read_json_report
+    from aldk_tf.reports import read_json_report
     first = read_json_report(parts[0]).get("weights_sha256")
     for path in parts[1:]:
         other = read_json_report(path).get("weights_sha256")
@@ -307,7 +307,8 @@ def _summary_line(summary: dict) -> str:
 
 def _evaluate(args, run_config, info, dataset, subsets, shard=None) -> int:
     from aldk_tf.data import list_pairs
-    from aldk_tf.evaluation import evaluate_pairs, shard_metadata, summarise
+    from aldk_tf.evaluation import evaluate_pairs
+    from aldk_tf.reports import shard_metadata, summarise
 
     refined = ({"refine_steps": args.refine, "refine_learning_rate": args.refine_lr}
                if args.refine else {})
