@@ -31,7 +31,7 @@ class ModelConfig:
     channels: int = 16
     student_variant: str = "seed"         # "seed" | "release"
     image_size: tuple[int, int, int] = (128, 128, 128)
-    resolution_factor: int = 1            # > 1: cross-resolution student (seed 002)
+    resolution_factor: int = 1            # > 1: cross-resolution student (CRD)
     matrix_gain: float = 0.1              # affine W = head output x this (networks.affine;
                                           # runs saved before it existed: 1.0)
 
@@ -55,7 +55,7 @@ class LossWeights:
 
 @dataclass
 class ALDKConfig:
-    """Distillation from a teacher's flows: adversarial (ALDK, seed 001, Algorithm 1, when
+    """Distillation from a teacher's flows: adversarial (ALDK, the paper's Algorithm 1, when
     ``enabled``) and/or a plain flow term (``flow_weight``)."""
     enabled: bool = False
     beta: float = 0.1                     # phi_hat = beta * teacher + (1 - beta) * student
@@ -79,7 +79,7 @@ class ALDKConfig:
 
 @dataclass
 class CRDConfig:
-    """Cross-resolution distillation (seed 002); the factor is ModelConfig's."""
+    """Cross-resolution distillation (CRD); the factor is ModelConfig's."""
     enabled: bool = False
     flow_weight: float = 0.1
     feature_weight: float = 0.05
@@ -119,8 +119,18 @@ class RunConfig:
     # register prepares new scans the same way; None when the data did not record them.
     preprocessing: dict | None = None
     #: Settings changed on resume, oldest first: ``{"at_step", "changes": {setting:
-    #: [old, new]}, "override"}`` (``train.py -c``; see :func:`aldk_tf.runs.check_settings`).
+    #: [old, new]}, "override"}`` (``train.py -c``; see
+    #: :func:`aldk_tf.training.runs.check_settings`).
     history: list = field(default_factory=list)
+
+    def check_teacher(self) -> None:
+        """ValueError unless every distillation term that needs a teacher names one."""
+        for flag, used, teacher in (
+                ("--aldk", self.aldk.enabled, self.aldk.teacher),
+                ("--flow-distill", self.aldk.flow_weight > 0, self.aldk.teacher),
+                ("--crd", self.crd.enabled, self.crd.teacher)):
+            if used and not teacher:
+                raise ValueError(f"{flag} needs --teacher weights/<teacher run>")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -192,6 +202,7 @@ def atomic_write_text(path: str, text: str) -> None:
     (a full disk, a read-only folder) names ``path`` and leaves it as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
+        os.makedirs(folder, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     except OSError as error:
         raise OSError(f"{path}: cannot write ({error.strerror or error})") from None

@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from aldk_tf import runs  # noqa: E402
+from aldk_tf.training import runs  # noqa: E402
 from aldk_tf.config import (ALDKConfig, CRDConfig, ModelConfig, RunConfig,  # noqa: E402
                             TrainConfig, atomic_write_text)
 
@@ -110,7 +110,8 @@ class Identity:
 
 def evaluate_runs(out: str, dataset_config, models: dict) -> dict:
     from aldk_tf.data import list_pairs
-    from aldk_tf.evaluation import evaluate_pairs, write_json_report, write_rcn_report
+    from aldk_tf.evaluation import evaluate_pairs
+    from aldk_tf.reports import write_json_report, write_rcn_report
     pairs = list_pairs(dataset_config, "test")
     results = {}
     os.makedirs(os.path.join(out, "evaluate"), exist_ok=True)
@@ -149,8 +150,8 @@ def best_student(out: str, dataset_config, models: dict) -> str:
 
 
 def format_table(results: dict, size: int) -> str:
-    lines = [f"Demo results on the test subjects ({size}^3, CPU time per pair on this "
-             f"machine, batch 1):",
+    lines = [f"Demo results on the test subjects ({size}^3, wall-clock time per pair on "
+             f"this machine's CPU, batch 1):",
              f"{'method':34s} {'Dice':>14s} {'Jacc':>7s} {'fold %':>7s} {'ms/pair':>8s} "
              f"{'params':>11s}"]
     for method in METHODS:
@@ -170,16 +171,16 @@ def try_it(out: str, dataset: str, export_base: str) -> str:
     scans = write_nifti_subjects(dataset, os.path.join(out, "scans"))
     fixed, _, moving, moving_seg = (str(path) for path in scans)
     return ("try the exported student on two test subjects:\n"
-            f"  python -m aldk_tf.register --model {export_base} --fixed {fixed} "
+            f"  python -m aldk_tf.cli.register --model {export_base} --fixed {fixed} "
             f"--moving {moving} --moving-seg {moving_seg} "
-            f"--out-dir {os.path.join(out, 'registered')}")
+            f"--out {os.path.join(out, 'registered')}")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from aldk_tf.data import DataError, load_dataset_config
     from aldk_tf.data.demo_set import build_demo
-    from aldk_tf.train_run import train
+    from aldk_tf.training.run import train
     started = time.perf_counter()
     out = os.path.abspath(args.out)
     data_dir = os.path.join(out, "data")
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
             models[name] = (model, int(model.count_params()))
         results = evaluate_runs(out, dataset_config, models)
         if not args.no_export:
-            from aldk_tf.serving import export_model
+            from aldk_tf.deploy.export import export_model
             best = best_student(out, dataset_config, models)
             base = os.path.join(out, "export", best)
             if not os.path.isdir(base) or not os.listdir(base):

@@ -1,7 +1,7 @@
 """Loss functions. Each returns one value per sample (``[B]``); callers reduce.
 
 Similarity and regularisers follow the RCN/VTN release; the WGAN-GP pieces follow the
-ALDK paper (seed 001) and Gulrajani et al.
+ALDK paper and Gulrajani et al.
 """
 
 from __future__ import annotations

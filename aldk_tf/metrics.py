@@ -2,9 +2,10 @@
 
 Segmentations are compared as boolean masks, one per label: a binary 0/255 mask
 (liver; ``label_values=None``, threshold > 128) or one mask per value listed in the
-dataset's ``segmentation_class_value`` (brain). The moving segmentation is warped with
-the library's trilinear warp as per-label masks x 255, thresholded at 128, like the
-original evaluation.
+dataset's ``segmentation_class_value`` (brain). The moving segmentation is warped by
+:func:`aldk_tf.spatial.warp_labels` (rule ``"threshold"``: per-label masks x 255 warped
+trilinearly, thresholded at 128, like the original evaluation; the SavedModel's
+``warp_segmentation`` signature calls the same function).
 
 Surface distances (:func:`surface_distances`): the surface of a mask is its voxels with a
 6-neighbour outside the mask (or outside the volume); distances between surfaces are
@@ -22,7 +23,7 @@ from scipy import ndimage
 
 from aldk_tf import spatial
 
-MASK_THRESHOLD = 128.0
+MASK_THRESHOLD = spatial.MASK_THRESHOLD
 
 
 def segmentation_masks(segmentation, label_values=None) -> np.ndarray:
@@ -34,10 +35,15 @@ def segmentation_masks(segmentation, label_values=None) -> np.ndarray:
 
 
 def warp_segmentation(segmentation, flow, label_values=None) -> np.ndarray:
-    """Warp a label map by ``flow``; boolean masks ``[B, D, H, W, L]``."""
-    masks = segmentation_masks(segmentation, label_values).astype(np.float32) * 255.0
-    warped = spatial.warp(tf.constant(masks), flow).numpy()
-    return warped > MASK_THRESHOLD
+    """Warp a label map by ``flow``; boolean masks ``[B, D, H, W, L]``.
+
+    Without ``label_values`` the segmentation is a binary mask (> 128) warped as 0/255.
+    """
+    segmentation = np.asarray(segmentation, np.float32)
+    if label_values is None:
+        segmentation = np.where(segmentation > MASK_THRESHOLD, 255.0, 0.0).astype(np.float32)
+    warped = spatial.warp_labels(segmentation, flow, "threshold", label_values)
+    return segmentation_masks(warped.numpy(), label_values)
 
 
 def dice(masks_a, masks_b) -> np.ndarray:
@@ -109,8 +115,8 @@ def surface_metrics(masks_a, masks_b, spacing=None) -> dict[str, np.ndarray]:
 
 def sample_flow(flow, points) -> np.ndarray:
     """Trilinear sample of one flow ``[D, H, W, 3]`` at voxel ``points`` ``[P, 3]``."""
-    values = spatial.sample_points(tf.constant(flow, tf.float32)[None],
-                                   tf.constant(points, tf.float32)[None])
+    values = spatial.sample(tf.constant(flow, tf.float32)[None],
+                            tf.constant(points, tf.float32)[None])
     return values.numpy()[0]
 
 

@@ -8,7 +8,7 @@ own warping and metrics):
 
 - ``keras``: the Keras graph unchanged (``subpixel=False``, float32), as ``evaluate.py``
   runs it;
-- ``float32``: :func:`aldk_tf.inference.registration_function` (fixed signature,
+- ``float32``: :func:`aldk_tf.deploy.inference.registration_function` (fixed signature,
   sub-pixel flow heads) -- should give the same Dice;
 - ``bfloat16``: the same with the convolutions in bfloat16.
 
@@ -27,10 +27,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from aldk_tf import runs  # noqa: E402
+from aldk_tf.training import runs  # noqa: E402
 from aldk_tf.data import DataError, list_pairs, load_dataset_config  # noqa: E402
 from aldk_tf.evaluation import EvaluationError, evaluate_pairs  # noqa: E402
-from aldk_tf.inference import registration_function  # noqa: E402
+from aldk_tf.deploy.inference import registration_function  # noqa: E402
 
 
 class Recorder:
@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--checkpoint", required=True, help="run directory")
     parser.add_argument("-d", "--dataset", help="dataset JSON (default: the run's)")
-    parser.add_argument("-v", "--subset", default="test", help="scheme or subset "
+    parser.add_argument("-v", "--val-subset", "--subset", dest="subset", default="test",
+                        help="scheme or subset "
                         "(default test)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)

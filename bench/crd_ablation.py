@@ -15,9 +15,9 @@ Rows (factor 2 = the cross-resolution student, 1 = full resolution):
 
 - ``crd_none``: factor 2, distillation weights 0 (similarity/regularisers only);
 - ``crd_flow_only`` / ``crd_feature_only``: factor 2, one of the two terms;
-- ``crd_gated`` / ``full_gated``: factor 2 / 1, ``--crd_gate teacher_better``;
+- ``crd_gated`` / ``full_gated``: factor 2 / 1, ``--crd-gate teacher_better``;
 - ``crd_anneal``: factor 2, weights decayed linearly to 0 over the run
-  (``--crd_anneal`` = the run's steps).
+  (``--crd-anneal`` = the run's steps).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from aldk_tf import runs  # noqa: E402
+from aldk_tf.training import runs  # noqa: E402
 from aldk_tf.config import RunConfig, atomic_write_text  # noqa: E402
 
 DEMO_ROWS = ("student", "student_distilled", "student_crd")
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
     from aldk_tf.data import load_dataset_config
     from aldk_tf.demo import evaluate_runs
-    from aldk_tf.train_run import train
+    from aldk_tf.training.run import train
     dataset_config = load_dataset_config(base.dataset)
     out = os.path.join(demo, "ablation")
     results = {}

@@ -24,7 +24,7 @@ def running_means(run_dir: str, term: str) -> list[tuple[int, dict[int, float]]]
     import tensorflow as tf
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from aldk_tf import runs
+    from aldk_tf.training import runs
     steps_per_epoch = runs.load_run_config(run_dir).train.round
     files = sorted(glob.glob(os.path.join(run_dir, runs.LOG_DIR, "train", "events.*")),
                    key=os.path.getmtime)

@@ -18,7 +18,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from aldk_tf import runs  # noqa: E402
+from aldk_tf.training import runs  # noqa: E402
 
 STUDENTS = ("student", "student_flow_distill", "student_flow_distill_refined",
             "student_aldk", "student_aldk_refined", "student_crd", "student_crd_aldk")
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
                         help="replace an existing export in --out")
     args = parser.parse_args(argv)
     from aldk_tf.data import load_dataset_config
-    from aldk_tf.serving import export_model
+    from aldk_tf.deploy.export import export_model
     try:
         best, validation = best_by_validation(args.study)
         with open(os.path.join(args.study, "study.json")) as handle:

@@ -23,7 +23,7 @@ the image alone) and ``ants_syn`` (the peer method: ANTs SyN, affine + deformabl
 is absent). Under the table: "N x faster than VoxelMorph, M x faster than ANTs SyN" for
 ``student_crd_1`` and ``student_1`` (``"peers"`` in the JSON).
 
-- ``<model>``: in-process, :func:`aldk_tf.inference.registration_function` (fixed
+- ``<model>``: in-process, :func:`aldk_tf.deploy.inference.registration_function` (fixed
   input signature; flow heads as sub-pixel convolutions, float32).
 - ``_bf16``: the same with the convolutions in bfloat16 (``dtype="bfloat16"``). Built
   only where the CPU has native bfloat16 (``amx_bf16`` or ``avx512_bf16`` in
@@ -34,13 +34,13 @@ is absent). Under the table: "N x faster than VoxelMorph, M x faster than ANTs S
   under the table (what a serving team sizes hardware with).
 - ``_keras_upconv``: the Keras graph unchanged (``subpixel=False``), i.e. what the
   TFLite files are converted from (``export.py``'s SavedModel has the sub-pixel heads).
-- ``savedmodel_``: the row's graph saved with :func:`aldk_tf.serving.save_savedmodel`
+- ``savedmodel_``: the row's graph saved with :func:`aldk_tf.deploy.serving.save_savedmodel`
   to a temporary directory, reloaded with ``tf.saved_model.load``, called through its
   ``serving_default`` signature.
 - ``savedmodel_portable_``: the same module saved with ``portable=True`` (``export.py
   --portable``, for TF Serving without XLA): the ``_XlaMustCompile`` marks stripped,
   which shows what the warps cost without XLA.
-- ``tflite_<variant>_``: :func:`aldk_tf.serving.convert_tflite` of the model as
+- ``tflite_<variant>_``: :func:`aldk_tf.deploy.serving.convert_tflite` of the model as
   ``export.py`` converts it, run by ``tf.lite.Interpreter(num_threads=2)``.
 
 Per row: median / min / max wall milliseconds, median process CPU milliseconds (all
@@ -67,7 +67,7 @@ peak); ``--json`` writes ``{"machine": {...}, "rows": {row: {...}}}``.
 
 The table ends with the teacher/student ratios, SavedModel/in-process ratios and the
 graph check: for in-process and SavedModel rows, any op of
-:data:`aldk_tf.inference.SLOW_OPS` in the graph, or gathers outside XLA.
+:data:`aldk_tf.deploy.inference.SLOW_OPS` in the graph, or gathers outside XLA.
 """
 
 from __future__ import annotations
@@ -90,9 +90,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from aldk_tf import serving, spatial  # noqa: E402
+from aldk_tf.deploy import export, serving  # noqa: E402
+
+from aldk_tf import spatial  # noqa: E402
 from aldk_tf.config import atomic_write_text  # noqa: E402
-from aldk_tf.inference import registration_function, slow_ops  # noqa: E402
+from aldk_tf.deploy.inference import registration_function, slow_ops  # noqa: E402
 from aldk_tf.networks import build_student, build_teacher  # noqa: E402
 
 try:                                 # python -m bench.<script>; imported from the root (tests)
@@ -184,7 +186,7 @@ def parse_row(name: str) -> Row:
 # ----------------------------------------------------------------------------- inputs
 def sample_pair(size: int) -> tuple[np.ndarray, np.ndarray]:
     """A smooth random (fixed, moving) pair ``[1, S, S, S, 1]`` in [0, 1]."""
-    sample = serving.synthetic_sample((size,) * 3, seed=0)
+    sample = export.synthetic_sample((size,) * 3, seed=0)
     return sample["fixed"].astype(np.float32), sample["moving"].astype(np.float32)
 
 

@@ -1,13 +1,13 @@
-"""Instance optimisation (:func:`aldk_tf.refine.refine_flow`): time per pair, and Dice
+"""Instance optimisation (:func:`aldk_tf.training.refine.refine_flow`): time per pair, and Dice
 before/after refining from a zero flow on a dataset's pairs.
 
     python bench/refine.py [--sizes 64 128] [--steps 0 25 50 100] [--lr 0.25]
-                           [--repeats 2] [-d demo.json [--scheme test]]
+                           [--repeats 2] [-d demo.json [-v test]]
 
 Timing: one pair (batch 1) of smooth random volumes per size, median wall time and
 process CPU time (all threads) of ``--repeats`` calls after one warm-up call (tracing);
 0 steps is the cost of the validation and the two objective evaluations alone.
-With ``-d``: every pair of ``--scheme``, refined from a zero flow in one batch; mean Dice
+With ``-d``: every pair of ``-v/--val-subset``, refined from a zero flow in one batch; mean Dice
 over labels, % voxels with det(J) <= 0 and the objective before/after, per step count.
 """
 
@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import scipy.ndimage as ndimage  # noqa: E402
 
 from aldk_tf import metrics  # noqa: E402
-from aldk_tf.refine import DEFAULT_LEARNING_RATE, refine_flow  # noqa: E402
+from aldk_tf.training.refine import DEFAULT_LEARNING_RATE, refine_flow  # noqa: E402
 
 try:                                 # python -m bench.<script>; imported from the root (tests)
     from bench.timing import repeat_timed
@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=DEFAULT_LEARNING_RATE)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("-d", "--dataset", help="dataset JSON for the Dice measurement")
-    parser.add_argument("--scheme", default="test")
+    parser.add_argument("-v", "--val-subset", "--scheme", dest="scheme", default="test",
+                        help="scheme or subset (default test)")
     args = parser.parse_args(argv)
     if args.dataset:
         dice_from_zero(args.dataset, args.scheme, args.steps, args.lr)

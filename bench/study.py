@@ -37,7 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from aldk_tf import runs  # noqa: E402
+from aldk_tf.training import runs  # noqa: E402
 from aldk_tf.config import (ALDKConfig, CRDConfig, ModelConfig, RunConfig,  # noqa: E402
                             TrainConfig, atomic_write_text)
 
@@ -71,7 +71,7 @@ def parse_args(argv=None):
                         help="training subjects per pairing group (pairs are drawn within "
                              "a group: many subjects, few stored teacher flows; 0: all "
                              "ordered pairs)")
-    parser.add_argument("--validation", type=int, default=4)
+    parser.add_argument("--val", "--validation", dest="validation", type=int, default=4)
     parser.add_argument("--test", type=int, default=6)
     parser.add_argument("--heldout-t1", help="skull-stripped T1 (MNI space) the test "
                         "subjects are built from (unseen anatomy)")
@@ -194,7 +194,7 @@ def choose_teacher_rep(out: str, teacher, dataset_config, most: int = 3) -> int:
 
 
 def train_row(name: str, config: RunConfig, run_dir: str):
-    from aldk_tf.train_run import train
+    from aldk_tf.training.run import train
     started = time.perf_counter()
     print(f"[study] training {name} ({config.train.round * config.train.epochs} steps) "
           f"in {run_dir}",
@@ -209,7 +209,7 @@ def refine_time_128(model_config: ModelConfig, steps: int, repeats: int = 3) -> 
     """Median seconds per pair at 128³: the student's flow, then ``steps`` refinements."""
     import dataclasses
     from aldk_tf.evaluation import _flow_function
-    from aldk_tf.refine import refine_flow
+    from aldk_tf.training.refine import refine_flow
     config = dataclasses.replace(model_config, image_size=(128, 128, 128))
     flow_of = _flow_function(config.build())
     rng = np.random.default_rng(0)

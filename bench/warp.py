@@ -38,7 +38,7 @@ def reference_eight_gathers(image: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
     """REFERENCE: one ``gather_nd`` per cell corner with clamped indices, weights summed."""
     shape = tf.shape(image)
     size = tf.cast(shape[1:4], tf.float32)
-    grid = spatial.voxel_grid_dynamic(shape[1], shape[2], shape[3])
+    grid = spatial.voxel_grid((shape[1], shape[2], shape[3]))
     position = tf.clip_by_value(grid[None] + flow, 0.0, size - 1.0)   # [B, D, H, W, 3]
     lower = tf.floor(position)
     fraction = position - lower
@@ -63,7 +63,7 @@ def reference_stacked_neighbours(image: tf.Tensor, flow: tf.Tensor) -> tf.Tensor
     batch, depth, height, width, channels = (shape[0], shape[1], shape[2], shape[3],
                                              shape[4])
     size = tf.cast(tf.stack([depth, height, width]), tf.float32)
-    grid = spatial.voxel_grid_dynamic(depth, height, width)
+    grid = spatial.voxel_grid((depth, height, width))
     position = tf.clip_by_value(grid[None] + flow, 0.0, size - 1.0)
     base = tf.floor(position)
     fraction = position - base
@@ -96,7 +96,7 @@ def smooth_flow(rng, batch: int, size: int) -> np.ndarray:
     """Random 6^3 control grid (sd 4 voxels) interpolated trilinearly, plus fine noise."""
     control = tf.constant(rng.standard_normal((batch, 6, 6, 6, 3)) * 4.0, tf.float32)
     coordinate = spatial.voxel_grid((size,) * 3) * (5.0 / (size - 1))
-    flow = spatial.resample(control, coordinate, batch).numpy()
+    flow = spatial.sample(control, tf.stack([coordinate] * batch)).numpy()
     return (flow + rng.standard_normal(flow.shape) * 0.3).astype(np.float32)
 
 
@@ -165,7 +165,7 @@ def main() -> None:
         low = tf.constant(smooth_flow(rng, args.batch, args.size // 2) / 2.0)
         upsampled = {
             "spatial.upsample_flow (XLA, library)": lambda f: spatial.upsample_flow(f, 2),
-            "reference: same ops without XLA": lambda f: 2.0 * spatial._upsample(f, 2)}
+            "reference: same ops without XLA": lambda f: 2.0 * spatial.resolution._upsample(f, 2)}
         print(f"\nflow upsampling {list(low.shape)} -> {args.size}^3 (factor 2)")
         # A random upstream gradient (an input, so that nothing is constant-folded).
         upstream = tf.constant(rng.random(image.shape[:4] + (3,), dtype=np.float32))

@@ -12,7 +12,7 @@ A ``Conv3DTranspose`` counts what it really runs in the graph the benchmark time
 
 - as itself: one multiply-add per input voxel, kernel tap, input and output channel
   (the work of a transposed convolution, ``in_voxels * k^3 * c_in * c_out``);
-- in the sub-pixel form of :func:`aldk_tf.inference.inference_graph` (``subpixel=True``
+- in the sub-pixel form of :func:`aldk_tf.deploy.inference.inference_graph` (``subpixel=True``
   and the layer eligible): the kernel-2 forward convolution over the input padded by one
   voxel with 8 phases of outputs, ``(n + 1)^3 * 8 * c_in * 8 c_out``, counted under
   ``"Conv3D (sub-pixel)"``; slightly more than the transposed form (the padded border).
@@ -29,7 +29,7 @@ import keras
 
 # The sub-pixel rule of the inference graph (which transposed convolutions it rewrites):
 # shared, so that the count follows the graph if the rule changes.
-from aldk_tf.inference import _subpixel_eligible
+from aldk_tf.deploy.inference import _subpixel_eligible
 
 KINDS = ("Conv3D", "Conv3D (sub-pixel)", "Conv3DTranspose", "Dense")
 
@@ -89,7 +89,7 @@ def count_work(model, batch: int = 1, subpixel: bool = False) -> dict[str, int]:
     samples, per kind (:data:`KINDS`) and ``"total"``.
 
     ``subpixel``: count eligible transposed convolutions in the sub-pixel form, as
-    :func:`~aldk_tf.inference.inference_graph` runs them. Pass the graph actually run
+    :func:`~aldk_tf.deploy.inference.inference_graph` runs them. Pass the graph actually run
     (``register.graph`` already has its flags applied; pass the same ``subpixel``)."""
     totals = dict.fromkeys(KINDS, 0)
     _walk(model, subpixel, 1, totals)

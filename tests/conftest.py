@@ -35,7 +35,7 @@ def demo_dataset_32(tmp_path_factory):
 def student_run_32(tmp_path_factory, demo_dataset_32):
     """``weights/<run>`` of an untrained 32^3 student whose weights are perturbed enough
     (N(0, 0.05)) that its flows reach a few voxels, so output comparisons can fail."""
-    from aldk_tf import runs
+    from aldk_tf.training import runs
     from aldk_tf.config import ModelConfig, RunConfig
     run_dir = tmp_path_factory.mktemp("weights") / "student32"
     config = RunConfig(dataset=demo_dataset_32,
@@ -53,7 +53,8 @@ def student_run_32(tmp_path_factory, demo_dataset_32):
 def savedmodel_32(student_run_32, tmp_path_factory):
     """``export/aldk/1``: the 32^3 student as a SavedModel (no export_info.json, as a
     model exported before the preprocessing was recorded)."""
-    from aldk_tf import runs, serving
+    from aldk_tf.training import runs
+    from aldk_tf.deploy import serving
     _, model = runs.load_model(student_run_32)
     path = tmp_path_factory.mktemp("export") / "aldk" / "1"
     serving.save_savedmodel(model, str(path))

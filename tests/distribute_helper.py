@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from aldk_tf import distribute  # noqa: E402
+from aldk_tf.training import distribute  # noqa: E402
 
 STEPS = 3
 
@@ -27,9 +27,9 @@ STEPS = 3
 def main(dataset: str, work: str) -> None:
     mirrored = distribute.make_strategy(cpu_replicas=2)
     one_device = distribute.make_strategy()
-    from aldk_tf.checkpoints import save_weights_atomic
+    from aldk_tf.training.checkpoints import save_weights_atomic
     from aldk_tf.config import ALDKConfig, ModelConfig, RunConfig, TrainConfig
-    from aldk_tf.train_run import train
+    from aldk_tf.training.run import train
 
     image_size = (16, 16, 16)
     teacher_dir = os.path.join(work, "teacher")
@@ -76,7 +76,7 @@ def main(dataset: str, work: str) -> None:
 
 
 def max_difference(run_a: str, run_b: str) -> float:
-    from aldk_tf import runs
+    from aldk_tf.training import runs
     (_, a), (_, b) = runs.load_model(run_a), runs.load_model(run_b)
     return max(float(abs(x - y).max()) for x, y in zip(a.get_weights(), b.get_weights()))
 

@@ -4,9 +4,9 @@ import tensorflow as tf
 
 import keras
 
-from aldk_tf.aldk import ALDKTrainer
+from aldk_tf.training.aldk import ALDKTrainer
 from aldk_tf.config import ALDKConfig, LossWeights
-from aldk_tf.critic import FlowCritic
+from aldk_tf.networks.critic import FlowCritic
 from aldk_tf.networks import build_student, build_teacher
 
 SIZE = (16, 16, 16)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from aldk_tf.inference import registration_function
+from aldk_tf.deploy.inference import registration_function
 from aldk_tf.networks import build_student, build_teacher
 from scripts import load_script
 

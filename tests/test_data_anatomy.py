@@ -113,7 +113,7 @@ def test_training_groups_pair_subjects_only_within_their_group():
     # A remainder of one cannot be paired: it joins the previous group.
     assert [len(g) for g in training_subsets(entries[:9], 4).values()] == [4, 5]
     assert training_subsets(entries, 0) == {"demo-train": entries}
-    from aldk_tf.data.hdf5 import DatasetConfig
+    from aldk_tf.data import DatasetConfig
     from aldk_tf.data.pairs import list_pairs
     config = DatasetConfig(files={}, subsets=groups,
                            schemes={"1": {name: 1.0 for name in groups}})

@@ -9,8 +9,7 @@ from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
 from aldk_tf.data.augment import (augment_pair, bspline_matrix, free_form_flow,
-                                  sample_points, sample_power, transform_points,
-                                  upsample_control, warp_labels)
+                                  sample_power, transform_points, upsample_control)
 
 CONTROL_RMS = np.sqrt(0.4 ** 2 / 7)     # RMS of sign(u)|u|^3, |u| <= 0.4^(1/3), per unit scale
 
@@ -151,14 +150,6 @@ def test_field_statistics_match_the_release():
     assert np.sqrt(np.mean((weights ** 2).sum(axis=1))) ** 3 == pytest.approx(0.330, abs=0.002)
 
 
-def test_sample_points_matches_scipy(rng):
-    field = rng.normal(size=(2, 9, 10, 11, 3)).astype(np.float32)
-    points = rng.uniform(-1, 11, (2, 7, 3)).astype(np.float32)   # some outside: clamped
-    sampled = sample_points(field, points).numpy()
-    for b in range(2):
-        np.testing.assert_allclose(sampled[b], _at(field[b], points[b]), atol=1e-5)
-
-
 def test_transform_points_inverts_the_warp(rng):
     flow = free_form_flow(2, (24, 24, 24), 3).numpy()
     points = rng.uniform(4, 20, (2, 6, 3)).astype(np.float32)
@@ -169,17 +160,6 @@ def test_transform_points_inverts_the_warp(rng):
         q = moved[b, present]
         np.testing.assert_allclose(q + _at(flow[b], q), points[b, present], atol=1e-3)
     np.testing.assert_array_equal(moved[1, 4:], -1.0)
-
-
-def test_warp_labels_nearest_matches_scipy(rng):
-    labels = rng.choice([0, 3, 7], (1, 12, 12, 12, 1)).astype(np.float32)
-    flow = rng.normal(0, 2, (1, 12, 12, 12, 3)).astype(np.float32)
-    nearest = warp_labels(labels, flow).numpy()[0, ..., 0]
-    np.testing.assert_array_equal(nearest, _scipy_warp(labels[0, ..., 0], flow[0], 0))
-    smooth_flow = free_form_flow(1, (12, 12, 12), 4).numpy()
-    by_mask = warp_labels(labels, smooth_flow, label_values=[3, 7]).numpy()
-    assert set(np.unique(by_mask)) <= {0.0, 3.0, 7.0}
-    assert np.mean(by_mask == warp_labels(labels, smooth_flow).numpy()) > 0.6
 
 
 @pytest.mark.parametrize("interpolation", ["bspline", "spline"])

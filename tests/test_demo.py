@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from aldk_tf import demo, runs
+from aldk_tf import demo
+
+from aldk_tf.training import runs
 from aldk_tf.config import RunConfig
 from scripts import load_script
 

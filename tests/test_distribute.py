@@ -1,4 +1,4 @@
-"""Training under tf.distribute (aldk_tf/distribute.py, train_run.train with a strategy).
+"""Training under tf.distribute (aldk_tf/training/distribute.py, train_run.train with a strategy).
 
 MirroredStrategy over two logical CPU devices follows the one-device run step for step
 (plain student and ALDK, same global batch and seed), and its checkpoint continues
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from aldk_tf import distribute
+from aldk_tf.training import distribute
 from synthetic import write_blob_dataset
 from scripts import load_cli
 
@@ -73,7 +73,7 @@ def test_mirrored_training_matches_one_device(dataset, tmp_path):
 
 
 def make_teacher_run(folder, dataset):
-    from aldk_tf.checkpoints import save_weights_atomic
+    from aldk_tf.training.checkpoints import save_weights_atomic
     from aldk_tf.config import ModelConfig, RunConfig
     config = RunConfig(dataset=dataset, model=ModelConfig(
         role="teacher", base="vtn", affine="vtn", image_size=(16, 16, 16)))
@@ -106,9 +106,9 @@ def test_multi_worker_aldk_on_loopback(dataset, tmp_path):
 
     def arguments(teacher):
         return ["-b", "LDR", "-d", dataset, "--aldk", "--teacher", str(teacher),
-                "--batch", "2", "--round", "3", "--epochs", "1", "--adv_period", "2",
-                "--critic_period", "2", "--checkpoint_every", "3", "--validate_every",
-                "0", "--weights_dir", str(weights), "-v", "0"]
+                "--batch", "2", "--round", "3", "--epochs", "1", "--adv-period", "2",
+                "--critic-period", "2", "--checkpoint-every", "3", "--validate-every",
+                "0", "--weights-dir", str(weights), "--verbose", "0"]
 
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
     workers, logs = [], []
@@ -123,7 +123,7 @@ def test_multi_worker_aldk_on_loopback(dataset, tmp_path):
             stderr=subprocess.STDOUT))
     try:
         # Meanwhile, the reference: the same run on one device, in this process.
-        from aldk_tf.train_run import train
+        from aldk_tf.training.run import train
         cli = load_train_cli()
         reference = str(weights / "one_device")
         train(cli.build_config(cli.parse_args(arguments(tmp_path / "teacher_reference"))),
@@ -143,7 +143,7 @@ def test_multi_worker_aldk_on_loopback(dataset, tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("ckpt-*.index")) == \
         ["ckpt-3.index"]
     assert (run_dir / "config.json").is_file() and (run_dir / "model.weights.h5").is_file()
-    from aldk_tf import runs
+    from aldk_tf.training import runs
     (_, distributed), (_, single) = runs.load_model(str(run_dir)), runs.load_model(reference)
     difference = max(float(np.abs(a - b).max())
                      for a, b in zip(distributed.get_weights(), single.get_weights()))
@@ -155,7 +155,7 @@ def test_multi_worker_aldk_on_loopback(dataset, tmp_path):
     ("1,1", "auto", 1, "expected GPU ids"),
     ("0", "auto", 1, "no GPU"),
     (None, "ring", 1, "--strategy"),
-    (None, "auto", 0, "--cpu_replicas must be >= 1"),
+    (None, "auto", 0, "--cpu-replicas must be >= 1"),
     (None, "multiworker", 2, "does not combine"),
 ])
 def test_device_requests_fail_with_one_line(gpu, kind, replicas, expected, monkeypatch):

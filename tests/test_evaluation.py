@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aldk_tf import evaluation, metrics, runs
+from aldk_tf import evaluation, metrics, reports
+
+from aldk_tf.training import runs
 from aldk_tf.data import list_pairs, load_dataset_config, load_pair
 from scripts import load_cli
 
@@ -69,7 +71,7 @@ def test_rcn_report_format(tmp_path):
     records = [record("a/1", "a/2", 0.5, 0.25, 2.0, 0.1),
                record("a/2", "a/1", 0.75, 0.5, float("nan"), 0.3)]
     path = tmp_path / "run.txt"
-    evaluation.write_rcn_report(path, records)
+    reports.write_rcn_report(path, records)
     lines = path.read_text().splitlines()
     assert lines[:3] == ["a/1 a/2 0.5 0.25 2.0 0.1", "a/2 a/1 0.75 0.5 nan 0.3", "Summary"]
     assert lines[3] == f"Dice score: {np.mean([0.5, 0.75])} ({np.std([0.5, 0.75])})"
@@ -77,7 +79,7 @@ def test_rcn_report_format(tmp_path):
     assert lines[5] == "Landmark distance: 2.0 (0.0)"           # NaN left out
     assert lines[6] == f"Jacobian determinant: {np.mean([0.1, 0.3])} ({np.std([0.1, 0.3])})"
     assert len(lines) == 7
-    summary = evaluation.read_rcn_summary(path)
+    summary = reports.read_rcn_summary(path)
     assert summary["Dice score"] == pytest.approx((0.625, 0.125))
     assert list(tmp_path.iterdir()) == [path]                   # no temporary left over
 
@@ -88,12 +90,12 @@ def test_cli_writes_reports_that_match_the_library(run_and_data, student_run_32,
     cli = load_cli("evaluate")
     out = tmp_path / "evaluate"
     code = cli.main(["-c", student_run_32, "-v", "demo-test", "--batch", "2",
-                     "--out-dir", str(out), "--no-progress"])
+                     "--out", str(out), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     _, summary = evaluation.evaluate_pairs(model, dataset, list_pairs(dataset, "demo-test"),
                                            1, dataset.label_values, progress=False)
     text = out / "student32-demo-test.txt"
-    reported = evaluation.read_rcn_summary(text)
+    reported = reports.read_rcn_summary(text)
     assert reported["Dice score"][0] == pytest.approx(summary["dice"]["mean"], abs=1e-6)
     assert reported["Jacobian determinant"][0] == pytest.approx(
         summary["jacobian_det_std"]["mean"], abs=1e-5)
@@ -108,7 +110,7 @@ def test_cli_writes_reports_that_match_the_library(run_and_data, student_run_32,
 
 def test_cli_default_scheme_and_rep_name(student_run_32, tmp_path, capsys):
     cli = load_cli("evaluate")
-    code = cli.main(["-c", student_run_32, "-r", "2", "--out-dir", str(tmp_path),
+    code = cli.main(["-c", student_run_32, "-r", "2", "--out", str(tmp_path),
                      "--no-progress"])
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student32-rep2.csv",
@@ -137,7 +139,7 @@ def test_cli_errors_are_one_line_and_leave_nothing(case, expected, student_run_3
                                                    demo_dataset_32, tmp_path, capsys):
     cli = load_cli("evaluate")
     out = tmp_path / "evaluate"
-    args = ["-c", student_run_32, "-v", "demo-test", "--out-dir", str(out),
+    args = ["-c", student_run_32, "-v", "demo-test", "--out", str(out),
             "--no-progress"]
     if case == "no_config":
         empty = tmp_path / "weights" / "empty"
@@ -163,7 +165,7 @@ def test_cli_errors_are_one_line_and_leave_nothing(case, expected, student_run_3
 
 def test_summary_ignores_missing_landmarks():
     records = [record("a", "b", 0.5, 0.3, float("nan"), 0.1)]
-    summary = evaluation.summarise(records)
+    summary = reports.summarise(records)
     assert math.isnan(summary["landmark_distance"]["mean"])
     assert summary["dice"] == {"mean": 0.5, "std": 0.0}
     assert os.path.basename(load_cli("evaluate").report_stem("weights/run/", None, None)) \
@@ -186,17 +188,17 @@ def test_cli_exported_model_alone_writes_rcn_report_and_label_csv(
         exported_alone, demo_dataset_32, tmp_path, capsys):
     import csv
     code = load_cli("evaluate").main(["--exported", str(exported_alone), "-v", "test",
-                                      "--out-dir", str(tmp_path), "--no-progress"])
+                                      "--out", str(tmp_path), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     stem = tmp_path / "student-v1-savedmodel-test"
     text = Path(f"{stem}.txt").read_text().splitlines()
     dataset = load_dataset_config(demo_dataset_32)
     pairs = list_pairs(dataset, "test")
     assert len(text) == len(pairs) + 5 and text[len(pairs)] == "Summary"
-    summary = evaluation.read_rcn_summary(f"{stem}.txt")
+    summary = reports.read_rcn_summary(f"{stem}.txt")
     with open(f"{stem}.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert tuple(rows[0]) == evaluation.CSV_COLUMNS
+    assert tuple(rows[0]) == reports.CSV_COLUMNS
     labels = ["CSF", "GM", "WM"]
     assert len(rows) == 2 * len(pairs) * len(labels)
     assert [row["stage"] for row in rows[:6]] == ["before"] * 3 + ["after"] * 3
@@ -260,8 +262,25 @@ def test_cli_exported_alone_without_a_dataset_fails_with_one_line(exported_alone
     info = json.loads((model / "export_info.json").read_text())
     del info["dataset"]
     (model / "export_info.json").write_text(json.dumps(info))
-    code = load_cli("evaluate").main(["--exported", str(model), "--out-dir",
+    code = load_cli("evaluate").main(["--exported", str(model), "--out",
                                       str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "pass -d" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_flags_are_hyphenated_with_the_old_spellings_as_aliases():
+    from aldk_tf.cli import evaluate, train
+
+    new = train.make_parser().parse_args(
+        ["-b", "LDR", "-n", "2", "--no-augment", "--max-steps", "3", "--teacher-online",
+         "--weights-dir", "w", "--verbose", "0"])
+    old = train.make_parser().parse_args(
+        ["--base_network", "LDR", "--n_cascades", "2", "--no_augment", "--max_steps", "3",
+         "--teacher_online", "--weights_dir", "w", "--verbose", "0"])
+    assert vars(new) == vars(old)
+    assert (new.base_network, new.n_cascades, new.no_augment, new.max_steps) == \
+        ("LDR", 2, True, 3)
+    new = evaluate.parse_args(["-c", "run", "-v", "test", "--out", "reports"])
+    old = evaluate.parse_args(["-c", "run", "--val_subset", "test", "--out-dir", "reports"])
+    assert vars(new) == vars(old) and new.out == "reports" and new.val_subset == "test"

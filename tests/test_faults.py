@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from aldk_tf import runs
-from aldk_tf.checkpoints import save_weights_atomic
+from aldk_tf.training import runs
+from aldk_tf.training.checkpoints import save_weights_atomic
 from aldk_tf.cli import evaluate as evaluate_cli
 from aldk_tf.cli import export as export_cli
 from aldk_tf.cli import train as train_cli
@@ -43,8 +43,8 @@ def dataset(tmp_path_factory):
 
 def train_flags(dataset, weights_dir, output, *extra):
     return ["-b", "LDR", "-d", dataset, "--batch", "1", "--round", "100", "--epochs",
-            "1", "--output", output, "--weights_dir", str(weights_dir),
-            "--checkpoint_every", "2", "--validate_every", "0", "--channels", "4", "-v",
+            "1", "--output", output, "--weights-dir", str(weights_dir),
+            "--checkpoint-every", "2", "--validate-every", "0", "--channels", "4", "--verbose",
             "0", *extra]
 
 
@@ -52,7 +52,7 @@ def train_flags(dataset, weights_dir, output, *extra):
 def trained_run(dataset, tmp_path_factory):
     """A student run stopped at step 4 (checkpoints 2 and 4, model.weights.h5)."""
     weights = tmp_path_factory.mktemp("weights")
-    assert train_cli.main(train_flags(dataset, weights, "base", "--max_steps", "4")) == 0
+    assert train_cli.main(train_flags(dataset, weights, "base", "--max-steps", "4")) == 0
     return str(weights / "base")
 
 
@@ -85,9 +85,9 @@ def truncate(path, keep=0.5):
 # ------------------------------------------------------------------ a failed start
 @pytest.mark.parametrize("flag,value", [
     ("--batch", "0"), ("--round", "-2"), ("--epochs", "0"), ("--lr", "nan"),
-    ("--lr", "inf"), ("--lr", "0"), ("--adv_period", "0"), ("--critic_period", "0"),
-    ("--n_cascades", "0"), ("--beta", "1.5"), ("--critic_lr", "0"),
-    ("--max_steps", "0"), ("--checkpoint_every", "0"), ("--clip-norm", "inf")])
+    ("--lr", "inf"), ("--lr", "0"), ("--adv-period", "0"), ("--critic-period", "0"),
+    ("--n-cascades", "0"), ("--beta", "1.5"), ("--critic-lr", "0"),
+    ("--max-steps", "0"), ("--checkpoint-every", "0"), ("--clip-norm", "inf")])
 def test_bad_flag_is_one_line_and_creates_nothing(dataset, tmp_path, capsys, flag, value):
     weights = tmp_path / "weights"
     code = train_cli.main(train_flags(dataset, weights, "x", flag, value))
@@ -98,7 +98,7 @@ def test_bad_flag_is_one_line_and_creates_nothing(dataset, tmp_path, capsys, fla
 
 def test_more_steps_than_the_step_counter_holds_is_refused(dataset, tmp_path, capsys):
     weights = tmp_path / "weights"
-    code = train_cli.main(train_flags(dataset, weights, "x", "--max_steps", "1",
+    code = train_cli.main(train_flags(dataset, weights, "x", "--max-steps", "1",
                                       "--epochs", "99999999999999999999"))
     assert code == 2
     one_error_line(capsys, "--round 100 x --epochs 99999999999999999999", "expected")
@@ -122,7 +122,7 @@ def test_output_must_name_a_run_inside_the_weights_folder(dataset, tmp_path, cap
 def test_weights_dir_that_is_a_file_is_refused(dataset, tmp_path, capsys):
     (tmp_path / "weights").write_text("not a folder")
     assert train_cli.main(train_flags(dataset, tmp_path / "weights", "x")) == 2
-    one_error_line(capsys, "--weights_dir", "expected a folder")
+    one_error_line(capsys, "--weights-dir", "expected a folder")
     assert (tmp_path / "weights").read_text() == "not a folder"
 
 
@@ -140,10 +140,11 @@ def test_output_with_a_resumed_run_is_refused(run, capsys):
 
 
 def test_teacher_flow_extraction_refuses_batch_0(run, capsys):
-    from aldk_tf import teacher_flows
-    assert teacher_flows.main(["--teacher", run, "--batch", "0"]) == 2
+    from aldk_tf.cli import teacher_flows
+    from aldk_tf.training.flow_store import flows_path
+    assert teacher_flows.main(["-c", run, "--batch", "0"]) == 2
     one_error_line(capsys, "--batch", "expected an integer >= 1, got 0")
-    assert not os.path.exists(teacher_flows.flows_path(run))
+    assert not os.path.exists(flows_path(run))
 
 
 def test_start_failing_after_creation_removes_its_run_directory(dataset, run, tmp_path,
@@ -172,7 +173,7 @@ def test_new_run_on_an_existing_run_is_refused_and_leaves_it_intact(dataset, run
 def test_resume_refuses_flags_that_change_what_is_trained(run, capsys):
     before = open(os.path.join(run, "config.json")).read()
     code = train_cli.main(["-c", run, "--lr", "0.5", "--epochs", "3", "--batch", "4",
-                           "-v", "0"])
+                           "--verbose", "0"])
     assert code == 2
     line = one_error_line(capsys, "train.lr 0.0001 -> 0.5", "train.batch 1 -> 4",
                           "--override")
@@ -182,7 +183,7 @@ def test_resume_refuses_flags_that_change_what_is_trained(run, capsys):
 
 
 def test_resume_applies_and_records_a_longer_budget(run, capsys):
-    code = train_cli.main(["-c", run, "--epochs", "2", "--max_steps", "4", "-v", "0"])
+    code = train_cli.main(["-c", run, "--epochs", "2", "--max-steps", "4", "--verbose", "0"])
     assert code == 0, capsys.readouterr().err
     config = runs.load_run_config(run)
     assert config.train.epochs == 2
@@ -191,8 +192,8 @@ def test_resume_applies_and_records_a_longer_budget(run, capsys):
 
 
 def test_override_applies_and_records_the_change(run, capsys):
-    code = train_cli.main(["-c", run, "--lr", "5e-4", "--override", "--max_steps", "4",
-                           "-v", "0"])
+    code = train_cli.main(["-c", run, "--lr", "5e-4", "--override", "--max-steps", "4",
+                           "--verbose", "0"])
     assert code == 0, capsys.readouterr().err
     config = runs.load_run_config(run)
     assert config.train.lr == 5e-4
@@ -203,7 +204,7 @@ def test_override_applies_and_records_the_change(run, capsys):
 def test_checkpoint_of_another_model_is_refused_whole(run, capsys):
     """n_cascades 1 -> 2 with --override: the checkpoint lacks the second cascade."""
     before = open(os.path.join(run, "config.json")).read()
-    code = train_cli.main(["-c", run, "-n", "2", "--override", "-v", "0"])
+    code = train_cli.main(["-c", run, "-n", "2", "--override", "--verbose", "0"])
     assert code == 2
     one_error_line(capsys, "ckpt-4", "does not match the model")
     assert open(os.path.join(run, "config.json")).read() == before
@@ -211,7 +212,7 @@ def test_checkpoint_of_another_model_is_refused_whole(run, capsys):
 
 def test_train_refuses_an_unrecorded_change_of_settings(run):
     """The demo and the benchmarks call train() directly: another seed is no resume."""
-    from aldk_tf.train_run import train
+    from aldk_tf.training.run import train
     config = runs.load_run_config(run)
     config.train.seed = 7
     with pytest.raises(runs.RunError, match=r"train.seed 0 -> 7"):
@@ -229,7 +230,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(run, capsys, caplo
     truncate(data)
     os.makedirs(os.path.join(run, "checkpoints", "ckpt-6_temp"))     # a cut-off save
     with caplog.at_level(logging.WARNING):
-        code = train_cli.main(["-c", run, "--max_steps", "3", "-v", "0"])
+        code = train_cli.main(["-c", run, "--max-steps", "3", "--verbose", "0"])
     assert code == 0, capsys.readouterr().err
     warnings = [r.getMessage() for r in caplog.records if "unreadable checkpoint" in
                 r.getMessage()]
@@ -241,7 +242,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(run, capsys, caplo
 def test_no_readable_checkpoint_is_one_line(run, capsys):
     for step in (2, 4):
         truncate(os.path.join(run, "checkpoints", f"ckpt-{step}.index"))
-    assert train_cli.main(["-c", run, "-v", "0"]) == 2
+    assert train_cli.main(["-c", run, "--verbose", "0"]) == 2
     one_error_line(capsys, "no readable checkpoint", "ckpt-4")
 
 
@@ -250,7 +251,7 @@ def test_truncated_weights_are_one_line_and_write_nothing(run, tmp_path, capsys,
     truncate(runs.weights_path(run))
     out = tmp_path / "out"
     if tool == "evaluate":
-        code = evaluate_cli.main(["-c", run, "--out-dir", str(out), "--no-progress"])
+        code = evaluate_cli.main(["-c", run, "--out", str(out), "--no-progress"])
     else:
         code = export_cli.main(["-c", run, "--out", str(out), "--tflite", "none"])
     assert code == 2
@@ -266,7 +267,7 @@ def test_exported_report_names_the_exported_model_and_merge_checks_weights(
     version = os.path.join(out, "1")
     other = shutil.copytree(run, str(tmp_path / "other"))        # another run's -c
     reports = str(tmp_path / "reports")
-    flags = ["--out-dir", reports, "--no-progress"]
+    flags = ["--out", reports, "--no-progress"]
     assert evaluate_cli.main(["-c", other, "--exported", version, *flags]) == 0
     document = json.load(open(os.path.join(reports, "run-savedmodel.json")))
     assert document["run"] == run and document["exported"] == version
@@ -286,13 +287,13 @@ def test_exported_report_names_the_exported_model_and_merge_checks_weights(
                os.path.join(reports, "mixed.shard-2-of-2.json"))
     capsys.readouterr()
     parts = [os.path.join(reports, f"mixed.shard-{i}-of-2.json") for i in (1, 2)]
-    assert evaluate_cli.main(["--merge", *parts, "--out-dir", reports]) == 2
+    assert evaluate_cli.main(["--merge", *parts, "--out", reports]) == 2
     one_error_line(capsys, parts[1], "other weights")
     assert not os.path.exists(os.path.join(reports, "mixed.json"))
 
 
 def test_export_removes_the_folders_of_killed_exports_only(tmp_path):
-    from aldk_tf import serving
+    from aldk_tf.deploy import export
     dead, running, fresh = (tmp_path / name for name in (".tmp-1-a", ".tmp-2-b", ".tmp-3-c"))
     for folder in (dead, running, fresh):
         folder.mkdir()
@@ -300,9 +301,9 @@ def test_export_removes_the_folders_of_killed_exports_only(tmp_path):
     hour_ago = time.time() - 3600
     for folder in (dead, running):
         os.utime(folder, (hour_ago, hour_ago))
-    held = serving._hold(str(running))            # as an export in progress holds it
+    held = export._hold(str(running))            # as an export in progress holds it
     try:
-        assert serving.remove_abandoned_staging(str(tmp_path)) == [str(dead)]
+        assert export.remove_abandoned_staging(str(tmp_path)) == [str(dead)]
     finally:
         os.close(held)
     assert running.exists() and fresh.exists() and not dead.exists()
@@ -315,7 +316,7 @@ def test_fake_exported_model_is_one_line(run, tmp_path, capsys):
     lite = tmp_path / "model.tflite"
     lite.write_bytes(b"not a flatbuffer")
     for path in (str(fake), str(lite)):
-        code = evaluate_cli.main(["-c", run, "--exported", path, "--out-dir",
+        code = evaluate_cli.main(["-c", run, "--exported", path, "--out",
                                   str(tmp_path / "reports"), "--no-progress"])
         assert code == 2
         one_error_line(capsys, path, "expected the output of export.py")
@@ -335,8 +336,8 @@ def teacher_run(dataset, tmp_path):
 
 def test_truncated_teacher_flows_are_set_aside_and_extracted_again(dataset, teacher_run,
                                                                    capsys):
-    from aldk_tf.teacher_flows import stored_keys
-    from aldk_tf.train_run import ensure_teacher_flows
+    from aldk_tf.training.flow_store import stored_keys
+    from aldk_tf.training.run import ensure_teacher_flows
     folder, teacher = teacher_run
     config = load_dataset_config(dataset)
     pairs = list_pairs(config, "1")[:2]
@@ -351,7 +352,7 @@ def test_truncated_teacher_flows_are_set_aside_and_extracted_again(dataset, teac
 
 def test_teacher_flows_of_another_size_are_refused_before_training(dataset, teacher_run,
                                                                     tmp_path, capsys):
-    from aldk_tf.train_run import ensure_teacher_flows
+    from aldk_tf.training.run import ensure_teacher_flows
     folder, teacher = teacher_run
     config = load_dataset_config(dataset)
     path = ensure_teacher_flows(folder, teacher, config, list_pairs(config, "1"))
@@ -366,7 +367,7 @@ def test_teacher_flows_of_another_size_are_refused_before_training(dataset, teac
         handle[key].attrs.update(attrs)
     weights = tmp_path / "weights"
     code = train_cli.main(train_flags(dataset, weights, "student", "--flow-distill",
-                                      "0.1", "--teacher", folder, "--max_steps", "2"))
+                                      "0.1", "--teacher", folder, "--max-steps", "2"))
     assert code == 2
     one_error_line(capsys, path, "(8, 8, 8, 3)", f"expected ({SIZE}, {SIZE}, {SIZE}, 3)")
     assert not (weights / "student").exists()
@@ -375,7 +376,7 @@ def test_teacher_flows_of_another_size_are_refused_before_training(dataset, teac
 # ------------------------------------------------- another process: lock, kill -9
 CLAIM = """
 import json, os, sys, time
-from aldk_tf import runs
+from aldk_tf.training import runs
 run_dir, name = sys.argv[1], sys.argv[2]
 while time.time() < float(sys.argv[3]):          # start together
     pass
@@ -428,10 +429,10 @@ def test_a_held_run_directory_is_refused_and_kill_9_then_resume(dataset, tmp_pat
             time.sleep(0.2)
         # The other process holds the directory: a second start and a resume stop.
         config_before = open(os.path.join(run_dir, "config.json")).read()
-        assert train_cli.main(train_flags(dataset, weights, "held", "--max_steps",
+        assert train_cli.main(train_flags(dataset, weights, "held", "--max-steps",
                                           "2")) == 2
         one_error_line(capsys, run_dir, "another training run holds")
-        assert train_cli.main(["-c", run_dir, "--max_steps", "2", "-v", "0"]) == 2
+        assert train_cli.main(["-c", run_dir, "--max-steps", "2", "--verbose", "0"]) == 2
         one_error_line(capsys, run_dir, "another training run holds")
         assert open(os.path.join(run_dir, "config.json")).read() == config_before
     finally:
@@ -440,7 +441,7 @@ def test_a_held_run_directory_is_refused_and_kill_9_then_resume(dataset, tmp_pat
     saved = latest_step(run_dir)
     assert saved >= 2
     # The lock died with the process: the same run resumes and ends at the same step.
-    assert train_cli.main(["-c", run_dir, "--max_steps", str(saved + 1), "-v", "0"]) == 0
+    assert train_cli.main(["-c", run_dir, "--max-steps", str(saved + 1), "--verbose", "0"]) == 0
     assert latest_step(run_dir) == saved + 1
 
 
@@ -458,16 +459,16 @@ def test_corrupt_or_foreign_config_json_is_one_line(run, tmp_path, capsys, text)
     with open(path, "w") as handle:
         handle.write(text)
     out = tmp_path / "out"
-    assert evaluate_cli.main(["-c", run, "--out-dir", str(out), "--no-progress"]) == 2
+    assert evaluate_cli.main(["-c", run, "--out", str(out), "--no-progress"]) == 2
     one_error_line(capsys, path, "not a valid run configuration")
-    assert train_cli.main(["-c", run, "-v", "0"]) == 2
+    assert train_cli.main(["-c", run, "--verbose", "0"]) == 2
     one_error_line(capsys, path, "not a valid run configuration")
     assert not out.exists()
 
 
 def test_failed_start_removes_the_weights_folder_it_made(dataset, tmp_path, capsys):
     """A dataset whose HDF5 file is missing fails inside the run: neither the run
-    directory nor the --weights_dir folders made for it are left."""
+    directory nor the --weights-dir folders made for it are left."""
     config = json.load(open(dataset))
     config["files"] = {key: {**value, "path": "missing.h5"}
                        for key, value in config["files"].items()}
@@ -481,7 +482,7 @@ def test_failed_start_removes_the_weights_folder_it_made(dataset, tmp_path, caps
 
 @pytest.mark.parametrize("tool,flags,expected", [
     ("evaluate", ["--refine", "2", "--refine-lr", "inf"], "--refine-lr"),
-    ("evaluate", ["-n", "../../x"], "-n/--name"),
+    ("evaluate", ["--name", "../../x"], "--name"),
     ("evaluate", ["--exported", "export/1", "-r", "2"], "-r applies"),
     ("evaluate", ["-r", "1000000"], "-r: expected an integer in 1..100"),
     ("export", ["-r", "1000000"], "-r: expected an integer in 1..100"),
@@ -492,7 +493,7 @@ def test_evaluate_and_export_flag_out_of_range_is_one_line(run, tmp_path, capsys
                                                            tool, flags, expected):
     out = tmp_path / "out"
     if tool == "evaluate":
-        code = evaluate_cli.main(["-c", run, "--out-dir", str(out), "--no-progress",
+        code = evaluate_cli.main(["-c", run, "--out", str(out), "--no-progress",
                                   *flags])
     else:
         code = export_cli.main(["-c", run, "--out", str(out), "--tflite", "none", *flags])
@@ -503,7 +504,7 @@ def test_evaluate_and_export_flag_out_of_range_is_one_line(run, tmp_path, capsys
 
 def test_refine_lr_out_of_range_is_refused_even_without_steps(run, tmp_path, capsys):
     out = tmp_path / "out"
-    assert evaluate_cli.main(["-c", run, "--out-dir", str(out), "--no-progress",
+    assert evaluate_cli.main(["-c", run, "--out", str(out), "--no-progress",
                               "--refine-lr", "0"]) == 2
     one_error_line(capsys, "--refine-lr", "expected a finite step size > 0")
     assert not out.exists()
@@ -512,7 +513,7 @@ def test_refine_lr_out_of_range_is_refused_even_without_steps(run, tmp_path, cap
 def test_evaluation_that_fails_leaves_no_output_folder(run, tmp_path, capsys):
     os.remove(runs.weights_path(run))
     out = tmp_path / "reports"
-    assert evaluate_cli.main(["-c", run, "--out-dir", str(out), "--no-progress"]) == 2
+    assert evaluate_cli.main(["-c", run, "--out", str(out), "--no-progress"]) == 2
     one_error_line(capsys, run, "no model.weights.h5")
     assert not out.exists()
 
@@ -533,7 +534,7 @@ def nifti(path, data, affine=None):
 
 def test_non_integer_labels_are_refused_not_rounded(tmp_path, capsys):
     """A float label map (0.5, 1.5 ...) would be rounded into other labels silently."""
-    from aldk_tf import warp
+    from aldk_tf.deploy import warp
     rng = np.random.default_rng(0)
     flow = np.zeros((SIZE,) * 3 + (1, 3), np.float32)
     flow_path = nifti(tmp_path / "flow.nii.gz", flow)
@@ -607,8 +608,9 @@ def test_truncated_tflite_is_one_line_not_a_crash(tmp_path):
     content = converter.convert()
     path = tmp_path / "model.tflite"
     path.write_bytes(content[:len(content) // 2])
-    check = ("import sys\nfrom aldk_tf import serving\ntry:\n    serving.tflite_ops(sys.argv[1])"
-             "\nexcept ValueError as error:\n    print(error)\n    sys.exit(2)\n")
+    check = ("import sys\nfrom aldk_tf.deploy import serving\ntry:\n"
+             "    serving.tflite_ops(sys.argv[1])\nexcept ValueError as error:\n"
+             "    print(error)\n    sys.exit(2)\n")
     result = subprocess.run([sys.executable, "-c", check, str(path)], capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
     assert result.returncode == 2, (result.returncode, result.stderr[-500:])
@@ -619,7 +621,7 @@ def test_truncated_tflite_is_one_line_not_a_crash(tmp_path):
 def test_flow_with_nan_or_unnamed_axes_is_one_line(tmp_path, capsys, fault):
     """A NaN in the flow was a TensorFlow traceback; a flow whose intent names no axes
     was read as RAS silently (an ITK/ANTs field is LPS)."""
-    from aldk_tf import warp
+    from aldk_tf.deploy import warp
     flow = np.zeros((SIZE,) * 3 + (1, 3), np.float32)
     if fault == "nan":
         flow[1, 1, 1] = np.nan
@@ -669,23 +671,25 @@ def test_a_full_disk_while_writing_the_config_names_it_and_keeps_it(tmp_path, mo
 
 EXTRACT_SLOWLY = """
 import sys, time
-from aldk_tf import teacher_flows
-write = teacher_flows._write_flow
+from aldk_tf.cli import teacher_flows as cli
+from aldk_tf.training import teacher_flows
+write = teacher_flows.write_flow
 def write_slowly(*args, **kwargs):      # time for the test to kill between two pairs
     write(*args, **kwargs)
     time.sleep(0.5)
-teacher_flows._write_flow = write_slowly
-sys.exit(teacher_flows.main(sys.argv[1:]))
+teacher_flows.write_flow = write_slowly
+sys.exit(cli.main(sys.argv[1:]))
 """
 
 
 @pytest.mark.slow
 def test_kill_9_during_teacher_flow_extraction_then_rerun_gives_every_flow(
         run, tmp_path, capsys):
-    from aldk_tf import teacher_flows
-    path = teacher_flows.flows_path(run)
+    from aldk_tf.cli import teacher_flows
+    from aldk_tf.training.flow_store import flows_path, pair_key, stored_keys
+    path = flows_path(run)
     process = subprocess.Popen(
-        [sys.executable, "-c", EXTRACT_SLOWLY, "--teacher", run, "--batch", "1"],
+        [sys.executable, "-c", EXTRACT_SLOWLY, "-c", run, "--batch", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"})
     try:
@@ -699,17 +703,16 @@ def test_kill_9_during_teacher_flow_extraction_then_rerun_gives_every_flow(
         process.send_signal(signal.SIGKILL)
         process.wait()
     pairs = list_pairs(load_dataset_config(runs.load_run_config(run).dataset), "1")
-    assert len(teacher_flows.stored_keys(path)) < len(pairs)        # killed part-way
-    assert teacher_flows.main(["--teacher", run, "--batch", "1"]) == 0
-    assert teacher_flows.stored_keys(path) == {teacher_flows.pair_key(*p) for p in pairs}
+    assert len(stored_keys(path)) < len(pairs)        # killed part-way
+    assert teacher_flows.main(["-c", run, "--batch", "1"]) == 0
+    assert stored_keys(path) == {pair_key(*p) for p in pairs}
     # The same flows as an extraction that was never interrupted.
     shutil.copytree(run, str(tmp_path / "clean_run"))
-    assert teacher_flows.main(["--teacher", str(tmp_path / "clean_run"), "--batch",
-                               "1"]) == 0
-    clean = teacher_flows.flows_path(str(tmp_path / "clean_run"))
+    assert teacher_flows.main(["-c", str(tmp_path / "clean_run"), "--batch", "1"]) == 0
+    clean = flows_path(str(tmp_path / "clean_run"))
     with h5py.File(path, "r") as resumed, h5py.File(clean, "r") as fresh:
         for pair in pairs:
-            key = teacher_flows.pair_key(*pair)
+            key = pair_key(*pair)
             np.testing.assert_allclose(np.asarray(resumed[key]), np.asarray(fresh[key]),
                                        atol=1e-3)
 

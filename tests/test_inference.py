@@ -1,4 +1,4 @@
-"""aldk_tf/inference.py and bench/inference.py: fast paths against the reference, no timing.
+"""aldk_tf/deploy/inference.py and bench/inference.py: fast paths against the reference, no timing.
 
 Every fast path (fixed-signature function, sub-pixel flow heads, bfloat16 convolutions,
 SavedModel of the prepared graph) is compared with the Keras model's outputs and with the
@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from aldk_tf import serving, spatial
-from aldk_tf.inference import (graph_ops, inference_graph, registration_function,
-                               slow_ops, transposed_conv3d)
+from aldk_tf.deploy import export, serving
+
+from aldk_tf import spatial
+from aldk_tf.deploy.inference import (graph_ops, inference_graph, registration_function,
+                                      slow_ops, transposed_conv3d)
 from aldk_tf.networks import build_student, build_teacher
 from scripts import load_script
 
@@ -39,7 +41,7 @@ def perturbed(model, seed=0, scale=0.05):
 
 
 def smooth_pair(size=SIZE, seed=0):
-    sample = serving.synthetic_sample(size, seed=seed)
+    sample = export.synthetic_sample(size, seed=seed)
     return sample["fixed"].astype(np.float32), sample["moving"].astype(np.float32)
 
 

@@ -4,7 +4,7 @@ import pytest
 import keras
 import tensorflow as tf
 
-from aldk_tf.critic import FlowCritic
+from aldk_tf.networks.critic import FlowCritic
 from aldk_tf.networks import (AffineStem, RecursiveCascade, StudentNet, VoxelMorphNet,
                               VTNNet, build_student, build_teacher)
 

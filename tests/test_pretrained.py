@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import aldk_tf
-from aldk_tf import metrics, serving
+from aldk_tf import metrics
+from aldk_tf.deploy import serving
 
 PRETRAINED = Path(aldk_tf.__file__).parent / "pretrained" / "brain_mr_64"
 VERSION = PRETRAINED / "1"

@@ -1,5 +1,5 @@
-"""aldk_tf/refine.py (instance optimisation) and its three users: the teacher-flow
-extraction (``--refine``), evaluate.py ``--refine`` and ``python -m aldk_tf.register
+"""aldk_tf/training/refine.py (instance optimisation) and its three users: the teacher-flow
+extraction (``--refine``), evaluate.py ``--refine`` and ``python -m aldk_tf.cli.register
 --refine``."""
 
 import json
@@ -12,13 +12,16 @@ import pytest
 import scipy.ndimage as ndimage
 import tensorflow as tf
 
-from aldk_tf import evaluation, losses, metrics, runs, spatial, teacher_flows
-from aldk_tf.checkpoints import save_weights_atomic
+from aldk_tf import evaluation, losses, metrics, reports, spatial
+
+from aldk_tf.cli import teacher_flows as teacher_flows_cli
+from aldk_tf.training import flow_store, runs, teacher_flows
+from aldk_tf.training.checkpoints import save_weights_atomic
 from aldk_tf.config import ModelConfig, RunConfig
 from aldk_tf.data import list_pairs, load_dataset_config, load_pair
 from aldk_tf.data.preprocess import preprocess_scan
-from aldk_tf.refine import objective, refine_flow
-from aldk_tf.runs import RunError
+from aldk_tf.training.refine import objective, refine_flow
+from aldk_tf.training.runs import RunError
 from scripts import load_cli
 from synthetic import write_blob_dataset
 from test_register import nifti_pair, savedmodel  # noqa: F401  (fixtures)
@@ -179,7 +182,7 @@ def test_extraction_stores_refined_flows_and_their_dice(teacher_run, blobs, tmp_
     with h5py.File(path, "r") as handle:
         assert handle.attrs["refine_steps"] == 5
         for fixed_id, moving_id in pairs:
-            stored = handle[teacher_flows.pair_key(fixed_id, moving_id)]
+            stored = handle[flow_store.pair_key(fixed_id, moving_id)]
             assert stored.dtype == np.float16 and stored.attrs["refine_steps"] == 5
             assert {"dice_teacher", "dice_stored"} <= set(stored.attrs)
 
@@ -187,7 +190,7 @@ def test_extraction_stores_refined_flows_and_their_dice(teacher_run, blobs, tmp_
     inputs = {"fixed": pair["fixed"][None], "moving": pair["moving"][None]}
     raw = teacher.registration_model()(inputs)["flow"]
     expected, _ = refine_flow(inputs["fixed"], inputs["moving"], raw, 5)
-    store = teacher_flows.TeacherFlowStore(path)
+    store = flow_store.TeacherFlowStore(path)
     assert store.setting["refine_steps"] == 5
     np.testing.assert_allclose(store.read(*pairs[2]), expected.numpy()[0], atol=2e-2)
     store.close()
@@ -196,11 +199,11 @@ def test_extraction_stores_refined_flows_and_their_dice(teacher_run, blobs, tmp_
                                              dataset.label_values)["dice"][0])
             for name, flow in (("teacher", raw), ("stored", expected))}
 
-    summary = teacher_flows.refinement_summary(path)
+    summary = flow_store.refinement_summary(path)
     assert summary["pairs"] == 3 and summary["refine_steps"] == 5
     assert summary["dice_stored"] > summary["dice_teacher"]
     with h5py.File(path, "r") as handle:
-        attrs = handle[teacher_flows.pair_key(*pairs[2])].attrs
+        attrs = handle[flow_store.pair_key(*pairs[2])].attrs
         assert attrs["dice_teacher"] == pytest.approx(dice["teacher"], abs=1e-6)
         assert attrs["dice_stored"] == pytest.approx(dice["stored"], abs=2e-3)
 
@@ -216,8 +219,8 @@ def test_extraction_stores_refined_flows_and_their_dice(teacher_run, blobs, tmp_
 
 
 def test_extraction_cli_refine_reports_and_refuses_a_mismatch(teacher_run, capsys):
-    assert teacher_flows.main(["--teacher", teacher_run, "--refine", "10",
-                               "--refine-lr", "0.2"]) == 0, capsys.readouterr().err
+    assert teacher_flows_cli.main(["-c", teacher_run, "--refine", "10",
+                                   "--refine-lr", "0.2"]) == 0, capsys.readouterr().err
     lines = capsys.readouterr().out.strip().splitlines()
     assert any(line.startswith("6 flows extracted") for line in lines), lines
     report = json.loads(lines[-1])
@@ -225,36 +228,36 @@ def test_extraction_cli_refine_reports_and_refuses_a_mismatch(teacher_run, capsy
     assert report["refine_learning_rate"] == pytest.approx(0.2)
     assert 0.0 < report["dice_teacher"] < report["dice_stored"] <= 1.0
 
-    path = teacher_flows.flows_path(teacher_run, refine=10)
-    assert os.path.exists(path) and not os.path.exists(teacher_flows.flows_path(teacher_run))
+    path = flow_store.flows_path(teacher_run, refine=10)
+    assert os.path.exists(path) and not os.path.exists(flow_store.flows_path(teacher_run))
     # Another learning rate for the same step count would mix targets in one file.
     for args in (["--refine", "10"], ["--refine", "10", "--shard", "1/2"]):
-        assert teacher_flows.main(["--teacher", teacher_run, *args]) == 2
+        assert teacher_flows_cli.main(["-c", teacher_run, *args]) == 2
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and "flows stored with --refine 10 --refine-lr 0.2" in \
             error[0], error
     # Raw flows of the same teacher go to their own file, beside the refined ones.
-    assert teacher_flows.main(["--teacher", teacher_run, "--refine", "0"]) == 0
+    assert teacher_flows_cli.main(["-c", teacher_run, "--refine", "0"]) == 0
     capsys.readouterr()
-    raw = teacher_flows.flows_path(teacher_run)
-    assert teacher_flows.TeacherFlowStore(raw).setting == {"refine_steps": 0}
-    assert teacher_flows.TeacherFlowStore(path).setting["refine_steps"] == 10
-    assert teacher_flows.main(["--teacher", teacher_run, "--refine", "-1"]) == 2
+    raw = flow_store.flows_path(teacher_run)
+    assert flow_store.TeacherFlowStore(raw).setting == {"refine_steps": 0}
+    assert flow_store.TeacherFlowStore(path).setting["refine_steps"] == 10
+    assert teacher_flows_cli.main(["-c", teacher_run, "--refine", "-1"]) == 2
     assert "--refine: expected an integer >= 0" in capsys.readouterr().err
     os.remove(path)
     os.remove(raw)
 
 
 def test_merge_takes_only_parts_of_its_setting(teacher_run, capsys):
-    assert teacher_flows.main(["--teacher", teacher_run, "--shard", "1/2"]) == 0
-    assert teacher_flows.main(["--teacher", teacher_run, "--shard", "2/2",
-                               "--refine", "2"]) == 0
+    assert teacher_flows_cli.main(["-c", teacher_run, "--shard", "1/2"]) == 0
+    assert teacher_flows_cli.main(["-c", teacher_run, "--shard", "2/2",
+                                   "--refine", "2"]) == 0
     capsys.readouterr()
     # The refined part has its own name: the raw merge is missing its part 2/2.
-    assert teacher_flows.main(["--teacher", teacher_run, "--merge"]) == 2
+    assert teacher_flows_cli.main(["-c", teacher_run, "--merge"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "error:" in error[0], error
-    assert not os.path.exists(teacher_flows.flows_path(teacher_run))
+    assert not os.path.exists(flow_store.flows_path(teacher_run))
     for part in os.listdir(teacher_run):
         if part.startswith("teacher_flows"):
             os.remove(os.path.join(teacher_run, part))
@@ -280,7 +283,7 @@ def test_evaluate_refine_scores_the_refined_flow(student_run_32, demo_dataset_32
 
     out = tmp_path / "evaluate"
     code = load_cli("evaluate").main(["-c", student_run_32, "-v", "demo-test", "--batch",
-                                      "2", "--refine", "4", "--out-dir", str(out),
+                                      "2", "--refine", "4", "--out", str(out),
                                       "--no-progress"])
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["student32-refine4-demo-test.csv",
@@ -288,22 +291,22 @@ def test_evaluate_refine_scores_the_refined_flow(student_run_32, demo_dataset_32
                                                      "student32-refine4-demo-test.txt"]
     document = json.loads((out / "student32-refine4-demo-test.json").read_text())
     assert document["refine_steps"] == 4
-    reported = evaluation.read_rcn_summary(out / "student32-refine4-demo-test.txt")
+    reported = reports.read_rcn_summary(out / "student32-refine4-demo-test.txt")
     assert reported["Dice score"][0] == pytest.approx(
         np.mean([r["dice"] for r in records]), abs=2e-3)
     assert load_cli("evaluate").main(["-c", student_run_32, "--refine", "-2",
-                                      "--out-dir", str(out)]) == 2
+                                      "--out", str(out)]) == 2
     assert "--refine: expected an integer >= 0" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- register
 def test_register_refine_writes_the_refined_flow(savedmodel, nifti_pair,  # noqa: F811
                                                  tmp_path, capsys):
-    from aldk_tf import register
+    from aldk_tf.cli import register as register_cli
     out_dir = tmp_path / "out"
-    code = register.main(["--model", savedmodel, "--fixed", nifti_pair["fixed"],
-                          "--moving", nifti_pair["moving"], "--out-dir", str(out_dir),
-                          "--crop", "none", "--refine", "3"])
+    code = register_cli.main(["--model", savedmodel, "--fixed", nifti_pair["fixed"],
+                              "--moving", nifti_pair["moving"], "--out", str(out_dir),
+                              "--crop", "none", "--refine", "3"])
     assert code == 0, capsys.readouterr().err
     assert "refined by 3 steps in" in capsys.readouterr().out
 

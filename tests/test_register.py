@@ -1,4 +1,4 @@
-"""aldk_tf/register.py: a NIfTI pair registered with an exported SavedModel."""
+"""aldk_tf/deploy/register.py: a NIfTI pair registered with an exported SavedModel."""
 
 import os
 
@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from aldk_tf import metrics, register, spatial
-from aldk_tf.data import load_dataset_config, read_dataset
+from aldk_tf import metrics, spatial
+from aldk_tf.cli import register as register_cli
 from aldk_tf.data.preprocess import preprocess_scan
+from aldk_tf.deploy import register
+
+from demo_nifti import demo_scans, write_pair
 
 
 @pytest.fixture(scope="module")
@@ -20,26 +23,18 @@ def savedmodel(savedmodel_32):
 @pytest.fixture(scope="module")
 def nifti_pair(demo_dataset_32, tmp_path_factory):
     """Two demo test subjects as NIfTI; the moving one with its own (shifted) affine."""
-    dataset = load_dataset_config(demo_dataset_32)
-    scans = read_dataset(dataset.resolve_file("demo"))
-    fixed_scan, moving_scan = scans["subject_04"], scans["subject_05"]
-    folder = tmp_path_factory.mktemp("nifti")
-    fixed_affine = fixed_scan["attrs"]["affine"]
+    scans = demo_scans(demo_dataset_32)
+    fixed_affine = scans["subject_04"]["attrs"]["affine"]
     moving_affine = fixed_affine.copy()
     moving_affine[:3, 3] += [12.0, -7.0, 3.0]
-    paths = {}
-    for name, data, affine in (("fixed", fixed_scan["volume"], fixed_affine),
-                               ("moving", moving_scan["volume"], moving_affine),
-                               ("moving_seg", moving_scan["segmentation"], moving_affine)):
-        paths[name] = str(folder / f"{name}.nii.gz")
-        nib.save(nib.Nifti1Image(data, affine), paths[name])
-    return paths
+    return write_pair(tmp_path_factory.mktemp("nifti"), scans["subject_04"],
+                      scans["subject_05"], fixed_affine, moving_affine)
 
 
 def run(savedmodel, pair, out_dir, *extra):
-    return register.main(["--model", savedmodel, "--fixed", pair["fixed"], "--moving",
-                          pair["moving"], "--moving-seg", pair["moving_seg"],
-                          "--out-dir", str(out_dir), "--crop", "none", *extra])
+    return register_cli.main(["--model", savedmodel, "--fixed", pair["fixed"], "--moving",
+                              pair["moving"], "--moving-seg", pair["moving_seg"],
+                              "--out", str(out_dir), "--crop", "none", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +117,12 @@ def test_existing_output_folder_needs_overwrite_and_keeps_no_stale_file(
     assert register.latest_version(base) == savedmodel
     pair = {key: value for key, value in nifti_pair.items() if key != "moving_seg"}
     arguments = ["--model", base, "--fixed", pair["fixed"], "--moving", pair["moving"],
-                 "--out-dir", str(out_dir), "--crop", "none"]
-    assert register.main(arguments) == 2
+                 "--out", str(out_dir), "--crop", "none"]
+    assert register_cli.main(arguments) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--overwrite" in err[0], err
     assert sorted(os.listdir(out_dir)) == ["warped_seg.nii.gz"]  # untouched
-    assert register.main([*arguments, "--overwrite"]) == 0
+    assert register_cli.main([*arguments, "--overwrite"]) == 0
     expected = sorted(set(register.OUTPUT_NAMES) - {"warped_seg.nii.gz"})
     assert sorted(os.listdir(out_dir)) == expected               # the stale file is gone
     assert sorted(os.listdir(tmp_path)) == ["out"]              # no staging left over

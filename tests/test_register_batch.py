@@ -1,4 +1,4 @@
-"""aldk_tf/register_batch.py (aldk-register --pairs) and the in-memory Registrar."""
+"""aldk_tf/deploy/register_batch.py (aldk-register --pairs) and the in-memory Registrar."""
 
 import csv
 import os
@@ -7,8 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from aldk_tf import register
-from aldk_tf.data import load_dataset_config, read_dataset
+from aldk_tf.cli import register as register_cli
+from aldk_tf.deploy import register
+
+from demo_nifti import demo_scans, save_nifti
 
 
 @pytest.fixture(scope="module")
@@ -19,17 +21,13 @@ def savedmodel(savedmodel_32):
 @pytest.fixture(scope="module")
 def scans(demo_dataset_32, tmp_path_factory):
     """Three demo subjects as NIfTI (+ labels) and an empty scan, in one folder."""
-    dataset = load_dataset_config(demo_dataset_32)
-    stored = read_dataset(dataset.resolve_file("demo"))
+    stored = demo_scans(demo_dataset_32)
     folder = tmp_path_factory.mktemp("scans")
     for subject in ("subject_03", "subject_04", "subject_05"):
         affine = stored[subject]["attrs"]["affine"]
-        nib.save(nib.Nifti1Image(stored[subject]["volume"], affine),
-                 folder / f"{subject}.nii.gz")
-        nib.save(nib.Nifti1Image(stored[subject]["segmentation"], affine),
-                 folder / f"{subject}_seg.nii.gz")
-    nib.save(nib.Nifti1Image(np.zeros((32, 32, 32), np.uint8), np.eye(4)),
-             folder / "empty.nii.gz")
+        save_nifti(folder / f"{subject}.nii.gz", stored[subject]["volume"], affine)
+        save_nifti(folder / f"{subject}_seg.nii.gz", stored[subject]["segmentation"], affine)
+    save_nifti(folder / "empty.nii.gz", np.zeros((32, 32, 32), np.uint8), np.eye(4))
     return folder
 
 
@@ -52,8 +50,8 @@ def test_pairs_csv_registers_each_pair_once_loaded(savedmodel, scans, tmp_path,
     monkeypatch.setattr(register, "load_serving_model",
                         lambda path: loads.append(path) or original(path))
     out_dir = tmp_path / "batch"
-    code = register.main(["--model", savedmodel, "--pairs", pairs, "--out-dir",
-                          str(out_dir), "--crop", "none", "--no-progress"])
+    code = register_cli.main(["--model", savedmodel, "--pairs", pairs, "--out",
+                              str(out_dir), "--crop", "none", "--no-progress"])
     assert code == 1                                   # one pair failed, the others ran
     assert len(loads) == 1
     assert sorted(os.listdir(out_dir)) == ["b", "subject_04__subject_05", "summary.csv"]
@@ -68,10 +66,10 @@ def test_pairs_csv_registers_each_pair_once_loaded(savedmodel, scans, tmp_path,
 
     # The same pair registered alone gives the same files.
     single = tmp_path / "single"
-    assert register.main(["--model", savedmodel, "--fixed", str(scans / "subject_04.nii.gz"),
-                          "--moving", str(scans / "subject_05.nii.gz"), "--moving-seg",
-                          str(scans / "subject_05_seg.nii.gz"), "--out-dir", str(single),
-                          "--crop", "none"]) == 0
+    assert register_cli.main(["--model", savedmodel, "--fixed", str(scans / "subject_04.nii.gz"),
+                              "--moving", str(scans / "subject_05.nii.gz"), "--moving-seg",
+                              str(scans / "subject_05_seg.nii.gz"), "--out", str(single),
+                              "--crop", "none"]) == 0
     for name in ("flow.nii.gz", "warped_seg.nii.gz", "jacobian.nii.gz"):
         np.testing.assert_array_equal(
             nib.load(single / name).get_fdata(),
@@ -89,8 +87,8 @@ def test_pairs_csv_registers_each_pair_once_loaded(savedmodel, scans, tmp_path,
 def test_bad_pairs_csv_fails_with_one_line_before_any_work(rows, expected, savedmodel,
                                                             scans, tmp_path, capsys):
     pairs = write_csv(scans / f"bad_{len(rows)}_{len(rows[0])}.csv", rows)
-    code = register.main(["--model", savedmodel, "--pairs", pairs, "--out-dir",
-                          str(tmp_path / "out"), "--crop", "none", "--no-progress"])
+    code = register_cli.main(["--model", savedmodel, "--pairs", pairs, "--out",
+                              str(tmp_path / "out"), "--crop", "none", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and expected in err[0], err
     assert not (tmp_path / "out").exists()

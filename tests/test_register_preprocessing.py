@@ -8,7 +8,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from aldk_tf import register, runs
+from aldk_tf.cli import register as register_cli
+from aldk_tf.deploy import preparation
+from aldk_tf.deploy import register
+
+from aldk_tf.training import runs
 from aldk_tf.cli import export as export_cli
 from aldk_tf.cli import nifti_to_h5
 from aldk_tf.cli import train as train_cli
@@ -88,8 +92,8 @@ def test_register_uses_the_models_window_without_any_flag(ct_model, tmp_path, ca
         return prepared[-1]
     monkeypatch.setattr(register.preprocess, "preprocess_scan", recording)
     pair, out_dir = ct_model["pair"], tmp_path / "out"
-    assert register.main(["--model", ct_model["model"], "--fixed", pair["fixed"],
-                          "--moving", pair["moving"], "--out-dir", str(out_dir)]) == 0
+    assert register_cli.main(["--model", ct_model["model"], "--fixed", pair["fixed"],
+                              "--moving", pair["moving"], "--out", str(out_dir)]) == 0
     assert "window -1000..400 HU" in capsys.readouterr().out
     with open(out_dir / "registration.json") as handle:
         used = json.load(handle)["preprocessing"]
@@ -111,9 +115,9 @@ def _one_line_error(capsys):
 
 def test_a_mismatched_modality_fails_with_one_line(ct_model, tmp_path, capsys):
     pair = ct_model["pair"]
-    code = register.main(["--model", ct_model["model"], "--fixed", pair["fixed"],
-                          "--moving", pair["moving"], "--out-dir", str(tmp_path / "out"),
-                          "--modality", "mr"])
+    code = register_cli.main(["--model", ct_model["model"], "--fixed", pair["fixed"],
+                              "--moving", pair["moving"], "--out", str(tmp_path / "out"),
+                              "--modality", "mr"])
     assert code == 2
     assert "trained on CT scans" in _one_line_error(capsys)
     assert os.listdir(tmp_path) == []
@@ -124,8 +128,8 @@ def test_a_scan_outside_the_window_is_refused(ct_model, tmp_path, capsys):
     mr_like = str(tmp_path / "mr.nii.gz")
     nib.save(nib.Nifti1Image(np.full((20, 20, 20), 900.0, np.float32) +
                              np.indices((20, 20, 20)).sum(0), AFFINE), mr_like)
-    code = register.main(["--model", ct_model["model"], "--fixed", ct_model["pair"]["fixed"],
-                          "--moving", mr_like, "--out-dir", str(tmp_path / "out")])
+    code = register_cli.main(["--model", ct_model["model"], "--fixed", ct_model["pair"]["fixed"],
+                              "--moving", mr_like, "--out", str(tmp_path / "out")])
     assert code == 2
     line = _one_line_error(capsys)
     assert mr_like in line and "every voxel maps to 255" in line
@@ -143,20 +147,20 @@ def test_a_scan_outside_the_window_is_refused(ct_model, tmp_path, capsys):
 def test_requests_the_model_contradicts_are_refused(recorded, flags, masks, expected):
     info = {"preprocessing": PreprocessSettings(size=SIZE, **recorded).to_dict()}
     with pytest.raises(register.RegisterError, match=expected.replace("-", r"\-")):
-        settings, _ = register.resolve_preprocessing(info, (SIZE,) * 3, flags, masks)
-        register.scan_crop(settings, "crop" in flags, masks)
+        settings, _ = preparation.resolve_preprocessing(info, (SIZE,) * 3, flags, masks)
+        preparation.scan_crop(settings, "crop" in flags, masks)
 
 
 def test_flags_override_single_settings_with_a_note():
     info = {"preprocessing": PreprocessSettings(size=SIZE, modality="ct",
                                                 window=WINDOW).to_dict()}
-    settings, notes = register.resolve_preprocessing(info, (SIZE,) * 3,
+    settings, notes = preparation.resolve_preprocessing(info, (SIZE,) * 3,
                                                      {"window": (-200.0, 300.0)})
     assert settings.window == (-200.0, 300.0) and settings.modality == "ct"
     assert notes == ["--window -200 300 overrides the model's -1000 400"]
-    assert register.scan_crop(settings, False, False) == "threshold"
-    settings, _ = register.resolve_preprocessing(info, (SIZE,) * 3, {"crop": "none"})
-    assert register.scan_crop(settings, True, False) == "none"
+    assert preparation.scan_crop(settings, False, False) == "threshold"
+    settings, _ = preparation.resolve_preprocessing(info, (SIZE,) * 3, {"crop": "none"})
+    assert preparation.scan_crop(settings, True, False) == "none"
 
 
 def test_masks_prepare_scans_like_the_data_preparation(tmp_path):
@@ -170,7 +174,7 @@ def test_masks_prepare_scans_like_the_data_preparation(tmp_path):
     prepared = PreprocessSettings(size=16, modality="mr", used_masks=True)
     expected = preprocess_scan(image, mask=mask_image, **prepared.scan_arguments())
     registrar = object.__new__(register.Registrar)      # no model needed to prepare
-    settings, _ = register.resolve_preprocessing(
+    settings, _ = preparation.resolve_preprocessing(
         {"preprocessing": prepared.to_dict()}, (16,) * 3, {}, with_masks=True)
     registrar.settings = settings
     registrar.with_masks = True

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from aldk_tf.schedules import EpochCosineDecay, EpochStepDecay, release_schedule
+from aldk_tf.training.schedules import EpochCosineDecay, EpochStepDecay, release_schedule
 
 
 def test_step_decay_matches_the_release_table():

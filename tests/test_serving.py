@@ -1,4 +1,4 @@
-"""aldk_tf/serving.py and export.py: SavedModel signatures, TFLite, TF Serving contract."""
+"""aldk_tf/deploy/serving.py and export.py: SavedModel signatures, TFLite, TF Serving contract."""
 
 import contextlib
 import io
@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from aldk_tf import metrics, runs, serving
+from aldk_tf import metrics, reports
+
+from aldk_tf.training import runs
+
+from aldk_tf.deploy import export, serving
 from aldk_tf.data import list_pairs, load_dataset_config, load_pair
 from scripts import load_cli
 
@@ -166,10 +170,34 @@ def test_warp_segmentation_signature_matches_the_evaluation_warp(exported, demo_
     assert set(np.unique(warped)) <= {0.0, 1.0, 2.0, 3.0}
 
 
+def test_evaluation_and_savedmodel_warp_labels_identically(tmp_path, rng):
+    """The SavedModel's warp_segmentation and metrics.warp_segmentation are one function
+    (spatial.warp_labels): identical masks, for listed labels and for a 0/255 mask."""
+    import keras
+
+    fixed = keras.Input((16, 16, 16, 1), name="fixed")
+    moving = keras.Input((16, 16, 16, 1), name="moving")
+    flow = keras.layers.Conv3D(3, 3, padding="same")(
+        keras.layers.Concatenate()([fixed, moving]))
+    model = keras.Model({"fixed": fixed, "moving": moving}, {"flow": flow, "warped": moving})
+    serving.save_savedmodel(model, str(tmp_path / "model"))
+    signature = tf.saved_model.load(str(tmp_path / "model")).signatures[
+        serving.WARP_SIGNATURE]
+    flow = rng.normal(0, 1.5, (2, 16, 16, 16, 3)).astype(np.float32)
+    labels = rng.choice([0, 1, 2, 3], (2, 16, 16, 16, 1)).astype(np.float32)
+    for segmentation, label_values in [(labels, [1, 2, 3]), ((labels > 1) * 255.0, None)]:
+        warped = signature(segmentation=tf.constant(segmentation, tf.float32),
+                           flow=tf.constant(flow))["warped_segmentation"].numpy()
+        expected = metrics.warp_segmentation(segmentation, flow, label_values)
+        np.testing.assert_array_equal(metrics.segmentation_masks(warped, label_values),
+                                      expected)
+        assert expected.any() and not np.array_equal(warped, segmentation)
+
+
 def test_next_version_and_savedmodel_only_export(student_run_32, exported):
     version, _ = exported
     base = version.parent
-    assert serving.next_version(str(base)) == 2
+    assert export.next_version(str(base)) == 2
     code, out, err = run_cli("export", ["-c", student_run_32, "--out", str(base),
                                         "--tflite", "none"])
     assert code == 0, err
@@ -235,7 +263,7 @@ def test_student_variants_convert_with_parity(rng, n_cascades, factor):
                         resolution_factor=factor).build()
     model.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype)
                        for w in model.get_weights()])
-    sample = serving.synthetic_sample((32, 32, 32))
+    sample = export.synthetic_sample((32, 32, 32))
     reference = model({"fixed": sample["fixed"], "moving": sample["moving"]})["flow"]
     assert np.abs(reference).max() > 0.5
     flatbuffer = serving.convert_tflite(model, "fp32")
@@ -245,16 +273,15 @@ def test_student_variants_convert_with_parity(rng, n_cascades, factor):
 
 def test_evaluate_exported_tflite_reproduces_the_keras_dice(exported, student_run_32,
                                                             tmp_path):
-    from aldk_tf import evaluation
     version, _ = exported
-    args = ["-c", student_run_32, "-v", "demo-test", "--out-dir", str(tmp_path),
+    args = ["-c", student_run_32, "-v", "demo-test", "--out", str(tmp_path),
             "--no-progress"]
     assert run_cli("evaluate", args)[0] == 0
     lite = str(version / "tflite" / "model_fp32.tflite")
     code, _, err = run_cli("evaluate", [*args, "--exported", lite])
     assert code == 0, err
-    keras_dice = evaluation.read_rcn_summary(tmp_path / "student32-demo-test.txt")
-    lite_dice = evaluation.read_rcn_summary(tmp_path /
+    keras_dice = reports.read_rcn_summary(tmp_path / "student32-demo-test.txt")
+    lite_dice = reports.read_rcn_summary(tmp_path /
                                             "student32-model_fp32-demo-test.txt")
     assert lite_dice["Dice score"][0] == pytest.approx(keras_dice["Dice score"][0],
                                                        abs=1e-6)
@@ -267,7 +294,7 @@ def test_evaluate_exported_tflite_reproduces_the_keras_dice(exported, student_ru
 def test_savedmodel_serves_the_fast_inference_graph(exported):
     """The SavedModel runs the graph bench/inference.py times: no transposed convolution
     to few channels (sub-pixel flow heads), no gathers outside XLA, no graph loops."""
-    from aldk_tf.inference import graph_ops, slow_ops
+    from aldk_tf.deploy.inference import graph_ops, slow_ops
     version, _ = exported
     info = json.loads((version / serving.INFO_NAME).read_text())
     assert info["subpixel_flow_heads"] is True and info["xla"] is True
@@ -302,7 +329,7 @@ def test_warmup_requests_read_back_as_prediction_logs(exported):
     from tensorflow_serving.apis import prediction_log_pb2
 
     version, _ = exported
-    path = version / serving.WARMUP_PATH
+    path = version / export.WARMUP_PATH
     assert path.is_file()
     logs = [prediction_log_pb2.PredictionLog.FromString(record.numpy())
             for record in tf.data.TFRecordDataset(str(path))]
@@ -321,13 +348,13 @@ def test_warmup_requests_read_back_as_prediction_logs(exported):
         outputs = signature(**tensors)
         assert all(np.isfinite(value.numpy()).all() for value in outputs.values())
     info = json.loads((version / serving.INFO_NAME).read_text())
-    assert info["warmup_requests"] == serving.WARMUP_PATH
+    assert info["warmup_requests"] == export.WARMUP_PATH
 
 
 def test_warmup_requests_are_skipped_with_a_note_without_serving_api(tmp_path,
                                                                      monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_serving.apis", None)   # ImportError
-    sample = serving.synthetic_sample((8, 8, 8))
-    note = serving.write_warmup_requests(str(tmp_path), sample, "m")
+    sample = export.synthetic_sample((8, 8, 8))
+    note = export.write_warmup_requests(str(tmp_path), sample, "m")
     assert note.startswith("skipped: tensorflow-serving-api is not installed")
     assert os.listdir(tmp_path) == []

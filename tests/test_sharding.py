@@ -1,5 +1,5 @@
 """Sharded evaluation (evaluate.py --shard/--merge) and sharded teacher-flow extraction
-(python -m aldk_tf.teacher_flows --shard/--merge): merged parts equal the unsharded run."""
+(python -m aldk_tf.cli.teacher_flows --shard/--merge): merged parts equal the unsharded run."""
 
 import json
 import os
@@ -10,8 +10,9 @@ import h5py
 import numpy as np
 import pytest
 
-from aldk_tf import runs, teacher_flows
-from aldk_tf.checkpoints import save_weights_atomic
+from aldk_tf.cli import teacher_flows as teacher_flows_cli
+from aldk_tf.training import flow_store, runs
+from aldk_tf.training.checkpoints import save_weights_atomic
 from aldk_tf.config import ModelConfig, RunConfig
 from aldk_tf.shards import Shard, ShardError
 from synthetic import write_blob_dataset
@@ -74,9 +75,9 @@ def test_sharded_evaluation_merges_to_the_unsharded_report(student_run, tmp_path
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     # "train": 6 pairs in 3 shards of 2; "validation": 2 pairs, so shard 3/3 is empty.
     common = ["-c", student_run, "-v", "train,validation", "--no-progress"]
-    assert cli.main(common + ["--out-dir", str(whole)]) == 0, capsys.readouterr().err
+    assert cli.main(common + ["--out", str(whole)]) == 0, capsys.readouterr().err
     for index in (1, 2, 3):
-        assert cli.main(common + ["--out-dir", str(parts), "--shard", f"{index}/3"]) == 0
+        assert cli.main(common + ["--out", str(parts), "--shard", f"{index}/3"]) == 0
     part = json.loads((parts / "student16-train.shard-2-of-3.json").read_text())
     # Pairs (0,1) (0,2) (1,0) (1,2) (2,0) (2,1): shard 2/3 holds the 2nd and the 5th.
     assert [(r["fixed_id"], r["moving_id"]) for r in part["pairs"]] == [
@@ -86,7 +87,7 @@ def test_sharded_evaluation_merges_to_the_unsharded_report(student_run, tmp_path
                       )["pairs"] == []
 
     # Merge by report name (-c/-v) for both subsets ...
-    assert cli.main(common + ["--out-dir", str(parts), "--merge"]) == 0, \
+    assert cli.main(common + ["--out", str(parts), "--merge"]) == 0, \
         capsys.readouterr().err
     for subset, count in (("train", 6), ("validation", 2)):
         merged = (parts / f"student16-{subset}.txt").read_text().splitlines()
@@ -97,7 +98,7 @@ def test_sharded_evaluation_merges_to_the_unsharded_report(student_run, tmp_path
     # ... or from the part files alone, in any order, on another machine.
     elsewhere = tmp_path / "elsewhere"
     named = sorted(str(p) for p in parts.glob("student16-train.shard-*-of-3.json"))[::-1]
-    assert cli.main(["--merge", *named, "--out-dir", str(elsewhere)]) == 0
+    assert cli.main(["--merge", *named, "--out", str(elsewhere)]) == 0
     assert (elsewhere / "student16-train.txt").read_text() == \
         (whole / "student16-train.txt").read_text()
     assert sorted(p.name for p in elsewhere.iterdir()) == ["student16-train.csv",
@@ -114,7 +115,7 @@ def test_sharded_evaluation_merges_to_the_unsharded_report(student_run, tmp_path
 def test_sharding_errors_are_one_line(case, expected, student_run, tmp_path, capsys):
     cli = load_cli("evaluate")
     out = tmp_path / "out"
-    common = ["-c", student_run, "-v", "validation", "--no-progress", "--out-dir", str(out)]
+    common = ["-c", student_run, "-v", "validation", "--no-progress", "--out", str(out)]
     if case == "missing_part":
         for index in (1, 3):
             assert cli.main(common + ["--shard", f"{index}/3"]) == 0
@@ -125,7 +126,7 @@ def test_sharding_errors_are_one_line(case, expected, student_run, tmp_path, cap
     elif case == "not_a_part":
         stray = tmp_path / "report.json"
         stray.write_text("{}")
-        args = ["--merge", str(stray), "--out-dir", str(out)]
+        args = ["--merge", str(stray), "--out", str(out)]
     else:
         args = ["-v", "validation"]
     assert cli.main(args) == 2
@@ -144,7 +145,7 @@ def make_teacher_run(folder, dataset):
 
 def read_flows(path):
     with h5py.File(path, "r") as handle:
-        keys = sorted(teacher_flows._complete_keys(handle))
+        keys = sorted(flow_store._complete_keys(handle))
         return {key: handle[key][()] for key in keys}
 
 
@@ -153,21 +154,21 @@ def test_sharded_teacher_flow_extraction_merges_to_the_unsharded_file(dataset, t
     whole = make_teacher_run(tmp_path / "whole", dataset)
     sharded = str(tmp_path / "sharded")
     shutil.copytree(whole, sharded)
-    assert teacher_flows.main(["--teacher", whole]) == 0, capsys.readouterr().err
+    assert teacher_flows_cli.main(["-c", whole]) == 0, capsys.readouterr().err
     for index in (3, 1, 2):
-        assert teacher_flows.main(["--teacher", sharded, "--shard", f"{index}/3"]) == 0
+        assert teacher_flows_cli.main(["-c", sharded, "--shard", f"{index}/3"]) == 0
     assert len(read_flows(os.path.join(sharded, "teacher_flows.shard-1-of-3.h5"))) == 2
     capsys.readouterr()
 
     # An incomplete set of parts is refused and leaves the parts in place.
     os.rename(os.path.join(sharded, "teacher_flows.shard-2-of-3.h5"),
               os.path.join(tmp_path, "held-back.h5"))
-    assert teacher_flows.main(["--teacher", sharded, "--merge"]) == 2
+    assert teacher_flows_cli.main(["-c", sharded, "--merge"]) == 2
     assert "missing 2/3" in capsys.readouterr().err
     os.rename(os.path.join(tmp_path, "held-back.h5"),
               os.path.join(sharded, "teacher_flows.shard-2-of-3.h5"))
 
-    assert teacher_flows.main(["--teacher", sharded, "--merge"]) == 0, \
+    assert teacher_flows_cli.main(["-c", sharded, "--merge"]) == 0, \
         capsys.readouterr().err
     expected, merged = (read_flows(os.path.join(run, "teacher_flows.h5"))
                         for run in (whole, sharded))

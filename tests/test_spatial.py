@@ -6,17 +6,23 @@ import scipy.ndimage as ndimage
 import tensorflow as tf
 
 from aldk_tf import spatial
+from aldk_tf.spatial import sampling
 
 
-def scipy_warp(image, flow):
-    """Independent reference: map_coordinates(order=1, mode='nearest') per channel."""
+def scipy_warp(image, flow, order=1):
+    """Independent reference: map_coordinates(order, mode='nearest') per channel."""
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in image.shape[1:4]],
                                 indexing="ij"), axis=-1)
-    out = np.empty_like(image)
+    return scipy_sample(image, grid + flow, order)
+
+
+def scipy_sample(image, points, order=1):
+    """Independent reference: ``image`` [B, D, H, W, C] at ``points`` [B, ..., 3]."""
+    out = np.empty(points.shape[:-1] + image.shape[-1:], image.dtype)
     for b in range(image.shape[0]):
-        coords = np.moveaxis(grid + flow[b], -1, 0)
+        coords = np.moveaxis(points[b], -1, 0)
         for c in range(image.shape[-1]):
-            out[b, ..., c] = ndimage.map_coordinates(image[b, ..., c], coords, order=1,
+            out[b, ..., c] = ndimage.map_coordinates(image[b, ..., c], coords, order=order,
                                                      mode="nearest")
     return out
 
@@ -109,12 +115,12 @@ def test_custom_gradient_matches_autodiff_of_plain_ops(rng):
     image = rng.random(shape).astype(np.float32)
     flow = edge_case_flow(rng, shape)
     upstream = rng.standard_normal(shape).astype(np.float32)
-    expected = gradients(spatial._trilinear_forward, image, flow, upstream)
+    expected = gradients(sampling._trilinear_forward, image, flow, upstream)
     for actual, reference in zip(gradients(spatial.warp, image, flow, upstream), expected):
         np.testing.assert_allclose(actual, reference, atol=1e-5)
     # The backward ops also give the same without XLA.
-    plain = spatial._trilinear_backward(tf.constant(image), tf.constant(upstream),
-                                        *spatial._cells(tf.constant(flow)))
+    plain = sampling._trilinear_backward(tf.constant(image), tf.constant(upstream),
+                                         *sampling._flow_cells(tf.constant(flow)))
     for actual, reference in zip(plain, expected):
         np.testing.assert_allclose(actual.numpy(), reference, atol=1e-5)
 
@@ -124,7 +130,7 @@ def test_warp_without_xla_matches_scipy(rng):
     shape = (2, 9, 10, 8, 2)
     image = rng.random(shape).astype(np.float32)
     flow = edge_case_flow(rng, shape)
-    np.testing.assert_allclose(spatial._trilinear_forward(image, flow).numpy(),
+    np.testing.assert_allclose(sampling._trilinear_forward(image, flow).numpy(),
                                scipy_warp(image, flow), atol=1e-5)
 
 
@@ -169,8 +175,8 @@ def test_graph_mode_with_unknown_batch(rng):
         flow = (rng.standard_normal((batch,) + shape + (3,)) * 3).astype(np.float32)
         np.testing.assert_allclose(forward(image, flow).numpy(), scipy_warp(image, flow),
                                    atol=1e-5)
-        upstream = 2 * spatial._trilinear_forward(image, flow)
-        expected = gradients(spatial._trilinear_forward, image, flow, upstream)
+        upstream = 2 * sampling._trilinear_forward(image, flow)
+        expected = gradients(sampling._trilinear_forward, image, flow, upstream)
         for actual, reference in zip(backward(image, flow), expected):
             np.testing.assert_allclose(actual.numpy(), reference, atol=1e-5)
 
@@ -336,3 +342,65 @@ def test_invert_flow_round_trips_points(rng):
     assert error.max() < 0.05
     # The un-inverted field is far from its own inverse: the check can fail.
     assert np.abs(field + inverse)[inside].max() > 0.1
+
+
+@pytest.mark.parametrize("points_shape", [(7,), (4, 5, 6)])
+def test_sample_matches_scipy_at_points_and_on_another_grid(rng, points_shape):
+    field = rng.normal(size=(2, 9, 10, 11, 3)).astype(np.float32)
+    points = rng.uniform(-1, 11, (2, *points_shape, 3)).astype(np.float32)  # some clamped
+    np.testing.assert_allclose(spatial.sample(field, points).numpy(),
+                               scipy_sample(field, points), atol=1e-5)
+    nearest = spatial.sample(field, points, mode="nearest").numpy()
+    np.testing.assert_array_equal(nearest, scipy_sample(field, points, order=0))
+
+
+def test_sample_on_the_flow_grid_is_warp(rng):
+    image = rng.random((2, 8, 9, 7, 2)).astype(np.float32)
+    flow = edge_case_flow(rng, image.shape)
+    grid = spatial.voxel_grid(image.shape[1:4]).numpy()
+    for mode in spatial.MODES:
+        np.testing.assert_allclose(spatial.sample(image, grid + flow, mode).numpy(),
+                                   spatial.warp(image, flow, mode).numpy(), atol=1e-6)
+
+
+def test_warp_nearest_keeps_integer_labels(rng):
+    labels = rng.choice([0, 3, 70000], (1, 12, 12, 12, 1)).astype(np.int32)
+    flow = rng.normal(0, 2, (1, 12, 12, 12, 3)).astype(np.float32)
+    nearest = spatial.warp(labels, flow, mode="nearest")
+    assert nearest.dtype == tf.int32
+    np.testing.assert_array_equal(nearest.numpy(), scipy_warp(labels, flow, order=0))
+
+
+def test_warp_labels_rules(rng):
+    labels = rng.choice([0, 3, 7], (1, 12, 12, 12, 1)).astype(np.float32)
+    flow = (rng.normal(0, 1, (1, 12, 12, 12, 3))).astype(np.float32)
+    nearest = spatial.warp_labels(labels, flow, "nearest").numpy()
+    np.testing.assert_array_equal(nearest, scipy_warp(labels, flow, order=0))
+    # threshold: each label's mask x 255 warped (the scipy reference) and kept above 128.
+    threshold = spatial.warp_labels(labels, flow, "threshold").numpy()
+    expected = np.zeros_like(labels)
+    for value in (3, 7):
+        warped_mask = scipy_warp((labels == value) * np.float32(255), flow)
+        expected[warped_mask > 128] = value
+    assert np.mean(threshold == expected) > 0.999            # float32 ties at 128 aside
+    only_seven = spatial.warp_labels(labels, flow, "threshold", label_values=[7]).numpy()
+    np.testing.assert_array_equal(only_seven, np.where(threshold == 7, 7, 0))
+    # largest: the label (or background) whose warped mask is largest.
+    largest = spatial.warp_labels(labels, flow, "largest", label_values=[3, 7]).numpy()
+    masks = np.concatenate([scipy_warp((labels == v).astype(np.float32), flow)
+                            for v in (0, 3, 7)], axis=-1)
+    assert np.mean(largest[..., 0] == np.array([0, 3, 7])[masks.argmax(-1)]) > 0.999
+    with pytest.raises(ValueError, match="rule: expected one of"):
+        spatial.warp_labels(labels, flow, "majority")
+
+
+def test_sample_labels_on_the_flow_grid_is_warp_labels(rng):
+    labels = rng.choice([0, 1, 2], (1, 10, 10, 10, 1)).astype(np.uint8)
+    flow = rng.normal(0, 1.5, (1, 10, 10, 10, 3)).astype(np.float32)
+    grid = spatial.voxel_grid(labels.shape[1:4]).numpy()
+    for rule in spatial.LABEL_RULES:
+        values = [1, 2] if rule == "largest" else None
+        warped = spatial.warp_labels(labels, flow, rule, values).numpy()
+        assert warped.dtype == np.uint8
+        np.testing.assert_array_equal(
+            spatial.sample_labels(labels, grid + flow, rule, values).numpy(), warped)

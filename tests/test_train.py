@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from aldk_tf import runs
-from aldk_tf.aldk import ALDKTrainer
-from aldk_tf.checkpoints import save_weights_atomic
+from aldk_tf.training import runs
+from aldk_tf.training.aldk import ALDKTrainer
+from aldk_tf.training.checkpoints import save_weights_atomic
 from aldk_tf.config import ALDKConfig, LossWeights, ModelConfig, RunConfig, TrainConfig
-from aldk_tf.critic import FlowCritic
+from aldk_tf.networks.critic import FlowCritic
 from aldk_tf.data import list_pairs, load_dataset_config, load_pair
 from aldk_tf.networks import build_student, build_teacher
-from aldk_tf.teacher_flows import (TeacherFlowStore, extract_teacher_flows, flows_path,
-                                   stored_keys)
-from aldk_tf.train_run import train
-from aldk_tf.training import RegistrationTrainer
+from aldk_tf.training.flow_store import TeacherFlowStore, flows_path, stored_keys
+from aldk_tf.training.teacher_flows import extract_teacher_flows
+from aldk_tf.training.run import train
+from aldk_tf.training.trainer import RegistrationTrainer
 
 from synthetic import write_blob_dataset
 
@@ -135,8 +135,8 @@ def test_sigkill_loses_at_most_one_checkpoint_interval(dataset, tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     command = [sys.executable, os.path.join(ROOT, "train.py"), "-b", "LDR", "-d", dataset,
                "--batch", "1", "--round", "1000", "--epochs", "1", "--output", "killed",
-               "--weights_dir", str(tmp_path), "--checkpoint_every", "2",
-               "--validate_every", "0", "-v", "0"]
+               "--weights-dir", str(tmp_path), "--checkpoint-every", "2",
+               "--validate-every", "0", "--verbose", "0"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "killed" / "checkpoints"
@@ -149,8 +149,8 @@ def test_sigkill_loses_at_most_one_checkpoint_interval(dataset, tmp_path):
     assert saved is not None
     saved_step = int(saved.rsplit("-", 1)[1])
     assert saved_step >= 4
-    resume = subprocess.run(command[:2] + ["-c", str(tmp_path / "killed"), "--max_steps",
-                                           str(saved_step + 2), "-v", "0"],
+    resume = subprocess.run(command[:2] + ["-c", str(tmp_path / "killed"), "--max-steps",
+                                           str(saved_step + 2), "--verbose", "0"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert resume.returncode == 0, resume.stderr[-2000:]
     latest = tf.train.latest_checkpoint(str(checkpoints))
@@ -192,14 +192,14 @@ def test_cli_errors(dataset, tmp_path):
     missing = run_cli("-b", "LDR", "-d", str(tmp_path / "none.json"))
     assert missing.returncode == 2 and "none.json" in missing.stderr.splitlines()[-1]
     no_teacher = run_cli("-b", "LDR", "-d", dataset, "--aldk", "--teacher",
-                         str(tmp_path / "absent"), "--weights_dir", str(tmp_path),
+                         str(tmp_path / "absent"), "--weights-dir", str(tmp_path),
                          "--output", "x")
     assert no_teacher.returncode == 2 and "absent" in no_teacher.stderr.splitlines()[-1]
     assert not (tmp_path / "x").exists()          # nothing half-written
     small = str(tmp_path / "small_teacher")
     make_teacher_run(small, dataset, image_size=(16, 16, 16))
     mismatch = run_cli("-b", "LDR", "-d", dataset, "--aldk", "--teacher", small,
-                       "--weights_dir", str(tmp_path), "--output", "y")
+                       "--weights-dir", str(tmp_path), "--output", "y")
     assert mismatch.returncode == 2
     assert "teacher image size" in mismatch.stderr.splitlines()[-1]
 
@@ -208,7 +208,7 @@ def test_cross_resolution_distillation_terms(dataset):
     """The distiller's terms are finite, vanish for a student that reproduces the
     teacher's flow exactly, and training moves both the student and the adapters."""
     from aldk_tf import spatial
-    from aldk_tf.crd import CrossResolutionDistiller
+    from aldk_tf.training.crd import CrossResolutionDistiller
     keras.utils.set_random_seed(0)
     teacher = build_teacher(SIZE, n_cascades=1)
     student = build_student(SIZE, resolution_factor=2)
@@ -243,7 +243,7 @@ def test_cross_resolution_distillation_terms(dataset):
 def test_cross_resolution_gate_keeps_only_pairs_the_teacher_registers_better(dataset):
     """``teacher_better``: a pair is distilled iff the teacher's warp has the lower
     similarity loss than the student's; ``always`` distils every pair."""
-    from aldk_tf.crd import CrossResolutionDistiller
+    from aldk_tf.training.crd import CrossResolutionDistiller
     from aldk_tf.losses import similarity_loss
     keras.utils.set_random_seed(0)
     teacher = build_teacher(SIZE, n_cascades=1)
@@ -275,7 +275,7 @@ def test_cross_resolution_gate_keeps_only_pairs_the_teacher_registers_better(dat
 def test_distillation_terms_at_full_resolution_and_bad_factors(dataset):
     """Factor 1 (the control: the same terms without the resolution change) compares
     the student's full-resolution flow and unshifted features; factor 3 is refused."""
-    from aldk_tf.crd import CrossResolutionDistiller
+    from aldk_tf.training.crd import CrossResolutionDistiller
     keras.utils.set_random_seed(0)
     teacher = build_teacher(SIZE, n_cascades=1)
     student = build_student(SIZE)
@@ -295,7 +295,7 @@ def test_distillation_terms_at_full_resolution_and_bad_factors(dataset):
 
 def test_distillation_anneal_schedule_scales_the_terms(dataset):
     """``anneal_steps``: the terms scale by 1 - step / anneal_steps (0 after it)."""
-    from aldk_tf.crd import CrossResolutionDistiller
+    from aldk_tf.training.crd import CrossResolutionDistiller
     keras.utils.set_random_seed(0)
     teacher = build_teacher(SIZE, n_cascades=1)
     student = build_student(SIZE, resolution_factor=2)
@@ -314,7 +314,7 @@ def test_distillation_anneal_schedule_scales_the_terms(dataset):
 def test_distilled_students_see_the_plain_students_batches(dataset, tmp_path):
     """Fair rows: with stored teacher flows the batches are still augmented, identical to
     the plain student's, and each stored flow is mapped onto its augmented pair."""
-    from aldk_tf.train_run import training_dataset
+    from aldk_tf.training.run import training_dataset
     teacher_dir = str(tmp_path / "teacher")
     teacher = make_teacher_run(teacher_dir, dataset)
     dataset_config = load_dataset_config(dataset)
@@ -356,7 +356,7 @@ def test_flow_distillation_term_pulls_the_student_to_the_target(dataset):
 
 def test_cli_flow_distill_needs_a_teacher(dataset, tmp_path):
     result = run_cli("-b", "LDR", "-d", dataset, "--flow-distill", "0.1",
-                     "--weights_dir", str(tmp_path), "--output", "z")
+                     "--weights-dir", str(tmp_path), "--output", "z")
     assert result.returncode == 2
     assert "--flow-distill needs --teacher" in result.stderr.splitlines()[-1]
     assert not (tmp_path / "z").exists()
@@ -379,7 +379,7 @@ def test_cli_training_options_reach_the_config(dataset, tmp_path):
 
 def test_stale_teacher_flows_are_extracted_again(dataset, tmp_path):
     """Flows are keyed by pair id; after the teacher changes they must not be reused."""
-    from aldk_tf.train_run import ensure_teacher_flows
+    from aldk_tf.training.run import ensure_teacher_flows
     teacher_dir = str(tmp_path / "teacher")
     teacher = make_teacher_run(teacher_dir, dataset)
     config = load_dataset_config(dataset)
@@ -410,8 +410,8 @@ def test_repeated_teacher_targets_live_in_their_own_file(dataset, tmp_path):
     """--teacher-rep R: the teacher's cascades applied R times with shared weights give
     other targets, stored beside the as-trained ones; a file made with another R is set
     aside, never read as if it were the asked-for setting."""
-    from aldk_tf.teacher_flows import flows_path
-    from aldk_tf.train_run import ensure_teacher_flows, load_teacher
+    from aldk_tf.training.flow_store import flows_path
+    from aldk_tf.training.run import ensure_teacher_flows, load_teacher
     teacher_dir = str(tmp_path / "teacher")
     make_teacher_run(teacher_dir, dataset)
     config = load_dataset_config(dataset)
@@ -443,7 +443,7 @@ def test_repeated_teacher_targets_live_in_their_own_file(dataset, tmp_path):
 
 
 def test_validation_writes_dice_and_preview_images_for_tensorboard(dataset, tmp_path):
-    from aldk_tf.train_run import ValidationDice, preview_images
+    from aldk_tf.training.run import ValidationDice, preview_images
     config = load_dataset_config(dataset)
     network = ModelConfig(image_size=SIZE).build()
     callback = ValidationDice(network, config, tf.Variable(4, dtype=tf.int64), every=2,

@@ -1,4 +1,4 @@
-"""aldk_tf/warp.py: a flow saved by register applied to other images (aldk-warp), flow
+"""aldk_tf/deploy/warp.py: a flow saved by register applied to other images (aldk-warp), flow
 spaces RAS/LPS checked with an independent resampler (scipy) and nibabel's affines."""
 
 import os
@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from aldk_tf import register, warp
+from aldk_tf.cli import register as register_cli
+from aldk_tf.deploy import warp
+
+from demo_nifti import demo_scans, write_pair
 
 #: Fixed voxel -> world for ITK/ANTs: the NIfTI (RAS) affine with x and y negated.
 RAS_TO_LPS_4 = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -23,31 +26,23 @@ def savedmodel(savedmodel_32):
 def pair(demo_dataset_32, tmp_path_factory):
     """Two demo subjects; the fixed one oblique (rotated affine), the moving one shifted,
     so that RAS and LPS vectors differ and grids differ."""
-    from aldk_tf.data import load_dataset_config, read_dataset
-    dataset = load_dataset_config(demo_dataset_32)
-    scans = read_dataset(dataset.resolve_file("demo"))
+    scans = demo_scans(demo_dataset_32)
     fixed_scan, moving_scan = scans["subject_04"], scans["subject_05"]
-    folder = tmp_path_factory.mktemp("warp_pair")
     angle = np.deg2rad(10.0)
     rotation = np.eye(4)
     rotation[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
     fixed_affine = rotation @ fixed_scan["attrs"]["affine"]
     moving_affine = fixed_scan["attrs"]["affine"].copy()
     moving_affine[:3, 3] += [6.0, -4.0, 2.0]
-    paths = {}
-    for name, data, affine in (("fixed", fixed_scan["volume"], fixed_affine),
-                               ("moving", moving_scan["volume"], moving_affine),
-                               ("moving_seg", moving_scan["segmentation"], moving_affine)):
-        paths[name] = str(folder / f"{name}.nii.gz")
-        nib.save(nib.Nifti1Image(data, affine), paths[name])
-    return paths
+    return write_pair(tmp_path_factory.mktemp("warp_pair"), fixed_scan, moving_scan,
+                      fixed_affine, moving_affine)
 
 
 def _register(savedmodel, pair, out_dir, space):
-    assert register.main(["--model", savedmodel, "--fixed", pair["fixed"], "--moving",
-                          pair["moving"], "--moving-seg", pair["moving_seg"],
-                          "--out-dir", str(out_dir), "--crop", "none",
-                          "--flow-space", space]) == 0
+    assert register_cli.main(["--model", savedmodel, "--fixed", pair["fixed"], "--moving",
+                              pair["moving"], "--moving-seg", pair["moving_seg"],
+                              "--out", str(out_dir), "--crop", "none",
+                              "--flow-space", space]) == 0
     return out_dir
 
 

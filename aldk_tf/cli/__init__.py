@@ -5,11 +5,13 @@
 - ``aldk-export``      :mod:`aldk_tf.cli.export`       (``python export.py``)
 - ``aldk-prep``        :mod:`aldk_tf.cli.nifti_to_h5`  (``python data_prep/nifti_to_h5.py``)
 - ``aldk-build-demo``  :mod:`aldk_tf.cli.build_demo`   (``python data_prep/build_demo.py``)
+- ``aldk-register``    :mod:`aldk_tf.cli.register`
+- ``aldk-teacher-flows`` :mod:`aldk_tf.cli.teacher_flows`
 
-and, from the modules that already had a ``main``: ``aldk-register``
-(:mod:`aldk_tf.register`), ``aldk-teacher-flows`` (:mod:`aldk_tf.teacher_flows`),
-``aldk-demo`` (:mod:`aldk_tf.demo`) and ``aldk-report`` (:mod:`aldk_tf.report`); see
-``[project.scripts]`` in pyproject.toml. Each ``main(argv=None)`` returns the exit status
-(0, or 2 after a one-line ``error: ...``). Importing this package imports no TensorFlow:
-``aldk-train`` must choose its devices before TensorFlow starts.
+and, from the modules that hold their own small ``main``: ``aldk-warp``
+(:mod:`aldk_tf.deploy.warp`), ``aldk-demo`` (:mod:`aldk_tf.demo`) and ``aldk-report``
+(:mod:`aldk_tf.report`); see ``[project.scripts]`` in pyproject.toml. Each
+``main(argv=None)`` returns the exit status (0, or 2 after a one-line ``error: ...``).
+Importing this package imports no TensorFlow: ``aldk-train`` must choose its devices
+before TensorFlow starts.
 """

@@ -1,7 +1,7 @@
 """Evaluate a trained run on the validation scheme or on named subsets (RCN format).
 
     python evaluate.py -c weights/<run> [-d dataset.json] [-v subset[,subset]] [--batch B]
-                       [-r rep] [--paired] [--refine N] [--out-dir evaluate]
+                       [-r rep] [--paired] [--refine N] [--out evaluate]
     python evaluate.py --exported export/<name>/<N> [-d dataset.json] [-v ...]
 
 writes ``evaluate/<run>[-rep<r>][-refine<N>][-<subset>].txt`` (one line per pair
@@ -15,7 +15,7 @@ else voxels), % folding and std det(J). Without ``-v`` the dataset's validation 
 file without the run directory: the dataset is ``-d`` or the one named in the export's
 ``export_info.json``; reports are named after the export (``<name>-v<N>``).
 ``--refine N`` refines each flow by N steps of instance optimisation from the model's
-(:mod:`aldk_tf.refine`) before scoring; the seconds per pair then include it.
+(:mod:`aldk_tf.training.refine`) before scoring; the seconds per pair then include it.
 
 Sharded across machines: ``--shard i/n`` (1-based) evaluates every n-th pair starting at
 pair i and writes ``<report>.shard-i-of-n.txt/.json``; then, with all parts in one folder,
@@ -37,14 +37,15 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from aldk_tf import runs
+from aldk_tf.training import runs
 from aldk_tf.config import MAX_REP
 from aldk_tf.data import VALIDATION_SCHEME, DataError, load_dataset_config
-from aldk_tf.evaluation import (EvaluationError, write_json_report, write_label_csv,
-                                write_rcn_report)
-from aldk_tf.refine import add_arguments as add_refine_arguments
-from aldk_tf.refine import check_arguments as check_refine_arguments
-from aldk_tf.serving import ExportError, prepare_base, remove_if_new_and_empty
+from aldk_tf.evaluation import EvaluationError
+from aldk_tf.reports import write_json_report, write_label_csv, write_rcn_report
+from aldk_tf.training.refine import add_arguments as add_refine_arguments
+from aldk_tf.training.refine import check_arguments as check_refine_arguments
+from aldk_tf.deploy.export import prepare_base, remove_if_new_and_empty
+from aldk_tf.deploy.serving import ExportError
 from aldk_tf.shards import Shard, ShardError, find_parts, split_name
 
 
@@ -54,8 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "config.json and model.weights.h5); required unless --exported or "
                         "--merge is given part files")
     parser.add_argument("-d", "--dataset", help="dataset JSON (default: the run's)")
-    parser.add_argument("-v", "--val-subset", help="scheme or subset name(s), comma "
-                        "separated (default: the validation scheme)")
+    parser.add_argument("-v", "--val-subset", "--val_subset", help="scheme or subset "
+                        "name(s), comma separated (default: the validation scheme)")
     parser.add_argument("--batch", type=int, default=1, help="pairs per model call")
     parser.add_argument("-r", "--rep", type=int, help="shared-weight repetitions of each "
                         "cascade (default: the run's)")
@@ -64,11 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--exported", help="evaluate an exported form instead of the "
                         "run's Keras model: a SavedModel version directory or a .tflite "
                         "file (from export.py)")
-    parser.add_argument("-n", "--name", help="suffix of the report names (default: the "
+    parser.add_argument("--name", help="suffix of the report names (default: the "
                         "exported file's name with --exported)")
     add_refine_arguments(parser, "refine each model flow by")
-    parser.add_argument("--out-dir", default="evaluate", help="report folder "
-                        "(default evaluate)")
+    parser.add_argument("--out", "--out-dir", "--out_dir", default="evaluate",
+                        help="report folder (default evaluate)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-surface", action="store_true", help="skip HD95 and mean "
                         "surface distance (faster)")
@@ -76,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "every n-th pair) into <report>.shard-i-of-n.txt/.json")
     parser.add_argument("--merge", nargs="*", metavar="PART", help="merge shard parts "
                         "into the unsharded report: the parts' .json files, or none to "
-                        "find them in --out-dir by the report name of -c/-v/-r/-n")
+                        "find them in --out by the report name of -c/-v/-r/--name")
     return parser.parse_args(argv)
 
 
@@ -101,7 +102,7 @@ def exported_model(path: str, dataset):
     ``{"exported", "weights_sha256", "export_info"}`` (``export_info.json`` of its
     version directory, ``{}`` if there is none).
     """
-    from aldk_tf import serving
+    from aldk_tf.deploy import serving
     from aldk_tf.evaluation import check_image_size
     if path.endswith(".tflite") and os.path.isfile(path):
         load, name = serving.tflite_runner, os.path.basename(path)[:-7]
@@ -128,7 +129,7 @@ def exported_model(path: str, dataset):
 def _export_info(version_dir: str) -> dict:
     """The version directory's ``export_info.json`` ({} when absent), read as ``register``
     reads it; an unreadable one is an :class:`EvaluationError`."""
-    from aldk_tf.register import RegisterError, read_export_info
+    from aldk_tf.deploy.register import RegisterError, read_export_info
     try:
         return read_export_info(version_dir)
     except RegisterError as error:
@@ -166,7 +167,7 @@ def report_run(args) -> str:
 def export_source(path: str) -> tuple[str, dict, str]:
     """``(version directory or .tflite path, export_info.json, report base name)`` of an
     exported model given alone; the base name is ``<name>-v<N>`` of ``export/<name>/<N>``."""
-    from aldk_tf.register import latest_version
+    from aldk_tf.deploy.register import latest_version
     path = latest_version(os.path.normpath(path))
     if path.endswith(".tflite") and os.path.isfile(path):
         version_dir = os.path.dirname(os.path.dirname(path))
@@ -183,19 +184,19 @@ def export_source(path: str) -> tuple[str, dict, str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    existed = os.path.isdir(args.out_dir)
+    existed = os.path.isdir(args.out)
     try:
         if args.merge and args.shard:
             raise EvaluationError("--merge and --shard exclude each other")
         if args.merge:                       # part files named: no run needed
-            prepare_base(args.out_dir)
+            prepare_base(args.out)
             return _merge(args, {None: args.merge})
         if not args.checkpoint and not args.exported:
             raise EvaluationError("-c/--checkpoint is required (or --exported MODEL, or "
                                   "--merge PART.json ...)")
         if args.name is not None and (not args.name or os.sep in args.name
                                       or args.name in (".", "..")):
-            raise EvaluationError(f"-n/--name: expected a report name suffix without "
+            raise EvaluationError(f"--name: expected a report name suffix without "
                                   f"'{os.sep}', got '{args.name}'")
         shard = Shard.parse(args.shard) if args.shard else None
         run_config, info = None, {}
@@ -231,7 +232,7 @@ def main(argv=None) -> int:
         from aldk_tf.evaluation import check_image_size
         if run_config is not None:
             check_image_size(run_config.model.image_size, dataset)
-        prepare_base(args.out_dir)
+        prepare_base(args.out)
         if args.merge is not None:           # --merge alone: find each report's parts
             return _merge(args, {subset: [] for subset in subsets})
         return _evaluate(args, run_config, info, dataset, subsets, shard)
@@ -239,20 +240,20 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        remove_if_new_and_empty(args.out_dir, existed)
+        remove_if_new_and_empty(args.out, existed)
 
 
 def _merge(args, parts_by_subset: dict) -> int:
     """Write the unsharded report of each set of parts (named, or found by report name)."""
-    from aldk_tf.evaluation import merge_json_reports, summarise
+    from aldk_tf.reports import merge_json_reports, summarise
     groups: dict[str, list[str]] = {}
     for subset, parts in parts_by_subset.items():
         if not parts:
             stem = report_stem(report_run(args), args.rep, subset, args.name,
                                args.refine)
-            found = find_parts(args.out_dir, stem, ".json")
+            found = find_parts(args.out, stem, ".json")
             if not found:
-                raise EvaluationError(f"{args.out_dir}: no parts {stem}.shard-*-of-*.json "
+                raise EvaluationError(f"{args.out}: no parts {stem}.shard-*-of-*.json "
                                       "to merge")
             groups[stem] = found
         for path in parts:
@@ -265,7 +266,7 @@ def _merge(args, parts_by_subset: dict) -> int:
         _check_same_weights(parts)
         metadata, records = merge_json_reports(parts)
         summary = summarise(records)
-        text_path, json_path = _report_paths(args.out_dir, stem)
+        text_path, json_path = _report_paths(args.out, stem)
         write_json_report(json_path, records, summary, **metadata)
         write_rcn_report(text_path, records)
         write_label_csv(_csv_path(text_path), records)
@@ -275,7 +276,7 @@ def _merge(args, parts_by_subset: dict) -> int:
 
 def _check_same_weights(parts: list[str]) -> None:
     """EvaluationError unless every part was evaluated with the same weights."""
-    from aldk_tf.evaluation import read_json_report
+    from aldk_tf.reports import read_json_report
     first = read_json_report(parts[0]).get("weights_sha256")
     for path in parts[1:]:
         other = read_json_report(path).get("weights_sha256")
@@ -306,7 +307,8 @@ def _summary_line(summary: dict) -> str:
 
 def _evaluate(args, run_config, info, dataset, subsets, shard=None) -> int:
     from aldk_tf.data import list_pairs
-    from aldk_tf.evaluation import evaluate_pairs, shard_metadata, summarise
+    from aldk_tf.evaluation import evaluate_pairs
+    from aldk_tf.reports import shard_metadata, summarise
 
     refined = ({"refine_steps": args.refine, "refine_learning_rate": args.refine_lr}
                if args.refine else {})
@@ -344,7 +346,7 @@ def _evaluate(args, run_config, info, dataset, subsets, shard=None) -> int:
                                               surface=not args.no_surface, before=True)
         else:                                # a shard of fewer pairs than shards
             records, summary = [], summarise([])
-        text_path, json_path = _report_paths(args.out_dir, stem)
+        text_path, json_path = _report_paths(args.out, stem)
         write_json_report(json_path, records, summary, **identity,
                           dataset=str(dataset.where), scheme=scheme, rep=rep,
                           paired=bool(args.paired), batch=args.batch,

@@ -22,13 +22,13 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from aldk_tf import runs
+from aldk_tf.training import runs
 from aldk_tf.config import MAX_REP
 from aldk_tf.data import (VALIDATION_SCHEME, DataError, list_pairs,
                           load_dataset_config, load_pair)
 from aldk_tf.evaluation import EvaluationError, check_image_size
-from aldk_tf.serving import (TFLITE_VARIANTS, ExportError, prepare_base,
-                             remove_if_new_and_empty)
+from aldk_tf.deploy.export import prepare_base, remove_if_new_and_empty
+from aldk_tf.deploy.serving import TFLITE_VARIANTS, ExportError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -133,7 +133,8 @@ def main(argv=None) -> int:
         _, model = runs.load_model(args.checkpoint, rep=args.rep)   # before any output
         prepare_base(args.out)
         preprocessing = run_preprocessing(run_config)
-        from aldk_tf.serving import export_model, format_parity
+        from aldk_tf.deploy.export import export_model
+        from aldk_tf.deploy.serving import format_parity
         info = export_model(
             model, args.out, version=args.version, tflite=variants, sample=sample,
             label_values=label_values, tolerance=args.tolerance, portable=args.portable,

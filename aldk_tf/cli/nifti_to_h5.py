@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aldk_tf.data import DataError, DatasetWriter, write_dataset_config
+from aldk_tf.data import (TRAINING_SCHEME, VALIDATION_SCHEME, DataError, DatasetWriter,
+                          write_dataset_config)
 from aldk_tf.data import preprocess
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii", ".img", ".hdr", ".mgz")
@@ -178,9 +179,9 @@ def convert(args: argparse.Namespace) -> Path:
     parts = split([scan_id(p) for p in images], args.val, args.test, args.seed)
     subsets = {f"{name}-{part}": [f"{prefix}/{i}" for i in ids]
                for part, ids in parts.items() if ids}
-    schemes = {"1": {f"{name}-train": 1.0}}
+    schemes = {TRAINING_SCHEME: {f"{name}-train": 1.0}}
     if parts["val"]:
-        schemes["2"] = {f"{name}-val": 1.0}
+        schemes[VALIDATION_SCHEME] = {f"{name}-val": 1.0}
     if parts["test"]:
         schemes["test"] = {f"{name}-test": 1.0}
 

@@ -41,15 +41,15 @@ BASES = {"vtn": ("teacher", "vtn", "vtn"), "voxelmorph": ("teacher", "voxelmorph
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-b", "--base_network", default="VTN",
+    parser.add_argument("-b", "--base-network", "--base_network", default="VTN",
                         help="VTN or VoxelMorph (teacher cascades) or LDR (student)")
-    parser.add_argument("-n", "--n_cascades", type=int, default=1)
+    parser.add_argument("-n", "--n-cascades", "--n_cascades", type=int, default=1)
     parser.add_argument("-r", "--rep", type=int, default=1,
                         help="shared-weight repetitions of every cascade")
     parser.add_argument("-c", "--checkpoint", help="resume the run in this directory "
                         "(flags that change its settings are refused without --override; "
-                        "--epochs, --checkpoint_every, --validate_every and "
-                        "--validation_pairs are applied and recorded in its config.json)")
+                        "--epochs, --checkpoint-every, --validate-every and "
+                        "--validation-pairs are applied and recorded in its config.json)")
     parser.add_argument("--override", action="store_true",
                         help="with -c: apply flags that change what the run trains, and "
                              "record the change in its config.json (history)")
@@ -58,16 +58,17 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--round", type=int, default=20000, help="steps per epoch")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--output", help="run name under weights/ (default: a timestamp)")
-    parser.add_argument("--weights_dir", default="weights")
+    parser.add_argument("--weights-dir", "--weights_dir", default="weights")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--schedule", default="auto",
                         choices=("auto", "step", "cosine", "constant"))
-    parser.add_argument("--image_size", type=int, nargs="+",
+    parser.add_argument("--image-size", "--image_size", type=int, nargs="+",
                         help="one or three sizes; default: the dataset's image_size")
-    parser.add_argument("--student_variant", default="seed", choices=("seed", "release"))
+    parser.add_argument("--student-variant", "--student_variant", default="seed",
+                        choices=("seed", "release"))
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no_augment", action="store_true",
+    parser.add_argument("--no-augment", "--no_augment", action="store_true",
                         help="no random free-form augmentation of the moving image")
     parser.add_argument("--augment-field", "--augment_field", dest="augment_field",
                         default="bspline", choices=("bspline", "spline"),
@@ -77,10 +78,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip-norm", "--clip_norm", dest="clip_norm", type=float,
                         default=0.0, help="clip the gradients' global norm to this "
                         "(0: off); cuts rare spikes without changing ordinary steps")
-    parser.add_argument("--checkpoint_every", type=int, default=500)
-    parser.add_argument("--validate_every", type=int, default=1000)
-    parser.add_argument("--validation_pairs", type=int, default=16)
-    parser.add_argument("--max_steps", type=int,
+    parser.add_argument("--checkpoint-every", "--checkpoint_every", type=int, default=500)
+    parser.add_argument("--validate-every", "--validate_every", type=int, default=1000)
+    parser.add_argument("--validation-pairs", "--validation_pairs", type=int, default=16)
+    parser.add_argument("--max-steps", "--max_steps", type=int,
                         help="stop at this global step (the run can be resumed later)")
     devices = parser.add_argument_group("devices (--batch is the global batch, split "
                                         "across replicas)")
@@ -92,13 +93,13 @@ def make_parser() -> argparse.ArgumentParser:
                          help="auto: mirrored when several devices are given; multiworker: "
                               "MultiWorkerMirroredStrategy configured by TF_CONFIG (run the "
                               "same command on every worker)")
-    devices.add_argument("--cpu_replicas", type=int, default=1,
+    devices.add_argument("--cpu-replicas", "--cpu_replicas", type=int, default=1,
                          help="mirror over this many logical CPU devices of this host "
                               "(testing and CPU-only rehearsal of a multi-GPU run)")
     aldk = parser.add_argument_group("ALDK (student only)")
     aldk.add_argument("--aldk", action="store_true", help="adversarial distillation")
     aldk.add_argument("--teacher", help="teacher run directory, weights/<run>")
-    aldk.add_argument("--teacher_online", action="store_true",
+    aldk.add_argument("--teacher-online", "--teacher_online", action="store_true",
                       help="run the frozen teacher on every (augmented) batch instead of "
                            "using stored teacher flows")
     aldk.add_argument("--flow-distill", "--flow_distill", dest="flow_distill", type=float,
@@ -118,32 +119,33 @@ def make_parser() -> argparse.ArgumentParser:
     aldk.add_argument("--beta", type=float, default=0.1)
     aldk.add_argument("--gamma", type=float, default=0.3)
     aldk.add_argument("--lamb", type=float, default=0.1)
-    aldk.add_argument("--critic_lr", type=float, default=1e-4)
-    aldk.add_argument("--critic_output", default="sigmoid", choices=("sigmoid", "raw"),
+    aldk.add_argument("--critic-lr", "--critic_lr", type=float, default=1e-4)
+    aldk.add_argument("--critic-output", "--critic_output", default="sigmoid",
+                      choices=("sigmoid", "raw"),
                       help="critic score squashed by a sigmoid (default, stable) or raw")
-    aldk.add_argument("--adv_period", type=int, default=3,
+    aldk.add_argument("--adv-period", "--adv_period", type=int, default=3,
                       help="adversarial term on every k-th step")
-    aldk.add_argument("--adv_until", type=int, default=8000,
+    aldk.add_argument("--adv-until", "--adv_until", type=int, default=8000,
                       help="adversarial term only before this step")
-    aldk.add_argument("--critic_period", type=int, default=3,
-                      help="critic update on every k-th step (before --adv_until)")
-    crd = parser.add_argument_group("cross-resolution student (seed 002)")
+    aldk.add_argument("--critic-period", "--critic_period", type=int, default=3,
+                      help="critic update on every k-th step (before --adv-until)")
+    crd = parser.add_argument_group("cross-resolution student (CRD)")
     crd.add_argument("--crd", action="store_true",
                      help="distil a low-resolution student from the full-resolution "
                           "--teacher (flow + feature-shifted-teacher feature terms)")
-    crd.add_argument("--resolution_factor", type=int, default=None,
+    crd.add_argument("--resolution-factor", "--resolution_factor", type=int, default=None,
                      help="run the student on the pair downsampled by this factor "
                           "(default 2 with --crd, else 1)")
-    crd.add_argument("--crd_flow_weight", type=float, default=0.1)
-    crd.add_argument("--crd_feature_weight", type=float, default=0.05)
-    crd.add_argument("--crd_gate", choices=("always", "teacher_better"),
+    crd.add_argument("--crd-flow-weight", "--crd_flow_weight", type=float, default=0.1)
+    crd.add_argument("--crd-feature-weight", "--crd_feature_weight", type=float, default=0.05)
+    crd.add_argument("--crd-gate", "--crd_gate", choices=("always", "teacher_better"),
                      default="always",
                      help="distil every pair (default), or only pairs the teacher "
                           "registers better than the student (lower similarity loss)")
-    crd.add_argument("--crd_anneal", type=int, default=0, metavar="STEPS",
+    crd.add_argument("--crd-anneal", "--crd_anneal", type=int, default=0, metavar="STEPS",
                      help="decay the distillation weights linearly to 0 by this step "
                           "(0: constant)")
-    parser.add_argument("-v", "--verbose", type=int, default=None,
+    parser.add_argument("--verbose", type=int, default=None,
                         help="Keras verbosity (default: progress bar on a terminal)")
     return parser
 
@@ -161,7 +163,7 @@ def given_flags(argv) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
-#: The settings (``aldk_tf.runs.settings`` keys) each flag sets: what a resumed run
+#: The settings (``aldk_tf.training.runs.settings`` keys) each flag sets: what a resumed run
 #: compares with the settings it was trained with.
 FLAG_SETTINGS = {
     "base_network": ("model.role", "model.base", "model.affine"),
@@ -204,18 +206,18 @@ MAX_STEPS = 2 ** 62
 def check_values(args) -> None:
     """ValueError naming the flag unless every value is in its range (checked before
     anything is created)."""
-    at_least = (("-n/--n_cascades", args.n_cascades, 1), ("-r/--rep", args.rep, 1),
+    at_least = (("-n/--n-cascades", args.n_cascades, 1), ("-r/--rep", args.rep, 1),
                 ("--batch", args.batch, 1), ("--round", args.round, 1),
                 ("--epochs", args.epochs, 1), ("--channels", args.channels, 1),
-                ("--seed", args.seed, 0), ("--checkpoint_every", args.checkpoint_every, 1),
-                ("--validate_every", args.validate_every, 0),
-                ("--validation_pairs", args.validation_pairs, 0),
-                ("--cpu_replicas", args.cpu_replicas, 1),
+                ("--seed", args.seed, 0), ("--checkpoint-every", args.checkpoint_every, 1),
+                ("--validate-every", args.validate_every, 0),
+                ("--validation-pairs", args.validation_pairs, 0),
+                ("--cpu-replicas", args.cpu_replicas, 1),
                 ("--refine-targets", args.refine_targets, 0),
                 ("--teacher-rep", args.teacher_rep, 0),
-                ("--adv_period", args.adv_period, 1), ("--adv_until", args.adv_until, 0),
-                ("--critic_period", args.critic_period, 1),
-                ("--crd_anneal", args.crd_anneal, 0))
+                ("--adv-period", args.adv_period, 1), ("--adv-until", args.adv_until, 0),
+                ("--critic-period", args.critic_period, 1),
+                ("--crd-anneal", args.crd_anneal, 0))
     for flag, value, lowest in at_least:
         if value < lowest:
             raise ValueError(f"{flag}: expected an integer >= {lowest}, got {value}")
@@ -225,23 +227,23 @@ def check_values(args) -> None:
     for flag, value in (("-r/--rep", args.rep), ("--teacher-rep", args.teacher_rep)):
         if value > MAX_REP:
             raise ValueError(f"{flag}: expected at most {MAX_REP} repetitions, got {value}")
-    for flag, value in (("--max_steps", args.max_steps),
-                        ("--resolution_factor", args.resolution_factor)):
+    for flag, value in (("--max-steps", args.max_steps),
+                        ("--resolution-factor", args.resolution_factor)):
         if value is not None and value < 1:
             raise ValueError(f"{flag}: expected an integer >= 1, got {value}")
     if args.image_size and (len(args.image_size) not in (1, 3)
                             or min(args.image_size) < 1):
-        raise ValueError(f"--image_size: expected one or three sizes >= 1, got "
+        raise ValueError(f"--image-size: expected one or three sizes >= 1, got "
                          f"{' '.join(map(str, args.image_size))}")
-    for flag, value in (("--lr", args.lr), ("--critic_lr", args.critic_lr)):
+    for flag, value in (("--lr", args.lr), ("--critic-lr", args.critic_lr)):
         if not 0.0 < value < float("inf"):
             raise ValueError(f"{flag}: expected a finite learning rate > 0, got {value}")
     for flag, value, highest in (("--beta", args.beta, 1.0), ("--gamma", args.gamma, 1.0),
                                  ("--lamb", args.lamb, float("inf")),
                                  ("--flow-distill", args.flow_distill, float("inf")),
                                  ("--clip-norm", args.clip_norm, float("inf")),
-                                 ("--crd_flow_weight", args.crd_flow_weight, float("inf")),
-                                 ("--crd_feature_weight", args.crd_feature_weight,
+                                 ("--crd-flow-weight", args.crd_flow_weight, float("inf")),
+                                 ("--crd-feature-weight", args.crd_feature_weight,
                                   float("inf"))):
         if not 0.0 <= value <= highest or value == float("inf"):
             bound = "a finite value >= 0" if highest == float("inf") else \
@@ -257,15 +259,15 @@ def check_paths(args) -> None:
             raise ValueError(f"-c {args.checkpoint}: expected a run directory, found a file")
         return
     if os.path.exists(args.weights_dir) and not os.path.isdir(args.weights_dir):
-        raise ValueError(f"--weights_dir {args.weights_dir}: expected a folder for the run "
+        raise ValueError(f"--weights-dir {args.weights_dir}: expected a folder for the run "
                          "directories, found a file")
     if args.output is not None:
         parts = Path(args.output).parts
         if (not parts or os.path.isabs(args.output) or ".." in parts
                 or Path(args.output).name in ("", ".")):
             raise ValueError(f"--output {args.output}: expected a run name (a relative "
-                             f"path without '..', created inside --weights_dir "
-                             f"{args.weights_dir}); to choose the folder use --weights_dir")
+                             f"path without '..', created inside --weights-dir "
+                             f"{args.weights_dir}); to choose the folder use --weights-dir")
         parent = os.path.join(args.weights_dir, args.output)
         while parent and not os.path.exists(parent):
             parent = os.path.dirname(parent)
@@ -278,7 +280,7 @@ def build_config(args):
     from aldk_tf.data import load_dataset_config
     base = args.base_network.lower()
     if base not in BASES:
-        raise ValueError(f"-b/--base_network: expected VTN, VoxelMorph or LDR, got "
+        raise ValueError(f"-b/--base-network: expected VTN, VoxelMorph or LDR, got "
                          f"{args.base_network!r}")
     if not args.dataset:
         raise ValueError("-d/--dataset: a dataset JSON is required for a new run")
@@ -288,7 +290,7 @@ def build_config(args):
     if args.image_size:
         wanted = tuple(args.image_size * 3 if len(args.image_size) == 1 else args.image_size)
         if wanted != image_size:
-            raise ValueError(f"--image_size {wanted} differs from {args.dataset}'s "
+            raise ValueError(f"--image-size {wanted} differs from {args.dataset}'s "
                              f"image_size {image_size}; prepare the data at that size")
     if not 0.0 <= args.flow_distill < float("inf"):
         raise ValueError(f"--flow-distill: expected a finite weight >= 0, got "
@@ -297,15 +299,13 @@ def build_config(args):
                        ("--crd", args.crd)):
         if used and role != "student":
             raise ValueError(f"{flag} applies to the student (-b LDR)")
-        if used and not args.teacher:
-            raise ValueError(f"{flag} needs --teacher weights/<teacher run>")
     if not 0.0 <= args.clip_norm < float("inf"):
         raise ValueError(f"--clip-norm: expected a finite value >= 0, got {args.clip_norm}")
     if args.refine_targets < 0:
         raise ValueError(f"--refine-targets: expected N >= 0, got {args.refine_targets}")
     factor = args.resolution_factor or (2 if args.crd else 1)
     teacher = os.path.abspath(args.teacher) if args.teacher else None
-    return RunConfig(
+    config = RunConfig(
         dataset=os.path.abspath(args.dataset),
         preprocessing=dataset_config.extra.get("preprocessing"),
         model=ModelConfig(role=role, base=network, n_cascades=args.n_cascades,
@@ -331,13 +331,15 @@ def build_config(args):
                       feature_weight=args.crd_feature_weight, gate=args.crd_gate,
                       anneal_steps=args.crd_anneal,
                       teacher=teacher, teacher_rep=args.teacher_rep))
+    config.check_teacher()
+    return config
 
 
 def resumed_config(run_dir: str, stored, argv, override: bool):
     """The configuration to resume ``run_dir`` with: ``stored`` with the settings the
     flags of ``argv`` give, the change recorded in its history. ValueError listing the
     changed settings when they change what is trained and ``override`` is not set."""
-    from aldk_tf import runs
+    from aldk_tf.training import runs
     given = given_flags(argv)
     unknown = given - FLAG_SETTINGS.keys() - NOT_SETTINGS
     assert not unknown, f"flags missing from FLAG_SETTINGS: {sorted(unknown)}"
@@ -385,7 +387,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from aldk_tf import distribute, runs
+    from aldk_tf.training import distribute, runs
     from aldk_tf.data import DataError
     try:
         check_values(args)                  # before anything is created
@@ -408,7 +410,7 @@ def main(argv=None) -> int:
         if distribute.is_multi_worker(strategy) and not (args.checkpoint or args.output):
             raise ValueError("--strategy multiworker needs --output (or -c): every "
                              "worker must name the same run")
-        from aldk_tf.train_run import train
+        from aldk_tf.training.run import train
         # Only the chief writes the run directory (and holds its lock).
         claim = (runs.claim_run(run_dir, new) if distribute.is_chief(strategy)
                  else contextlib.nullcontext())

@@ -1,6 +1,7 @@
 """Datasets in the RCN release layout: HDF5 scans + JSON config, pairs, augmentation.
 
-- :mod:`.hdf5`       read/write the HDF5 files and the JSON configuration
+- :mod:`.hdf5`       read/write the HDF5 files
+- :mod:`.dataset_config` the JSON configuration (files, subsets, schemes)
 - :mod:`.pairs`      ``tf.data`` pipeline of (fixed, moving) pairs
 - :mod:`.augment`    random free-form deformation of the moving side
 - :mod:`.preprocess` NIfTI → cropped, resampled uint8 volumes (shared by data_prep and
@@ -14,14 +15,14 @@ first use, so the HDF5 and preprocessing tools start without loading TensorFlow.
 import importlib
 
 from .errors import DataError
-from .hdf5 import (TRAINING_SCHEME, VALIDATION_SCHEME, DatasetConfig, DatasetWriter,
-                   ScanStore, list_scans, load_dataset_config, read_dataset,
-                   write_dataset, write_dataset_config)
+from .dataset_config import (TRAINING_SCHEME, VALIDATION_SCHEME, DatasetConfig,
+                             load_dataset_config, write_dataset_config)
+from .hdf5 import DatasetWriter, ScanStore, list_scans, read_dataset, write_dataset
 
 _LAZY = {
     "pair_dataset": "pairs", "list_pairs": "pairs", "load_pair": "pairs",
     "free_form_flow": "augment", "augment_pair": "augment",
-    "transform_points": "augment", "warp_labels": "augment",
+    "transform_points": "augment",
 }
 
 __all__ = ["DataError", "DatasetConfig", "DatasetWriter", "ScanStore", "TRAINING_SCHEME",

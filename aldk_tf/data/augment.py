@@ -34,8 +34,10 @@ through the control values with control points at ``linspace(0, n - 1, g)``
 faces. :func:`upsample_control` keeps that spline as its default because the demo dataset
 (:mod:`aldk_tf.data.demo_set`) builds its subjects with it.
 
-The moving image and its segmentation are warped with :func:`aldk_tf.spatial.warp`, i.e.
-``moving'(x) = moving(x + flow(x))``. A landmark at ``p`` in the moving image therefore
+The moving image is warped with :func:`aldk_tf.spatial.warp`, i.e.
+``moving'(x) = moving(x + flow(x))``, its segmentation with
+:func:`aldk_tf.spatial.warp_labels` (rule ``"largest"`` over the dataset's labels, or
+``"nearest"`` without a label list). A landmark at ``p`` in the moving image therefore
 moves to the ``q`` with ``q + flow(q) = p``; :func:`transform_points` solves this by the
 fixed-point iteration ``q <- p - flow(q)`` (``flow`` sampled trilinearly at ``q``), which
 converges when the flow's Lipschitz constant is below 1 (true for these fields in practice).
@@ -52,7 +54,6 @@ import tensorflow as tf
 from scipy.interpolate import CubicSpline
 
 from aldk_tf import spatial
-from aldk_tf.spatial import sample_points  # noqa: F401  (re-exported)
 
 CONTROL_GRID = (5, 5, 5)
 CONTROL_RANGE = 0.4
@@ -172,38 +173,13 @@ def transform_points(points: tf.Tensor, flow: tf.Tensor,
     upper = tf.cast(tf.shape(flow)[1:4] - 1, tf.float32)
 
     def step(iteration, moved):
-        moved = tf.clip_by_value(points - sample_points(flow, moved), 0.0, upper)
+        moved = tf.clip_by_value(points - spatial.sample(flow, moved), 0.0, upper)
         return iteration + 1, moved
 
     _, moved = tf.while_loop(lambda iteration, _: iteration < iterations, step,
                              (tf.constant(0), points))
     present = tf.reduce_all(points >= 0.0, axis=-1, keepdims=True)
     return tf.where(present, moved, -tf.ones_like(points))
-
-
-def warp_labels(segmentation: tf.Tensor, flow: tf.Tensor, label_values=None) -> tf.Tensor:
-    """Warp a label volume ``[B, D, H, W, 1]`` by ``flow`` without mixing label values.
-
-    Without ``label_values``: nearest neighbour, i.e. :func:`aldk_tf.spatial.warp` with
-    the flow rounded so that every sample position is a voxel centre. With
-    ``label_values`` (e.g. ``config.label_values``): each label's mask (and the
-    background's) is warped trilinearly and every voxel takes the label of the largest
-    warped mask; values not listed count as background (0).
-    """
-    segmentation = tf.convert_to_tensor(segmentation, tf.float32)
-    flow = tf.convert_to_tensor(flow, tf.float32)
-    if not label_values:
-        shape = tf.shape(flow)
-        grid = spatial.voxel_grid_dynamic(shape[1], shape[2], shape[3])[None]
-        size = tf.cast(shape[1:4] - 1, tf.float32)
-        nearest = tf.clip_by_value(tf.round(grid + flow), 0.0, size) - grid
-        return spatial.warp(segmentation, nearest)
-    values = tf.constant([0.0] + [float(v) for v in label_values if v != 0], tf.float32)
-    masks = tf.cast(tf.equal(segmentation, values), tf.float32)  # [B, D, H, W, L + 1]
-    masks = tf.concat([1.0 - tf.reduce_sum(masks[..., 1:], -1, keepdims=True),
-                       masks[..., 1:]], axis=-1)
-    warped = spatial.warp(masks, flow)
-    return tf.gather(values, tf.argmax(warped, axis=-1))[..., None]
 
 
 def augment_pair(batch: dict, generator, label_values=None,
@@ -228,7 +204,10 @@ def augment_pair(batch: dict, generator, label_values=None,
     result = dict(batch)
     result["moving"] = spatial.warp(moving, flow)
     if "moving_seg" in batch:
-        result["moving_seg"] = warp_labels(batch["moving_seg"], flow, label_values)
+        # Listed labels: the largest warped mask wins; otherwise the nearest voxel's label.
+        rule = "largest" if label_values else "nearest"
+        result["moving_seg"] = spatial.warp_labels(
+            tf.convert_to_tensor(batch["moving_seg"], tf.float32), flow, rule, label_values)
     if "moving_point" in batch:
         result["moving_point"] = transform_points(batch["moving_point"], flow)
     if "teacher_flow" in batch:

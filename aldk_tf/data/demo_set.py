@@ -40,7 +40,8 @@ from aldk_tf import spatial
 
 from .anatomy import template_from_t1, vary_anatomy
 from .augment import transform_points, upsample_control
-from .hdf5 import DatasetWriter, write_dataset_config
+from .dataset_config import write_dataset_config
+from .hdf5 import DatasetWriter
 from .preprocess import bounding_box, box_affine, load_image, resample_box
 
 TISSUES = {"CSF": 1, "GM": 2, "WM": 3}

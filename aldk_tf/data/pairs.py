@@ -23,7 +23,8 @@ import tensorflow as tf
 
 from .augment import augment_pair
 from .errors import DataError
-from .hdf5 import NUM_POINTS, TRAINING_SCHEME, DatasetConfig, ScanStore
+from .dataset_config import TRAINING_SCHEME, DatasetConfig
+from .hdf5 import NUM_POINTS, ScanStore
 
 # Above this many labels, augmentation warps segmentations by nearest neighbour instead of
 # one mask per label (57 masks of 128^3 per sample would not fit in memory).

@@ -51,7 +51,7 @@ class RecursiveCascade(keras.Model):
       student_variant: "seed" (paper) or "release" (released code's decoder).
       matrix_gain: the affine stage's ``W`` = head output times this (see
         :data:`aldk_tf.networks.affine.MATRIX_GAIN`; 1 in models saved before it existed).
-      resolution_factor: cross-resolution model (seed 002): the inputs are
+      resolution_factor: cross-resolution model (CRD): the inputs are
         ``image_size`` but every stage runs on the pair block-averaged by this factor;
         the aggregate flow (output ``low_flow``) is upsampled to full resolution (values
         times the factor) and warps the full-resolution moving image. ``cascade_flow_k``,

@@ -1,4 +1,5 @@
-"""The light-weight student network (LDR, seed 001 part 2) and the released-code variant."""
+"""The light-weight student network (LDR, the ALDK paper's part 2) and the released-code
+variant."""
 
 from __future__ import annotations
 

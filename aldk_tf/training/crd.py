@@ -1,4 +1,4 @@
-"""Cross-resolution distillation (seed 002): a low-resolution student guided by the
+"""Cross-resolution distillation (CRD): a low-resolution student guided by the
 full-resolution teacher.
 
 What we built (the seed gives the idea, not the code):

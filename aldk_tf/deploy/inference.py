@@ -12,9 +12,9 @@ registration graph (:func:`inference_graph`) with two inference-only choices:
 
 - ``subpixel`` (default on): every stride-2, kernel-4 ``Conv3DTranspose`` runs as the
   equivalent forward convolution (kernel 2, eight output phases at once) followed by a
-  depth-to-space shuffle (:func:`transposed_conv3d`). Same numbers (to float rounding);
-  on this 2-core CPU the full-resolution 3-channel flow head goes from ~170 ms to ~55 ms
-  of CPU time at 128^3, because oneDNN's backward-data kernel behind
+  depth-to-space shuffle (:func:`transposed_conv3d`). Same numbers (to float rounding),
+  several times faster on CPU for the full-resolution 3-channel flow head
+  (``bench/inference.py`` measures it), because oneDNN's backward-data kernel behind
   ``Conv3DBackpropInputV2`` is slow for few output channels.
 - ``dtype="bfloat16"``: the convolutions (and their activations, concatenations,
   poolings) compute in bfloat16 (Keras ``mixed_bfloat16`` policy: float32 weights cast
@@ -195,7 +195,8 @@ def inference_graph(model, dtype: str = "float32", subpixel: bool = True) -> ker
     return keras.Model(clone.input, {key: clone.output[key] for key in ("flow", "warped")})
 
 
-def _image_size(model) -> tuple[int, int, int]:
+def model_image_size(model) -> tuple[int, int, int]:
+    """``(D, H, W)`` of a registration model's inputs."""
     inputs = model.input["fixed"] if isinstance(model.input, dict) else model.input[0]
     return tuple(int(n) for n in inputs.shape[1:4])
 
@@ -207,10 +208,10 @@ def registration_function(model, batch: int = 1, dtype: str = "float32",
     :func:`inference_graph`; both outputs float32.
 
     The function carries ``graph`` (the prepared Keras model, e.g. for
-    :func:`aldk_tf.serving.save_savedmodel`) and ``image_size``.
+    :func:`aldk_tf.deploy.serving.save_savedmodel`) and ``image_size``.
     """
     graph = inference_graph(model, dtype=dtype, subpixel=subpixel)
-    size = _image_size(graph)
+    size = model_image_size(graph)
     image = tf.TensorSpec([batch, *size, 1], tf.float32)
 
     @tf.function(input_signature=[image, image])

@@ -1,11 +1,5 @@
-"""Register a new NIfTI pair with an exported model: ``python -m aldk_tf.register``.
-
-    python -m aldk_tf.register --model export/<name>[/<N>] --fixed F.nii.gz \\
-        --moving M.nii.gz --out-dir DIR [--moving-seg S.nii.gz] [--overwrite]
-        [--fixed-mask FM.nii.gz --moving-mask MM.nii.gz] [--flow-space ras|lps]
-        [--modality/--crop/--margin/--window/--percentiles/--threshold ...]
-        [--refine N [--refine-lr VOXELS]]
-    python -m aldk_tf.register --model ... --pairs pairs.csv --out-dir DIR   # many pairs
+"""Register a new NIfTI pair with an exported model (the console script ``aldk-register``,
+:mod:`aldk_tf.cli.register`).
 
 Both scans go through the data preparation's preprocessing
 (:func:`aldk_tf.data.preprocess.preprocess_scan`: RAS reorientation, crop box, intensities
@@ -23,7 +17,7 @@ from the fixed file):
                            the corresponding points;
 - ``flow.nii.gz``          the displacement ``u`` in millimetres, ``[X, Y, Z, 1, 3]``,
                            intent "vector", world RAS axes (``--flow-space lps``: ITK/ANTs
-                           LPS axes; see :mod:`aldk_tf.warp`): the fixed voxel at world
+                           LPS axes; see :mod:`aldk_tf.deploy.warp`): the fixed voxel at world
                            position ``p`` corresponds to the moving image's ``p + u(p)``;
 - ``jacobian.nii.gz``      det of the Jacobian of ``p -> p + u(p)`` (volume change; <= 0
                            is folding);
@@ -37,26 +31,24 @@ from the fixed file):
 An existing non-empty ``DIR`` is refused unless ``--overwrite``; then it is replaced as
 a whole (no file of a previous pair stays). ``aldk-warp`` applies ``flow.nii.gz`` to
 other images. ``--pairs`` registers every row of a CSV with the model loaded once
-(:mod:`aldk_tf.register_batch`). :class:`Registrar` is the in-memory interface (model
+(:mod:`aldk_tf.deploy.register_batch`). :class:`Registrar` is the in-memory interface (model
 loaded once; nibabel images in and out).
 
 With ``--refine N`` the SavedModel's flow is refined on the model's grid by N steps of
-instance optimisation (:mod:`aldk_tf.refine`) before anything is written; the time it
+instance optimisation (:mod:`aldk_tf.training.refine`) before anything is written; the time it
 took is printed (the first call includes tracing the refinement, about a second).
 
 Correspondence: the network maps preprocessed fixed voxel ``v`` to preprocessed moving
 voxel ``v + flow(v)``; each grid's affine (kept by the preprocessing) takes these to world
-coordinates. Sampling uses :func:`aldk_tf.spatial.resample` (trilinear, edge-clamped).
+coordinates. Sampling uses :func:`aldk_tf.spatial.sample` (trilinear, edge-clamped).
 All files are computed first in a temporary folder, which is then renamed into place.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -65,21 +57,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from aldk_tf import warp  # noqa: E402
-from aldk_tf.data import DataError  # noqa: E402
-from aldk_tf.data import preprocess  # noqa: E402
-from aldk_tf.refine import DEFAULT_LEARNING_RATE  # noqa: E402
-from aldk_tf.refine import add_arguments as add_refine_arguments  # noqa: E402
-from aldk_tf.refine import check_arguments as check_refine_arguments  # noqa: E402
-from aldk_tf.serving import INFO_NAME, SERVING_SIGNATURE, make_readable  # noqa: E402
+from aldk_tf.data import DataError, preprocess  # noqa: E402
+from aldk_tf.deploy import warp  # noqa: E402
+from aldk_tf.deploy.preparation import (RegisterError, check_prepared,  # noqa: E402
+                                        resolve_preprocessing, scan_crop)
+from aldk_tf.deploy.export import make_readable, make_writable_folder  # noqa: E402
+from aldk_tf.deploy.serving import INFO_NAME, SERVING_SIGNATURE  # noqa: E402
+from aldk_tf.training.refine import DEFAULT_LEARNING_RATE  # noqa: E402
+from aldk_tf.training.refine import check_arguments as check_refine_arguments  # noqa: E402
 
 SUMMARY_NAME = "registration.json"
 OUTPUT_NAMES = ("warped.nii.gz", "flow.nii.gz", "jacobian.nii.gz", "warped_seg.nii.gz",
                 "preview.png", SUMMARY_NAME)
-
-
-class RegisterError(ValueError):
-    """A registration request that cannot be carried out (one-line message)."""
 
 
 # ----------------------------------------------------------------------------- model
@@ -159,11 +148,9 @@ def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
         raise RegisterError(f"{out_dir}: output folder exists and is not empty; pass "
                             "--overwrite to replace it (its files are removed)")
     try:
-        os.makedirs(parent, exist_ok=True)
+        make_writable_folder(parent)
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise NotADirectoryError(20, "exists and is not a directory")
-        with tempfile.TemporaryFile(dir=parent):
-            pass
     except OSError as error:
         raise RegisterError(f"{out_dir}: output directory not writable "
                             f"({error.strerror or error})") from None
@@ -181,99 +168,6 @@ def _publish(staging: str, out_dir: str) -> None:
     os.rename(out_dir, previous)
     os.rename(staging, out_dir)
     shutil.rmtree(previous, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- preprocessing
-#: Flags of register that override the model's recorded preprocessing.
-OVERRIDABLE = ("crop", "margin", "window", "percentiles", "threshold")
-
-
-def resolve_preprocessing(info: dict, size, overrides: dict | None = None,
-                          with_masks: bool = False):
-    """``(PreprocessSettings, notes)`` for new scans of a model.
-
-    The model's recorded settings (``export_info.json``'s ``preprocessing``, written from
-    the training data's JSON) are the default; ``overrides`` (flag name -> value, None =
-    not given) replace single settings, except the modality, which cannot differ. Raises
-    :class:`RegisterError` for a request the model's data preparation contradicts.
-    """
-    overrides = {key: value for key, value in (overrides or {}).items()
-                 if value is not None}
-    notes = []
-    recorded = info.get("preprocessing")
-    if recorded is None:
-        settings = preprocess.PreprocessSettings(size=size, used_masks=with_masks)
-        notes.append("the model records no preprocessing (exported before data "
-                     "preparation stored it); using the defaults and the flags given")
-        if "modality" in overrides:
-            settings = replace(settings, modality=overrides["modality"])
-    else:
-        try:
-            settings = preprocess.PreprocessSettings.from_dict(
-                recorded, where="export_info.json: 'preprocessing'")
-        except DataError as error:
-            raise RegisterError(str(error)) from None
-        modality = overrides.get("modality")
-        if modality is not None and modality != settings.modality:
-            raise RegisterError(f"--modality {modality}: the model was trained on "
-                                f"{settings.modality.upper()} scans (its preprocessing: "
-                                f"{settings.describe()}); drop --modality")
-        if tuple(settings.size) != tuple(size):
-            raise RegisterError(f"export_info.json: preprocessing size {settings.size} "
-                                f"differs from the model's input {tuple(size)}")
-    for key in OVERRIDABLE:
-        if key in overrides and recorded is not None:
-            value = overrides[key]
-            old = getattr(settings, key)
-            if tuple(np.atleast_1d(value)) != tuple(np.atleast_1d(old)):
-                notes.append(f"--{key} {_flag_text(value)} overrides the model's "
-                             f"{_flag_text(old)}")
-        if key in overrides:
-            try:
-                settings = replace(settings, **{key: overrides[key]})
-            except DataError as error:
-                reason = str(error).removeprefix(f"{key}: ")
-                raise RegisterError(f"--{key}: {reason}") from None
-    return settings, notes
-
-
-def _flag_text(value) -> str:
-    return " ".join(f"{v:g}" if isinstance(v, float) else str(v)
-                    for v in np.atleast_1d(value).tolist())
-
-
-def scan_crop(settings, crop_given: bool, with_masks: bool) -> str:
-    """The explicit crop rule for :func:`aldk_tf.data.preprocess.preprocess_scan`, or a
-    :class:`RegisterError` when the scans cannot be prepared as the model's were."""
-    crop = settings.crop if crop_given else settings.effective_crop
-    if crop == "auto":                  # given as a flag: the preparation's own rule
-        crop = "mask" if with_masks else ("threshold" if settings.modality == "ct"
-                                          else "nonzero")
-    if crop == "label":
-        raise RegisterError("the model's training scans were cropped to their label maps "
-                            "(crop label), which registration cannot reproduce; pass "
-                            "--crop (e.g. nonzero, threshold or none)")
-    needs_masks = crop == "mask" or (settings.used_masks and settings.modality == "mr"
-                                     and not crop_given)
-    if needs_masks and not with_masks:
-        raise RegisterError("the model's training scans were prepared with masks (crop "
-                            f"{crop}, MR percentiles inside the mask); pass --fixed-mask "
-                            "and --moving-mask (or --crop to choose another rule)")
-    if with_masks and not (settings.used_masks or crop == "mask"):
-        raise RegisterError("the model's training scans were prepared without masks; "
-                            "drop --fixed-mask/--moving-mask (or pass --crop mask to crop "
-                            "to them anyway)")
-    return crop
-
-
-def _check_prepared(scan, settings, path: str) -> None:
-    """:class:`RegisterError` when the preparation leaves nothing to register."""
-    if scan.volume.min() == scan.volume.max():
-        low, high = scan.intensity_range
-        raise RegisterError(f"{path}: every voxel maps to {scan.volume.min()} under the "
-                            f"model's preprocessing ({settings.describe()}; intensities "
-                            f"{low:g}..{high:g} -> 0..255); expected a "
-                            f"{settings.modality.upper()} scan like the training data")
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -324,7 +218,7 @@ class Registrar:
             raise RegisterError("--fixed-mask and --moving-mask go together (both or "
                                 "neither)")
         scan = preprocess.preprocess_scan(image, mask=mask, **self.settings.scan_arguments())
-        _check_prepared(scan, self.settings, preprocess._name(image))
+        check_prepared(scan, self.settings, preprocess._name(image))
         return image, scan
 
     def register(self, fixed, moving, fixed_mask=None, moving_mask=None,
@@ -359,7 +253,7 @@ class Registrar:
         warped_model = outputs["warped"].numpy()[0, ..., 0]
         refine_seconds = 0.0
         if self.refine:
-            from aldk_tf.refine import refine_flow
+            from aldk_tf.training.refine import refine_flow
             start = time.perf_counter()
             flow, _ = refine_flow(fixed_input, moving_input, flow, self.refine,
                                   learning_rate=self.refine_learning_rate)
@@ -371,8 +265,7 @@ class Registrar:
         # Fixed source voxel -> model voxel v -> moving model voxel v + flow(v) -> world.
         source_to_model = np.linalg.inv(fixed_scan.affine) @ fixed_image.affine
         model_points = warp.grid_to(source_to_model, fixed_image.shape)  # [X, Y, Z, 3]
-        displacement = np.stack([warp.sample_linear(flow[0, ..., axis], model_points)
-                                 for axis in range(3)], axis=-1)
+        displacement = warp.sample_linear(flow[0], model_points)
         moving_world = warp.apply_affine(moving_scan.affine, model_points + displacement)
         field = moving_world - warp.grid_to(fixed_image.affine, fixed_image.shape)
         moving_points = warp.moving_voxels(field, fixed_image.affine, moving_image.affine)
@@ -473,117 +366,3 @@ def register_pair(model: str, fixed: str, moving: str, out_dir: str,
     return {**result.stats, "outputs": outputs, "notes": registrar.notes}
 
 
-def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that override the model's recorded preprocessing (default: the model's)."""
-    group = parser.add_argument_group(
-        "preprocessing", "default: the settings the model's training data was prepared "
-        "with (export_info.json); a flag overrides one setting")
-    group.add_argument("--modality", choices=preprocess.MODALITIES,
-                       help="must match the model's when it records one")
-    group.add_argument("--crop", choices=preprocess.CROPS, help="crop rule")
-    group.add_argument("--margin", type=int, help="voxels around the crop box")
-    group.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                       help="CT window in HU")
-    group.add_argument("--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                       help="MR percentiles mapped to 0 and 255")
-    group.add_argument("--threshold", type=float, help="CT body threshold (HU) of the "
-                       "threshold crop")
-    group.add_argument("--fixed-mask", "--fixed_mask", dest="fixed_mask",
-                       help="brain/organ mask of the fixed image (NIfTI, its grid)")
-    group.add_argument("--moving-mask", "--moving_mask", dest="moving_mask",
-                       help="brain/organ mask of the moving image (NIfTI, its grid)")
-
-
-def preprocessing_overrides(args: argparse.Namespace) -> dict:
-    return {key: getattr(args, key) for key in ("modality", *OVERRIDABLE)}
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Register a NIfTI pair with an exported model (export.py).",
-        epilog="Writes warped.nii.gz, flow.nii.gz, jacobian.nii.gz, [warped_seg.nii.gz], "
-        "preview.png and registration.json into --out-dir; apply flow.nii.gz to other "
-        "images with aldk-warp (python -m aldk_tf.warp).")
-    parser.add_argument("--model", required=True, help="SavedModel version directory "
-                        "export/<name>/<N> (or export/<name>: its latest version)")
-    parser.add_argument("--fixed", help="fixed image (NIfTI)")
-    parser.add_argument("--moving", help="moving image (NIfTI)")
-    parser.add_argument("--pairs", help="instead of --fixed/--moving: a CSV with columns "
-                        "fixed, moving [, moving_seg, fixed_mask, moving_mask, name]; "
-                        "one output folder per pair in --out-dir, plus summary.csv")
-    parser.add_argument("--out-dir", "--out_dir", dest="out_dir", required=True,
-                        help="output folder (must not exist or be empty, or --overwrite); "
-                        "with --pairs the folder of the pairs' folders")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar "
-                        "(--pairs)")
-    parser.add_argument("--moving-seg", "--moving_seg", dest="moving_seg",
-                        help="moving segmentation (NIfTI labels, up to int32) to warp")
-    parser.add_argument("--flow-space", "--flow_space", dest="flow_space",
-                        choices=warp.FLOW_SPACES, default="ras",
-                        help="axes of flow.nii.gz's vectors: ras (nibabel, default) or lps "
-                        "(ITK/ANTs)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing "
-                        "output folder (no file of the previous result is kept)")
-    add_preprocessing_arguments(parser)
-    add_refine_arguments(parser, "refine the model's flow by")
-    args = parser.parse_args(argv)
-    single = args.fixed is not None or args.moving is not None
-    if args.pairs is not None and (single or args.moving_seg or args.fixed_mask
-                                   or args.moving_mask):
-        parser.error("--pairs replaces --fixed/--moving/--moving-seg and the masks (give "
-                     "them as CSV columns)")
-    if args.pairs is None and (args.fixed is None or args.moving is None):
-        parser.error("--fixed and --moving are required (or --pairs CSV)")
-    return args
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.pairs is not None:
-        return _main_batch(args)
-    try:
-        result = register_pair(args.model, args.fixed, args.moving, args.out_dir,
-                               moving_seg=args.moving_seg, fixed_mask=args.fixed_mask,
-                               moving_mask=args.moving_mask,
-                               overrides=preprocessing_overrides(args),
-                               refine=args.refine, refine_learning_rate=args.refine_lr,
-                               flow_space=args.flow_space, overwrite=args.overwrite)
-    except (RegisterError, DataError, warp.WarpError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for note in result["notes"]:
-        print(f"note: {note}")
-    settings = preprocess.PreprocessSettings.from_dict(result["preprocessing"])
-    print(f"preprocessing: {settings.describe()}")
-    for path in result["outputs"]:
-        print(path)
-    print(f"model grid {tuple(result['image_size'])}, {result['seconds']:.2f} s, "
-          f"folding {result['folding_percent']:.3f}%, "
-          f"std det(J) {result['jacobian_det_std']:.3f}")
-    if result["refine_steps"]:
-        print(f"refined by {result['refine_steps']} steps in "
-              f"{result['refine_seconds']:.2f} s")
-    return 0
-
-
-def _main_batch(args) -> int:
-    from aldk_tf.register_batch import SUMMARY_NAME, PairsError, register_batch
-    try:
-        rows = register_batch(args.model, args.pairs, args.out_dir,
-                              overrides=preprocessing_overrides(args), refine=args.refine,
-                              refine_learning_rate=args.refine_lr,
-                              flow_space=args.flow_space, overwrite=args.overwrite,
-                              progress=not args.no_progress)
-    except (RegisterError, DataError, PairsError, warp.WarpError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    failed = [row for row in rows if row["status"] != "ok"]
-    for row in failed:
-        print(f"{row['name']}: {row['status']}", file=sys.stderr)
-    print(f"{len(rows) - len(failed)} of {len(rows)} pairs registered -> "
-          f"{os.path.join(args.out_dir, SUMMARY_NAME)}")
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

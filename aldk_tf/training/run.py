@@ -2,7 +2,7 @@
 
 ``train.py`` and the demo both call :func:`train`; everything a run needs is in its
 :class:`RunConfig`, saved beside the weights before the first step. Given a
-``tf.distribute`` strategy (:mod:`aldk_tf.distribute`), the models, optimizers and
+``tf.distribute`` strategy (:mod:`aldk_tf.training.distribute`), the models, optimizers and
 trainers are built in its scope and ``config.train.batch`` is the global batch, split
 across the replicas.
 """
@@ -18,22 +18,24 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from aldk_tf import distribute, metrics, runs
-from aldk_tf.aldk import ALDKTrainer
-from aldk_tf.checkpoints import CheckpointCallback, RunCheckpoint
+from aldk_tf.data import TRAINING_SCHEME, VALIDATION_SCHEME
+from aldk_tf.training import distribute, runs
+
+from aldk_tf import metrics
+from aldk_tf.training.aldk import ALDKTrainer
+from aldk_tf.training.checkpoints import CheckpointCallback, RunCheckpoint
 from aldk_tf.config import RunConfig
-from aldk_tf.critic import FlowCritic
-from aldk_tf.crd import CrossResolutionDistiller
-from aldk_tf.schedules import release_schedule
-from aldk_tf.teacher_flows import (TeacherFlowStore, check_flow_shapes,
-                                   extract_teacher_flows, flows_path, missing_pairs,
-                                   provenance, set_aside_if_stale, teacher_rep)
-from aldk_tf.training import RegistrationTrainer
+from aldk_tf.networks.critic import FlowCritic
+from aldk_tf.training.crd import CrossResolutionDistiller
+from aldk_tf.training.schedules import release_schedule
+from aldk_tf.training.flow_store import (TeacherFlowStore, check_flow_shapes, flows_path,
+                                         missing_pairs, provenance, set_aside_if_stale,
+                                         teacher_rep)
+from aldk_tf.training.teacher_flows import extract_teacher_flows
+from aldk_tf.training.trainer import RegistrationTrainer
 
 log = logging.getLogger(__name__)
 
-TRAINING_SCHEME = "1"
-VALIDATION_SCHEME = "2"
 #: What the trainers read from a training batch.
 TRAINING_KEYS = ("fixed", "moving", "teacher_flow")
 
@@ -256,7 +258,7 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
 
     ``max_steps`` stops early at that global step (used by tests and to split work).
     A ``config`` that differs from the run's saved one is refused unless the change is
-    the last entry of its ``history`` (:func:`aldk_tf.runs.check_settings`).
+    the last entry of its ``history`` (:func:`aldk_tf.training.runs.check_settings`).
     ``strategy`` is a ``tf.distribute.Strategy`` (default: the current one). In a
     multi-worker run only the chief writes the run directory; the other workers take
     part in every checkpoint save but write it to a scratch folder.
@@ -277,11 +279,7 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
             f"{config.dataset}: image_size {tuple(dataset_config.image_size)} differs "
             f"from the model's {tuple(config.model.image_size)}")
     teacher = None
-    for name, part in (("--aldk", config.aldk), ("--crd", config.crd)):
-        if part.enabled and not part.teacher:
-            raise runs.RunError(f"{name} needs --teacher weights/<teacher run>")
-    if config.aldk.flow_weight > 0 and not config.aldk.teacher:
-        raise runs.RunError("--flow-distill needs --teacher weights/<teacher run>")
+    config.check_teacher()
     distilling = config.aldk.enabled or config.aldk.flow_weight > 0
     teacher_run, rep = ((config.aldk.teacher, config.aldk.teacher_rep) if distilling
                         else (config.crd.teacher, config.crd.teacher_rep))

@@ -1,49 +1,27 @@
-"""Teacher-flow extraction: the frozen teacher's final aggregate flow per training pair.
+"""The teacher-flow file: one float16 flow per training pair, with its provenance.
 
-Stored once, float16, in ``weights/<teacher run>/teacher_flows.h5`` under the release's
-key ``"<fixed id>-<moving id>"`` (ids are ``prefix/scan``, so the key is an HDF5 path),
-and reused by every later student run. Extraction shows progress and resumes: a pair is
-written with a ``complete`` attribute last, so a pair cut off by a kill is redone.
-
-Extraction can be split across machines: shard ``i/n`` (:mod:`aldk_tf.shards`) writes
-``teacher_flows.shard-i-of-n.h5`` beside the teacher, and a merge copies the parts into
-``teacher_flows.h5``, which then holds exactly what an unsharded extraction writes::
-
-    python -m aldk_tf.teacher_flows --teacher weights/<run> -d data.json --shard 2/3
-    python -m aldk_tf.teacher_flows --teacher weights/<run> -d data.json --merge
-
-With ``refine=N`` (``--refine N``) each teacher flow is refined by N steps of instance
-optimisation (:mod:`aldk_tf.refine`) before it is stored, so the targets are better than
-the teacher itself. The file and every flow record the setting (attributes
-``refine_steps`` and ``refine_learning_rate``); a file written with another setting is
-refused, never mixed or silently reused; each setting has its own file
-(``teacher_flows-refine<N>.h5``). Pairs with segmentations also record the Dice
-(and % folding voxels) of the raw teacher flow and of the stored one
-(``dice_teacher``/``dice_stored``, ``folding_teacher``/``folding_stored``), which
-:func:`refinement_summary` averages.
+``weights/<teacher run>/teacher_flows.h5`` (``teacher_flows-refine<N>.h5`` for refined
+targets; ``.shard-i-of-n.h5`` parts when extraction is sharded) holds the flow of pair
+``(fixed, moving)`` under the release's key ``"<fixed id>-<moving id>"``. A flow is
+written with a ``complete`` attribute last (a write cut off by a kill is redone); the file
+records the refine setting and the teacher's fingerprint, every flow the fingerprints of
+its two scans, so a file made by another teacher, from other data or with another setting
+is refused or set aside, never mixed. Extraction: :mod:`aldk_tf.training.teacher_flows`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import logging
 import os
-import sys
 
 import h5py
-import keras
 import numpy as np
-import tensorflow as tf
 
-from aldk_tf import metrics
-from aldk_tf.config import MAX_REP
-from aldk_tf.refine import DEFAULT_LEARNING_RATE, refine_flow
-from aldk_tf.refine import add_arguments as add_refine_arguments
-from aldk_tf.refine import check_arguments as check_refine_arguments
-from aldk_tf.runs import TEACHER_FLOWS_NAME, RunError
-from aldk_tf.shards import Shard, ShardError, check_complete, find_parts, split_name
+from aldk_tf.shards import Shard, ShardError, check_complete, split_name
+from aldk_tf.training.refine import DEFAULT_LEARNING_RATE
+from aldk_tf.training.refine import check_arguments as check_refine_arguments
+from aldk_tf.training.runs import TEACHER_FLOWS_NAME, RunError
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +161,7 @@ def check_flow_shapes(path: str, image_size) -> None:
                                f"away to extract the flows again")
 
 
-def _open(path: str) -> h5py.File:
+def open_flow_file(path: str) -> h5py.File:
     try:
         return h5py.File(path, "a")
     except OSError as error:
@@ -205,7 +183,7 @@ def stored_keys(path: str) -> set[str]:
     try:
         handle = h5py.File(path, "r")
     except OSError:
-        handle = _open(path)                # unreadable: set aside, or in use: an error
+        handle = open_flow_file(path)                # unreadable: set aside, or in use: an error
     with handle:
         return _complete_keys(handle)
 
@@ -281,86 +259,6 @@ def check_flow_file(path: str, refine: int = 0,
         check_setting(path, handle, setting)
 
 
-def extract_teacher_flows(teacher, dataset_config, pairs, path: str, batch_size: int = 1,
-                          progress: bool = True, *, refine: int = 0,
-                          refine_learning_rate: float = DEFAULT_LEARNING_RATE,
-                          fingerprints: dict | None = None) -> int:
-    """Run ``teacher`` on every pair whose flow is not stored yet; return how many ran.
-
-    ``refine > 0`` stores each flow after that many instance-optimisation steps
-    (:func:`aldk_tf.refine.refine_flow`, smoothness weight 1 on the increment). Raises
-    :class:`RunError` when ``path`` holds flows made with a different setting.
-    ``fingerprints`` (:func:`provenance`, computed when not given) are recorded on the
-    file; a file made by another teacher or from other data is set aside first.
-    """
-    from aldk_tf.data import load_pair
-
-    setting = refine_setting(refine, refine_learning_rate)
-    check_flow_file(path, refine, refine_learning_rate)
-    if fingerprints is None:
-        fingerprints = provenance(teacher, dataset_config, pairs)
-    set_aside_if_stale(path, fingerprints)
-    todo = missing_pairs(path, pairs)
-    if not todo:
-        return 0
-    register = tf.function(teacher.registration_model(), reduce_retracing=True)
-    bar = keras.utils.Progbar(len(todo), unit_name="pair",
-                              verbose=1 if sys.stderr.isatty() else 2) if progress else None
-    with _open(path) as handle:
-        check_setting(path, handle, setting)
-        handle.attrs.update(setting)
-        handle.attrs["teacher_sha256"] = fingerprints["teacher_sha256"]
-        handle.attrs["teacher_rep"] = fingerprints.get("teacher_rep", teacher_rep(teacher))
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            loaded = [load_pair(dataset_config, f, m) for f, m in chunk]
-            inputs = {key: np.stack([p[key] for p in loaded]).astype(np.float32)
-                      for key in ("fixed", "moving")}
-            teacher_flows = register(inputs)["flow"]                   # [B, D, H, W, 3]
-            flows = teacher_flows
-            if refine:
-                flows, _ = refine_flow(inputs["fixed"], inputs["moving"], teacher_flows,
-                                       refine, learning_rate=refine_learning_rate)
-            flows = flows.numpy().astype(np.float16)
-            scores = _target_scores(loaded, teacher_flows.numpy(), flows,
-                                    dataset_config.label_values)
-            for (fixed_id, moving_id), flow, score in zip(chunk, flows, scores):
-                scans = fingerprints["scans"]
-                origin = {"fixed_id": fixed_id, "moving_id": moving_id,
-                          "fixed_sha256": scans[fixed_id],
-                          "moving_sha256": scans[moving_id]}
-                _write_flow(handle, pair_key(fixed_id, moving_id), flow,
-                            {**setting, **score, **origin})
-            handle.flush()
-            if bar is not None:
-                bar.add(len(chunk))
-    summary = refinement_summary(path, [pair_key(*pair) for pair in todo])
-    if summary["pairs"]:
-        log.info("%s: Dice of the %d new targets with segmentations: teacher %.4f, "
-                 "stored %.4f", path, summary["pairs"], summary["dice_teacher"],
-                 summary["dice_stored"])
-    return len(todo)
-
-
-def _target_scores(loaded, teacher_flows, stored_flows, label_values) -> list[dict]:
-    """Per pair: Dice and % folding of the raw teacher flow and of the stored (float16,
-    maybe refined) flow, for pairs with both segmentations; ``{}`` for the others."""
-    scores: list[dict] = [{} for _ in loaded]
-    scored = [i for i, pair in enumerate(loaded)
-              if pair["fixed_seg"].any() and pair["moving_seg"].any()]
-    if not scored:
-        return scores
-    fixed_seg = np.stack([loaded[i]["fixed_seg"] for i in scored])
-    moving_seg = np.stack([loaded[i]["moving_seg"] for i in scored])
-    for name, flows in (("teacher", teacher_flows), ("stored", stored_flows)):
-        result = metrics.pair_metrics(fixed_seg, moving_seg,
-                                      flows[scored].astype(np.float32), label_values)
-        for row, index in enumerate(scored):
-            scores[index][f"dice_{name}"] = float(result["dice"][row])
-            scores[index][f"folding_{name}"] = float(result["folding_percent"][row])
-    return scores
-
-
 def refinement_summary(path: str, keys=None) -> dict:
     """Mean Dice of the raw teacher flows and of the stored targets over the flows of
     ``path`` (those of ``keys``, or all) that have scores (segmented pairs):
@@ -382,7 +280,7 @@ def refinement_summary(path: str, keys=None) -> dict:
     return summary
 
 
-def _write_flow(handle: h5py.File, key: str, flow: np.ndarray, attrs=None) -> None:
+def write_flow(handle: h5py.File, key: str, flow: np.ndarray, attrs=None) -> None:
     if key in handle:
         del handle[key]
     dataset = handle.create_dataset(key, data=flow)
@@ -408,7 +306,7 @@ def merge_teacher_flows(path: str, parts: list[str]) -> int:
             setting, first = stored_setting(source), part
     fingerprints = _shared_fingerprints(parts)
     copied = 0
-    with _open(path) as out:
+    with open_flow_file(path) as out:
         if setting is not None:
             check_setting(path, out, setting)
             out.attrs.update(setting)
@@ -422,7 +320,7 @@ def merge_teacher_flows(path: str, parts: list[str]) -> int:
         for part in parts:
             with h5py.File(part, "r") as source:
                 for key in sorted(_complete_keys(source) - done):
-                    _write_flow(out, key, source[key][()], source[key].attrs)
+                    write_flow(out, key, source[key][()], source[key].attrs)
                     done.add(key)
                     copied += 1
             out.flush()
@@ -473,86 +371,3 @@ class TeacherFlowStore:
 
     def close(self) -> None:
         self.handle.close()
-
-
-def main(argv=None) -> int:
-    """``python -m aldk_tf.teacher_flows``: extract (a shard of) the teacher flows, or
-    merge the shards; one-line errors, exit code 2."""
-    parser = argparse.ArgumentParser(
-        description="Store a teacher's final flows of every training pair (for ALDK).")
-    parser.add_argument("--teacher", required=True, help="teacher run, weights/<run>")
-    parser.add_argument("-d", "--dataset", help="dataset JSON whose training pairs to "
-                        "extract (default: the teacher run's)")
-    parser.add_argument("--shard", help="extract only shard i/n of the pairs (1-based, "
-                        "every n-th pair) into teacher_flows.shard-i-of-n.h5")
-    parser.add_argument("--merge", action="store_true", help="merge the shard files into "
-                        "teacher_flows.h5 (then removed unless --keep_parts)")
-    parser.add_argument("--keep_parts", action="store_true")
-    parser.add_argument("--batch", type=int, default=1, help="pairs per teacher call")
-    parser.add_argument("--teacher-rep", "--teacher_rep", dest="teacher_rep", type=int,
-                        default=0, help="apply the teacher's cascades R times with shared "
-                        "weights (RCN's test-time recursion; default: as trained)")
-    add_refine_arguments(parser, "store each teacher flow refined by")
-    args = parser.parse_args(argv)
-    from aldk_tf import runs
-    from aldk_tf.data import TRAINING_SCHEME, DataError, list_pairs, load_dataset_config
-    try:
-        if args.merge and args.shard:
-            raise ShardError("--merge and --shard exclude each other")
-        shard = Shard.parse(args.shard) if args.shard else None
-        if args.batch < 1:
-            raise RunError(f"--batch: expected an integer >= 1, got {args.batch}")
-        refine_setting(args.refine, args.refine_lr)          # a bad value fails first
-        if not 0 <= args.teacher_rep <= MAX_REP:
-            raise RunError(f"--teacher-rep: expected R in 0..{MAX_REP}, got "
-                           f"{args.teacher_rep}")
-        teacher_config = runs.load_run_config(args.teacher)
-        rep = args.teacher_rep or teacher_config.model.rep
-        dataset_config = load_dataset_config(args.dataset or teacher_config.dataset)
-        pairs = list_pairs(dataset_config, TRAINING_SCHEME)
-        path = flows_path(args.teacher, refine=args.refine, rep=rep)
-        if args.merge:
-            parts = find_parts(args.teacher, *flows_stem(args.refine, rep))
-            copied = merge_teacher_flows(path, parts)
-            missing = missing_pairs(path, pairs)
-            if missing:
-                raise RunError(f"{path}: {len(missing)} of {len(pairs)} pairs still "
-                               f"missing after the merge (e.g. {pair_key(*missing[0])}); "
-                               f"finish the shards and merge again")
-            if not args.keep_parts:
-                for part in parts:
-                    os.remove(part)
-            print(f"merged {len(parts)} parts ({copied} flows) into {path}")
-            return 0
-        if tuple(teacher_config.model.image_size) != tuple(dataset_config.image_size):
-            raise RunError(f"{args.teacher}: teacher image size "
-                           f"{tuple(teacher_config.model.image_size)} differs from "
-                           f"{dataset_config.where}'s {tuple(dataset_config.image_size)}")
-        check_flow_file(path, args.refine, args.refine_lr)
-        _, teacher = runs.load_model(args.teacher, rep=rep)
-        fingerprints = provenance(teacher, dataset_config, pairs)   # all training pairs
-        reason = set_aside_if_stale(path, fingerprints)
-        if reason is not None:
-            print(f"{path}: {reason}; moved to {path}.stale", file=sys.stderr)
-        if shard is not None:
-            done = stored_keys(path)
-            pairs = [pair for pair in shard.select(pairs) if pair_key(*pair) not in done]
-            path = flows_path(args.teacher, shard, args.refine, rep)
-            _open(path).close()               # exists even when it has nothing to do
-        count = extract_teacher_flows(teacher, dataset_config, pairs, path, args.batch,
-                                      refine=args.refine,
-                                      refine_learning_rate=args.refine_lr,
-                                      fingerprints=fingerprints)
-        print(f"{count} flows extracted into {path}")
-        if os.path.exists(path):
-            summary = refinement_summary(path, [pair_key(*pair) for pair in pairs])
-            print(json.dumps({key: None if isinstance(value, float) and np.isnan(value)
-                              else value for key, value in summary.items()}))
-        return 0
-    except (RunError, DataError, ShardError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

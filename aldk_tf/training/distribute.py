@@ -5,7 +5,7 @@
   strategy. Without ``-g``: TensorFlow's default device, no strategy.
 - ``--strategy multiworker``: ``MultiWorkerMirroredStrategy``; the cluster and this
   process's place in it come from ``TF_CONFIG``, every worker runs the same command.
-- ``--cpu_replicas N``: split the host CPU into N logical devices and mirror over them
+- ``--cpu-replicas N``: split the host CPU into N logical devices and mirror over them
   (tests, and rehearsing a multi-GPU run on a CPU host; no speed-up on few cores).
 
 Devices can only be configured before TensorFlow starts its runtime, so
@@ -63,7 +63,7 @@ def cluster_config() -> dict:
 
 def make_strategy(gpu: str | None = None, kind: str = "auto",
                   cpu_replicas: int = 1) -> tf.distribute.Strategy:
-    """The strategy for ``-g gpu --strategy kind --cpu_replicas n`` (see module doc).
+    """The strategy for ``-g gpu --strategy kind --cpu-replicas n`` (see module doc).
 
     ``kind="auto"`` mirrors when several devices are asked for (``-g`` with GPU ids or
     ``cpu_replicas > 1``) and uses the default strategy otherwise.
@@ -73,9 +73,9 @@ def make_strategy(gpu: str | None = None, kind: str = "auto",
         raise StrategyError(f"--strategy: expected one of {', '.join(STRATEGIES)}, "
                             f"got {kind!r}")
     if cpu_replicas < 1:
-        raise StrategyError(f"--cpu_replicas must be >= 1, got {cpu_replicas}")
+        raise StrategyError(f"--cpu-replicas must be >= 1, got {cpu_replicas}")
     if cpu_replicas > 1 and (gpus or kind == "multiworker"):
-        raise StrategyError("--cpu_replicas mirrors over CPU devices of one host; it "
+        raise StrategyError("--cpu-replicas mirrors over CPU devices of one host; it "
                             "does not combine with -g <GPU ids> or --strategy multiworker")
     if kind == "multiworker":
         cluster_config()

@@ -1,4 +1,4 @@
-"""Batch registration from a pairs CSV: ``aldk-register --pairs pairs.csv --out-dir DIR``.
+"""Batch registration from a pairs CSV: ``aldk-register --pairs pairs.csv --out DIR``.
 
 The CSV has a header row and one row per pair; columns ``fixed`` and ``moving`` (NIfTI
 paths) are required, ``moving_seg``, ``fixed_mask``, ``moving_mask`` and ``name`` are
@@ -101,7 +101,7 @@ def register_batch(model: str, pairs_csv: str, out_dir: str, overrides: dict | N
                    progress: bool = True) -> list[dict]:
     """Register every pair of ``pairs_csv`` into ``out_dir/<name>/``; returns the summary
     rows (also written to ``out_dir/summary.csv``)."""
-    from aldk_tf import register
+    from aldk_tf.deploy import register
 
     pairs = read_pairs(pairs_csv)
     with_masks = pairs[0]["fixed_mask"] is not None or pairs[0]["moving_mask"] is not None

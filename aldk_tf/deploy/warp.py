@@ -1,6 +1,6 @@
-"""Apply a saved flow to any NIfTI image or label map: ``python -m aldk_tf.warp``.
+"""Apply a saved flow to any NIfTI image or label map: ``python -m aldk_tf.deploy.warp``.
 
-    python -m aldk_tf.warp --flow DIR/flow.nii.gz --image M.nii.gz --out W.nii.gz
+    python -m aldk_tf.deploy.warp --flow DIR/flow.nii.gz --image M.nii.gz --out W.nii.gz
         [--interpolation linear|nearest|labels] [--flow-space auto|ras|lps] [--overwrite]
 
 The flow is a displacement field as ``aldk-register`` writes it: ``[X, Y, Z, 1, 3]`` on
@@ -21,11 +21,12 @@ Flow spaces (``--flow-space``):
   or ``displacement LPS``, as register writes it); a file that names neither is refused
   (pass ``--flow-space``: guessing RAS would warp an ITK field the wrong way silently).
 
-Interpolation: ``linear`` (trilinear, edge-clamped: :func:`aldk_tf.spatial.resample`, for
+Interpolation: ``linear`` (trilinear, edge-clamped: :func:`aldk_tf.spatial.sample`, for
 images), ``nearest`` (nearest voxel, for label maps without partial-volume voting) and
-``labels`` (each label's mask x 255 warped trilinearly and kept above 128, exactly as the
-evaluation and ``register --moving-seg`` warp segmentations; voxels no label reaches are
-0). Installed, the same tool is the console script ``aldk-warp``.
+``labels`` (each label's mask x 255 warped trilinearly and kept above 128: the rule
+``"threshold"`` of :func:`aldk_tf.spatial.sample_labels`, the evaluation's, also used by
+``register --moving-seg``; voxels no label reaches are 0). Installed, the same tool is
+the console script ``aldk-warp``.
 """
 
 from __future__ import annotations
@@ -160,35 +161,33 @@ def jacobian_of_field(field_ras: np.ndarray, affine) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- sampling
 def sample_linear(volume: np.ndarray, coordinate: np.ndarray) -> np.ndarray:
-    """Trilinear sample (edge-clamped) of a 3-D array at voxel ``coordinate`` [X,Y,Z,3]."""
+    """:func:`aldk_tf.spatial.sample` (trilinear, edge-clamped) of a 3-D array ``[X, Y, Z]``
+    or a 4-D one ``[X, Y, Z, C]`` (each channel) at voxel ``coordinate`` ``[..., 3]``."""
     import tensorflow as tf
 
     from aldk_tf import spatial
 
-    image = tf.constant(np.asarray(volume, np.float32)[None, ..., None])
-    values = spatial.resample(image, tf.constant(coordinate, tf.float32), 1)
+    volume = np.asarray(volume, np.float32)
+    channels = volume if volume.ndim == 4 else volume[..., None]
+    values = spatial.sample(tf.constant(channels[None]),
+                            tf.constant(np.asarray(coordinate, np.float32)[None]))
+    values = values.numpy()[0]
+    return values if volume.ndim == 4 else values[..., 0]
+
+
+def sample_labels(labels: np.ndarray, coordinate: np.ndarray,
+                  rule: str = "threshold") -> np.ndarray:
+    """:func:`aldk_tf.spatial.sample_labels` of a 3-D label array at voxel ``coordinate``:
+    ``"threshold"`` is the evaluation's rule, ``"nearest"`` the nearest voxel's label."""
+    import tensorflow as tf
+
+    from aldk_tf import spatial
+
+    labels = np.asarray(labels)
+    values = spatial.sample_labels(tf.constant(labels[None, ..., None]),
+                                   tf.constant(np.asarray(coordinate, np.float32)[None]),
+                                   rule, label_values=np.unique(labels))
     return values.numpy()[0, ..., 0]
-
-
-def sample_nearest(volume: np.ndarray, coordinate: np.ndarray) -> np.ndarray:
-    """The value of the nearest voxel (indices clamped to the volume), dtype kept."""
-    index = np.rint(coordinate).astype(np.int64)
-    index = np.clip(index, 0, np.asarray(volume.shape) - 1)
-    return volume[index[..., 0], index[..., 1], index[..., 2]]
-
-
-def sample_labels(labels: np.ndarray, coordinate: np.ndarray) -> np.ndarray:
-    """Labels sampled one mask (x 255) at a time, kept where above the evaluation's
-    threshold; 0 elsewhere (see :func:`aldk_tf.serving.warp_label_map`)."""
-    from aldk_tf.metrics import MASK_THRESHOLD
-
-    result = np.zeros(coordinate.shape[:3], labels.dtype)
-    for value in np.unique(labels):
-        if value == 0:
-            continue
-        mask = sample_linear((labels == value).astype(np.float32) * 255.0, coordinate)
-        result[mask > MASK_THRESHOLD] = value
-    return result
 
 
 #: How far from an integer a label value stored as float may be (rounding of the file).
@@ -220,9 +219,9 @@ def warp_array(data: np.ndarray, coordinate: np.ndarray, interpolation: str,
         return sample_linear(data, coordinate).astype(np.float32)
     labels = label_array(data, where)
     if interpolation == "nearest":
-        return sample_nearest(labels, coordinate)
+        return sample_labels(labels, coordinate, "nearest")
     if interpolation == "labels":
-        return sample_labels(labels, coordinate)
+        return sample_labels(labels, coordinate, "threshold")
     raise WarpError(f"--interpolation: expected one of {INTERPOLATIONS}, "
                     f"got '{interpolation}'")
 

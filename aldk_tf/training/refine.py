@@ -14,8 +14,8 @@ The loop runs in one ``tf.function`` (a ``tf.while_loop``, traced once per input
 the step count and the weights are tensors, so changing them does not retrace). Adam's
 state is carried through the loop rather than held in a ``tf.Variable``: a call has no
 state left over from the previous one, and a new batch size or grid needs no new
-variables. Used by the teacher-flow extraction (:mod:`aldk_tf.teacher_flows`),
-``evaluate.py --refine`` and ``python -m aldk_tf.register --refine``.
+variables. Used by the teacher-flow extraction (:mod:`aldk_tf.training.teacher_flows`),
+``evaluate.py --refine`` and ``python -m aldk_tf.cli.register --refine``.
 """
 
 from __future__ import annotations

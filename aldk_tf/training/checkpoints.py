@@ -23,7 +23,7 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from aldk_tf.runs import CHECKPOINT_DIR, RunError, weights_path
+from aldk_tf.training.runs import CHECKPOINT_DIR, RunError, weights_path
 
 log = logging.getLogger(__name__)
 

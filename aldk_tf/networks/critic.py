@@ -14,8 +14,9 @@ class FlowCritic(keras.Model):
     """Flow ``[B, D, H, W, 3]`` -> raw score ``[B, 1]`` (WGAN critic, no sigmoid).
 
     Five 4x4x4 stride-2 convs (16..256 channels, LeakyReLU), flattened, one linear unit.
-    ``output="sigmoid"`` squashes the score into (0, 1) as the ALDK paper's figure has it;
-    the default raw score is the WGAN critic of DESIGN.md.
+    ``output="sigmoid"`` squashes the score into (0, 1) as the ALDK paper's figure has it
+    (the training configuration's default, ``ALDKConfig.critic_output``: the raw score
+    diverged at demo scale); ``"raw"`` is the WGAN-GP critic's score.
     """
 
     def __init__(self, image_size=(128, 128, 128), filters=CRITIC_FILTERS, output="raw",

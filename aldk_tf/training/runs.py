@@ -104,7 +104,7 @@ def claim_run(run_dir: str, new: bool):
 
     ``new``: the directory is created if needed and must not hold a run yet; when the
     block fails before the run saved a checkpoint, whatever this start created is removed
-    again, parent folders (``--weights_dir``) included: a failed start leaves no run
+    again, parent folders (``--weights-dir``) included: a failed start leaves no run
     directory behind. A resumed run's directory is
     never removed.
     """

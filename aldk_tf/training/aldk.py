@@ -1,4 +1,4 @@
-"""ALDK: adversarial learning with distilled knowledge (seed 001, parts 2 and 3).
+"""ALDK: adversarial learning with distilled knowledge (the ALDK paper, parts 2 and 3).
 
 One Keras model holds the student, the critic and (optionally) the frozen teacher; its
 ``train_step`` makes, on the schedule of Algorithm 1,
@@ -35,9 +35,9 @@ import keras
 import tensorflow as tf
 
 from aldk_tf.losses import critic_loss, distillation_loss, registration_losses
-from aldk_tf.training import (BuiltTrainer, add_distillation, add_flow_distillation,
-                              average_over_batch, network_inputs, replica_mean,
-                              tracked_terms, unpack)
+from aldk_tf.training.trainer import (BuiltTrainer, add_distillation, add_flow_distillation,
+                                      average_over_batch, network_inputs, replica_mean,
+                                      tracked_terms, unpack)
 
 ALDK_METRICS = ("loss", "rec", "dis", "critic", "gp", "adversarial")
 

@@ -1,0 +1,117 @@
+"""``aldk-register``: register a NIfTI pair, or every pair of a CSV, with an exported model.
+
+    aldk-register --model export/<name>[/<N>] --fixed F.nii.gz --moving M.nii.gz --out DIR
+        [--moving-seg S.nii.gz] [--overwrite] [--fixed-mask FM.nii.gz --moving-mask MM.nii.gz]
+        [--flow-space ras|lps] [--modality/--crop/--margin/--window/--percentiles/...]
+        [--refine N [--refine-lr VOXELS]]
+    aldk-register --model ... --pairs pairs.csv --out DIR          # many pairs
+
+What is written and how: :mod:`aldk_tf.deploy.register`; the preprocessing flags:
+:mod:`aldk_tf.deploy.preparation`. Also ``python -m aldk_tf.cli.register``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from aldk_tf.data import DataError, preprocess  # noqa: E402
+from aldk_tf.deploy import warp  # noqa: E402
+from aldk_tf.deploy.preparation import (RegisterError, add_preprocessing_arguments,  # noqa: E402
+                                        preprocessing_overrides)
+from aldk_tf.deploy.register import register_pair  # noqa: E402
+from aldk_tf.training.refine import add_arguments as add_refine_arguments  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Register a NIfTI pair with an exported model (export.py).",
+        epilog="Writes warped.nii.gz, flow.nii.gz, jacobian.nii.gz, [warped_seg.nii.gz], "
+        "preview.png and registration.json into --out; apply flow.nii.gz to other "
+        "images with aldk-warp (python -m aldk_tf.deploy.warp).")
+    parser.add_argument("--model", required=True, help="SavedModel version directory "
+                        "export/<name>/<N> (or export/<name>: its latest version)")
+    parser.add_argument("--fixed", help="fixed image (NIfTI)")
+    parser.add_argument("--moving", help="moving image (NIfTI)")
+    parser.add_argument("--pairs", help="instead of --fixed/--moving: a CSV with columns "
+                        "fixed, moving [, moving_seg, fixed_mask, moving_mask, name]; "
+                        "one output folder per pair in --out, plus summary.csv")
+    parser.add_argument("--out", "--out-dir", "--out_dir", dest="out_dir", required=True,
+                        help="output folder (must not exist or be empty, or --overwrite); "
+                        "with --pairs the folder of the pairs' folders")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar "
+                        "(--pairs)")
+    parser.add_argument("--moving-seg", "--moving_seg", dest="moving_seg",
+                        help="moving segmentation (NIfTI labels, up to int32) to warp")
+    parser.add_argument("--flow-space", "--flow_space", dest="flow_space",
+                        choices=warp.FLOW_SPACES, default="ras",
+                        help="axes of flow.nii.gz's vectors: ras (nibabel, default) or lps "
+                        "(ITK/ANTs)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing "
+                        "output folder (no file of the previous result is kept)")
+    add_preprocessing_arguments(parser)
+    add_refine_arguments(parser, "refine the model's flow by")
+    args = parser.parse_args(argv)
+    single = args.fixed is not None or args.moving is not None
+    if args.pairs is not None and (single or args.moving_seg or args.fixed_mask
+                                   or args.moving_mask):
+        parser.error("--pairs replaces --fixed/--moving/--moving-seg and the masks (give "
+                     "them as CSV columns)")
+    if args.pairs is None and (args.fixed is None or args.moving is None):
+        parser.error("--fixed and --moving are required (or --pairs CSV)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.pairs is not None:
+        return _main_batch(args)
+    try:
+        result = register_pair(args.model, args.fixed, args.moving, args.out_dir,
+                               moving_seg=args.moving_seg, fixed_mask=args.fixed_mask,
+                               moving_mask=args.moving_mask,
+                               overrides=preprocessing_overrides(args),
+                               refine=args.refine, refine_learning_rate=args.refine_lr,
+                               flow_space=args.flow_space, overwrite=args.overwrite)
+    except (RegisterError, DataError, warp.WarpError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for note in result["notes"]:
+        print(f"note: {note}")
+    settings = preprocess.PreprocessSettings.from_dict(result["preprocessing"])
+    print(f"preprocessing: {settings.describe()}")
+    for path in result["outputs"]:
+        print(path)
+    print(f"model grid {tuple(result['image_size'])}, {result['seconds']:.2f} s, "
+          f"folding {result['folding_percent']:.3f}%, "
+          f"std det(J) {result['jacobian_det_std']:.3f}")
+    if result["refine_steps"]:
+        print(f"refined by {result['refine_steps']} steps in "
+              f"{result['refine_seconds']:.2f} s")
+    return 0
+
+
+def _main_batch(args) -> int:
+    from aldk_tf.deploy.register_batch import SUMMARY_NAME, PairsError, register_batch
+    try:
+        rows = register_batch(args.model, args.pairs, args.out_dir,
+                              overrides=preprocessing_overrides(args), refine=args.refine,
+                              refine_learning_rate=args.refine_lr,
+                              flow_space=args.flow_space, overwrite=args.overwrite,
+                              progress=not args.no_progress)
+    except (RegisterError, DataError, PairsError, warp.WarpError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    failed = [row for row in rows if row["status"] != "ok"]
+    for row in failed:
+        print(f"{row['name']}: {row['status']}", file=sys.stderr)
+    print(f"{len(rows) - len(failed)} of {len(rows)} pairs registered -> "
+          f"{os.path.join(args.out_dir, SUMMARY_NAME)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
