@@ -71,6 +71,10 @@ class ALDKConfig:
     flow_weight: float = 0.0              # > 0: add flow_weight * mean |phi_s - phi_t|^2
                                           # (plain flow distillation; with enabled=False
                                           # the student learns from the targets, no critic)
+    flow_target: str = "flow"             # what the plain term compares: "flow" (the
+                                          # squared flow difference) or "warped" (the
+                                          # similarity of the student's warped image to
+                                          # the moving image warped by the teacher's flow)
     refine: int = 0                       # > 0: targets refined by this many instance-
                                           # optimisation steps per pair (refine.py)
     teacher_rep: int = 0                  # > 0: the teacher applied with this many

@@ -42,7 +42,8 @@ from aldk_tf.config import (ALDKConfig, CRDConfig, ModelConfig, RunConfig,  # no
                             TrainConfig, atomic_write_text)
 
 ROWS = ("before", "teacher_single", "teacher", "refined_targets", "student",
-        "student_flow_distill", "student_flow_distill_refined", "student_aldk",
+        "student_flow_distill", "student_flow_distill_refined", "student_warp_distill",
+        "student_warp_distill_refined", "student_aldk",
         "student_aldk_refined", "student_crd", "student_crd_aldk", "student_refine_test")
 DESCRIPTIONS = {
     "before": "before registration (zero flow)",
@@ -52,6 +53,9 @@ DESCRIPTIONS = {
     "student": "student alone",
     "student_flow_distill": "student + flow distillation, raw teacher targets (no critic)",
     "student_flow_distill_refined": "student + flow distillation, refined targets",
+    "student_warp_distill": "student + image-level distillation (moving warped by the "
+                            "teacher's flow), raw targets",
+    "student_warp_distill_refined": "student + image-level distillation, refined targets",
     "student_aldk": "student + ALDK (critic), raw teacher targets",
     "student_aldk_refined": "student + ALDK (critic), refined targets",
     "student_crd": "cross-resolution student (1/2), CRD terms",
@@ -89,6 +93,9 @@ def parse_args(argv=None):
                              "0.2-0.6; this only cuts spikes)")
     parser.add_argument("--flow-weight", type=float, default=0.1,
                         help="weight of the plain flow-distillation term")
+    parser.add_argument("--warp-weight", type=float, default=1.0,
+                        help="weight of the image-level distillation term (the "
+                             "similarity's is 1)")
     parser.add_argument("--teacher-rep", type=int, default=0,
                         help="shared-weight repetitions of the teacher's cascade for its "
                              "row and its targets (0: the best of 1-3 on validation)")
@@ -117,9 +124,9 @@ def student_runs(args, dataset: str, teacher: str, rep: int) -> dict[str, RunCon
     model = ModelConfig(image_size=size)
     crd_model = ModelConfig(image_size=size, resolution_factor=2)
 
-    def aldk(enabled, flow_weight=0.0, refine=0):
+    def aldk(enabled, flow_weight=0.0, refine=0, target="flow"):
         return ALDKConfig(enabled=enabled, teacher=teacher, flow_weight=flow_weight,
-                          refine=refine, teacher_rep=rep)
+                          refine=refine, teacher_rep=rep, flow_target=target)
 
     refine, weight = args.refine_steps, args.flow_weight
     return {     # the most telling rows first: a partial study is still a comparison
@@ -129,6 +136,13 @@ def student_runs(args, dataset: str, teacher: str, rep: int) -> dict[str, RunCon
         "student_flow_distill_refined": RunConfig(dataset=dataset, model=model,
                                                   train=train,
                                                   aldk=aldk(False, weight, refine)),
+        "student_warp_distill": RunConfig(dataset=dataset, model=model, train=train,
+                                          aldk=aldk(False, args.warp_weight,
+                                                    target="warped")),
+        "student_warp_distill_refined": RunConfig(dataset=dataset, model=model,
+                                                  train=train,
+                                                  aldk=aldk(False, args.warp_weight, refine,
+                                                            target="warped")),
         "student_aldk": RunConfig(dataset=dataset, model=model, train=train,
                                   aldk=aldk(True)),
         "student_aldk_refined": RunConfig(dataset=dataset, model=model, train=train,

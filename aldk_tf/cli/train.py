@@ -107,6 +107,12 @@ def make_parser() -> argparse.ArgumentParser:
                       help="add W * mean |student flow - teacher flow|^2 (plain flow "
                            "distillation from the stored teacher flows; without --aldk "
                            "there is no critic)")
+    aldk.add_argument("--distill-target", "--distill_target", dest="distill_target",
+                      choices=("flow", "warped"), default="flow",
+                      help="what --flow-distill compares: 'flow' (the squared flow "
+                           "difference) or 'warped' (the similarity of the student's "
+                           "warped image to the moving image warped by the teacher's "
+                           "flow; W about 1)")
     aldk.add_argument("--teacher-rep", "--teacher_rep", dest="teacher_rep", type=int,
                       default=0, metavar="R",
                       help="apply the teacher's cascades R times with shared weights "
@@ -178,6 +184,7 @@ FLAG_SETTINGS = {
     "validation_pairs": ("train.validation_pairs",),
     "aldk": ("aldk.enabled",), "teacher": ("aldk.teacher", "crd.teacher"),
     "teacher_online": ("aldk.teacher_online",), "flow_distill": ("aldk.flow_weight",),
+    "distill_target": ("aldk.flow_target",),
     "refine_targets": ("aldk.refine",),
     "teacher_rep": ("aldk.teacher_rep", "crd.teacher_rep"), "beta": ("aldk.beta",),
     "gamma": ("aldk.gamma",),
@@ -326,7 +333,7 @@ def build_config(args):
                         critic_period=args.critic_period, teacher=teacher,
                         teacher_online=args.teacher_online,
                         flow_weight=args.flow_distill, refine=args.refine_targets,
-                        teacher_rep=args.teacher_rep),
+                        teacher_rep=args.teacher_rep, flow_target=args.distill_target),
         crd=CRDConfig(enabled=args.crd, flow_weight=args.crd_flow_weight,
                       feature_weight=args.crd_feature_weight, gate=args.crd_gate,
                       anneal_steps=args.crd_anneal,

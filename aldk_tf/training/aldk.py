@@ -147,7 +147,8 @@ class ALDKTrainer(BuiltTrainer):
             outputs = self.student(network_inputs(batch), training=True)
             terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
             terms = add_distillation(terms, self.distiller, batch, outputs, targets)
-            terms = add_flow_distillation(terms, aldk.flow_weight, teacher_flow, outputs)
+            terms = add_flow_distillation(terms, aldk.flow_weight, teacher_flow, outputs,
+                                          batch["moving"], aldk.flow_target)
             rec = average_over_batch(terms["total"], self.global_batch_size)
             dis = _branch(
                 adversarial,

@@ -32,7 +32,7 @@ from aldk_tf.training.flow_store import (TeacherFlowStore, check_flow_shapes, fl
                                          missing_pairs, provenance, set_aside_if_stale,
                                          teacher_rep)
 from aldk_tf.training.teacher_flows import extract_teacher_flows
-from aldk_tf.training.trainer import RegistrationTrainer
+from aldk_tf.training.trainer import FLOW_TARGETS, RegistrationTrainer
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,9 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
             f"from the model's {tuple(config.model.image_size)}")
     teacher = None
     config.check_teacher()
+    if config.aldk.flow_target not in FLOW_TARGETS:
+        raise ValueError(f"aldk.flow_target: expected one of {', '.join(FLOW_TARGETS)}, got "
+                         f"{config.aldk.flow_target!r}")
     distilling = config.aldk.enabled or config.aldk.flow_weight > 0
     teacher_run, rep = ((config.aldk.teacher, config.aldk.teacher_rep) if distilling
                         else (config.crd.teacher, config.crd.teacher_rep))
@@ -327,7 +330,8 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
             trainer = RegistrationTrainer(network, config.losses,
                                           global_batch_size=config.train.batch,
                                           distiller=distiller,
-                                          flow_weight=config.aldk.flow_weight)
+                                          flow_weight=config.aldk.flow_weight,
+                                          flow_target=config.aldk.flow_target)
             trainer.compile(optimizer=optimizer)
             optimizer.build(trainer.trainable_weights_to_update())
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from aldk_tf.losses import registration_losses
+from aldk_tf import spatial
+from aldk_tf.losses import registration_losses, similarity_loss
 
 LOSS_TERMS = ("similarity", "smoothness", "det", "ortho", "flow_distill", "crd_flow",
               "crd_feature", "crd_weight")
@@ -45,14 +46,40 @@ def flow_distillation_loss(student_flow: tf.Tensor, teacher_flow: tf.Tensor) -> 
     return tf.reduce_mean(tf.reshape(difference ** 2, [tf.shape(difference)[0], -1]), 1)
 
 
-def add_flow_distillation(terms: dict, weight: float, teacher_flow, outputs) -> dict:
-    """Add ``weight * flow_distillation_loss`` (plain distillation from the teacher's
-    flow, no critic) to ``terms`` and its total; nothing when ``weight`` is 0."""
+FLOW_TARGETS = ("flow", "warped")
+
+
+def warped_distillation_loss(moving: tf.Tensor, teacher_flow: tf.Tensor,
+                             student_warped: tf.Tensor) -> tf.Tensor:
+    """The similarity loss between the student's warped moving image and the moving image
+    warped by the teacher's flow, ``[B]``.
+
+    Unlike the flow difference it asks nothing where the images cannot tell flows apart
+    (background, homogeneous tissue): there the teacher's flow is one arbitrary choice of
+    many, and matching it voxel by voxel spends the student's capacity on that choice.
+    The target is reachable by a deformation, unlike the fixed image itself.
+    """
+    target = tf.stop_gradient(spatial.warp(tf.cast(moving, tf.float32),
+                                           tf.cast(teacher_flow, tf.float32)))
+    return similarity_loss(target, student_warped)
+
+
+def add_flow_distillation(terms: dict, weight: float, teacher_flow, outputs,
+                          moving=None, target: str = "flow") -> dict:
+    """Add ``weight`` times the plain distillation term (no critic) to ``terms`` and its
+    total; nothing when ``weight`` is 0. ``target`` "flow": the mean squared flow
+    difference; "warped": :func:`warped_distillation_loss` (needs ``moving``)."""
     if not weight:
         return terms
     if teacher_flow is None:
         raise ValueError("flow distillation needs a 'teacher_flow' in the batch")
-    term = weight * flow_distillation_loss(outputs["flow"], teacher_flow)
+    if target == "warped":
+        term = weight * warped_distillation_loss(moving, teacher_flow, outputs["warped"])
+    elif target == "flow":
+        term = weight * flow_distillation_loss(outputs["flow"], teacher_flow)
+    else:
+        raise ValueError(f"flow distillation target: expected one of {FLOW_TARGETS}, got "
+                         f"{target!r}")
     return {**terms, "flow_distill": term, "total": terms["total"] + term}
 
 
@@ -101,8 +128,9 @@ class RegistrationTrainer(BuiltTrainer):
     """
 
     def __init__(self, network, loss_weights, global_batch_size=None, distiller=None,
-                 flow_weight: float = 0.0, **kwargs):
+                 flow_weight: float = 0.0, flow_target: str = "flow", **kwargs):
         super().__init__(**kwargs)
+        self.flow_target = flow_target
         self.network = network
         self.loss_weights = loss_weights
         self.global_batch_size = global_batch_size
@@ -134,7 +162,8 @@ class RegistrationTrainer(BuiltTrainer):
             terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
             terms = add_distillation(terms, self.distiller, batch, outputs, targets)
             terms = add_flow_distillation(terms, self.flow_weight,
-                                          batch.get("teacher_flow"), outputs)
+                                          batch.get("teacher_flow"), outputs,
+                                          batch["moving"], self.flow_target)
             loss = average_over_batch(terms["total"], self.global_batch_size)
         variables = self.trainable_weights_to_update()
         self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
