@@ -21,7 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from aldk_tf.training import runs  # noqa: E402
 
 STUDENTS = ("student", "student_flow_distill", "student_flow_distill_refined",
-            "student_warp_distill", "student_warp_distill_refined", "student_aldk", "student_aldk_refined", "student_crd", "student_crd_aldk")
+            "student_warp_distill", "student_warp_distill_refined", "student_aldk",
+            "student_aldk_refined", "student_crd", "student_crd_aldk", "student_crd_warp")
 
 
 def best_by_validation(study: str) -> tuple[str, dict]:

@@ -44,7 +44,8 @@ from aldk_tf.config import (ALDKConfig, CRDConfig, ModelConfig, RunConfig,  # no
 ROWS = ("before", "teacher_single", "teacher", "refined_targets", "student",
         "student_flow_distill", "student_flow_distill_refined", "student_warp_distill",
         "student_warp_distill_refined", "student_aldk",
-        "student_aldk_refined", "student_crd", "student_crd_aldk", "student_refine_test")
+        "student_aldk_refined", "student_crd", "student_crd_aldk", "student_crd_warp",
+        "student_refine_test")
 DESCRIPTIONS = {
     "before": "before registration (zero flow)",
     "teacher_single": "teacher, its cascade applied once (as trained)",
@@ -60,6 +61,8 @@ DESCRIPTIONS = {
     "student_aldk_refined": "student + ALDK (critic), refined targets",
     "student_crd": "cross-resolution student (1/2), CRD terms",
     "student_crd_aldk": "cross-resolution student + CRD terms + ALDK",
+    "student_crd_warp": "cross-resolution student (1/2) + image-level distillation, raw "
+                        "targets (no CRD terms)",
     "student_refine_test": "best student (validation) + test-time refinement",
 }
 
@@ -150,6 +153,8 @@ def student_runs(args, dataset: str, teacher: str, rep: int) -> dict[str, RunCon
         "student_crd": RunConfig(dataset=dataset, model=crd_model, train=train,
                                  crd=CRDConfig(enabled=True, teacher=teacher,
                                                teacher_rep=rep)),
+        "student_crd_warp": RunConfig(dataset=dataset, model=crd_model, train=train,
+                                      aldk=aldk(False, args.warp_weight, target="warped")),
         "student_crd_aldk": RunConfig(dataset=dataset, model=crd_model, train=train,
                                       aldk=aldk(True),
                                       crd=CRDConfig(enabled=True, teacher=teacher,
