@@ -29,11 +29,11 @@ from aldk_tf.training import runs  # noqa: E402
 from aldk_tf.config import (ALDKConfig, CRDConfig, ModelConfig, RunConfig,  # noqa: E402
                             TrainConfig, atomic_write_text)
 
-METHODS = ("before", "teacher", "student", "student_flow_distill", "student_aldk",
+METHODS = ("before", "teacher", "student", "student_warp_distill", "student_aldk",
            "student_distilled", "student_crd")
 STUDENTS = METHODS[2:]
 LABELS = {"before": "before registration", "teacher": "teacher (affine + VTN)",
-          "student": "student", "student_flow_distill": "student + flow distillation",
+          "student": "student", "student_warp_distill": "student + image-level distillation",
           "student_aldk": "student + ALDK",
           "student_distilled": "student + CRD terms, full res.",
           "student_crd": "student, cross-resolution (1/2)"}
@@ -48,8 +48,10 @@ def parse_args(argv=None):
     parser.add_argument("--student-steps", type=int, default=400)
     parser.add_argument("--refine-steps", type=int, default=30,
                         help="instance-optimisation steps of the distillation targets")
-    parser.add_argument("--flow-weight", type=float, default=0.1,
-                        help="weight of the plain flow-distillation term")
+    parser.add_argument("--warp-weight", type=float, default=1.0,
+                        help="weight of the image-level distillation term (the student's "
+                             "warped image against the moving image warped by the "
+                             "teacher's flow; the similarity's weight is 1)")
     parser.add_argument("--teacher-cascades", type=int, default=1)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3,
@@ -80,10 +82,10 @@ def run_configs(args, dataset: str, teacher_dir: str) -> dict[str, RunConfig]:
     configs = {
         "teacher": teacher,
         "student": RunConfig(dataset=dataset, model=student_model, train=student_train),
-        "student_flow_distill": RunConfig(
+        "student_warp_distill": RunConfig(
             dataset=dataset, model=student_model, train=student_train,
-            aldk=ALDKConfig(teacher=teacher_dir, flow_weight=args.flow_weight,
-                            refine=refine)),
+            aldk=ALDKConfig(teacher=teacher_dir, flow_weight=args.warp_weight,
+                            flow_target="warped", refine=refine)),
         "student_aldk": RunConfig(dataset=dataset, model=student_model,
                                   train=student_train,
                                   aldk=ALDKConfig(enabled=True, teacher=teacher_dir,

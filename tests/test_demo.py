@@ -17,14 +17,15 @@ def test_run_configs_differ_only_where_the_rows_say(tmp_path):
     args = demo.parse_args(["--student-steps", "7", "--teacher-steps", "5",
                             "--crd-control"])
     configs = demo.run_configs(args, "data/demo.json", "weights/teacher")
-    assert list(configs) == ["teacher", "student", "student_flow_distill", "student_aldk",
+    assert list(configs) == ["teacher", "student", "student_warp_distill", "student_aldk",
                              "student_distilled", "student_crd"]
     assert configs["teacher"].train.round == 5
     students = [configs[name] for name in list(configs)[1:]]
     assert all(c.train == students[0].train and c.train.round == 7 for c in students)
     assert all(c.train.augment for c in students)          # one augmentation for all
-    flow, aldk = configs["student_flow_distill"].aldk, configs["student_aldk"].aldk
+    flow, aldk = configs["student_warp_distill"].aldk, configs["student_aldk"].aldk
     assert flow.flow_weight > 0 and not flow.enabled and aldk.enabled
+    assert flow.flow_target == "warped" and aldk.flow_weight == 0
     assert flow.refine == aldk.refine == 30 and flow.teacher == aldk.teacher
     assert "student_distilled" not in demo.run_configs(demo.parse_args([]), "d", "t")
     control, crd = configs["student_distilled"], configs["student_crd"]
