@@ -226,7 +226,9 @@ class ValidationDice(keras.callbacks.Callback):
             print(f"\nstep {step}: validation Dice {self.history[-1][1]:.4f}",
                   file=sys.stderr)
             if self.writer is not None:
-                with self.writer.as_default():
+                # record_if(True): a fit that ended in an error (e.g. a full disk) can
+                # leave Keras' TensorBoard recording condition behind in this process.
+                with self.writer.as_default(), tf.summary.record_if(True):
                     tf.summary.scalar("validation/dice", self.history[-1][1], step=step)
                     for name, image in self.preview.items():
                         tf.summary.image(f"validation/{name}", image, step=step)
