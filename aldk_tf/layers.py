@@ -128,6 +128,28 @@ class UpsampleFlow(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="aldk_tf")
+class UpsampleFlowAndWarp(keras.layers.Layer):
+    """``UpsampleFlowAndWarp(factor)([image, low_flow])`` -> ``[flow, warped]``: the
+    cross-resolution model's :class:`UpsampleFlow` and full-resolution :class:`Warp` as
+    one XLA loop (inference graphs; no hand-written gradient)."""
+
+    def __init__(self, factor: int, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = int(factor)
+
+    def call(self, inputs):
+        image, low_flow = inputs
+        return list(spatial.upsample_flow_and_warp(image, low_flow, self.factor))
+
+    def compute_output_shape(self, input_shape):
+        image = input_shape[0]
+        return [(*image[:4], 3), tuple(image)]
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+
+
+@keras.saving.register_keras_serializable(package="aldk_tf")
 class AveragePool3D(keras.layers.Layer):
     """3-D average pooling built from two 2-D pools (H-W, then D).
 

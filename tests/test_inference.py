@@ -18,8 +18,9 @@ import tensorflow as tf
 from aldk_tf.deploy import export, serving
 
 from aldk_tf import spatial
-from aldk_tf.deploy.inference import (graph_ops, inference_graph, registration_function,
-                                      slow_ops, transposed_conv3d)
+from aldk_tf.deploy.inference import (_all_layers, _concat_by_padding_xla, graph_ops,
+                                      inference_graph, registration_function, slow_ops,
+                                      transposed_conv3d)
 from aldk_tf.networks import build_student, build_teacher
 from scripts import load_script
 
@@ -129,9 +130,40 @@ def test_inference_graph_leaves_the_model_alone(rng):
     assert all(layer.dtype_policy.name == "float32" for layer in model.layers)
     head = model.get_layer("cascade_1").get_layer("cascade_1_flow_head")
     assert "call" not in vars(head)
-    assert graph is not model.registration_model()
+    graph_layers = {id(layer) for layer in _all_layers(graph)}
+    assert not graph_layers & {id(layer) for layer in _all_layers(model)}, \
+        "the inference graph shares layers with the model"
     with pytest.raises(ValueError, match="dtype"):
         inference_graph(model, dtype="float16")
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_concat_by_padding_is_concat(rng, dtype):
+    """The image-pair concatenation of the inference graph (zero-pad and add, one XLA
+    loop) gives tf.concat's result exactly, for any widths and NaNs included."""
+    parts = [rng.standard_normal((2, 3, 4, 5, width)).astype(np.float32) for width in (1, 2, 1)]
+    parts[1][0, 0, 0, 0, 1] = np.nan
+    parts = [tf.cast(part, dtype) for part in parts]
+    ours = _concat_by_padding_xla(parts).numpy()
+    np.testing.assert_array_equal(ours, tf.concat(parts, axis=-1).numpy())
+
+
+def test_inference_graph_rewrites_pairs_and_keeps_geometry_float32():
+    """Narrow concatenations (the image pairs) take the XLA form, wide ones (skips) stay;
+    under bfloat16 the deformable flow head computes in bfloat16 while the affine stem's
+    W and b heads and the pair stay float32."""
+    model = build_student(SIZE, 1)
+    graph = inference_graph(model, dtype="bfloat16")
+    concats = [layer for layer in _all_layers(graph)
+               if isinstance(layer, keras.layers.Concatenate)]
+    narrow = {layer.name for layer in concats if "call" in vars(layer)}
+    assert narrow == {layer.name for layer in concats if layer.output.shape[-1] <= 8}
+    assert narrow and len(narrow) < len(concats)
+    policy = {layer.name: layer.dtype_policy.name for layer in _all_layers(graph)}
+    assert policy["cascade_1_flow_head"] == "mixed_bfloat16"
+    assert policy["affine_stem_W"] == policy["affine_stem_b"] == "float32"
+    assert all(policy[name] == "float32" for name in narrow)
+    assert policy["cascade_1_conv2"] == "mixed_bfloat16"
 
 
 def test_fixed_signature_rejects_other_shapes():

@@ -286,6 +286,34 @@ def test_exact_affine_composition(rng):
     np.testing.assert_allclose(general[inner], exact[inner], atol=1e-4)
 
 
+def test_affine_forms_match_numpy_with_gradients(rng):
+    """The XLA-compiled affine flow and composition against numpy (values) and their
+    gradients against the closed forms (d/dW of sum(u * (W c + t)) = sum_x u c^T)."""
+    matrix, translation = random_affine(rng, 2)
+    shape = (5, 6, 7)
+    centred = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape],
+                                   indexing="ij"), axis=-1)
+    flow = rng.standard_normal((2, *shape, 3)).astype(np.float32)
+    affine = rng.standard_normal((2, *shape, 3)).astype(np.float32)
+    upstream = rng.standard_normal((2, *shape, 3)).astype(np.float32)
+    matrix_t, flow_t = tf.constant(matrix), tf.constant(flow)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([matrix_t, flow_t])
+        field = spatial.affine_flow(matrix_t, translation, shape)
+        composed = spatial.compose_affine(matrix_t, affine, flow_t)
+        loss_field = tf.reduce_sum(upstream * field)
+        loss_composed = tf.reduce_sum(upstream * composed)
+    np.testing.assert_allclose(field.numpy(), np.einsum("bij,dhwj->bdhwi", matrix, centred)
+                               + translation[:, None, None, None], atol=1e-5)
+    np.testing.assert_allclose(composed.numpy(), flow + affine
+                               + np.einsum("bij,bdhwj->bdhwi", matrix, flow), atol=1e-5)
+    np.testing.assert_allclose(tape.gradient(loss_field, matrix_t).numpy(),
+                               np.einsum("bdhwi,dhwj->bij", upstream, centred), rtol=1e-4)
+    np.testing.assert_allclose(tape.gradient(loss_composed, flow_t).numpy(),
+                               upstream + np.einsum("bij,bdhwi->bdhwj", matrix, upstream),
+                               atol=1e-5)
+
+
 def test_upsample_matches_map_coordinates(rng):
     low = rng.random((2, 5, 6, 4, 2)).astype(np.float32)
     for factor in (2, 3):
@@ -304,8 +332,29 @@ def test_downsample_is_block_mean(rng):
     volume = rng.random((1, 8, 6, 4, 3)).astype(np.float32)
     expected = volume.reshape(1, 4, 2, 3, 2, 2, 2, 3).mean(axis=(2, 4, 6))
     np.testing.assert_allclose(spatial.downsample(volume, 2).numpy(), expected, atol=1e-6)
+    # The same inside a graph whose spatial sizes are unknown (the non-XLA path).
+    unknown = tf.function(lambda v: spatial.downsample(v, 2),
+                          input_signature=[tf.TensorSpec([None] * 4 + [3], tf.float32)])
+    np.testing.assert_allclose(unknown(volume).numpy(), expected, atol=1e-6)
     with pytest.raises(ValueError, match="divisible"):
         spatial.downsample(np.zeros((1, 7, 8, 8, 1), np.float32), 2)
+
+
+def test_upsample_flow_and_warp_is_the_two_steps(rng):
+    """The fused inference step equals upsample_flow then warp (both outputs), and says
+    which input does not fit."""
+    image = rng.random((2, 12, 8, 16, 2)).astype(np.float32)
+    low_flow = (rng.standard_normal((2, 6, 4, 8, 3)) * 1.5).astype(np.float32)
+    flow, warped = spatial.upsample_flow_and_warp(image, low_flow, 2)
+    expected_flow = spatial.upsample_flow(low_flow, 2)
+    np.testing.assert_allclose(flow.numpy(), expected_flow.numpy(), atol=1e-5)
+    np.testing.assert_allclose(warped.numpy(), spatial.warp(image, expected_flow).numpy(),
+                               atol=1e-5)
+    assert np.abs(warped.numpy() - image).max() > 0.1, "the flow moved nothing"
+    with pytest.raises(ValueError, match="not 2 x low_flow"):
+        spatial.upsample_flow_and_warp(image[:, :10], low_flow, 2)
+    with pytest.raises(ValueError, match="low_flow"):
+        spatial.upsample_flow_and_warp(image, low_flow[..., :2], 2)
 
 
 def test_flow_resolution_round_trip_translation_and_affine(rng):

@@ -18,9 +18,12 @@ registration graph (:func:`inference_graph`) with two inference-only choices:
   ``Conv3DBackpropInputV2`` is slow for few output channels.
 - ``dtype="bfloat16"``: the convolutions (and their activations, concatenations,
   poolings) compute in bfloat16 (Keras ``mixed_bfloat16`` policy: float32 weights cast
-  on use); the layers that produce geometry -- 3- and 9-channel flow/affine heads, warps,
-  flow composition, affine flow, up/downsampling -- stay float32, so ``flow`` and
-  ``warped`` are float32 either way.
+  on use), the deformable flow heads included (oneDNN accumulates in float32; their
+  bfloat16 output, about 3 significant digits, is cast back to float32 by the flow
+  multiplier). The layers that produce geometry from it -- the affine stem's ``W`` and
+  ``b`` heads, warps, flow composition, affine flow, up/downsampling -- stay float32, so
+  ``flow`` and ``warped`` are float32 either way. ``bench/bf16_dice.py`` checks the Dice
+  change.
 
 :func:`graph_ops` / :func:`slow_ops` list what a traced or exported graph will run, to
 check that nothing falls back to a slow path (see ``bench/inference.py --check-ops``).
@@ -35,6 +38,7 @@ import keras
 import tensorflow as tf
 
 from aldk_tf import layers as spatial_layers
+from aldk_tf.networks.affine import AffineStem
 
 DTYPES = ("float32", "bfloat16")
 
@@ -50,7 +54,8 @@ SLOW_WITHOUT_XLA = ("GatherV2", "GatherNd", "ResourceGather", "TensorScatterAdd"
                     "ScatterNd")
 
 # Layers that carry geometry (flows, matrices) keep float32 under dtype="bfloat16".
-_FLOAT32_LAYERS = (spatial_layers.Warp, spatial_layers.AffineFlow,
+_FLOAT32_LAYERS = (spatial_layers.Warp, spatial_layers.UpsampleFlowAndWarp,
+                   spatial_layers.AffineFlow,
                    spatial_layers.ComposeFlows, spatial_layers.ComposeAffine,
                    spatial_layers.Scale, spatial_layers.Downsample,
                    spatial_layers.UpsampleFlow, spatial_layers.JacobianDeterminant)
@@ -59,7 +64,7 @@ _BFLOAT16_LAYERS = (keras.layers.Conv3D, keras.layers.Conv3DTranspose,
                     keras.layers.Concatenate, keras.layers.AveragePooling3D,
                     keras.layers.Cropping3D, keras.layers.UpSampling3D,
                     keras.layers.LeakyReLU)
-_GEOMETRY_CHANNELS = (3, 9)        # flow heads and the affine W head
+_GEOMETRY_CHANNELS = (3, 9)        # the affine stem's b and W heads
 # The sub-pixel form only pays off for few output channels (measured at 128^3: 3 -> 3.5x
 # faster; 16 or more -> no gain or slower), i.e. for the flow heads.
 SUBPIXEL_MAX_FILTERS = 8
@@ -143,6 +148,47 @@ def _subpixel_call(self, inputs):
                              self.activation)
 
 
+# ----------------------------------------------------------------------------- pairs
+# Concatenating two 1-channel volumes along the channel axis (the image pair each network
+# reads) interleaves them voxel by voxel, which TensorFlow's concat kernel does one
+# element at a time (12 ms for a 128^3 pair on the 2-core machine of bench/inference.py).
+# Zero-padding each input to the full channel count and adding is the same result (x + 0
+# is x) and one elementwise loop under XLA (~1 ms); for wide channels the kernel copies
+# contiguous runs and is as fast as it gets.
+CONCAT_MAX_CHANNELS = 8
+
+
+def _concat_by_padding(tensors):
+    total = sum(int(t.shape[-1]) for t in tensors)
+    result, start = None, 0
+    for tensor in tensors:
+        width = int(tensor.shape[-1])
+        padded = tf.pad(tensor, [[0, 0]] * (tensor.shape.rank - 1)
+                        + [[start, total - start - width]])
+        result = padded if result is None else result + padded
+        start += width
+    return result
+
+
+_concat_by_padding_xla = tf.function(_concat_by_padding, jit_compile=True,
+                                     reduce_retracing=True)
+
+
+def _narrow_concat_eligible(layer) -> bool:
+    if not isinstance(layer, keras.layers.Concatenate) or layer.axis not in (-1, 4):
+        return False
+    try:
+        shape = layer.output.shape
+    except (AttributeError, ValueError):                 # never called in a graph
+        return False
+    return shape[-1] is not None and shape[-1] <= CONCAT_MAX_CHANNELS
+
+
+def _narrow_concat_call(self, inputs):
+    """``Concatenate.call`` through :func:`_concat_by_padding` (bound per layer)."""
+    return _concat_by_padding_xla(list(inputs))
+
+
 # ----------------------------------------------------------------------------- graph
 def _all_layers(model):
     for layer in model.layers:
@@ -161,11 +207,18 @@ def _copy(model) -> keras.Model:
     return clone
 
 
-def _use_bfloat16(layer) -> None:
+def _affine_heads(model) -> set[int]:
+    """``id``s of the affine stems' ``W`` and ``b`` heads (kept float32 under bfloat16:
+    a matrix entry is one sum over the whole grid)."""
+    return {id(layer) for stem in _all_layers(model) if isinstance(stem, AffineStem)
+            for layer in stem.layers if getattr(layer, "filters", None) in _GEOMETRY_CHANNELS}
+
+
+def _use_bfloat16(layer, keep_float32: set[int]) -> None:
     if isinstance(layer, _FLOAT32_LAYERS) or not isinstance(layer, _BFLOAT16_LAYERS):
         return
-    if getattr(layer, "filters", None) in _GEOMETRY_CHANNELS:
-        return                                          # flow / affine heads
+    if id(layer) in keep_float32 or _narrow_concat_eligible(layer):
+        return          # a pair of images stays float32: the network's input is float32
     layer.dtype_policy = "mixed_bfloat16"
     if isinstance(getattr(layer, "activation", None), keras.layers.Layer):
         layer.activation.dtype_policy = "mixed_bfloat16"
@@ -185,14 +238,30 @@ def inference_graph(model, dtype: str = "float32", subpixel: bool = True) -> ker
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     clone = _copy(model)
+    keep_float32 = _affine_heads(clone)
     for layer in _all_layers(clone):
         if subpixel and _subpixel_eligible(layer):
             layer.call = types.MethodType(_subpixel_call, layer)
+        if _narrow_concat_eligible(layer):
+            layer.call = types.MethodType(_narrow_concat_call, layer)
         if dtype == "bfloat16":
-            _use_bfloat16(layer)
+            _use_bfloat16(layer, keep_float32)
+    if getattr(clone, "resolution_factor", 1) > 1:
+        return _fused_cross_resolution(clone)
     if hasattr(clone, "registration_model"):
         return clone.registration_model()
     return keras.Model(clone.input, {key: clone.output[key] for key in ("flow", "warped")})
+
+
+def _fused_cross_resolution(model) -> keras.Model:
+    """A cross-resolution cascade's registration graph with its last two steps (flow
+    upsampling, full-resolution warp) as one XLA loop; same outputs as
+    ``model.registration_model()``."""
+    flow, warped = spatial_layers.UpsampleFlowAndWarp(
+        model.resolution_factor, name="upsample_flow_and_warp")(
+            [model.input["moving"], model.output["low_flow"]])
+    return keras.Model(inputs=model.input, outputs={"flow": flow, "warped": warped},
+                       name=f"{model.name}_register")
 
 
 def model_image_size(model) -> tuple[int, int, int]:

@@ -13,7 +13,8 @@ Conventions: tensors are channels-last ``[B, D, H, W, C]``; a flow is
 """
 
 from .labels import LABEL_RULES, MASK_THRESHOLD, sample_labels, warp_labels
-from .resolution import downsample, downsample_flow, upsample, upsample_flow
+from .resolution import (downsample, downsample_flow, upsample, upsample_flow,
+                         upsample_flow_and_warp)
 from .sampling import MODES, sample, warp
 from .transforms import (affine_flow, compose, compose_affine, invert_flow,
                          jacobian_determinant, spatial_gradient, voxel_grid)
@@ -21,4 +22,4 @@ from .transforms import (affine_flow, compose, compose_affine, invert_flow,
 __all__ = ["LABEL_RULES", "MASK_THRESHOLD", "MODES", "affine_flow", "compose",
            "compose_affine", "downsample", "downsample_flow", "invert_flow",
            "jacobian_determinant", "sample", "sample_labels", "spatial_gradient", "upsample",
-           "upsample_flow", "voxel_grid", "warp", "warp_labels"]
+           "upsample_flow", "upsample_flow_and_warp", "voxel_grid", "warp", "warp_labels"]
