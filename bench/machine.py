@@ -23,13 +23,14 @@ import os
 import numpy as np
 import tensorflow as tf
 
+# The CPU-feature check is the library's (export.py --dtype bfloat16 uses it too).
+from aldk_tf.deploy.inference import BF16_FLAGS, bf16_features, cpu_flags  # noqa: F401
+
 try:                                 # python -m bench.<script>; imported from the root (tests)
     from bench.timing import repeat_timed
 except ModuleNotFoundError:          # python bench/<script>.py: sys.path[0] is bench/
     from timing import repeat_timed
 
-#: ``/proc/cpuinfo`` flags that give oneDNN native bfloat16 arithmetic, best first.
-BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 BF16_MODES = ("auto", "on", "off")
 BF16_ENV = "ALDK_BF16"
 #: Sizes of the micro-benchmarks: "full" for a measurement, "quick" to check that the
@@ -38,28 +39,6 @@ PEAK_SIZES = {
     "full": {"matmul": 2048, "conv_grid": 64, "conv_channels": 128, "megabytes": 256},
     "quick": {"matmul": 256, "conv_grid": 16, "conv_channels": 32, "megabytes": 8},
 }
-
-
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    """The ``flags`` of the first processor in ``cpuinfo`` (default: ``/proc/cpuinfo``;
-    empty when it cannot be read)."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as handle:
-                cpuinfo = handle.read()
-        except OSError:
-            return set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return set(value.split())
-    return set()
-
-
-def bf16_features(cpuinfo: str | None = None) -> list[str]:
-    """The :data:`BF16_FLAGS` this CPU has, best first (``[]``: no native bfloat16)."""
-    flags = cpu_flags(cpuinfo)
-    return [flag for flag in BF16_FLAGS if flag in flags]
 
 
 def bf16_decision(mode: str = "auto", cpuinfo: str | None = None) -> tuple[bool, str]:

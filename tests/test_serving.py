@@ -194,16 +194,27 @@ def test_evaluation_and_savedmodel_warp_labels_identically(tmp_path, rng):
         assert expected.any() and not np.array_equal(warped, segmentation)
 
 
-def test_next_version_and_savedmodel_only_export(student_run_32, exported):
+def test_next_version_and_savedmodel_only_bfloat16_export(student_run_32, exported,
+                                                         demo_pair):
+    """A second export is version 2; ``--tflite none`` writes no TFLite; ``--dtype
+    bfloat16`` serves bfloat16 convolutions: float32 outputs, close to the float32
+    export's flow but not equal to it."""
     version, _ = exported
     base = version.parent
     assert export.next_version(str(base)) == 2
     code, out, err = run_cli("export", ["-c", student_run_32, "--out", str(base),
-                                        "--tflite", "none"])
+                                        "--tflite", "none", "--dtype", "bfloat16"])
     assert code == 0, err
     assert sorted(os.listdir(base)) == ["1", "2"]
     assert not (base / "2" / "tflite").exists()
-    assert "savedmodel" in out
+    assert "savedmodel" in out and "bfloat16 convolutions" in out
+    assert json.loads((base / "2" / serving.INFO_NAME).read_text())["dtype"] == "bfloat16"
+    flows = [serving.savedmodel_runner(str(base / name))(demo_pair["fixed"],
+                                                         demo_pair["moving"])["flow"]
+             for name in ("1", "2")]
+    assert flows[1].dtype == np.float32
+    difference = np.abs(flows[1] - flows[0]).max()
+    assert 0.0 < difference <= export.BFLOAT16_TOLERANCE
 
 
 def write_resized_config(demo_dataset_32, tmp_path):

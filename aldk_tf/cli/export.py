@@ -28,6 +28,7 @@ from aldk_tf.data import (VALIDATION_SCHEME, DataError, list_pairs,
                           load_dataset_config, load_pair)
 from aldk_tf.evaluation import EvaluationError, check_image_size
 from aldk_tf.deploy.export import prepare_base, remove_if_new_and_empty
+from aldk_tf.deploy.inference import DTYPES, bf16_features
 from aldk_tf.deploy.serving import TFLITE_VARIANTS, ExportError
 
 
@@ -52,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max flow "
                         "difference allowed for the SavedModel and fp32 TFLite "
                         "(default 1e-4 voxels)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="the "
+                        "SavedModel's convolutions: float32 (default) or bfloat16 (faster "
+                        "on CPUs with AMX or AVX512-BF16; inputs and outputs stay float32, "
+                        "flow checked to 0.25 voxel); TFLite stays float32")
     return parser.parse_args(argv)
 
 
@@ -138,7 +143,7 @@ def main(argv=None) -> int:
         info = export_model(
             model, args.out, version=args.version, tflite=variants, sample=sample,
             label_values=label_values, tolerance=args.tolerance, portable=args.portable,
-            info={"run": args.checkpoint, "rep": model.rep,
+            dtype=args.dtype, info={"run": args.checkpoint, "rep": model.rep,
                   "model": run_config.to_dict()["model"], "parity_input": described,
                   "parameters": int(model.count_params()),
                   "dataset": run_config.dataset, "preprocessing": preprocessing})
@@ -147,8 +152,12 @@ def main(argv=None) -> int:
         return 2
     finally:
         remove_if_new_and_empty(args.out, existed)
-    print(f"SavedModel: {info['path']}  (signatures serving_default: fixed, moving -> "
-          f"flow, warped; warp_segmentation: segmentation, flow -> warped_segmentation)")
+    print(f"SavedModel: {info['path']}  ({args.dtype} convolutions; signatures "
+          f"serving_default: fixed, moving -> flow, warped; warp_segmentation: "
+          f"segmentation, flow -> warped_segmentation)")
+    if args.dtype == "bfloat16" and not bf16_features():
+        print("Note: this CPU has neither amx_bf16 nor avx512_bf16: the bfloat16 "
+              "SavedModel runs here, but slower than float32; serve it on a CPU that has")
     for variant, name in info["tflite"].items():
         path = os.path.join(info["path"], name)
         print(f"TFLite {variant}: {path}  ({os.path.getsize(path) / 2 ** 20:.1f} MiB)")
