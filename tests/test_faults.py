@@ -87,7 +87,8 @@ def truncate(path, keep=0.5):
     ("--batch", "0"), ("--round", "-2"), ("--epochs", "0"), ("--lr", "nan"),
     ("--lr", "inf"), ("--lr", "0"), ("--adv-period", "0"), ("--critic-period", "0"),
     ("--n-cascades", "0"), ("--beta", "1.5"), ("--critic-lr", "0"),
-    ("--max-steps", "0"), ("--checkpoint-every", "0"), ("--clip-norm", "inf")])
+    ("--max-steps", "0"), ("--checkpoint-every", "0"), ("--clip-norm", "inf"),
+    ("--flow-distill", "-0.5"), ("--flow-distill", "inf")])
 def test_bad_flag_is_one_line_and_creates_nothing(dataset, tmp_path, capsys, flag, value):
     weights = tmp_path / "weights"
     code = train_cli.main(train_flags(dataset, weights, "x", flag, value))

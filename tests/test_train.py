@@ -373,8 +373,9 @@ def test_cli_training_options_reach_the_config(dataset, tmp_path):
     assert config.aldk.flow_weight == 0.2 and config.aldk.refine == 7
     assert config.aldk.teacher_rep == 3 and config.crd.teacher_rep == 3
     assert not config.aldk.enabled and config.aldk.teacher == teacher
-    with pytest.raises(ValueError, match="--clip-norm"):
-        cli.build_config(cli.parse_args(["-b", "LDR", "-d", dataset, "--clip-norm", "-1"]))
+    for flag in ("--clip-norm", "--flow-distill", "--refine-targets"):  # train_checks'
+        with pytest.raises(ValueError, match=f"^{flag}: expected .*>= 0, got -1"):
+            cli.build_config(cli.parse_args(["-b", "LDR", "-d", dataset, flag, "-1"]))
 
 
 def test_stale_teacher_flows_are_extracted_again(dataset, tmp_path):

@@ -205,10 +205,11 @@ BUDGET_SETTINGS = {"train.epochs", "train.checkpoint_every", "train.validate_eve
 BASE_FLAGS = {"vtn": "VTN", "voxelmorph": "VoxelMorph", "student": "LDR"}
 
 
-#: The most training steps a run may be given (the checkpointed step is an int64).
 def build_config(args):
+    """The RunConfig of a new run from parsed flags; ValueError naming a bad flag."""
     from aldk_tf.config import ALDKConfig, CRDConfig, ModelConfig, RunConfig, TrainConfig
     from aldk_tf.data import load_dataset_config
+    check_values(args)          # again: resumed_config and library callers come here directly
     base = args.base_network.lower()
     if base not in BASES:
         raise ValueError(f"-b/--base-network: expected VTN, VoxelMorph or LDR, got "
@@ -223,17 +224,10 @@ def build_config(args):
         if wanted != image_size:
             raise ValueError(f"--image-size {wanted} differs from {args.dataset}'s "
                              f"image_size {image_size}; prepare the data at that size")
-    if not 0.0 <= args.flow_distill < float("inf"):
-        raise ValueError(f"--flow-distill: expected a finite weight >= 0, got "
-                         f"{args.flow_distill}")
     for flag, used in (("--aldk", args.aldk), ("--flow-distill", args.flow_distill),
                        ("--crd", args.crd)):
         if used and role != "student":
             raise ValueError(f"{flag} applies to the student (-b LDR)")
-    if not 0.0 <= args.clip_norm < float("inf"):
-        raise ValueError(f"--clip-norm: expected a finite value >= 0, got {args.clip_norm}")
-    if args.refine_targets < 0:
-        raise ValueError(f"--refine-targets: expected N >= 0, got {args.refine_targets}")
     factor = args.resolution_factor or (2 if args.crd else 1)
     teacher = os.path.abspath(args.teacher) if args.teacher else None
     config = RunConfig(
