@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from aldk_tf.training import runs  # noqa: E402
 from aldk_tf.config import (ALDKConfig, CRDConfig, ModelConfig, RunConfig,  # noqa: E402
-                            TrainConfig, atomic_write_text)
+                            TeacherConfig, TrainConfig, atomic_write_text)
 
 METHODS = ("before", "teacher", "student", "student_warp_distill", "student_aldk",
            "student_distilled", "student_crd")
@@ -79,17 +79,17 @@ def run_configs(args, dataset: str, teacher_dir: str) -> dict[str, RunConfig]:
     student_model = ModelConfig(image_size=size)
     student_train = TrainConfig(round=args.student_steps, **common)
     refine = args.refine_steps
+    distilled = dict(dataset=dataset, train=student_train,
+                     teacher=TeacherConfig(run=teacher_dir))
     configs = {
         "teacher": teacher,
         "student": RunConfig(dataset=dataset, model=student_model, train=student_train),
         "student_warp_distill": RunConfig(
-            dataset=dataset, model=student_model, train=student_train,
-            aldk=ALDKConfig(teacher=teacher_dir, flow_weight=args.warp_weight,
-                            flow_target="warped", refine=refine)),
-        "student_aldk": RunConfig(dataset=dataset, model=student_model,
-                                  train=student_train,
-                                  aldk=ALDKConfig(enabled=True, teacher=teacher_dir,
-                                                  refine=refine)),
+            model=student_model, aldk=ALDKConfig(flow_weight=args.warp_weight,
+                                                 flow_target="warped", refine=refine),
+            **distilled),
+        "student_aldk": RunConfig(model=student_model,
+                                  aldk=ALDKConfig(enabled=True, refine=refine), **distilled),
     }
     if not args.no_crd:
         # The control (with --crd-control) first: the same distillation terms, teacher
@@ -98,8 +98,8 @@ def run_configs(args, dataset: str, teacher_dir: str) -> dict[str, RunConfig]:
             (("student_crd", 2),)
         for name, factor in crd_rows:
             configs[name] = RunConfig(
-                dataset=dataset, model=ModelConfig(image_size=size, resolution_factor=factor),
-                train=student_train, crd=CRDConfig(enabled=True, teacher=teacher_dir))
+                model=ModelConfig(image_size=size, resolution_factor=factor),
+                crd=CRDConfig(enabled=True), **distilled)
     return configs
 
 

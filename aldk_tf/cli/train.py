@@ -181,11 +181,11 @@ FLAG_SETTINGS = {
     "clip_norm": ("train.clip_norm",), "checkpoint_every": ("train.checkpoint_every",),
     "validate_every": ("train.validate_every",),
     "validation_pairs": ("train.validation_pairs",),
-    "aldk": ("aldk.enabled",), "teacher": ("aldk.teacher", "crd.teacher"),
+    "aldk": ("aldk.enabled",), "teacher": ("teacher.run",),
     "teacher_online": ("aldk.teacher_online",), "flow_distill": ("aldk.flow_weight",),
     "distill_target": ("aldk.flow_target",),
     "refine_targets": ("aldk.refine",),
-    "teacher_rep": ("aldk.teacher_rep", "crd.teacher_rep"), "beta": ("aldk.beta",),
+    "teacher_rep": ("teacher.rep",), "beta": ("aldk.beta",),
     "gamma": ("aldk.gamma",),
     "lamb": ("aldk.lamb",), "critic_lr": ("aldk.critic_lr",),
     "critic_output": ("aldk.critic_output",), "adv_period": ("aldk.adversarial_period",),
@@ -207,7 +207,8 @@ BASE_FLAGS = {"vtn": "VTN", "voxelmorph": "VoxelMorph", "student": "LDR"}
 
 def build_config(args):
     """The RunConfig of a new run from parsed flags; ValueError naming a bad flag."""
-    from aldk_tf.config import ALDKConfig, CRDConfig, ModelConfig, RunConfig, TrainConfig
+    from aldk_tf.config import (ALDKConfig, CRDConfig, ModelConfig, RunConfig,
+                                TeacherConfig, TrainConfig)
     from aldk_tf.data import load_dataset_config
     check_values(args)          # again: resumed_config and library callers come here directly
     base = args.base_network.lower()
@@ -229,7 +230,6 @@ def build_config(args):
         if used and role != "student":
             raise ValueError(f"{flag} applies to the student (-b LDR)")
     factor = args.resolution_factor or (2 if args.crd else 1)
-    teacher = os.path.abspath(args.teacher) if args.teacher else None
     config = RunConfig(
         dataset=os.path.abspath(args.dataset),
         preprocessing=dataset_config.extra.get("preprocessing"),
@@ -248,14 +248,15 @@ def build_config(args):
                         critic_output=args.critic_output,
                         adversarial_period=args.adv_period,
                         adversarial_until=args.adv_until,
-                        critic_period=args.critic_period, teacher=teacher,
+                        critic_period=args.critic_period,
                         teacher_online=args.teacher_online,
                         flow_weight=args.flow_distill, refine=args.refine_targets,
-                        teacher_rep=args.teacher_rep, flow_target=args.distill_target),
+                        flow_target=args.distill_target),
         crd=CRDConfig(enabled=args.crd, flow_weight=args.crd_flow_weight,
                       feature_weight=args.crd_feature_weight, gate=args.crd_gate,
-                      anneal_steps=args.crd_anneal,
-                      teacher=teacher, teacher_rep=args.teacher_rep))
+                      anneal_steps=args.crd_anneal),
+        teacher=TeacherConfig(run=os.path.abspath(args.teacher) if args.teacher else None,
+                              rep=args.teacher_rep))
     config.check_teacher()
     return config
 
