@@ -24,7 +24,7 @@ MAX_REP = 100
 class ModelConfig:
     """Which registration network: a teacher (VTN/VoxelMorph cascades) or a student."""
     role: str = "student"                 # "teacher" | "student"
-    base: str = "student"                 # "vtn" | "voxelmorph" | "student"
+    base: str = "student"                 # a key of aldk_tf.networks.bases.BASES
     n_cascades: int = 1
     rep: int = 1
     affine: str | None = "student"        # "vtn" | "student" | None

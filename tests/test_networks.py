@@ -201,3 +201,27 @@ def test_models_saved_before_the_affine_gain_load_with_gain_one(rng):
     inputs = pair(rng)
     np.testing.assert_allclose(legacy(inputs)["matrix"], 10 * new(inputs)["matrix"].numpy(),
                                rtol=1e-4, atol=1e-7)
+
+
+def test_one_table_of_base_networks_serves_the_cascade_and_the_cli():
+    from aldk_tf.cli import train as cli
+    from aldk_tf.networks.bases import BASES
+    for base, spec in BASES.items():
+        network = RecursiveCascade(SIZE, base=base, affine=None, channels=8).get_layer(
+            "cascade_1")
+        assert type(network) is spec.network_class()
+        if "channels" in spec.settings:
+            assert network.channels == 8
+        assert cli.BASES[spec.flag.lower()] == (spec.role, base, spec.affine)
+        assert cli.BASE_FLAGS[base] == spec.flag
+        assert spec.flag in cli.make_parser().format_help()
+    with pytest.raises(ValueError, match=r"one of \('vtn', 'voxelmorph', 'student'\)"):
+        RecursiveCascade(SIZE, base="unet")
+
+
+def test_the_cli_reads_the_table_without_importing_tensorflow():
+    import subprocess
+    import sys
+    code = ("import sys, aldk_tf.cli.train; "
+            "sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -32,16 +32,20 @@ import os
 import sys
 
 from aldk_tf.cli.train_checks import check_paths, check_values
+from aldk_tf.networks.bases import BASES as NETWORKS
 
-BASES = {"vtn": ("teacher", "vtn", "vtn"), "voxelmorph": ("teacher", "voxelmorph", "vtn"),
-         "ldr": ("student", "student", "student")}
+#: ``-b`` (lower case) -> (model.role, model.base, model.affine); the inverse of BASE_FLAGS.
+BASES = {spec.flag.lower(): (spec.role, base, spec.affine) for base, spec in NETWORKS.items()}
+#: The -b value that builds each stored model.base.
+BASE_FLAGS = {base: spec.flag for base, spec in NETWORKS.items()}
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-b", "--base-network", "--base_network", default="VTN",
-                        help="VTN or VoxelMorph (teacher cascades) or LDR (student)")
+                        help=", ".join(f"{spec.flag} ({spec.role})"
+                                       for spec in NETWORKS.values()))
     parser.add_argument("-n", "--n-cascades", "--n_cascades", type=int, default=1)
     parser.add_argument("-r", "--rep", type=int, default=1,
                         help="shared-weight repetitions of every cascade")
@@ -201,8 +205,6 @@ NOT_SETTINGS = {"checkpoint", "override", "output", "weights_dir", "max_steps", 
 #: the change is still recorded in the run's history.
 BUDGET_SETTINGS = {"train.epochs", "train.checkpoint_every", "train.validate_every",
                    "train.validation_pairs"}
-#: The -b value that builds each stored model.base.
-BASE_FLAGS = {"vtn": "VTN", "voxelmorph": "VoxelMorph", "student": "LDR"}
 
 
 def build_config(args):
@@ -213,8 +215,8 @@ def build_config(args):
     check_values(args)          # again: resumed_config and library callers come here directly
     base = args.base_network.lower()
     if base not in BASES:
-        raise ValueError(f"-b/--base-network: expected VTN, VoxelMorph or LDR, got "
-                         f"{args.base_network!r}")
+        raise ValueError(f"-b/--base-network: expected one of "
+                         f"{', '.join(BASE_FLAGS.values())}, got {args.base_network!r}")
     if not args.dataset:
         raise ValueError("-d/--dataset: a dataset JSON is required for a new run")
     role, network, affine = BASES[base]
@@ -228,7 +230,7 @@ def build_config(args):
     for flag, used in (("--aldk", args.aldk), ("--flow-distill", args.flow_distill),
                        ("--crd", args.crd)):
         if used and role != "student":
-            raise ValueError(f"{flag} applies to the student (-b LDR)")
+            raise ValueError(f"{flag} applies to the student (-b {BASE_FLAGS['student']})")
     factor = args.resolution_factor or (2 if args.crd else 1)
     config = RunConfig(
         dataset=os.path.abspath(args.dataset),

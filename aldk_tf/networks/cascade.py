@@ -13,22 +13,15 @@ import keras
 from aldk_tf.layers import ComposeAffine, ComposeFlows, Downsample, UpsampleFlow, Warp
 from aldk_tf.networks.affine import (AFFINE_VARIANTS, LEGACY_MATRIX_GAIN, MATRIX_GAIN,
                                      AffineStem)
+from aldk_tf.networks.bases import BASES
 from aldk_tf.networks.blocks import check_image_size
-from aldk_tf.networks.student import StudentNet
-from aldk_tf.networks.voxelmorph import VoxelMorphNet
-from aldk_tf.networks.vtn import VTNNet
-
-BASES = ("vtn", "voxelmorph", "student")
 
 
 def _base_network(base, image_size, flow_multiplier, name, channels, student_variant):
-    if base == "vtn":
-        return VTNNet(image_size, channels=channels, flow_multiplier=flow_multiplier,
-                      name=name)
-    if base == "voxelmorph":
-        return VoxelMorphNet(image_size, flow_multiplier=flow_multiplier, name=name)
-    return StudentNet(image_size, variant=student_variant, flow_multiplier=flow_multiplier,
-                      name=name)
+    spec = BASES[base]
+    settings = {"channels": channels, "variant": student_variant}
+    return spec.network_class()(image_size, flow_multiplier=flow_multiplier, name=name,
+                                **{key: settings[key] for key in spec.settings})
 
 
 @keras.saving.register_keras_serializable(package="aldk_tf")
@@ -42,7 +35,8 @@ class RecursiveCascade(keras.Model):
 
     Args:
       image_size: (D, H, W), each divisible by 16.
-      base: "vtn", "voxelmorph" or "student".
+      base: a key of :data:`aldk_tf.networks.bases.BASES` ("vtn", "voxelmorph",
+        "student").
       n_cascades: number of distinct deformable cascades; each has flow multiplier 1/n.
       rep: shared-weight repetition: every cascade is applied ``rep`` times in a row
         (RCN's test-time trick); the weights are those of the ``rep=1`` model.
@@ -62,7 +56,8 @@ class RecursiveCascade(keras.Model):
                  affine="vtn", channels=16, student_variant="seed", resolution_factor=1,
                  matrix_gain=MATRIX_GAIN, name="cascade", **kwargs):
         if base not in BASES:
-            raise ValueError(f"RecursiveCascade: base must be one of {BASES}, got {base!r}")
+            raise ValueError(f"RecursiveCascade: base must be one of {tuple(BASES)}, got "
+                             f"{base!r}")
         if affine is not None and affine not in AFFINE_VARIANTS:
             raise ValueError(f"RecursiveCascade: affine must be one of "
                              f"{sorted(AFFINE_VARIANTS)} or None, got {affine!r}")
