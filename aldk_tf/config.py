@@ -12,6 +12,8 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
+from aldk_tf.networks.bases import student_variant_name
+
 CONFIG_NAME = "config.json"
 
 #: The most shared-weight repetitions of a cascade a tool accepts (``-r``,
@@ -29,11 +31,16 @@ class ModelConfig:
     rep: int = 1
     affine: str | None = "student"        # "vtn" | "student" | None
     channels: int = 16
-    student_variant: str = "seed"         # "seed" | "release"
+    student_variant: str = "paper"        # "paper" | "release" (networks.bases)
     image_size: tuple[int, int, int] = (128, 128, 128)
     resolution_factor: int = 1            # > 1: cross-resolution student (CRD)
     matrix_gain: float = 0.1              # affine W = head output x this (networks.affine;
                                           # runs saved before it existed: 1.0)
+
+    def __post_init__(self):
+        # Runs saved before the rename say "seed"; stored as today's name, so resuming one
+        # with today's flags is no change of its settings.
+        self.student_variant = student_variant_name(self.student_variant)
 
     def build(self, rep: int | None = None, name: str | None = None):
         from aldk_tf.networks.cascade import RecursiveCascade

@@ -18,8 +18,8 @@ from aldk_tf.networks import build_student, build_teacher  # noqa: E402
 MODELS = {
     "teacher: VTN affine + 1 VTN cascade": lambda s: build_teacher(s, 1),
     "teacher: VTN affine + 3 VTN cascades": lambda s: build_teacher(s, 3),
-    "student: affine + 1 cascade (seed)": lambda s: build_student(s, 1),
-    "student: affine + 3 cascades (seed)": lambda s: build_student(s, 3),
+    "student: affine + 1 cascade (paper)": lambda s: build_student(s, 1),
+    "student: affine + 3 cascades (paper)": lambda s: build_student(s, 3),
     "student: affine + 1 cascade (release variant)": lambda s: build_student(
         s, 1, variant="release"),
     "student: cross-resolution 1/2, affine + 1 cascade": lambda s: build_student(

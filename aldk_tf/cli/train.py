@@ -33,6 +33,7 @@ import sys
 
 from aldk_tf.cli.train_checks import check_paths, check_values
 from aldk_tf.networks.bases import BASES as NETWORKS
+from aldk_tf.networks.bases import STUDENT_VARIANTS, student_variant_name
 
 #: ``-b`` (lower case) -> (model.role, model.base, model.affine); the inverse of BASE_FLAGS.
 BASES = {spec.flag.lower(): (spec.role, base, spec.affine) for base, spec in NETWORKS.items()}
@@ -67,8 +68,10 @@ def make_parser() -> argparse.ArgumentParser:
                         choices=("auto", "step", "cosine", "constant"))
     parser.add_argument("--image-size", "--image_size", type=int, nargs="+",
                         help="one or three sizes; default: the dataset's image_size")
-    parser.add_argument("--student-variant", "--student_variant", default="seed",
-                        choices=("seed", "release"))
+    parser.add_argument("--student-variant", "--student_variant", default="paper",
+                        type=student_variant_name, choices=STUDENT_VARIANTS,
+                        help="the student's decoder: the paper's (transposed convs; "
+                             "'seed' is its earlier name) or the released code's")
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-augment", "--no_augment", action="store_true",

@@ -27,6 +27,19 @@ class BaseNetwork:
         return getattr(importlib.import_module(f"aldk_tf.networks.{module}"), name)
 
 
+#: The student's decoders: the ALDK paper's (transposed convolutions) and the released
+#: code's (upsampling + convolutions); see :class:`~aldk_tf.networks.student.StudentNet`.
+STUDENT_VARIANTS = ("paper", "release")
+#: Earlier names of the variants, still in saved configs: "seed" was the seed paper's.
+OLD_STUDENT_VARIANTS = {"seed": "paper"}
+
+
+def student_variant_name(name: str) -> str:
+    """Today's name of a student variant (an earlier one mapped; others pass unchanged,
+    for the caller to check)."""
+    return OLD_STUDENT_VARIANTS.get(name, name)
+
+
 #: ``model.base`` -> the network. A cascade's ``channels`` reach VTN only: the student
 #: keeps its paper's widths and VoxelMorph its fixed ones.
 BASES = {

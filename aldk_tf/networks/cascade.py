@@ -13,7 +13,7 @@ import keras
 from aldk_tf.layers import ComposeAffine, ComposeFlows, Downsample, UpsampleFlow, Warp
 from aldk_tf.networks.affine import (AFFINE_VARIANTS, LEGACY_MATRIX_GAIN, MATRIX_GAIN,
                                      AffineStem)
-from aldk_tf.networks.bases import BASES
+from aldk_tf.networks.bases import BASES, student_variant_name
 from aldk_tf.networks.blocks import check_image_size
 
 
@@ -42,7 +42,8 @@ class RecursiveCascade(keras.Model):
         (RCN's test-time trick); the weights are those of the ``rep=1`` model.
       affine: "vtn", "student" or None (no affine stage).
       channels: VTN/student base width.
-      student_variant: "seed" (paper) or "release" (released code's decoder).
+      student_variant: "paper" (the paper's transposed-conv decoder) or "release" (the
+        released code's); "seed", its earlier name, is read as "paper".
       matrix_gain: the affine stage's ``W`` = head output times this (see
         :data:`aldk_tf.networks.affine.MATRIX_GAIN`; 1 in models saved before it existed).
       resolution_factor: cross-resolution model (CRD): the inputs are
@@ -53,8 +54,9 @@ class RecursiveCascade(keras.Model):
     """
 
     def __init__(self, image_size=(128, 128, 128), base="vtn", n_cascades=1, rep=1,
-                 affine="vtn", channels=16, student_variant="seed", resolution_factor=1,
+                 affine="vtn", channels=16, student_variant="paper", resolution_factor=1,
                  matrix_gain=MATRIX_GAIN, name="cascade", **kwargs):
+        student_variant = student_variant_name(student_variant)
         if base not in BASES:
             raise ValueError(f"RecursiveCascade: base must be one of {tuple(BASES)}, got "
                              f"{base!r}")
@@ -164,7 +166,7 @@ def build_teacher(image_size=(128, 128, 128), n_cascades=3, base="vtn", rep=1,
                             affine="vtn", name=name)
 
 
-def build_student(image_size=(128, 128, 128), n_cascades=1, variant="seed", rep=1,
+def build_student(image_size=(128, 128, 128), n_cascades=1, variant="paper", rep=1,
                   resolution_factor=1, name="student") -> RecursiveCascade:
     """The light-weight student: cheap affine stage + ``n_cascades`` student cascades;
     ``resolution_factor > 1`` makes it the cross-resolution student."""
