@@ -87,15 +87,17 @@ def export_model(model, base: str, version: int | None = None,
                  tflite=TFLITE_VARIANTS, sample: dict | None = None,
                  label_values=None, tolerance: float = 1e-4,
                  info: dict | None = None, portable: bool = False,
-                 subpixel: bool = True) -> dict:
+                 subpixel: bool = True, warmup: bool = True) -> dict:
     """Write ``base/<version>/`` (SavedModel + TFLite variants) and check parity.
 
     ``sample`` (``fixed``/``moving`` ``[B, D, H, W, 1]``, optional segmentations) is the
     input of the parity check; the SavedModel and the fp32 TFLite model must give the
     Keras model's flow to ``tolerance`` or nothing is written. ``subpixel``: the
     SavedModel runs :func:`aldk_tf.deploy.inference.inference_graph` (stride-2 flow heads as
-    forward convolutions, ~3x faster on CPU) instead of the Keras graph. Returns the
-    export info (also saved as ``export_info.json``): ``path``, ``version``, ``parity``...
+    forward convolutions, ~3x faster on CPU) instead of the Keras graph. ``warmup``:
+    write TF Serving's warm-up requests (one sample pair; ``False`` for a model shipped
+    where size matters). Returns the export info (also saved as ``export_info.json``):
+    ``path``, ``version``, ``parity``...
     """
     prepare_base(base)
     version = next_version(base) if version is None else int(version)
@@ -137,8 +139,9 @@ def export_model(model, base: str, version: int | None = None,
             files[variant] = name
             candidates[f"tflite_{variant}"] = tflite_runner(flatbuffer)(fixed, moving)
         parity = parity_report(reference, candidates, sample, label_values)
-        warmup = write_warmup_requests(staging, sample,
-                                       os.path.basename(os.path.abspath(base)))
+        requests = (write_warmup_requests(staging, sample,
+                                          os.path.basename(os.path.abspath(base)))
+                    if warmup else None)
         for name in ("savedmodel", "tflite_fp32"):
             if name in parity and not parity[name]["max_abs_flow_diff"] <= tolerance:
                 raise ExportError(
@@ -151,7 +154,7 @@ def export_model(model, base: str, version: int | None = None,
                                  WARP_SIGNATURE: {"inputs": ["segmentation", "flow"],
                                                   "outputs": ["warped_segmentation"]}},
                   "tflite": files, "parity_tolerance": tolerance, "parity": parity,
-                  "warmup_requests": warmup}
+                  "warmup_requests": requests}
         with open(os.path.join(staging, INFO_NAME), "w") as handle:
             json.dump(record, handle, indent=2)
             handle.write("\n")
