@@ -12,6 +12,8 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
+from aldk_tf.networks.bases import student_variant_name
+
 CONFIG_NAME = "config.json"
 
 #: The most shared-weight repetitions of a cascade a tool accepts (``-r``,
@@ -24,16 +26,21 @@ MAX_REP = 100
 class ModelConfig:
     """Which registration network: a teacher (VTN/VoxelMorph cascades) or a student."""
     role: str = "student"                 # "teacher" | "student"
-    base: str = "student"                 # "vtn" | "voxelmorph" | "student"
+    base: str = "student"                 # a key of aldk_tf.networks.bases.BASES
     n_cascades: int = 1
     rep: int = 1
     affine: str | None = "student"        # "vtn" | "student" | None
     channels: int = 16
-    student_variant: str = "seed"         # "seed" | "release"
+    student_variant: str = "paper"        # "paper" | "release" (networks.bases)
     image_size: tuple[int, int, int] = (128, 128, 128)
     resolution_factor: int = 1            # > 1: cross-resolution student (CRD)
     matrix_gain: float = 0.1              # affine W = head output x this (networks.affine;
                                           # runs saved before it existed: 1.0)
+
+    def __post_init__(self):
+        # Runs saved before the rename say "seed"; stored as today's name, so resuming one
+        # with today's flags is no change of its settings.
+        self.student_variant = student_variant_name(self.student_variant)
 
     def build(self, rep: int | None = None, name: str | None = None):
         from aldk_tf.networks.cascade import RecursiveCascade
@@ -66,7 +73,6 @@ class ALDKConfig:
     adversarial_period: int = 3           # the adversarial term on every k-th step ...
     adversarial_until: int = 8000         # ... until this step; pure l_rec afterwards
     critic_period: int = 3                # critic updated on every k-th step
-    teacher: str | None = None            # weights/<teacher run>
     teacher_online: bool = False          # run the teacher per batch, not stored flows
     flow_weight: float = 0.0              # > 0: add flow_weight * mean |phi_s - phi_t|^2
                                           # (plain flow distillation; with enabled=False
@@ -77,8 +83,6 @@ class ALDKConfig:
                                           # the moving image warped by the teacher's flow)
     refine: int = 0                       # > 0: targets refined by this many instance-
                                           # optimisation steps per pair (refine.py)
-    teacher_rep: int = 0                  # > 0: the teacher applied with this many
-                                          # shared-weight repetitions (0: as trained)
 
 
 @dataclass
@@ -90,8 +94,14 @@ class CRDConfig:
     levels: int = 3
     gate: str = "always"                  # "always" | "teacher_better" (see crd.py)
     anneal_steps: int = 0                 # > 0: weights decay linearly to 0 by this step
-    teacher: str | None = None            # weights/<teacher run>
-    teacher_rep: int = 0                  # as ALDKConfig.teacher_rep
+
+
+@dataclass
+class TeacherConfig:
+    """The one teacher that every distillation term (ALDK, flow, CRD) learns from."""
+    run: str | None = None                # weights/<teacher run>
+    rep: int = 0                          # > 0: the teacher applied with this many
+                                          # shared-weight repetitions (0: as trained)
 
 
 @dataclass
@@ -118,6 +128,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     aldk: ALDKConfig = field(default_factory=ALDKConfig)
     crd: CRDConfig = field(default_factory=CRDConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     # The dataset's data-preparation settings (its JSON's "preprocessing", see
     # aldk_tf.data.preprocess.PreprocessSettings), carried on to export_info.json so that
     # register prepares new scans the same way; None when the data did not record them.
@@ -129,11 +140,10 @@ class RunConfig:
 
     def check_teacher(self) -> None:
         """ValueError unless every distillation term that needs a teacher names one."""
-        for flag, used, teacher in (
-                ("--aldk", self.aldk.enabled, self.aldk.teacher),
-                ("--flow-distill", self.aldk.flow_weight > 0, self.aldk.teacher),
-                ("--crd", self.crd.enabled, self.crd.teacher)):
-            if used and not teacher:
+        for flag, used in (("--aldk", self.aldk.enabled),
+                           ("--flow-distill", self.aldk.flow_weight > 0),
+                           ("--crd", self.crd.enabled)):
+            if used and not self.teacher.run:
                 raise ValueError(f"{flag} needs --teacher weights/<teacher run>")
 
     def to_dict(self) -> dict:
@@ -148,12 +158,14 @@ class RunConfig:
         model = dict(data["model"])
         if model and "matrix_gain" not in model:   # a run from before the affine gain
             model["matrix_gain"] = 1.0
+        teacher, aldk, crd = _teacher_sections(data)
         return cls(dataset=data.get("dataset", ""),
                    model=_section(ModelConfig, model, "model"),
                    losses=_section(LossWeights, data.get("losses", {}), "losses"),
                    train=_section(TrainConfig, data.get("train", {}), "train"),
-                   aldk=_section(ALDKConfig, data.get("aldk", {}), "aldk"),
-                   crd=_section(CRDConfig, data.get("crd", {}), "crd"),
+                   aldk=_section(ALDKConfig, aldk, "aldk"),
+                   crd=_section(CRDConfig, crd, "crd"),
+                   teacher=_section(TeacherConfig, teacher, "teacher"),
                    preprocessing=data.get("preprocessing"),
                    history=list(data.get("history", [])))
 
@@ -182,6 +194,27 @@ class RunConfig:
 _SETTING_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
                   "str | None": (str, type(None)),
                   "tuple[int, int, int]": (list, tuple)}
+
+
+#: Where a config.json written before the teacher section kept it, in "aldk" and "crd".
+_OLD_TEACHER_KEYS = {"teacher": "run", "teacher_rep": "rep"}
+
+
+def _teacher_sections(data: dict) -> tuple:
+    """``(teacher, aldk, crd)`` sections of a config.json. Older ones held the teacher
+    (``teacher``, ``teacher_rep``) in both "aldk" and "crd": it moves to "teacher", taken
+    from the section training used (ALDK's when it distils, else CRD's if it names one)."""
+    aldk, crd = data.get("aldk", {}), data.get("crd", {})
+    if "teacher" in data or not (isinstance(aldk, dict) and isinstance(crd, dict)):
+        return data.get("teacher", {}), aldk, crd       # _section names a bad section
+    old = [{new: section[key] for key, new in _OLD_TEACHER_KEYS.items() if key in section}
+           for section in (aldk, crd)]
+    aldk, crd = ({key: value for key, value in section.items()
+                  if key not in _OLD_TEACHER_KEYS} for section in (aldk, crd))
+    weight = aldk.get("flow_weight", 0)
+    distilling = aldk.get("enabled") is True or (isinstance(weight, (int, float))
+                                                 and weight > 0)
+    return (old[0] if distilling or not old[1].get("run") else old[1]), aldk, crd
 
 
 def _section(cls, data, name: str):

@@ -15,11 +15,9 @@ finished (runs resume from their checkpoints), so an interrupted demo continues.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -27,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from aldk_tf.training import runs  # noqa: E402
 from aldk_tf.config import (ALDKConfig, CRDConfig, ModelConfig, RunConfig,  # noqa: E402
-                            TrainConfig, atomic_write_text)
+                            TeacherConfig, TrainConfig, atomic_write_text)
 
 METHODS = ("before", "teacher", "student", "student_warp_distill", "student_aldk",
            "student_distilled", "student_crd")
@@ -37,36 +35,6 @@ LABELS = {"before": "before registration", "teacher": "teacher (affine + VTN)",
           "student_aldk": "student + ALDK",
           "student_distilled": "student + CRD terms, full res.",
           "student_crd": "student, cross-resolution (1/2)"}
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="demo_run", help="output folder (default demo_run)")
-    parser.add_argument("--size", type=int, default=32, help="volume size (32, 64, 128)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--teacher-steps", type=int, default=450)
-    parser.add_argument("--student-steps", type=int, default=400)
-    parser.add_argument("--refine-steps", type=int, default=30,
-                        help="instance-optimisation steps of the distillation targets")
-    parser.add_argument("--warp-weight", type=float, default=1.0,
-                        help="weight of the image-level distillation term (the student's "
-                             "warped image against the moving image warped by the "
-                             "teacher's flow; the similarity's weight is 1)")
-    parser.add_argument("--teacher-cascades", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3,
-                        help="Adam learning rate (constant; the release schedules are for "
-                             "100k-step runs)")
-    parser.add_argument("--no-crd", action="store_true",
-                        help="skip the cross-resolution student")
-    parser.add_argument("--crd-control", action="store_true",
-                        help="also train the CRD terms at full resolution (the control "
-                             "that isolates what the resolution costs)")
-    parser.add_argument("--same-anatomy", action="store_true",
-                        help="subjects are warps of the one template (no anatomy "
-                             "variation)")
-    parser.add_argument("--no-export", action="store_true")
-    return parser.parse_args(argv)
 
 
 def run_configs(args, dataset: str, teacher_dir: str) -> dict[str, RunConfig]:
@@ -79,17 +47,17 @@ def run_configs(args, dataset: str, teacher_dir: str) -> dict[str, RunConfig]:
     student_model = ModelConfig(image_size=size)
     student_train = TrainConfig(round=args.student_steps, **common)
     refine = args.refine_steps
+    distilled = dict(dataset=dataset, train=student_train,
+                     teacher=TeacherConfig(run=teacher_dir))
     configs = {
         "teacher": teacher,
         "student": RunConfig(dataset=dataset, model=student_model, train=student_train),
         "student_warp_distill": RunConfig(
-            dataset=dataset, model=student_model, train=student_train,
-            aldk=ALDKConfig(teacher=teacher_dir, flow_weight=args.warp_weight,
-                            flow_target="warped", refine=refine)),
-        "student_aldk": RunConfig(dataset=dataset, model=student_model,
-                                  train=student_train,
-                                  aldk=ALDKConfig(enabled=True, teacher=teacher_dir,
-                                                  refine=refine)),
+            model=student_model, aldk=ALDKConfig(flow_weight=args.warp_weight,
+                                                 flow_target="warped", refine=refine),
+            **distilled),
+        "student_aldk": RunConfig(model=student_model,
+                                  aldk=ALDKConfig(enabled=True, refine=refine), **distilled),
     }
     if not args.no_crd:
         # The control (with --crd-control) first: the same distillation terms, teacher
@@ -98,8 +66,8 @@ def run_configs(args, dataset: str, teacher_dir: str) -> dict[str, RunConfig]:
             (("student_crd", 2),)
         for name, factor in crd_rows:
             configs[name] = RunConfig(
-                dataset=dataset, model=ModelConfig(image_size=size, resolution_factor=factor),
-                train=student_train, crd=CRDConfig(enabled=True, teacher=teacher_dir))
+                model=ModelConfig(image_size=size, resolution_factor=factor),
+                crd=CRDConfig(enabled=True), **distilled)
     return configs
 
 
@@ -178,58 +146,52 @@ def try_it(out: str, dataset: str, export_base: str) -> str:
             f"--out {os.path.join(out, 'registered')}")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run_demo(args) -> tuple[dict, str | None]:
+    """The whole pipeline with the settings of ``aldk-demo``'s flags ``args`` (see
+    :mod:`aldk_tf.cli.demo`): ``(results per row, the register command to try the exported
+    student with, or None with --no-export)``; the results are also written to
+    ``<out>/results.json``."""
     from aldk_tf.data import DataError, load_dataset_config
     from aldk_tf.data.demo_set import build_demo
     from aldk_tf.training.run import train
-    started = time.perf_counter()
     out = os.path.abspath(args.out)
     data_dir = os.path.join(out, "data")
     dataset = os.path.join(data_dir, "demo.json")
-    try:
-        os.makedirs(out, exist_ok=True)
-        if not os.path.exists(dataset):
-            print(f"building the demo dataset in {data_dir}", file=sys.stderr)
-            build_demo(data_dir, size=args.size, seed=args.seed, log=None,
-                       vary=not args.same_anatomy)
-        dataset_config = load_dataset_config(dataset)
-        if tuple(dataset_config.image_size) != (args.size,) * 3:
-            raise DataError(f"{dataset}: built at {dataset_config.image_size}, not "
-                            f"{args.size}^3; use another --out")
-        weights = os.path.join(out, "weights")
-        configs = run_configs(args, dataset, os.path.join(weights, "teacher"))
-        models = {"before": (Identity(), 0)}
-        for name, config in configs.items():
-            run_dir = os.path.join(weights, name)
-            print(f"training {name} ({config.train.round} steps) in {run_dir}",
-                  file=sys.stderr)
-            train(config, run_dir, verbose=2)
-            _, model = runs.load_model(run_dir)
-            models[name] = (model, int(model.count_params()))
-        results = evaluate_runs(out, dataset_config, models)
-        if not args.no_export:
-            from aldk_tf.deploy.export import export_model
-            best = best_student(out, dataset_config, models)
-            base = os.path.join(out, "export", best)
-            if not os.path.isdir(base) or not os.listdir(base):
-                print(f"exporting {best} (best validation Dice) to {base}",
-                      file=sys.stderr)
-                export_model(models[best][0], base, version=1,
-                             label_values=dataset_config.label_values)
-            command = try_it(out, dataset, base)
-    except (DataError, runs.RunError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    os.makedirs(out, exist_ok=True)
+    if not os.path.exists(dataset):
+        print(f"building the demo dataset in {data_dir}", file=sys.stderr)
+        build_demo(data_dir, size=args.size, seed=args.seed, log=None,
+                   vary=not args.same_anatomy)
+    dataset_config = load_dataset_config(dataset)
+    if tuple(dataset_config.image_size) != (args.size,) * 3:
+        raise DataError(f"{dataset}: built at {dataset_config.image_size}, not "
+                        f"{args.size}^3; use another --out")
+    weights = os.path.join(out, "weights")
+    configs = run_configs(args, dataset, os.path.join(weights, "teacher"))
+    models = {"before": (Identity(), 0)}
+    for name, config in configs.items():
+        run_dir = os.path.join(weights, name)
+        print(f"training {name} ({config.train.round} steps) in {run_dir}",
+              file=sys.stderr)
+        train(config, run_dir, verbose=2)
+        _, model = runs.load_model(run_dir)
+        models[name] = (model, int(model.count_params()))
+    results = evaluate_runs(out, dataset_config, models)
+    command = None
+    if not args.no_export:
+        from aldk_tf.deploy.export import export_model
+        best = best_student(out, dataset_config, models)
+        base = os.path.join(out, "export", best)
+        if not os.path.isdir(base) or not os.listdir(base):
+            print(f"exporting {best} (best validation Dice) to {base}", file=sys.stderr)
+            export_model(models[best][0], base, version=1,
+                         label_values=dataset_config.label_values)
+        command = try_it(out, dataset, base)
     atomic_write_text(os.path.join(out, "results.json"),
                       json.dumps(results, indent=2) + "\n")
-    print(format_table(results, args.size))
-    if not args.no_export:
-        print(command)
-    print(f"total {time.perf_counter() - started:.0f} s; results in "
-          f"{os.path.join(out, 'results.json')}")
-    return 0
+    return results, command
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":              # python -m aldk_tf.demo, as the docs write it
+    from aldk_tf.cli.demo import main
     sys.exit(main())

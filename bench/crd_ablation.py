@@ -105,7 +105,7 @@ def main(argv=None) -> int:
             "seconds": time.perf_counter() - started}
 
     print(f"Dice on the demo's {base.model.image_size[0]}^3 test pairs, {steps} steps each "
-          f"(teacher: {base.crd.teacher})")
+          f"(teacher: {base.teacher.run})")
     print(f"{'row':26s} {'factor':>6s} {'Dice':>16s}  distillation")
     for name in DEMO_ROWS:
         if name in demo_results:

@@ -39,20 +39,6 @@ def best_by_validation(study: str) -> tuple[str, dict]:
     return max(scores, key=scores.get), scores
 
 
-def drop_warmup_requests(version_dir: str) -> None:
-    """The shipped model leaves out TF Serving's warm-up requests (a 64³ pair, 6 MB in
-    the repository's history); ``export.py`` writes them for a model one deploys."""
-    from aldk_tf.config import atomic_write_text
-    shutil.rmtree(os.path.join(version_dir, "assets.extra"), ignore_errors=True)
-    path = os.path.join(version_dir, "export_info.json")
-    with open(path) as handle:
-        info = json.load(handle)
-    info["warmup_requests"] = None
-    info["warmup_note"] = ("not shipped (6 MB); export.py writes "
-                           "assets.extra/tf_serving_warmup_requests")
-    atomic_write_text(path, json.dumps(info, indent=2) + "\n")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", required=True, help="bench/study.py --out folder")
@@ -84,6 +70,10 @@ def main(argv=None) -> int:
             "command": "python bench/study.py " + " ".join(
                 f"--{key.replace('_', '-')} {value}" for key, value in settings.items()
                 if value is not None and key not in ("json", "markdown", "rows")),
+            # TF Serving's warm-up requests (a 64³ pair, 6 MB in the repository's
+            # history) are left out; export.py writes them for a model one deploys.
+            "warmup_note": "not shipped (6 MB); export.py writes "
+                           "assets.extra/tf_serving_warmup_requests",
         }
         if os.path.isdir(args.out) and os.listdir(args.out):
             if not args.overwrite:
@@ -91,8 +81,7 @@ def main(argv=None) -> int:
             shutil.rmtree(args.out)
         exported = export_model(model, args.out, version=1, tflite=(),
                                 label_values=dataset.label_values, info=info,
-                                portable=True)
-        drop_warmup_requests(exported.get("path", args.out))
+                                portable=True, warmup=False)
     except (runs.RunError, OSError, KeyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

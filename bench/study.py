@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 
 from aldk_tf.training import runs  # noqa: E402
 from aldk_tf.config import (ALDKConfig, CRDConfig, ModelConfig, RunConfig,  # noqa: E402
-                            TrainConfig, atomic_write_text)
+                            TeacherConfig, TrainConfig, atomic_write_text)
 
 ROWS = ("before", "teacher_single", "teacher", "refined_targets", "student",
         "student_flow_distill", "student_flow_distill_refined", "student_warp_distill",
@@ -128,37 +128,33 @@ def student_runs(args, dataset: str, teacher: str, rep: int) -> dict[str, RunCon
     crd_model = ModelConfig(image_size=size, resolution_factor=2)
 
     def aldk(enabled, flow_weight=0.0, refine=0, target="flow"):
-        return ALDKConfig(enabled=enabled, teacher=teacher, flow_weight=flow_weight,
-                          refine=refine, teacher_rep=rep, flow_target=target)
+        return ALDKConfig(enabled=enabled, flow_weight=flow_weight, refine=refine,
+                          flow_target=target)
 
     refine, weight = args.refine_steps, args.flow_weight
+    distilled = dict(dataset=dataset, train=train, teacher=TeacherConfig(run=teacher, rep=rep))
     return {     # the most telling rows first: a partial study is still a comparison
         "student": RunConfig(dataset=dataset, model=model, train=train),
-        "student_flow_distill": RunConfig(dataset=dataset, model=model, train=train,
-                                          aldk=aldk(False, weight)),
-        "student_flow_distill_refined": RunConfig(dataset=dataset, model=model,
-                                                  train=train,
-                                                  aldk=aldk(False, weight, refine)),
-        "student_warp_distill": RunConfig(dataset=dataset, model=model, train=train,
+        "student_flow_distill": RunConfig(model=model, aldk=aldk(False, weight),
+                                          **distilled),
+        "student_flow_distill_refined": RunConfig(model=model,
+                                                  aldk=aldk(False, weight, refine),
+                                                  **distilled),
+        "student_warp_distill": RunConfig(model=model,
                                           aldk=aldk(False, args.warp_weight,
-                                                    target="warped")),
-        "student_warp_distill_refined": RunConfig(dataset=dataset, model=model,
-                                                  train=train,
+                                                    target="warped"), **distilled),
+        "student_warp_distill_refined": RunConfig(model=model,
                                                   aldk=aldk(False, args.warp_weight, refine,
-                                                            target="warped")),
-        "student_aldk": RunConfig(dataset=dataset, model=model, train=train,
-                                  aldk=aldk(True)),
-        "student_aldk_refined": RunConfig(dataset=dataset, model=model, train=train,
-                                          aldk=aldk(True, refine=refine)),
-        "student_crd": RunConfig(dataset=dataset, model=crd_model, train=train,
-                                 crd=CRDConfig(enabled=True, teacher=teacher,
-                                               teacher_rep=rep)),
-        "student_crd_warp": RunConfig(dataset=dataset, model=crd_model, train=train,
-                                      aldk=aldk(False, args.warp_weight, target="warped")),
-        "student_crd_aldk": RunConfig(dataset=dataset, model=crd_model, train=train,
-                                      aldk=aldk(True),
-                                      crd=CRDConfig(enabled=True, teacher=teacher,
-                                                    teacher_rep=rep)),
+                                                            target="warped"), **distilled),
+        "student_aldk": RunConfig(model=model, aldk=aldk(True), **distilled),
+        "student_aldk_refined": RunConfig(model=model, aldk=aldk(True, refine=refine),
+                                          **distilled),
+        "student_crd": RunConfig(model=crd_model, crd=CRDConfig(enabled=True), **distilled),
+        "student_crd_warp": RunConfig(model=crd_model,
+                                      aldk=aldk(False, args.warp_weight, target="warped"),
+                                      **distilled),
+        "student_crd_aldk": RunConfig(model=crd_model, aldk=aldk(True),
+                                      crd=CRDConfig(enabled=True), **distilled),
     }
 
 

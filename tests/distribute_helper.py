@@ -28,7 +28,7 @@ def main(dataset: str, work: str) -> None:
     mirrored = distribute.make_strategy(cpu_replicas=2)
     one_device = distribute.make_strategy()
     from aldk_tf.training.checkpoints import save_weights_atomic
-    from aldk_tf.config import ALDKConfig, ModelConfig, RunConfig, TrainConfig
+    from aldk_tf.config import ALDKConfig, ModelConfig, RunConfig, TeacherConfig, TrainConfig
     from aldk_tf.training.run import train
 
     image_size = (16, 16, 16)
@@ -45,8 +45,9 @@ def main(dataset: str, work: str) -> None:
             dataset=dataset, model=ModelConfig(image_size=image_size),
             train=TrainConfig(batch=2, round=1, epochs=steps, lr=1e-3, seed=3,
                               checkpoint_every=1, validate_every=0),
-            aldk=ALDKConfig(enabled=aldk, teacher=teacher_dir if aldk else None,
-                            adversarial_period=2, critic_period=2, critic_lr=1e-3))
+            aldk=ALDKConfig(enabled=aldk, adversarial_period=2, critic_period=2,
+                            critic_lr=1e-3),
+            teacher=TeacherConfig(run=teacher_dir if aldk else None))
 
     results, seconds = {}, {}
 

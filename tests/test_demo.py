@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from aldk_tf import demo
+from aldk_tf.cli import demo as demo_cli
 
 from aldk_tf.training import runs
 from aldk_tf.config import RunConfig
@@ -14,8 +15,8 @@ from scripts import load_script
 
 
 def test_run_configs_differ_only_where_the_rows_say(tmp_path):
-    args = demo.parse_args(["--student-steps", "7", "--teacher-steps", "5",
-                            "--crd-control"])
+    args = demo_cli.parse_args(["--student-steps", "7", "--teacher-steps", "5",
+                                "--crd-control"])
     configs = demo.run_configs(args, "data/demo.json", "weights/teacher")
     assert list(configs) == ["teacher", "student", "student_warp_distill", "student_aldk",
                              "student_distilled", "student_crd"]
@@ -26,21 +27,23 @@ def test_run_configs_differ_only_where_the_rows_say(tmp_path):
     flow, aldk = configs["student_warp_distill"].aldk, configs["student_aldk"].aldk
     assert flow.flow_weight > 0 and not flow.enabled and aldk.enabled
     assert flow.flow_target == "warped" and aldk.flow_weight == 0
-    assert flow.refine == aldk.refine == 30 and flow.teacher == aldk.teacher
-    assert "student_distilled" not in demo.run_configs(demo.parse_args([]), "d", "t")
+    assert flow.refine == aldk.refine == 30
+    assert {c.teacher.run for c in students} == {None, "weights/teacher"}
+    assert configs["student"].teacher.run is None
+    assert "student_distilled" not in demo.run_configs(demo_cli.parse_args([]), "d", "t")
     control, crd = configs["student_distilled"], configs["student_crd"]
     assert control.model.resolution_factor == 1 and crd.model.resolution_factor == 2
-    assert control.crd == crd.crd and crd.crd.enabled and crd.crd.teacher == "weights/teacher"
+    assert control.crd == crd.crd and crd.crd.enabled
     assert not configs["student"].crd.enabled and not configs["student"].aldk.enabled
-    assert "student_crd" not in demo.run_configs(demo.parse_args(["--no-crd"]), "d", "t")
+    assert "student_crd" not in demo.run_configs(demo_cli.parse_args(["--no-crd"]), "d", "t")
 
 
 @pytest.mark.slow
 def test_demo_end_to_end_tiny_budget(demo_dataset_32, tmp_path, capsys):
     out = tmp_path / "demo"
     shutil.copytree(Path(demo_dataset_32).parent, out / "data")   # skip building it
-    code = demo.main(["--out", str(out), "--teacher-steps", "2", "--student-steps", "2",
-                      "--refine-steps", "2", "--crd-control", "--no-export"])
+    code = demo_cli.main(["--out", str(out), "--teacher-steps", "2", "--student-steps",
+                          "2", "--refine-steps", "2", "--crd-control", "--no-export"])
     printed = capsys.readouterr().out
     assert code == 0
     results = json.loads((out / "results.json").read_text())

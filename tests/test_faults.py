@@ -87,7 +87,8 @@ def truncate(path, keep=0.5):
     ("--batch", "0"), ("--round", "-2"), ("--epochs", "0"), ("--lr", "nan"),
     ("--lr", "inf"), ("--lr", "0"), ("--adv-period", "0"), ("--critic-period", "0"),
     ("--n-cascades", "0"), ("--beta", "1.5"), ("--critic-lr", "0"),
-    ("--max-steps", "0"), ("--checkpoint-every", "0"), ("--clip-norm", "inf")])
+    ("--max-steps", "0"), ("--checkpoint-every", "0"), ("--clip-norm", "inf"),
+    ("--flow-distill", "-0.5"), ("--flow-distill", "inf")])
 def test_bad_flag_is_one_line_and_creates_nothing(dataset, tmp_path, capsys, flag, value):
     weights = tmp_path / "weights"
     code = train_cli.main(train_flags(dataset, weights, "x", flag, value))
@@ -520,8 +521,8 @@ def test_evaluation_that_fails_leaves_no_output_folder(run, tmp_path, capsys):
 
 @pytest.mark.parametrize("size", ["0", "-16", "24"])
 def test_report_size_out_of_range_is_one_line(capsys, size):
-    from aldk_tf import report
-    assert report.main(["--size", size]) == 2
+    from aldk_tf.cli import report as report_cli
+    assert report_cli.main(["--size", size]) == 2
     one_error_line(capsys, "--size", "multiple of 16", size)
 
 
@@ -534,14 +535,14 @@ def nifti(path, data, affine=None):
 
 def test_non_integer_labels_are_refused_not_rounded(tmp_path, capsys):
     """A float label map (0.5, 1.5 ...) would be rounded into other labels silently."""
-    from aldk_tf.deploy import warp
+    from aldk_tf.cli import warp as warp_cli
     rng = np.random.default_rng(0)
     flow = np.zeros((SIZE,) * 3 + (1, 3), np.float32)
     flow_path = nifti(tmp_path / "flow.nii.gz", flow)
     labels = nifti(tmp_path / "labels.nii.gz",
                    rng.integers(0, 3, (SIZE,) * 3).astype(np.float32) + 0.5)
     out = tmp_path / "warped.nii.gz"
-    assert warp.main(["--flow", flow_path, "--image", labels, "--out", str(out),
+    assert warp_cli.main(["--flow", flow_path, "--image", labels, "--out", str(out),
                       "--interpolation", "labels", "--flow-space", "ras"]) == 2
     one_error_line(capsys, labels, "not integer labels", "expected")
     assert not out.exists()
@@ -621,7 +622,7 @@ def test_truncated_tflite_is_one_line_not_a_crash(tmp_path):
 def test_flow_with_nan_or_unnamed_axes_is_one_line(tmp_path, capsys, fault):
     """A NaN in the flow was a TensorFlow traceback; a flow whose intent names no axes
     was read as RAS silently (an ITK/ANTs field is LPS)."""
-    from aldk_tf.deploy import warp
+    from aldk_tf.cli import warp as warp_cli
     flow = np.zeros((SIZE,) * 3 + (1, 3), np.float32)
     if fault == "nan":
         flow[1, 1, 1] = np.nan
@@ -629,7 +630,7 @@ def test_flow_with_nan_or_unnamed_axes_is_one_line(tmp_path, capsys, fault):
     image = nifti(tmp_path / "image.nii.gz", np.ones((SIZE,) * 3, np.float32))
     out = tmp_path / "warped.nii.gz"
     flags = ["--flow-space", "ras"] if fault == "nan" else []
-    assert warp.main(["--flow", flow_path, "--image", image, "--out", str(out),
+    assert warp_cli.main(["--flow", flow_path, "--image", image, "--out", str(out),
                       *flags]) == 2
     one_error_line(capsys, flow_path, "NaN" if fault == "nan" else "--flow-space")
     assert not out.exists()

@@ -17,7 +17,7 @@ def pair(rng, batch=1, size=SIZE):
 
 
 def test_parameter_counts_at_128():
-    """The counts the README quotes: VTN subnetwork ~28 M, seed student <= 1.6 M."""
+    """The counts the README quotes: VTN subnetwork ~28 M, paper student <= 1.6 M."""
     size = (128, 128, 128)
     assert abs(VTNNet(size).count_params() - 28.25e6) < 0.1e6
     assert StudentNet(size).count_params() <= 1.6e6
@@ -201,3 +201,47 @@ def test_models_saved_before_the_affine_gain_load_with_gain_one(rng):
     inputs = pair(rng)
     np.testing.assert_allclose(legacy(inputs)["matrix"], 10 * new(inputs)["matrix"].numpy(),
                                rtol=1e-4, atol=1e-7)
+
+
+def test_one_table_of_base_networks_serves_the_cascade_and_the_cli():
+    from aldk_tf.cli import train as cli
+    from aldk_tf.networks.bases import BASES
+    for base, spec in BASES.items():
+        network = RecursiveCascade(SIZE, base=base, affine=None, channels=8).get_layer(
+            "cascade_1")
+        assert type(network) is spec.network_class()
+        if "channels" in spec.settings:
+            assert network.channels == 8
+        assert cli.BASES[spec.flag.lower()] == (spec.role, base, spec.affine)
+        assert cli.BASE_FLAGS[base] == spec.flag
+        assert spec.flag in cli.make_parser().format_help()
+    with pytest.raises(ValueError, match=r"one of \('vtn', 'voxelmorph', 'student'\)"):
+        RecursiveCascade(SIZE, base="unet")
+
+
+def test_the_cli_reads_the_table_without_importing_tensorflow():
+    import subprocess
+    import sys
+    code = ("import sys, aldk_tf.cli.train; "
+            "sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_the_paper_variant_loads_from_configs_that_call_it_seed(rng):
+    from aldk_tf.cli import train as cli
+    from aldk_tf.config import ModelConfig, RunConfig
+    paper = build_student(SIZE)
+    config = {**paper.get_config(), "student_variant": "seed"}
+    old = RecursiveCascade.from_config(config)
+    assert old.get_config() == paper.get_config()
+    old.set_weights(paper.get_weights())                # the same layers and shapes
+    inputs = pair(rng)
+    np.testing.assert_array_equal(old(inputs)["flow"], paper(inputs)["flow"])
+    net = StudentNet.from_config({**StudentNet(SIZE).get_config(), "variant": "seed"})
+    assert net.variant == "paper"
+    stored = RunConfig.from_dict({"model": {"image_size": [16] * 3, "student_variant": "seed"}})
+    assert stored.model == ModelConfig(image_size=(16,) * 3, matrix_gain=1.0)
+    assert cli.parse_args(["--student-variant", "seed"]).student_variant == "paper"
+    assert cli.parse_args([]).student_variant == "paper"
+    with pytest.raises(ValueError, match="variant must be one of"):
+        StudentNet(SIZE, variant="sead")

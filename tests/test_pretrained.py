@@ -52,3 +52,23 @@ def test_shipped_model_registers_unseen_brains(unseen_pairs):
         after.append(result["dice"][0])
         assert result["folding_percent"][0] < 1.0
     assert np.mean(after) > np.mean(before) + 0.02, (before, after)
+
+
+def test_the_recorded_settings_rebuild_the_shipped_model(unseen_pairs):
+    """export_info.json keeps the run's settings as trained, when the paper's student
+    decoder was called "seed": they load as "paper" and build the model that, given the
+    SavedModel's weights, gives the SavedModel's flow."""
+    from aldk_tf.config import RunConfig
+    recorded = json.loads((VERSION / "export_info.json").read_text())["training"]
+    assert recorded["run_config"]["model"]["student_variant"] == "seed"
+    config = RunConfig.from_dict(recorded["run_config"])
+    assert config.model.student_variant == "paper"
+    runner = serving.savedmodel_runner(str(VERSION))
+    model = config.model.build()
+    model.set_weights([variable.numpy() for variable in runner.loaded.model_variables])
+    fixed, moving = (s["volume"][None, ..., None].astype(np.float32) / 255.0
+                     for s in unseen_pairs[0])
+    flow = runner(fixed, moving)["flow"]
+    assert np.abs(flow).max() > 1.0                     # a real deformation, not zeros
+    np.testing.assert_allclose(model({"fixed": fixed, "moving": moving})["flow"], flow,
+                               atol=1e-4)

@@ -369,3 +369,15 @@ def test_warmup_requests_are_skipped_with_a_note_without_serving_api(tmp_path,
     note = export.write_warmup_requests(str(tmp_path), sample, "m")
     assert note.startswith("skipped: tensorflow-serving-api is not installed")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_export_writes_warmup_requests_only_when_asked(tmp_path, warmup):
+    from aldk_tf.networks import build_student
+    exported = export.export_model(build_student((16, 16, 16)), str(tmp_path / "m"),
+                                   tflite=(), portable=True, warmup=warmup)
+    version = Path(exported["path"])
+    assert (version / export.WARMUP_PATH).is_file() == warmup
+    assert (version / "assets.extra").exists() == warmup
+    info = json.loads((version / serving.INFO_NAME).read_text())
+    assert info["warmup_requests"] == (export.WARMUP_PATH if warmup else None)

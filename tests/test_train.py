@@ -14,7 +14,8 @@ import tensorflow as tf
 from aldk_tf.training import runs
 from aldk_tf.training.aldk import ALDKTrainer
 from aldk_tf.training.checkpoints import save_weights_atomic
-from aldk_tf.config import ALDKConfig, LossWeights, ModelConfig, RunConfig, TrainConfig
+from aldk_tf.config import (ALDKConfig, LossWeights, ModelConfig, RunConfig, TeacherConfig,
+                            TrainConfig)
 from aldk_tf.networks.critic import FlowCritic
 from aldk_tf.data import list_pairs, load_dataset_config, load_pair
 from aldk_tf.networks import build_student, build_teacher
@@ -323,7 +324,8 @@ def test_distilled_students_see_the_plain_students_batches(dataset, tmp_path):
                           progress=False)
     plain = run_config(dataset)
     distilled = run_config(dataset)
-    distilled.aldk = ALDKConfig(teacher=teacher_dir, flow_weight=0.1)
+    distilled.aldk = ALDKConfig(flow_weight=0.1)
+    distilled.teacher = TeacherConfig(run=teacher_dir)
     plain_batches = list(training_dataset(plain, dataset_config, 0, None).take(3))
     distilled_batches = list(training_dataset(distilled, dataset_config, 0, path).take(3))
     unaugmented = run_config(dataset, augment=False)
@@ -371,10 +373,11 @@ def test_cli_training_options_reach_the_config(dataset, tmp_path):
          "--teacher-rep", "3"]))
     assert config.train.clip_norm == 0.5 and config.train.augment_field == "spline"
     assert config.aldk.flow_weight == 0.2 and config.aldk.refine == 7
-    assert config.aldk.teacher_rep == 3 and config.crd.teacher_rep == 3
-    assert not config.aldk.enabled and config.aldk.teacher == teacher
-    with pytest.raises(ValueError, match="--clip-norm"):
-        cli.build_config(cli.parse_args(["-b", "LDR", "-d", dataset, "--clip-norm", "-1"]))
+    assert config.teacher.rep == 3 and config.teacher.run == teacher
+    assert not config.aldk.enabled
+    for flag in ("--clip-norm", "--flow-distill", "--refine-targets"):  # train_checks'
+        with pytest.raises(ValueError, match=f"^{flag}: expected .*>= 0, got -1"):
+            cli.build_config(cli.parse_args(["-b", "LDR", "-d", dataset, flag, "-1"]))
 
 
 def test_stale_teacher_flows_are_extracted_again(dataset, tmp_path):

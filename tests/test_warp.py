@@ -9,6 +9,7 @@ import pytest
 from scipy import ndimage
 
 from aldk_tf.cli import register as register_cli
+from aldk_tf.cli import warp as warp_cli
 from aldk_tf.deploy import warp
 
 from demo_nifti import demo_scans, write_pair
@@ -57,7 +58,7 @@ def test_warping_the_labels_with_the_saved_flow_equals_registers_labels(register
                                                                         tmp_path):
     for space in ("ras", "lps"):                      # auto: the space from the file
         out = str(tmp_path / f"seg_{space}.nii.gz")
-        assert warp.main(["--flow", str(registered[space] / "flow.nii.gz"), "--image",
+        assert warp_cli.main(["--flow", str(registered[space] / "flow.nii.gz"), "--image",
                           pair["moving_seg"], "--out", out,
                           "--interpolation", "labels"]) == 0
         written = nib.load(registered["ras"] / "warped_seg.nii.gz")
@@ -66,7 +67,7 @@ def test_warping_the_labels_with_the_saved_flow_equals_registers_labels(register
                                       np.asarray(written.dataobj))
         np.testing.assert_allclose(result.affine, written.affine, atol=1e-6)
     image = str(tmp_path / "image.nii.gz")
-    assert warp.main(["--flow", str(registered["ras"] / "flow.nii.gz"), "--image",
+    assert warp_cli.main(["--flow", str(registered["ras"] / "flow.nii.gz"), "--image",
                       pair["moving"], "--out", image]) == 0
     np.testing.assert_allclose(nib.load(image).get_fdata(),
                                nib.load(registered["ras"] / "warped.nii.gz").get_fdata(),
@@ -131,7 +132,7 @@ def test_nearest_keeps_values_and_dtype(tmp_path):
     field[..., 0] = 2.0
     nib.save(image, tmp_path / "labels.nii.gz")
     warp.flow_image(image, field).to_filename(tmp_path / "flow.nii.gz")
-    assert warp.main(["--flow", str(tmp_path / "flow.nii.gz"), "--image",
+    assert warp_cli.main(["--flow", str(tmp_path / "flow.nii.gz"), "--image",
                       str(tmp_path / "labels.nii.gz"), "--out", str(tmp_path / "w.nii.gz"),
                       "--interpolation", "nearest"]) == 0
     result = nib.load(tmp_path / "w.nii.gz")
@@ -162,7 +163,7 @@ def test_errors_are_one_line_and_write_nothing(case, expected, registered, pair,
     elif case == "no_folder":
         out = str(tmp_path / "absent" / "out.nii.gz")
     before = sorted(os.listdir(tmp_path))
-    assert warp.main(["--flow", flow, "--image", pair["moving"], "--out", out]) == 2
+    assert warp_cli.main(["--flow", flow, "--image", pair["moving"], "--out", out]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
     assert sorted(os.listdir(tmp_path)) == before

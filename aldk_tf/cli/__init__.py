@@ -7,11 +7,12 @@
 - ``aldk-build-demo``  :mod:`aldk_tf.cli.build_demo`   (``python data_prep/build_demo.py``)
 - ``aldk-register``    :mod:`aldk_tf.cli.register`
 - ``aldk-teacher-flows`` :mod:`aldk_tf.cli.teacher_flows`
+- ``aldk-warp``        :mod:`aldk_tf.cli.warp`         (``python -m aldk_tf.deploy.warp``)
+- ``aldk-demo``        :mod:`aldk_tf.cli.demo`         (``python -m aldk_tf.demo``)
+- ``aldk-report``      :mod:`aldk_tf.cli.report`       (``python -m aldk_tf.report``)
 
-and, from the modules that hold their own small ``main``: ``aldk-warp``
-(:mod:`aldk_tf.deploy.warp`), ``aldk-demo`` (:mod:`aldk_tf.demo`) and ``aldk-report``
-(:mod:`aldk_tf.report`); see ``[project.scripts]`` in pyproject.toml. Each
-``main(argv=None)`` returns the exit status (0, or 2 after a one-line ``error: ...``).
+(see ``[project.scripts]`` in pyproject.toml). Each ``main(argv=None)`` returns the exit
+status (0, or 2 after a one-line ``error: ...``).
 Importing this package imports no TensorFlow: ``aldk-train`` must choose its devices
 before TensorFlow starts.
 """

@@ -32,16 +32,21 @@ import os
 import sys
 
 from aldk_tf.cli.train_checks import check_paths, check_values
+from aldk_tf.networks.bases import BASES as NETWORKS
+from aldk_tf.networks.bases import STUDENT_VARIANTS, student_variant_name
 
-BASES = {"vtn": ("teacher", "vtn", "vtn"), "voxelmorph": ("teacher", "voxelmorph", "vtn"),
-         "ldr": ("student", "student", "student")}
+#: ``-b`` (lower case) -> (model.role, model.base, model.affine); the inverse of BASE_FLAGS.
+BASES = {spec.flag.lower(): (spec.role, base, spec.affine) for base, spec in NETWORKS.items()}
+#: The -b value that builds each stored model.base.
+BASE_FLAGS = {base: spec.flag for base, spec in NETWORKS.items()}
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-b", "--base-network", "--base_network", default="VTN",
-                        help="VTN or VoxelMorph (teacher cascades) or LDR (student)")
+                        help=", ".join(f"{spec.flag} ({spec.role})"
+                                       for spec in NETWORKS.values()))
     parser.add_argument("-n", "--n-cascades", "--n_cascades", type=int, default=1)
     parser.add_argument("-r", "--rep", type=int, default=1,
                         help="shared-weight repetitions of every cascade")
@@ -63,8 +68,10 @@ def make_parser() -> argparse.ArgumentParser:
                         choices=("auto", "step", "cosine", "constant"))
     parser.add_argument("--image-size", "--image_size", type=int, nargs="+",
                         help="one or three sizes; default: the dataset's image_size")
-    parser.add_argument("--student-variant", "--student_variant", default="seed",
-                        choices=("seed", "release"))
+    parser.add_argument("--student-variant", "--student_variant", default="paper",
+                        type=student_variant_name, choices=STUDENT_VARIANTS,
+                        help="the student's decoder: the paper's (transposed convs; "
+                             "'seed' is its earlier name) or the released code's")
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-augment", "--no_augment", action="store_true",
@@ -181,11 +188,11 @@ FLAG_SETTINGS = {
     "clip_norm": ("train.clip_norm",), "checkpoint_every": ("train.checkpoint_every",),
     "validate_every": ("train.validate_every",),
     "validation_pairs": ("train.validation_pairs",),
-    "aldk": ("aldk.enabled",), "teacher": ("aldk.teacher", "crd.teacher"),
+    "aldk": ("aldk.enabled",), "teacher": ("teacher.run",),
     "teacher_online": ("aldk.teacher_online",), "flow_distill": ("aldk.flow_weight",),
     "distill_target": ("aldk.flow_target",),
     "refine_targets": ("aldk.refine",),
-    "teacher_rep": ("aldk.teacher_rep", "crd.teacher_rep"), "beta": ("aldk.beta",),
+    "teacher_rep": ("teacher.rep",), "beta": ("aldk.beta",),
     "gamma": ("aldk.gamma",),
     "lamb": ("aldk.lamb",), "critic_lr": ("aldk.critic_lr",),
     "critic_output": ("aldk.critic_output",), "adv_period": ("aldk.adversarial_period",),
@@ -201,18 +208,18 @@ NOT_SETTINGS = {"checkpoint", "override", "output", "weights_dir", "max_steps", 
 #: the change is still recorded in the run's history.
 BUDGET_SETTINGS = {"train.epochs", "train.checkpoint_every", "train.validate_every",
                    "train.validation_pairs"}
-#: The -b value that builds each stored model.base.
-BASE_FLAGS = {"vtn": "VTN", "voxelmorph": "VoxelMorph", "student": "LDR"}
 
 
-#: The most training steps a run may be given (the checkpointed step is an int64).
 def build_config(args):
-    from aldk_tf.config import ALDKConfig, CRDConfig, ModelConfig, RunConfig, TrainConfig
+    """The RunConfig of a new run from parsed flags; ValueError naming a bad flag."""
+    from aldk_tf.config import (ALDKConfig, CRDConfig, ModelConfig, RunConfig,
+                                TeacherConfig, TrainConfig)
     from aldk_tf.data import load_dataset_config
+    check_values(args)          # again: resumed_config and library callers come here directly
     base = args.base_network.lower()
     if base not in BASES:
-        raise ValueError(f"-b/--base-network: expected VTN, VoxelMorph or LDR, got "
-                         f"{args.base_network!r}")
+        raise ValueError(f"-b/--base-network: expected one of "
+                         f"{', '.join(BASE_FLAGS.values())}, got {args.base_network!r}")
     if not args.dataset:
         raise ValueError("-d/--dataset: a dataset JSON is required for a new run")
     role, network, affine = BASES[base]
@@ -223,19 +230,11 @@ def build_config(args):
         if wanted != image_size:
             raise ValueError(f"--image-size {wanted} differs from {args.dataset}'s "
                              f"image_size {image_size}; prepare the data at that size")
-    if not 0.0 <= args.flow_distill < float("inf"):
-        raise ValueError(f"--flow-distill: expected a finite weight >= 0, got "
-                         f"{args.flow_distill}")
     for flag, used in (("--aldk", args.aldk), ("--flow-distill", args.flow_distill),
                        ("--crd", args.crd)):
         if used and role != "student":
-            raise ValueError(f"{flag} applies to the student (-b LDR)")
-    if not 0.0 <= args.clip_norm < float("inf"):
-        raise ValueError(f"--clip-norm: expected a finite value >= 0, got {args.clip_norm}")
-    if args.refine_targets < 0:
-        raise ValueError(f"--refine-targets: expected N >= 0, got {args.refine_targets}")
+            raise ValueError(f"{flag} applies to the student (-b {BASE_FLAGS['student']})")
     factor = args.resolution_factor or (2 if args.crd else 1)
-    teacher = os.path.abspath(args.teacher) if args.teacher else None
     config = RunConfig(
         dataset=os.path.abspath(args.dataset),
         preprocessing=dataset_config.extra.get("preprocessing"),
@@ -254,14 +253,15 @@ def build_config(args):
                         critic_output=args.critic_output,
                         adversarial_period=args.adv_period,
                         adversarial_until=args.adv_until,
-                        critic_period=args.critic_period, teacher=teacher,
+                        critic_period=args.critic_period,
                         teacher_online=args.teacher_online,
                         flow_weight=args.flow_distill, refine=args.refine_targets,
-                        teacher_rep=args.teacher_rep, flow_target=args.distill_target),
+                        flow_target=args.distill_target),
         crd=CRDConfig(enabled=args.crd, flow_weight=args.crd_flow_weight,
                       feature_weight=args.crd_feature_weight, gate=args.crd_gate,
-                      anneal_steps=args.crd_anneal,
-                      teacher=teacher, teacher_rep=args.teacher_rep))
+                      anneal_steps=args.crd_anneal),
+        teacher=TeacherConfig(run=os.path.abspath(args.teacher) if args.teacher else None,
+                              rep=args.teacher_rep))
     config.check_teacher()
     return config
 

@@ -93,7 +93,8 @@ def export_model(model, base: str, version: int | None = None,
                  tflite=TFLITE_VARIANTS, sample: dict | None = None,
                  label_values=None, tolerance: float = 1e-4,
                  info: dict | None = None, portable: bool = False,
-                 subpixel: bool = True, dtype: str = "float32") -> dict:
+                 subpixel: bool = True, dtype: str = "float32",
+                 warmup: bool = True) -> dict:
     """Write ``base/<version>/`` (SavedModel + TFLite variants) and check parity.
 
     ``sample`` (``fixed``/``moving`` ``[B, D, H, W, 1]``, optional segmentations) is the
@@ -103,8 +104,10 @@ def export_model(model, base: str, version: int | None = None,
     forward convolutions, ~3x faster on CPU) instead of the Keras graph. ``dtype``
     "bfloat16": the SavedModel's convolutions compute in bfloat16 (inputs and outputs stay
     float32; for CPUs with AMX or AVX512-BF16), checked to
-    ``max(tolerance, BFLOAT16_TOLERANCE)``; TFLite stays float32. Returns the export info
-    (also saved as ``export_info.json``): ``path``, ``version``, ``dtype``, ``parity``...
+    ``max(tolerance, BFLOAT16_TOLERANCE)``; TFLite stays float32. ``warmup``: write TF
+    Serving's warm-up requests (one sample pair; ``False`` for a model shipped where size
+    matters). Returns the export info (also saved as ``export_info.json``): ``path``,
+    ``version``, ``dtype``, ``parity``...
     """
     if dtype not in DTYPES:
         raise ExportError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -149,8 +152,9 @@ def export_model(model, base: str, version: int | None = None,
             files[variant] = name
             candidates[f"tflite_{variant}"] = tflite_runner(flatbuffer)(fixed, moving)
         parity = parity_report(reference, candidates, sample, label_values)
-        warmup = write_warmup_requests(staging, sample,
-                                       os.path.basename(os.path.abspath(base)))
+        requests = (write_warmup_requests(staging, sample,
+                                          os.path.basename(os.path.abspath(base)))
+                    if warmup else None)
         limits = {"savedmodel": tolerance if dtype == "float32"
                   else max(tolerance, BFLOAT16_TOLERANCE), "tflite_fp32": tolerance}
         for name, limit in limits.items():
@@ -166,7 +170,7 @@ def export_model(model, base: str, version: int | None = None,
                                  WARP_SIGNATURE: {"inputs": ["segmentation", "flow"],
                                                   "outputs": ["warped_segmentation"]}},
                   "tflite": files, "parity_tolerance": tolerance, "parity": parity,
-                  "warmup_requests": warmup}
+                  "warmup_requests": requests}
         with open(os.path.join(staging, INFO_NAME), "w") as handle:
             json.dump(record, handle, indent=2)
             handle.write("\n")

@@ -1,7 +1,5 @@
-"""Apply a saved flow to any NIfTI image or label map: ``python -m aldk_tf.deploy.warp``.
-
-    python -m aldk_tf.deploy.warp --flow DIR/flow.nii.gz --image M.nii.gz --out W.nii.gz
-        [--interpolation linear|nearest|labels] [--flow-space auto|ras|lps] [--overwrite]
+"""Apply a saved flow to any NIfTI image or label map (:func:`warp_file`; the console
+script ``aldk-warp``, :mod:`aldk_tf.cli.warp`).
 
 The flow is a displacement field as ``aldk-register`` writes it: ``[X, Y, Z, 1, 3]`` on
 the fixed image's grid (its affine), in millimetres, intent "vector". The fixed voxel at
@@ -25,13 +23,11 @@ Interpolation: ``linear`` (trilinear, edge-clamped: :func:`aldk_tf.spatial.sampl
 images), ``nearest`` (nearest voxel, for label maps without partial-volume voting) and
 ``labels`` (each label's mask x 255 warped trilinearly and kept above 128: the rule
 ``"threshold"`` of :func:`aldk_tf.spatial.sample_labels`, the evaluation's, also used by
-``register --moving-seg``; voxels no label reaches are 0). Installed, the same tool is
-the console script ``aldk-warp``.
+``register --moving-seg``; voxels no label reaches are 0).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -41,7 +37,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
-from aldk_tf.data import DataError  # noqa: E402
 from aldk_tf.data import preprocess  # noqa: E402
 
 FLOW_SPACES = ("ras", "lps")
@@ -265,37 +260,6 @@ def warp_file(flow: str, image: str, out: str, interpolation: str = "linear",
             "dtype": str(warped.dtype)}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Apply a flow saved by aldk-register to a NIfTI image or label map "
-        "(result on the fixed grid).",
-        epilog="Flow spaces: ras = world RAS mm (nibabel, register's default); lps = "
-        "ITK/ANTs physical space (x and y negated); auto = as the file's intent name says.")
-    parser.add_argument("--flow", required=True, help="flow.nii.gz written by register")
-    parser.add_argument("--image", required=True, help="NIfTI image or label map to warp")
-    parser.add_argument("--out", required=True, help="output .nii or .nii.gz")
-    parser.add_argument("--interpolation", choices=INTERPOLATIONS, default="linear",
-                        help="linear (images, default), nearest or labels (label maps: the "
-                        "evaluation's per-label rule)")
-    parser.add_argument("--flow-space", "--flow_space", dest="flow_space",
-                        choices=("auto", *FLOW_SPACES), default="auto",
-                        help="axes of the flow's vectors (default auto: from the file)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        result = warp_file(args.flow, args.image, args.out, args.interpolation,
-                           args.flow_space, args.overwrite)
-    except (WarpError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"{result['out']}  ({'x'.join(map(str, result['shape']))} {result['dtype']}, "
-          f"flow read as {result['flow_space'].upper()})")
-    return 0
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":        # python -m aldk_tf.deploy.warp, as the docs write it
+    from aldk_tf.cli.warp import main
     sys.exit(main())

@@ -13,22 +13,15 @@ import keras
 from aldk_tf.layers import ComposeAffine, ComposeFlows, Downsample, UpsampleFlow, Warp
 from aldk_tf.networks.affine import (AFFINE_VARIANTS, LEGACY_MATRIX_GAIN, MATRIX_GAIN,
                                      AffineStem)
+from aldk_tf.networks.bases import BASES, student_variant_name
 from aldk_tf.networks.blocks import check_image_size
-from aldk_tf.networks.student import StudentNet
-from aldk_tf.networks.voxelmorph import VoxelMorphNet
-from aldk_tf.networks.vtn import VTNNet
-
-BASES = ("vtn", "voxelmorph", "student")
 
 
 def _base_network(base, image_size, flow_multiplier, name, channels, student_variant):
-    if base == "vtn":
-        return VTNNet(image_size, channels=channels, flow_multiplier=flow_multiplier,
-                      name=name)
-    if base == "voxelmorph":
-        return VoxelMorphNet(image_size, flow_multiplier=flow_multiplier, name=name)
-    return StudentNet(image_size, variant=student_variant, flow_multiplier=flow_multiplier,
-                      name=name)
+    spec = BASES[base]
+    settings = {"channels": channels, "variant": student_variant}
+    return spec.network_class()(image_size, flow_multiplier=flow_multiplier, name=name,
+                                **{key: settings[key] for key in spec.settings})
 
 
 @keras.saving.register_keras_serializable(package="aldk_tf")
@@ -42,13 +35,15 @@ class RecursiveCascade(keras.Model):
 
     Args:
       image_size: (D, H, W), each divisible by 16.
-      base: "vtn", "voxelmorph" or "student".
+      base: a key of :data:`aldk_tf.networks.bases.BASES` ("vtn", "voxelmorph",
+        "student").
       n_cascades: number of distinct deformable cascades; each has flow multiplier 1/n.
       rep: shared-weight repetition: every cascade is applied ``rep`` times in a row
         (RCN's test-time trick); the weights are those of the ``rep=1`` model.
       affine: "vtn", "student" or None (no affine stage).
       channels: VTN/student base width.
-      student_variant: "seed" (paper) or "release" (released code's decoder).
+      student_variant: "paper" (the paper's transposed-conv decoder) or "release" (the
+        released code's); "seed", its earlier name, is read as "paper".
       matrix_gain: the affine stage's ``W`` = head output times this (see
         :data:`aldk_tf.networks.affine.MATRIX_GAIN`; 1 in models saved before it existed).
       resolution_factor: cross-resolution model (CRD): the inputs are
@@ -59,10 +54,12 @@ class RecursiveCascade(keras.Model):
     """
 
     def __init__(self, image_size=(128, 128, 128), base="vtn", n_cascades=1, rep=1,
-                 affine="vtn", channels=16, student_variant="seed", resolution_factor=1,
+                 affine="vtn", channels=16, student_variant="paper", resolution_factor=1,
                  matrix_gain=MATRIX_GAIN, name="cascade", **kwargs):
+        student_variant = student_variant_name(student_variant)
         if base not in BASES:
-            raise ValueError(f"RecursiveCascade: base must be one of {BASES}, got {base!r}")
+            raise ValueError(f"RecursiveCascade: base must be one of {tuple(BASES)}, got "
+                             f"{base!r}")
         if affine is not None and affine not in AFFINE_VARIANTS:
             raise ValueError(f"RecursiveCascade: affine must be one of "
                              f"{sorted(AFFINE_VARIANTS)} or None, got {affine!r}")
@@ -169,7 +166,7 @@ def build_teacher(image_size=(128, 128, 128), n_cascades=3, base="vtn", rep=1,
                             affine="vtn", name=name)
 
 
-def build_student(image_size=(128, 128, 128), n_cascades=1, variant="seed", rep=1,
+def build_student(image_size=(128, 128, 128), n_cascades=1, variant="paper", rep=1,
                   resolution_factor=1, name="student") -> RecursiveCascade:
     """The light-weight student: cheap affine stage + ``n_cascades`` student cascades;
     ``resolution_factor > 1`` makes it the cross-resolution student."""

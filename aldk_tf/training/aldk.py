@@ -31,13 +31,12 @@ for augmented pairs, at the cost of a teacher forward pass per step).
 
 from __future__ import annotations
 
-import keras
 import tensorflow as tf
 
 from aldk_tf.losses import critic_loss, distillation_loss, registration_losses
 from aldk_tf.training.trainer import (BuiltTrainer, add_distillation, add_flow_distillation,
                                       average_over_batch, network_inputs, replica_mean,
-                                      tracked_terms, unpack)
+                                      unpack)
 
 ALDK_METRICS = ("loss", "rec", "dis", "critic", "gp", "adversarial")
 
@@ -47,19 +46,15 @@ class ALDKTrainer(BuiltTrainer):
 
     def __init__(self, student, critic, loss_weights, aldk, teacher=None,
                  global_batch_size=None, distiller=None, seed: int = 0, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(ALDK_METRICS, distiller, aldk.flow_weight, **kwargs)
         self.seed = int(seed)
         self.host_schedule = None         # (adversarial, critic_update) of the step ``fit``
                                           # runs next, set on the host (see module doc)
-        self.distiller = distiller
         self.student, self.critic, self.teacher = student, critic, teacher
         if teacher is not None:
             teacher.trainable = False
         self.loss_weights, self.aldk = loss_weights, aldk
         self.global_batch_size = global_batch_size
-        self.trackers = {name: keras.metrics.Mean(name=name)
-                         for name in ALDK_METRICS + tracked_terms(distiller,
-                                                                  aldk.flow_weight)}
 
     def compile(self, g_optimizer, d_optimizer, **kwargs):
         super().compile(**kwargs)
@@ -68,13 +63,8 @@ class ALDKTrainer(BuiltTrainer):
         g_optimizer.build(self.student_variables())
         d_optimizer.build(self.critic.trainable_variables)
 
-    @property
-    def metrics(self):
-        return list(self.trackers.values())
-
     def student_variables(self):
-        extra = self.distiller.adapter_variables if self.distiller is not None else []
-        return self.student.trainable_variables + extra
+        return self.student.trainable_variables + self.distiller_variables()
 
     @property
     def step(self):
@@ -198,20 +188,13 @@ class ALDKTrainer(BuiltTrainer):
         # Trackers see per-replica means; Keras averages them over replicas.
         loss, rec, dis, critic_value = (replica_mean(value)
                                         for value in (loss, rec, dis, critic_value))
-        values = {"loss": loss, "rec": rec, "adversarial": tf.cast(adversarial, tf.float32)}
-        for name in tracked_terms(self.distiller, self.aldk.flow_weight):
-            if name in terms:
-                values[name] = tf.reduce_mean(terms[name])
-        for name, value in values.items():
-            self.trackers[name].update_state(value)
+        adversarial = tf.cast(adversarial, tf.float32)
+        critic_update = tf.cast(critic_update, tf.float32)
+        values = {"loss": loss, "rec": rec, "adversarial": adversarial, "dis": dis,
+                  "critic": critic_value, "gp": penalty}
         # Adversarial-only quantities are averaged over the steps where they exist.
-        self.trackers["dis"].update_state(dis, sample_weight=tf.cast(adversarial,
-                                                                     tf.float32))
-        critic_weight = tf.cast(critic_update, tf.float32)
-        self.trackers["critic"].update_state(critic_value, sample_weight=critic_weight)
-        self.trackers["gp"].update_state(penalty, sample_weight=critic_weight)
-        return self.step_logs({name: tracker.result()
-                               for name, tracker in self.trackers.items()})
+        return self.record(values, terms, {"dis": adversarial, "critic": critic_update,
+                                           "gp": critic_update})
 
 
 def _branch(condition, true_fn, false_fn):

@@ -285,12 +285,10 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
     if config.aldk.flow_target not in FLOW_TARGETS:
         raise ValueError(f"aldk.flow_target: expected one of {', '.join(FLOW_TARGETS)}, got "
                          f"{config.aldk.flow_target!r}")
-    distilling = config.aldk.enabled or config.aldk.flow_weight > 0
-    teacher_run, rep = ((config.aldk.teacher, config.aldk.teacher_rep) if distilling
-                        else (config.crd.teacher, config.crd.teacher_rep))
-    if distilling or config.crd.enabled:
+    if config.aldk.enabled or config.aldk.flow_weight > 0 or config.crd.enabled:
         with strategy.scope():
-            teacher = load_teacher(teacher_run, config.model.image_size, rep)
+            teacher = load_teacher(config.teacher.run, config.model.image_size,
+                                   config.teacher.rep)
     os.makedirs(run_dir, exist_ok=True)
 
     total_steps = config.train.round * config.train.epochs
@@ -301,7 +299,7 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
                             "combined with --teacher-online or --crd without --aldk")
     flows = None
     if (use_aldk or config.aldk.flow_weight > 0) and not online:
-        flows = _shared_teacher_flows(strategy, chief, config.aldk.teacher, teacher,
+        flows = _shared_teacher_flows(strategy, chief, config.teacher.run, teacher,
                                       dataset_config,
                                       list_pairs(dataset_config, TRAINING_SCHEME),
                                       config.aldk.refine)

@@ -98,15 +98,45 @@ def unpack(data) -> dict:
 
 
 class BuiltTrainer(keras.Model):
-    """A trainer whose networks, optimizers and trackers exist before ``fit``.
+    """The trainers' base: one ``keras.metrics.Mean`` tracker per logged quantity, and
+    networks, optimizers and trackers that exist before ``fit``.
 
-    Under a strategy Keras would otherwise pull one batch before training and all-reduce
-    it to build the model symbolically (which fails for a dict batch under
-    ``MultiWorkerMirroredStrategy``); these trainers have nothing left to build.
+    ``metric_names`` are the trainer's own quantities (logged first, in that order); the
+    loss terms of :func:`tracked_terms` follow. Under a strategy Keras would otherwise
+    pull one batch before training and all-reduce it to build the model symbolically
+    (which fails for a dict batch under ``MultiWorkerMirroredStrategy``); these trainers
+    have nothing left to build.
     """
+
+    def __init__(self, metric_names, distiller=None, flow_weight: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.distiller = distiller
+        self.loss_terms = tracked_terms(distiller, flow_weight)
+        self.trackers = {name: keras.metrics.Mean(name=name)
+                         for name in (*metric_names, *self.loss_terms)}
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         return None
+
+    def distiller_variables(self) -> list:
+        """The distiller's trained variables (its adapters), trained with the network."""
+        return self.distiller.adapter_variables if self.distiller is not None else []
+
+    def record(self, values: dict, terms: dict, sample_weights: dict | None = None) -> dict:
+        """Add this step's ``values`` and the batch mean of each tracked loss term in
+        ``terms`` to the trackers (weighted by ``sample_weights[name]`` where given, so a
+        quantity that exists only on some steps averages over those); the step's logs."""
+        values = {**values, **{name: tf.reduce_mean(terms[name])
+                               for name in self.loss_terms if name in terms}}
+        weights = sample_weights or {}
+        for name, value in values.items():
+            self.trackers[name].update_state(value, sample_weight=weights.get(name))
+        return self.step_logs({name: tracker.result()
+                               for name, tracker in self.trackers.items()})
 
     @staticmethod
     def step_logs(values: dict) -> dict:
@@ -129,29 +159,15 @@ class RegistrationTrainer(BuiltTrainer):
 
     def __init__(self, network, loss_weights, global_batch_size=None, distiller=None,
                  flow_weight: float = 0.0, flow_target: str = "flow", **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(("loss",), distiller, flow_weight, **kwargs)
         self.flow_target = flow_target
         self.network = network
         self.loss_weights = loss_weights
         self.global_batch_size = global_batch_size
-        self.distiller = distiller
         self.flow_weight = float(flow_weight)
-        self.trackers = {name: keras.metrics.Mean(name=name)
-                         for name in ("loss",) + tracked_terms(distiller, flow_weight)}
-
-    @property
-    def metrics(self):
-        return list(self.trackers.values())
 
     def call(self, inputs, training=False):
         return self.network(network_inputs(inputs), training=training)
-
-    def _update_trackers(self, terms: dict, loss) -> dict:
-        self.trackers["loss"].update_state(loss)
-        for name in tracked_terms(self.distiller, self.flow_weight):
-            if name in terms:
-                self.trackers[name].update_state(tf.reduce_mean(terms[name]))
-        return {name: tracker.result() for name, tracker in self.trackers.items()}
 
     def train_step(self, data):
         batch = unpack(data)
@@ -167,9 +183,8 @@ class RegistrationTrainer(BuiltTrainer):
             loss = average_over_batch(terms["total"], self.global_batch_size)
         variables = self.trainable_weights_to_update()
         self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return self.step_logs(self._update_trackers(terms, replica_mean(loss)))
+        return self.record({"loss": replica_mean(loss)}, terms)
 
     def trainable_weights_to_update(self):
-        extra = self.distiller.adapter_variables if self.distiller is not None else []
-        return self.network.trainable_variables + extra
+        return self.network.trainable_variables + self.distiller_variables()
 

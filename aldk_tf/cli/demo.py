@@ -1,0 +1,70 @@
+"""``aldk-demo``: the whole pipeline, offline, on the embedded demo dataset.
+
+    aldk-demo [--out demo_run] [--size 32] [--crd-control] [--no-export] ...
+
+What it builds, trains, evaluates and exports: :mod:`aldk_tf.demo`. Also
+``python -m aldk_tf.cli.demo`` (and ``python -m aldk_tf.demo``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from aldk_tf import demo  # noqa: E402
+from aldk_tf.training import runs  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=demo.__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="demo_run", help="output folder (default demo_run)")
+    parser.add_argument("--size", type=int, default=32, help="volume size (32, 64, 128)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--teacher-steps", type=int, default=450)
+    parser.add_argument("--student-steps", type=int, default=400)
+    parser.add_argument("--refine-steps", type=int, default=30,
+                        help="instance-optimisation steps of the distillation targets")
+    parser.add_argument("--warp-weight", type=float, default=1.0,
+                        help="weight of the image-level distillation term (the student's "
+                             "warped image against the moving image warped by the "
+                             "teacher's flow; the similarity's weight is 1)")
+    parser.add_argument("--teacher-cascades", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="Adam learning rate (constant; the release schedules are for "
+                             "100k-step runs)")
+    parser.add_argument("--no-crd", action="store_true",
+                        help="skip the cross-resolution student")
+    parser.add_argument("--crd-control", action="store_true",
+                        help="also train the CRD terms at full resolution (the control "
+                             "that isolates what the resolution costs)")
+    parser.add_argument("--same-anatomy", action="store_true",
+                        help="subjects are warps of the one template (no anatomy "
+                             "variation)")
+    parser.add_argument("--no-export", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from aldk_tf.data import DataError
+    started = time.perf_counter()
+    try:
+        results, command = demo.run_demo(args)
+    except (DataError, runs.RunError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(demo.format_table(results, args.size))
+    if command is not None:
+        print(command)
+    print(f"total {time.perf_counter() - started:.0f} s; results in "
+          f"{os.path.join(os.path.abspath(args.out), 'results.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
