@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 # The CPU-feature check is the library's (export.py --dtype bfloat16 uses it too).
-from aldk_tf.deploy.inference import BF16_FLAGS, bf16_features, cpu_flags  # noqa: F401
+from aldk_tf.deploy.cpu import BF16_FLAGS, bf16_features, cpu_flags  # noqa: F401
 
 try:                                 # python -m bench.<script>; imported from the root (tests)
     from bench.timing import repeat_timed

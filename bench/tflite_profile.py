@@ -14,7 +14,8 @@ layer's input shape and weights is
   the sub-pixel form the SavedModel uses (:func:`aldk_tf.deploy.inference.transposed_conv3d`).
 
 Printed per layer: the TFLite op it becomes, median milliseconds of each, their ratio and
-GFLOP/s (2 per multiply-add); then the sums. The whole-model rows
+GFLOP/s (2 per multiply-add); then the sums, and one library warp (``spatial.warp``: XLA
+in TensorFlow, TFLite ``GATHER`` ops in TFLite) timed the same way. The whole-model rows
 (``tflite_fp32_student_1`` against ``savedmodel_student_1``) are ``bench/inference.py``'s.
 """
 
@@ -33,8 +34,14 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from aldk_tf import spatial  # noqa: E402
 from aldk_tf.deploy.inference import _all_layers, transposed_conv3d  # noqa: E402
 from aldk_tf.networks import build_student, build_teacher  # noqa: E402
+
+try:                                 # python -m bench.<script>; imported from the root (tests)
+    from bench.inference import smooth_flow
+except ModuleNotFoundError:          # python bench/<script>.py: sys.path[0] is bench/
+    from inference import smooth_flow
 
 MODELS = {
     "student_1": lambda size: build_student(size, 1),
@@ -120,6 +127,37 @@ def profile_layer(layer, input_shape, repeats: int, rng) -> dict:
     return result
 
 
+def profile_warp(size: int, repeats: int, rng) -> dict:
+    """The library warp (a 1-channel image by the smooth flow of ``bench/inference.py``'s
+    warp row) in TFLite
+    (builtin ops: the gathers of the XLA function run as TFLite GATHER ops) and in
+    TensorFlow (XLA)."""
+    image = rng.random((1, size, size, size, 1)).astype(np.float32)
+    flow = smooth_flow(size)             # the inference benchmark's warp-row flow
+    specs = [tf.TensorSpec(image.shape, tf.float32), tf.TensorSpec(flow.shape, tf.float32)]
+    function = tf.function(spatial.warp, input_signature=specs)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [function.get_concrete_function()])
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        interpreter = tf.lite.Interpreter(model_content=converter.convert(),
+                                          num_threads=os.cpu_count() or 1)
+    interpreter.allocate_tensors()
+    inputs = [detail["index"] for detail in interpreter.get_input_details()]
+    output = interpreter.get_output_details()[0]["index"]
+
+    def run_tflite():
+        for index, value in zip(inputs, (image, flow)):
+            interpreter.set_tensor(index, value)
+        interpreter.invoke()
+        return interpreter.get_tensor(output)
+    tensors = [tf.constant(image), tf.constant(flow)]
+    difference = float(np.abs(run_tflite() - function(*tensors).numpy()).max())
+    return {"tensorflow_ms": median_ms(lambda: function(*tensors).numpy(), repeats),
+            "tflite_ms": median_ms(run_tflite, repeats), "max_abs_difference": difference}
+
+
 def conv_layers(model):
     """``(layer, input shape)`` of every convolution the model calls, in order."""
     for layer in _all_layers(model):
@@ -142,6 +180,10 @@ def format_table(results: dict) -> list[str]:
     lines.append(f"{'all convolutions':54s}{totals['tensorflow_ms']:8.1f}"
                  f"{totals['tflite_ms']:10.1f}"
                  f"{totals['tflite_ms'] / totals['tensorflow_ms']:7.1f}")
+    warp = results["warp"]
+    lines.append(f"{'one warp (spatial.warp, GATHER in TFLite)':54s}"
+                 f"{warp['tensorflow_ms']:8.1f}{warp['tflite_ms']:10.1f}"
+                 f"{warp['tflite_ms'] / warp['tensorflow_ms']:7.1f}")
     lines.append("TF ms: TensorFlow/oneDNN as the SavedModel runs the layer (sub-pixel form "
                  "for the kernel-4 transposed convolutions)")
     return lines
@@ -176,6 +218,7 @@ def main(argv=None) -> int:
         "tensorflow_ms": sum(e.get("tensorflow_subpixel_ms", e["tensorflow_ms"])
                              for e in layers),
         "tflite_ms": sum(e["tflite_ms"] for e in layers)}
+    results["warp"] = profile_warp(args.size, args.repeats, rng)
     print(f"{args.model} at {args.size}^3, batch 1, median of {args.repeats}, "
           f"load average {os.getloadavg()[0]:.1f}")
     print("\n".join(format_table(results)))

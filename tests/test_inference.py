@@ -233,6 +233,31 @@ def test_bench_row_names():
             bench.parse_row(bad)
 
 
+@pytest.mark.slow
+def test_tflite_profile_covers_every_convolution_and_agrees(tmp_path):
+    """bench/tflite_profile.py: one entry per convolution of the model, each run in both
+    runtimes with the same result, the TFLite op it became, and the warp."""
+    out = tmp_path / "profile.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "tflite_profile.py"), "--model",
+         "student_crd_1", "--size", "32", "--repeats", "1", "--json", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    profile = json.loads(out.read_text())
+    model = build_student(SIZE, 1, resolution_factor=2)
+    expected = [layer.name for layer in _all_layers(model)
+                if isinstance(layer, (keras.layers.Conv3D, keras.layers.Conv3DTranspose))]
+    assert list(profile["layers"]) == expected
+    for name, entry in profile["layers"].items():
+        assert entry["tflite_ops"] == (["CONV_3D_TRANSPOSE"] if "deconv" in name
+                                       or "flow_head" in name else ["CONV_3D"]), name
+        assert entry["max_abs_difference"] < 1e-3, name
+        assert entry["tflite_ms"] > 0 and entry["tensorflow_ms"] > 0
+    assert "tensorflow_subpixel_ms" in profile["layers"]["cascade_1_flow_head"]
+    assert profile["warp"]["max_abs_difference"] < 1e-4
+    assert "all convolutions" in result.stdout
+
+
 def test_bench_script_writes_the_required_rows(tmp_path):
     out = tmp_path / "results" / "out.json"          # the folder is created
     result = subprocess.run(

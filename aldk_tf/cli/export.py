@@ -28,7 +28,8 @@ from aldk_tf.data import (VALIDATION_SCHEME, DataError, list_pairs,
                           load_dataset_config, load_pair)
 from aldk_tf.evaluation import EvaluationError, check_image_size
 from aldk_tf.deploy.export import prepare_base, remove_if_new_and_empty
-from aldk_tf.deploy.inference import DTYPES, bf16_features
+from aldk_tf.deploy.cpu import bf16_features
+from aldk_tf.deploy.inference import DTYPES
 from aldk_tf.deploy.serving import TFLITE_VARIANTS, ExportError
 
 

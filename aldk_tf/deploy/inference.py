@@ -41,11 +41,6 @@ from aldk_tf import layers as spatial_layers
 from aldk_tf.networks.affine import AffineStem
 
 DTYPES = ("float32", "bfloat16")
-#: ``/proc/cpuinfo`` flags that give oneDNN native bfloat16 arithmetic, best first
-#: (``amx_bf16``: Intel AMX tiles, Sapphire Rapids and later; ``avx512_bf16``: AVX-512
-#: BF16 dot products, e.g. AMD Zen 4, Intel Cooper Lake). Without them oneDNN emulates
-#: bfloat16 and ``dtype="bfloat16"`` is slower than float32.
-BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 #: Op types that should not appear in a registration graph, and why.
 SLOW_OPS = {
@@ -73,28 +68,6 @@ _GEOMETRY_CHANNELS = (3, 9)        # the affine stem's b and W heads
 # The sub-pixel form only pays off for few output channels (measured at 128^3: 3 -> 3.5x
 # faster; 16 or more -> no gain or slower), i.e. for the flow heads.
 SUBPIXEL_MAX_FILTERS = 8
-
-
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    """The ``flags`` of the first processor in ``cpuinfo`` (default: ``/proc/cpuinfo``;
-    empty when it cannot be read)."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as handle:
-                cpuinfo = handle.read()
-        except OSError:
-            return set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return set(value.split())
-    return set()
-
-
-def bf16_features(cpuinfo: str | None = None) -> list[str]:
-    """The :data:`BF16_FLAGS` this CPU has, best first (``[]``: no native bfloat16)."""
-    flags = cpu_flags(cpuinfo)
-    return [flag for flag in BF16_FLAGS if flag in flags]
 
 
 # ----------------------------------------------------------------------------- sub-pixel
