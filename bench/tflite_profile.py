@@ -83,9 +83,14 @@ def single_layer(layer, input_shape) -> keras.Model:
 
 
 def tflite_runner(model):
-    function = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec(model.input.shape, tf.float32))
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([function], model)
+    # A Keras 3 model is not a tf.Module: the converter finds (and freezes) its weights
+    # only through a module that lists them, as aldk_tf.deploy.serving does.
+    module = tf.Module()
+    module.model_variables = [weight.value for weight in model.weights]
+    module.call = tf.function(lambda x: model(x, training=False),
+                              input_signature=[tf.TensorSpec(model.input.shape, tf.float32)])
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [module.call.get_concrete_function()], module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     content = converter.convert()
     with warnings.catch_warnings():

@@ -258,6 +258,7 @@ def test_tflite_profile_covers_every_convolution_and_agrees(tmp_path):
     assert "all convolutions" in result.stdout
 
 
+@pytest.mark.slow
 def test_bench_script_writes_the_required_rows(tmp_path):
     out = tmp_path / "results" / "out.json"          # the folder is created
     result = subprocess.run(
@@ -344,6 +345,7 @@ def test_bf16_dice_script(student_run_32, tmp_path, capsys):
     assert "bfloat16" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_warp_bench_script_compares_every_implementation():
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "warp.py"), "--size", "16",
                              "--repeats", "1"], capture_output=True, text=True, timeout=300,

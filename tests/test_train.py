@@ -132,6 +132,7 @@ def test_resume_continues_like_an_uninterrupted_run(dataset, tmp_path):
         assert latest.endswith("ckpt-9")
 
 
+@pytest.mark.slow
 def test_sigkill_loses_at_most_one_checkpoint_interval(dataset, tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     command = [sys.executable, os.path.join(ROOT, "train.py"), "-b", "LDR", "-d", dataset,
