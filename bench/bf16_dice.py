@@ -28,6 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 from aldk_tf.training import runs  # noqa: E402
+from aldk_tf.config import atomic_write_text  # noqa: E402
 from aldk_tf.data import DataError, list_pairs, load_dataset_config  # noqa: E402
 from aldk_tf.evaluation import EvaluationError, evaluate_pairs  # noqa: E402
 from aldk_tf.deploy.inference import registration_function  # noqa: E402
@@ -88,9 +89,7 @@ def main(argv=None) -> int:
               f"{result['dice_change']:+10.4f}{difference:13.3g}"
               f"{result['ms_per_pair']:9.1f}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
-            handle.write("\n")
+        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
     return 0
 
 

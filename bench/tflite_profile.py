@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from aldk_tf import spatial  # noqa: E402
+from aldk_tf.config import atomic_write_text  # noqa: E402
 from aldk_tf.deploy.inference import _all_layers, transposed_conv3d  # noqa: E402
 from aldk_tf.networks import build_student, build_teacher  # noqa: E402
 
@@ -228,9 +229,7 @@ def main(argv=None) -> int:
           f"load average {os.getloadavg()[0]:.1f}")
     print("\n".join(format_table(results)))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
-            handle.write("\n")
+        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
     return 0
 
 

@@ -134,9 +134,8 @@ def export_model(model, base: str, version: int | None = None,
         # The SavedModel serves the inference graph (sub-pixel flow heads, as timed by
         # bench/inference.py); TFLite converts the Keras graph (its depth-to-space needs
         # a rank-8 transpose, which TFLite lacks). Both are checked against the Keras graph.
-        served = (inference_graph(model, dtype=dtype, subpixel=subpixel)
-                  if subpixel or dtype != "float32" else graph)
-        save_savedmodel(served, staging, portable=portable)
+        save_savedmodel(inference_graph(model, dtype=dtype, subpixel=subpixel), staging,
+                        portable=portable)
         fixed, moving = sample["fixed"], sample["moving"]
         reference = {key: np.asarray(value) for key, value in
                      graph({"fixed": fixed, "moving": moving}, training=False).items()}

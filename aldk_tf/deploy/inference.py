@@ -26,7 +26,7 @@ registration graph (:func:`inference_graph`) with two inference-only choices:
   change.
 
 :func:`graph_ops` / :func:`slow_ops` list what a traced or exported graph will run, to
-check that nothing falls back to a slow path (see ``bench/inference.py --check-ops``).
+check that nothing falls back to a slow path (``bench/inference.py`` prints it per row).
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def _use_bfloat16(layer, keep_float32: set[int]) -> None:
     if isinstance(layer, _FLOAT32_LAYERS) or not isinstance(layer, _BFLOAT16_LAYERS):
         return
     if id(layer) in keep_float32 or _narrow_concat_eligible(layer):
-        return          # a pair of images stays float32: the network's input is float32
+        return          # affine matrix heads, and image pairs (the networks' float32 input)
     layer.dtype_policy = "mixed_bfloat16"
     if isinstance(getattr(layer, "activation", None), keras.layers.Layer):
         layer.activation.dtype_policy = "mixed_bfloat16"

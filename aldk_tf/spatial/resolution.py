@@ -146,6 +146,8 @@ def upsample_flow_and_warp(image: tf.Tensor, low_flow: tf.Tensor,
 
 
 def _upsample_and_warp(image, low_flow, factor):
+    # upsample_flow's arithmetic on the un-compiled passes: a nested XLA function would
+    # hand back a tensor of unknown rank under reduce_retracing.
     flow = _upsample(low_flow, factor) * float(factor) if factor > 1 else low_flow
     return flow, _trilinear_forward(image, flow)
 
