@@ -3,6 +3,7 @@
     python bench/inference.py [--size 128] [--repeats 5] [--warmup 1]
                               [--rows ROW,ROW,...] [--json PATH] [--list]
                               [--peak full|quick|off] [--bf16 auto|on|off]
+                              [--paired-rounds 7]
 
 Every row is one way of registering a (fixed, moving) pair of ``[1, S, S, S, 1]``
 float32 volumes: networks + warps + flow composition as deployed; preprocessing (file
@@ -12,7 +13,7 @@ randomly initialised weights: the time does not depend on the weights' values), 
 times with ``time.perf_counter`` around the call and the fetch of both outputs.
 
 Row names: ``[savedmodel_ | savedmodel_portable_ | tflite_<fp32|fp16|int8>_]<model>
-[_bf16 | _keras_upconv][@b<N>]``
+[_bf16 | _keras_upconv][+refine<N>][@b<N>]``
 with ``<model>`` one of ``teacher_affine_vtn1``, ``teacher_affine_vtn3``,
 ``student_1``, ``student_2``, ``student_3``, ``student_crd_1`` (cross-resolution,
 1/2), ``voxelmorph_1`` (the peer network: ``train.py -b VoxelMorph -n 1``, i.e. the VTN
@@ -32,6 +33,11 @@ is absent). Under the table: "N x faster than VoxelMorph, M x faster than ANTs S
 - ``@b<N>`` (throughput rows, not TFLite): the same graph traced for batch ``N`` (the
   pair repeated ``N`` times); ``pairs_per_s`` = N / median seconds, listed per batch
   under the table (what a serving team sizes hardware with).
+- ``+refine<N>`` (in-process only): the row's registration, then ``N`` steps of test-time
+  refinement of its flow (:func:`aldk_tf.training.refine.refine_flow`, default step size)
+  and the warp by the refined flow -- what ``register --refine N`` runs. Under the table:
+  the added time per step (iterations vs time; the study's Dice per step count is in
+  README.md). The refinement's arithmetic is not counted in the row's GFLOP.
 - ``_keras_upconv``: the Keras graph unchanged (``subpixel=False``), i.e. what the
   TFLite files are converted from (``export.py``'s SavedModel has the sub-pixel heads).
 - ``savedmodel_``: the row's graph saved with :func:`aldk_tf.deploy.serving.save_savedmodel`
@@ -63,9 +69,18 @@ convolution form; :mod:`bench.work`), ``gflops`` = work / median time and
 dtype. The ``warp`` row: ``bytes`` it must move (20 per voxel: image and flow read,
 result written), ``bound_ms`` = bytes / scale bandwidth, ``peak_fraction`` = ``bound_ms``
 / median. ``--peak quick`` only checks that the micro-benchmarks run (tiny sizes, not a
-peak); ``--json`` writes ``{"machine": {...}, "rows": {row: {...}}}``.
+peak); ``--json`` writes ``{"machine": {...}, "rows": {row: {...}}, "peers": {...}, "ratios":
+{"a / b": {"wall", "cpu", "paired", "paired_cpu", "rounds"}}, "refinement": {row:
+{"steps", "ms_per_step"}}}``.
 
-The table ends with the teacher/student ratios, SavedModel/in-process ratios and the
+The table ends with ratios: of the rows' medians, and ``paired`` -- after all rows, the two
+rows of each ratio called in alternation (a b, b a, ...) for ``--paired-rounds`` rounds,
+the median of the per-round ratios (rows measured minutes apart see a shared machine at
+different speeds; back-to-back calls see the same one). Ratios: :data:`RATIOS` (teacher /
+student, the cross-resolution student over the full-resolution one and over the warp, the
+full-resolution student over the warp, peers), every SavedModel row over its in-process
+row, every ``_bf16`` / ``_keras_upconv`` / ``+refine`` row over the row without it
+(``ants_syn`` and ``+refine`` rows are not paired: seconds per call). Then the
 graph check: for in-process and SavedModel rows, any op of
 :data:`aldk_tf.deploy.inference.SLOW_OPS` in the graph, or gathers outside XLA.
 """
@@ -96,6 +111,7 @@ from aldk_tf import spatial  # noqa: E402
 from aldk_tf.config import atomic_write_text  # noqa: E402
 from aldk_tf.deploy.inference import registration_function, slow_ops  # noqa: E402
 from aldk_tf.networks import build_student, build_teacher  # noqa: E402
+from aldk_tf.training.refine import refine_flow  # noqa: E402
 
 try:                                 # python -m bench.<script>; imported from the root (tests)
     from bench import machine
@@ -123,6 +139,7 @@ DEFAULT_ROWS = (
     "student_1", "student_2", "student_3", "student_crd_1",
     "voxelmorph_1", "ants_syn",
     "student_1_bf16", "student_3_bf16", "student_crd_1_bf16", "student_1_keras_upconv",
+    "student_1+refine10", "student_1+refine25", "student_1+refine50",
     "student_1@b2", "student_1@b4", "student_crd_1@b2", "student_crd_1@b4",
     "savedmodel_student_1", "savedmodel_student_3", "savedmodel_student_crd_1",
     "savedmodel_student_1@b2", "savedmodel_student_1@b4",
@@ -139,13 +156,16 @@ ANTS_TRANSFORM = "SyN"               # antspyx: affine + deformable SyN, mutual 
 #: (numerator, denominator) rows of the printed ratios.
 RATIOS = (("teacher_affine_vtn1", "student_1"), ("teacher_affine_vtn3", "student_3"),
           ("teacher_affine_vtn3", "student_1"), ("teacher_affine_vtn3", "student_crd_1"),
-          ("student_1", "student_crd_1"),
+          ("student_crd_1", "student_1"), ("student_crd_1", "warp"), ("student_1", "warp"),
           *((peer, student) for peer in PEERS for student in PEER_STUDENTS))
+#: Rows too slow to time again in alternation (one call takes many seconds), besides the
+#: ``+refine`` rows.
+UNPAIRED = ("ants_syn",)
 TFLITE_THREADS = 2
 _ROW = re.compile(r"^(?:(?P<savedmodel>savedmodel_(?P<portable>portable_)?)|"
                   r"tflite_(?P<tflite>fp32|fp16|int8)_)?"
                   r"(?P<model>" + "|".join(MODELS) + r")(?P<variant>_bf16|_keras_upconv)?"
-                  r"(?:@b(?P<batch>[1-9][0-9]*))?$")
+                  r"(?:\+refine(?P<refine>[1-9][0-9]*))?(?:@b(?P<batch>[1-9][0-9]*))?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +178,7 @@ class Row:
     subpixel: bool = True
     tflite: str | None = None
     batch: int = 1
+    refine: int = 0             # test-time refinement steps after the network (in-process)
 
 
 def parse_row(name: str) -> Row:
@@ -167,11 +188,13 @@ def parse_row(name: str) -> Row:
     if name == "ants_syn":
         return Row(name, source="ants")
     match = _ROW.match(name)
-    if not match or (match["tflite"] and (match["variant"] or match["batch"])):
+    if not match or (match["tflite"] and (match["variant"] or match["batch"])) \
+            or (match["refine"] and (match["savedmodel"] or match["tflite"])):
         raise ValueError(
             f"unknown row {name!r}: expected 'warp', 'ants_syn' or [savedmodel_ | "
             f"savedmodel_portable_ | tflite_<fp32|fp16|int8>_]<model>[_bf16 | _keras_upconv]"
-            f"[@b<batch>] with <model> one of {', '.join(MODELS)} (TFLite rows take no suffix)")
+            f"[+refine<steps>][@b<batch>] with <model> one of {', '.join(MODELS)} (TFLite "
+            f"rows take no suffix, +refine only in-process)")
     source = "in-process"
     if match["savedmodel"]:
         source = "savedmodel_portable" if match["portable"] else "savedmodel"
@@ -180,7 +203,7 @@ def parse_row(name: str) -> Row:
     return Row(name, source=source, model=match["model"],
                dtype="bfloat16" if match["variant"] == "_bf16" else "float32",
                subpixel=match["variant"] != "_keras_upconv", tflite=match["tflite"],
-               batch=int(match["batch"] or 1))
+               batch=int(match["batch"] or 1), refine=int(match["refine"] or 0))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -290,6 +313,9 @@ def prepare(row: Row, size: int, workdir: str) -> Prepared:
     register = registration_function(model, batch=row.batch, dtype=row.dtype,
                                      subpixel=row.subpixel)
     work = count_work(register.graph, batch=row.batch, subpixel=row.subpixel)
+    if row.source == "in-process" and row.refine:   # work: the refinement is not counted
+        return Prepared(_refined(register, row.refine), params,
+                        slow_ops(register.get_concrete_function()), register, {})
     if row.source == "in-process":
         return Prepared(register, params, slow_ops(register.get_concrete_function()),
                         register, work)
@@ -302,9 +328,23 @@ def prepare(row: Row, size: int, workdir: str) -> Prepared:
                     slow_ops(signature), loaded, work)
 
 
-def measure(run, fixed, moving, warmup: int, repeats: int) -> dict:
+def _refined(register, steps: int):
+    """``register`` followed by ``steps`` steps of test-time refinement of its flow and
+    the warp by the refined flow (what ``register --refine N`` runs on the model's grid)."""
+    def run(fixed, moving):
+        flow, _ = refine_flow(fixed, moving, register(fixed, moving)["flow"], steps)
+        return {"flow": flow, "warped": spatial.warp(moving, flow)}
+    return run
+
+
+def fetching(run, fixed, moving):
+    """The zero-argument call a row times: ``run`` and the fetch of its outputs."""
     def call():
         return {key: np.asarray(value) for key, value in run(fixed, moving).items()}
+    return call
+
+
+def measure(call, warmup: int, repeats: int) -> dict:
     rss = _status_kb("VmRSS")
     has_peak = reset_peak_memory()
     for _ in range(warmup):
@@ -350,7 +390,10 @@ def add_speed(result: dict, work: dict, peaks: dict) -> dict:
 
 
 def run_row(row: Row, size: int, fixed, moving, warmup: int, repeats: int,
-            workdir: str, peaks: dict | None = None, ants_repeats: int = 1) -> dict:
+            workdir: str, peaks: dict | None = None, ants_repeats: int = 1,
+            keep: bool = False) -> tuple[dict, object]:
+    """The row's measurement, and (``keep``) its timed call kept ready for
+    :func:`paired_ratios` (else None: the model is released)."""
     prepared = prepare(row, size, workdir)
     if row.batch > 1:                    # the same pair, row.batch times
         fixed, moving = (np.repeat(image, row.batch, axis=0) for image in (fixed, moving))
@@ -358,16 +401,49 @@ def run_row(row: Row, size: int, fixed, moving, warmup: int, repeats: int,
         fixed, moving = tf.constant(fixed), tf.constant(moving)
     if row.source == "ants":             # nothing to trace or compile; minutes per call
         warmup, repeats = 0, ants_repeats
-    result = measure(prepared.run, fixed, moving, warmup, repeats)
+    call = fetching(prepared.run, fixed, moving)
+    result = measure(call, warmup, repeats)
     result.update(params=int(prepared.params), source=row.source, dtype=row.dtype,
                   batch=row.batch, pairs_per_s=row.batch / (result["median_ms"] / 1e3))
+    if row.refine:
+        result["refine_steps"] = row.refine
     add_speed(result, prepared.work, peaks or {})
     if prepared.slow is not None:
         result["slow_ops"] = prepared.slow
-    del prepared
+    if keep:
+        call.prepared = prepared                    # the model stays alive with the call
+        return result, call
+    del prepared, call
     keras.backend.clear_session()
     gc.collect()
-    return result
+    return result, None
+
+
+def paired_ratios(pairs, calls: dict, rounds: int) -> dict[str, dict]:
+    """Each ratio again from calls of its two rows in alternation (a b, b a, ...):
+    ``{label: {"paired": median over rounds of t_a / t_b (wall), "paired_cpu": the same
+    for process CPU time, "rounds": rounds}}``.
+
+    The rows' own medians come from minutes apart; on a shared machine whose speed
+    drifts, the ratio of two calls made back to back is the steadier comparison.
+    """
+    paired = {}
+    for a, b in pairs:
+        if a not in calls or b not in calls:
+            continue
+        for name in (a, b):                         # caches warm again after other rows
+            calls[name]()
+        walls, cpus = [], []
+        for index in range(rounds):
+            times = {}
+            for name in ((a, b) if index % 2 == 0 else (b, a)):
+                wall, cpu = repeat_timed(calls[name], 1)
+                times[name] = (wall[0], cpu[0])
+            walls.append(times[a][0] / times[b][0])
+            cpus.append(times[a][1] / times[b][1])
+        paired[f"{a} / {b}"] = {"paired": float(np.median(walls)),
+                                "paired_cpu": float(np.median(cpus)), "rounds": rounds}
+    return paired
 
 
 # ----------------------------------------------------------------------------- report
@@ -389,21 +465,44 @@ def measured(results: dict) -> dict:
     return {name: r for name, r in results.items() if "median_ms" in r}
 
 
-def ratios(results: dict) -> list[tuple[str, float, float]]:
-    """``(label, ratio of median wall times, ratio of median CPU times)``."""
-    results = measured(results)
-    pairs = list(RATIOS)
-    for name in results:
+def ratio_pairs(names) -> list[tuple[str, str]]:
+    """The ``(numerator, denominator)`` rows compared among ``names``: :data:`RATIOS`,
+    each SavedModel row over its in-process row, each ``_bf16`` / ``_keras_upconv`` /
+    ``+refine`` row over the row without it."""
+    names = list(names)
+    pairs = [(a, b) for a, b in RATIOS if a in names and b in names]
+    for name in names:
         for prefix in ("savedmodel_", "savedmodel_portable_"):
-            if name.startswith(prefix) and name[len(prefix):] in results:
+            if name.startswith(prefix) and name[len(prefix):] in names:
                 pairs.append((name, name[len(prefix):]))
-        if name.endswith("_bf16") and name[:-len("_bf16")] in results:
-            pairs.append((name, name[:-len("_bf16")]))
-        if name.endswith("_keras_upconv") and name[:-len("_keras_upconv")] in results:
-            pairs.append((name, name[:-len("_keras_upconv")]))
-    return [(f"{a} / {b}", results[a]["median_ms"] / results[b]["median_ms"],
-             results[a]["cpu_ms"] / results[b]["cpu_ms"])
-            for a, b in pairs if a in results and b in results]
+        base = re.sub(r"(_bf16|_keras_upconv|\+refine[0-9]+)(?=$|@)", "", name, count=1)
+        if base != name and base in names:
+            pairs.append((name, base))
+    return pairs
+
+
+def ratios(results: dict, paired: dict | None = None) -> list[dict]:
+    """Per pair of :func:`ratio_pairs`: ``{"label", "wall", "cpu"}`` (ratios of the rows'
+    median wall / CPU times) and, where measured, :func:`paired_ratios`' fields."""
+    results = measured(results)
+    return [{"label": f"{a} / {b}",
+             "wall": results[a]["median_ms"] / results[b]["median_ms"],
+             "cpu": results[a]["cpu_ms"] / results[b]["cpu_ms"],
+             **(paired or {}).get(f"{a} / {b}", {})}
+            for a, b in ratio_pairs(results)]
+
+
+def refinement(results: dict) -> dict[str, dict]:
+    """``{row: {"steps", "ms_per_step"}}`` for each ``+refine`` row measured with its
+    row without refinement: the added time over the step count (iterations vs time)."""
+    table = {}
+    for name, r in measured(results).items():
+        steps = r.get("refine_steps")
+        base = re.sub(r"\+refine[0-9]+", "", name, count=1)
+        if steps and base in measured(results):
+            table[name] = {"steps": steps, "ms_per_step":
+                           (r["median_ms"] - results[base]["median_ms"]) / steps}
+    return table
 
 
 def measure_machine(size: str, repeats: int, bf16: bool) -> dict:
@@ -486,7 +585,7 @@ def format_throughput(results: dict) -> list[str]:
     return lines
 
 
-def format_table(results: dict) -> str:
+def format_table(results: dict, paired: dict | None = None) -> str:
     def mb(entry, key):
         return f"{entry[key]:,.0f}" if key in entry else "-"
 
@@ -518,12 +617,20 @@ def format_table(results: dict) -> str:
                  "warp: 'bw' = bandwidth bound (bytes / scale GB/s) over its time")
     lines.extend(format_throughput(results))
     lines.extend(format_peers(results))
-    table_ratios = ratios(results)
+    refined = refinement(results)
+    if refined:
+        lines.append("")
+        lines.append("test-time refinement (added time per step, median rows):")
+        lines.extend(f"  {name}: {r['steps']} steps, {r['ms_per_step']:.1f} ms per step"
+                     for name, r in refined.items())
+    table_ratios = ratios(results, paired)
     if table_ratios:
         lines.append("")
-        lines.append(f"{'ratios of medians':60s}{'wall':>7s}{'cpu':>7s}")
-        lines.extend(f"  {label:58s}{wall:7.2f}{cpu:7.2f}"
-                     for label, wall, cpu in table_ratios)
+        lines.append(f"{'ratios of medians (paired: median ratio of alternating calls)':60s}"
+                     f"{'wall':>7s}{'cpu':>7s}{'paired':>8s}")
+        lines.extend(f"  {r['label']:58s}{r['wall']:7.2f}{r['cpu']:7.2f}"
+                     + (f"{r['paired']:8.2f}" if "paired" in r else f"{'-':>8s}")
+                     for r in table_ratios)
     checked = {name: r["slow_ops"] for name, r in results.items() if "slow_ops" in r}
     if checked:
         lines.append("")
@@ -550,6 +657,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "them")
     parser.add_argument("--ants-repeats", "--ants_repeats", type=int, default=1,
                         help="timed calls of the ants_syn row (no warm-up; default 1)")
+    parser.add_argument("--paired-rounds", "--paired_rounds", type=int, default=7,
+                        help="after the rows, each ratio again from this many rounds of "
+                             "alternating calls of its two rows (0: off; default 7)")
     parser.add_argument("--peak", choices=("full", "quick", "off"), default="full",
                         help="machine micro-benchmarks before the rows (peak GFLOP/s, "
                              "memory bandwidth): 'quick' only checks they run (default "
@@ -571,6 +681,10 @@ def main(argv=None) -> int:
         return 2
     if args.repeats < 1 or args.warmup < 1 or args.ants_repeats < 1:
         print("error: --repeats, --warmup and --ants-repeats must be >= 1", file=sys.stderr)
+        return 2
+    if args.paired_rounds < 0:
+        print(f"error: --paired-rounds: expected an integer >= 0, got {args.paired_rounds}",
+              file=sys.stderr)
         return 2
     try:
         bf16, bf16_reason = machine.bf16_decision(args.bf16)
@@ -594,7 +708,10 @@ def main(argv=None) -> int:
     peaks = measure_machine(args.peak, args.repeats, bf16=bf16)
     print(format_machine(peaks), flush=True)
     fixed, moving = sample_pair(args.size)
-    results = {}
+    results, calls, paired = {}, {}, {}
+    paired_rows = {name for pair in ratio_pairs(row.name for row in rows)
+                   if not any(name in UNPAIRED or "+refine" in name for name in pair)
+                   for name in pair} if args.paired_rounds else set()
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as workdir:
         for row in rows:
             if row.dtype == "bfloat16" and not bf16:
@@ -602,8 +719,9 @@ def main(argv=None) -> int:
                 continue
             started = time.perf_counter()
             try:
-                results[row.name] = run_row(row, args.size, fixed, moving, args.warmup,
-                                            args.repeats, workdir, peaks, args.ants_repeats)
+                results[row.name], call = run_row(
+                    row, args.size, fixed, moving, args.warmup, args.repeats, workdir,
+                    peaks, args.ants_repeats, keep=row.name in paired_rows)
             except Skipped as reason:
                 results[row.name] = {"skipped": str(reason)}
                 print(f"  {row.name}: skipped: {reason}", file=sys.stderr, flush=True)
@@ -611,18 +729,27 @@ def main(argv=None) -> int:
             except (ValueError, serving.ExportError) as error:
                 print(f"{row.name}: failed: {error}", file=sys.stderr, flush=True)
                 continue
+            if call is not None:
+                calls[row.name] = call
             r = results[row.name]
             print(f"  {row.name}: {r['median_ms']:.1f} ms (row took "
                   f"{time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+        if calls:
+            started = time.perf_counter()
+            paired = paired_ratios(ratio_pairs(calls), calls, args.paired_rounds)
+            print(f"  paired ratios: {len(paired)} pairs x {args.paired_rounds} rounds "
+                  f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+        calls.clear()
     print()
-    print(format_table(results))
+    print(format_table(results, paired))
     print(f"\nload average at end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.json:
         peaks = {**peaks, "bf16": {"run": bf16, "reason": bf16_reason,
                                    "cpu_flags": machine.bf16_features()}}
         atomic_write_text(args.json, json.dumps(
-            {"machine": peaks, "rows": results, "peers": peer_summary(results)},
-            indent=2) + "\n")
+            {"machine": peaks, "rows": results, "peers": peer_summary(results),
+             "ratios": {r.pop("label"): r for r in ratios(results, paired)},
+             "refinement": refinement(results)}, indent=2) + "\n")
     return 0 if len(results) == len(rows) else 1
 
 

@@ -289,6 +289,71 @@ def test_bench_script_writes_the_required_rows(tmp_path):
     assert "pairs per second" in result.stdout
 
 
+def test_bench_refine_rows_and_ratio_pairs():
+    bench = load_bench("inference")
+    row = bench.parse_row("student_crd_1_bf16+refine25@b2")
+    assert (row.model, row.dtype, row.refine, row.batch) == ("student_crd_1", "bfloat16", 25, 2)
+    assert bench.parse_row("student_1").refine == 0
+    for bad in ("savedmodel_student_1+refine5", "tflite_fp32_student_1+refine5",
+                "student_1+refine0", "student_1@b2+refine5", "warp+refine5"):
+        with pytest.raises(ValueError, match="unknown row"):
+            bench.parse_row(bad)
+    names = ["warp", "student_1", "student_crd_1", "student_1_bf16", "student_1+refine10",
+             "student_1@b2", "savedmodel_student_1@b2", "savedmodel_student_3",
+             "student_1_keras_upconv", "teacher_affine_vtn3"]
+    pairs = bench.ratio_pairs(names)
+    for pair in [("student_crd_1", "student_1"), ("student_crd_1", "warp"),
+                 ("student_1", "warp"), ("teacher_affine_vtn3", "student_crd_1"),
+                 ("teacher_affine_vtn3", "student_1"), ("student_1_bf16", "student_1"),
+                 ("student_1+refine10", "student_1"), ("student_1_keras_upconv", "student_1"),
+                 ("savedmodel_student_1@b2", "student_1@b2")]:
+        assert pair in pairs, pair
+    assert not [pair for pair in pairs if "savedmodel_student_3" in pair]   # no student_3
+    assert len(pairs) == len(set(pairs)) == 9
+
+
+def test_bench_paired_ratios_alternate_the_two_rows(monkeypatch):
+    """Each round times both rows once, in alternating order; the ratio is the median of
+    the per-round ratios (so one slow round does not move it)."""
+    bench = load_bench("inference")
+    order, clock = [], {"a": iter([2.0, 2.0, 9.0, 2.0, 2.0, 2.0]),
+                        "b": iter([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])}
+
+    def call(name):
+        def run():
+            order.append(name)
+        run.name = name
+        return run
+    calls = {"a": call("a"), "b": call("b")}
+
+    def fake_timed(run, repeats):
+        assert repeats == 1
+        run()
+        seconds = next(clock[run.name])
+        return [seconds], [2 * seconds]
+    monkeypatch.setattr(bench, "repeat_timed", fake_timed)
+    paired = bench.paired_ratios([("a", "b"), ("a", "missing")], calls, rounds=5)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]
+    assert paired == {"a / b": {"paired": 2.0, "paired_cpu": 2.0, "rounds": 5}}
+
+
+def test_bench_refinement_summary_and_ratio_table():
+    bench = load_bench("inference")
+    common = {"params": 1, "min_ms": 1.0, "max_ms": 1.0, "load_1min": 0.0, "batch": 1}
+    results = {"student_1": {"median_ms": 100.0, "cpu_ms": 150.0, "pairs_per_s": 10.0,
+                             **common},
+               "student_1+refine10": {"median_ms": 600.0, "cpu_ms": 1150.0,
+                                      "pairs_per_s": 1 / 0.6, "refine_steps": 10, **common},
+               "student_1+refine50": {"skipped": "x"}}
+    assert bench.refinement(results) == {"student_1+refine10": {"steps": 10,
+                                                                "ms_per_step": 50.0}}
+    listed = bench.ratios(results, {"student_1+refine10 / student_1": {"paired": 5.5}})
+    assert listed == [{"label": "student_1+refine10 / student_1", "wall": 6.0,
+                       "cpu": pytest.approx(1150 / 150), "paired": 5.5}]
+    table = bench.format_table(results)
+    assert "10 steps, 50.0 ms per step" in table and "paired" in table
+
+
 def test_bench_peer_rows_and_summary(monkeypatch, tmp_path):
     bench = load_bench("inference")
     assert bench.parse_row("ants_syn").source == "ants"
