@@ -21,6 +21,7 @@ from aldk_tf import spatial
 from aldk_tf.deploy.inference import (_all_layers, _concat_by_padding_xla, graph_ops,
                                       inference_graph, registration_function, slow_ops,
                                       transposed_conv3d)
+from aldk_tf.layers import Scale
 from aldk_tf.networks import build_student, build_teacher
 from scripts import load_script
 
@@ -164,6 +165,23 @@ def test_inference_graph_rewrites_pairs_and_keeps_geometry_float32():
     assert policy["affine_stem_W"] == policy["affine_stem_b"] == "float32"
     assert all(policy[name] == "float32" for name in narrow)
     assert policy["cascade_1_conv2"] == "mixed_bfloat16"
+
+
+@pytest.mark.parametrize("subpixel", [True, False])
+def test_flow_multipliers_fold_into_the_sub_pixel_flow_heads(subpixel):
+    """Each cascade's flow multiplier (1/2 here) moves into its sub-pixel flow head, whose
+    shuffle writes float32; without sub-pixel heads nothing changes. (The outputs are
+    compared with the Keras model's in the tests above.)"""
+    graph = inference_graph(build_student(SIZE, 2), dtype="bfloat16", subpixel=subpixel)
+    scales = [layer for layer in _all_layers(graph) if isinstance(layer, Scale)
+              and layer.name.endswith("_flow")]             # not the affine stem's gain
+    heads = [layer for layer in _all_layers(graph) if layer.name.endswith("_flow_head")]
+    assert len(scales) == len(heads) == 2
+    assert all(("call" in vars(layer)) == subpixel for layer in scales + heads)
+    if subpixel:
+        assert [head._folded_factor for head in heads] == [0.5, 0.5]
+        x = tf.zeros([1, 4, 4, 4, 32], tf.bfloat16)
+        assert heads[0](x).dtype == tf.float32
 
 
 def test_fixed_signature_rejects_other_shapes():

@@ -89,8 +89,9 @@ def _phase_kernel(kernel: tf.Tensor) -> tf.Tensor:
                       for pd in (0, 1) for ph in (0, 1) for pw in (0, 1)], axis=-1)
 
 
-def _depth_to_space(phases: tf.Tensor) -> tf.Tensor:
-    """Phase outputs ``[B, n+1, m+1, k+1, 8 f]`` (padded grid) -> ``[B, 2n, 2m, 2k, f]``."""
+def _depth_to_space(phases: tf.Tensor, dtype=None) -> tf.Tensor:
+    """Phase outputs ``[B, n+1, m+1, k+1, 8 f]`` (padded grid) -> ``[B, 2n, 2m, 2k, f]``
+    (cast to ``dtype`` if given: in the same loop under XLA)."""
     shape = tf.shape(phases)
     n, m, k = shape[1] - 1, shape[2] - 1, shape[3] - 1
     parts = tf.split(phases, 8, axis=-1)
@@ -100,7 +101,8 @@ def _depth_to_space(phases: tf.Tensor) -> tf.Tensor:
     stacked = tf.reshape(tf.stack(picked, axis=4),
                          tf.stack([shape[0], n, m, k, 2, 2, 2, filters]))
     stacked = tf.transpose(stacked, [0, 1, 4, 2, 5, 3, 6, 7])
-    return tf.reshape(stacked, tf.stack([shape[0], 2 * n, 2 * m, 2 * k, filters]))
+    result = tf.reshape(stacked, tf.stack([shape[0], 2 * n, 2 * m, 2 * k, filters]))
+    return result if dtype is None else tf.cast(result, dtype)
 
 
 # XLA fuses the eight slices, the stack and the transpose into one loop (~5x faster).
@@ -108,7 +110,7 @@ _depth_to_space_xla = tf.function(_depth_to_space, jit_compile=True, reduce_retr
 
 
 def transposed_conv3d(inputs: tf.Tensor, kernel: tf.Tensor, bias=None,
-                      activation=None) -> tf.Tensor:
+                      activation=None, output_dtype=None) -> tf.Tensor:
     """``Conv3DTranspose(kernel_size=4, strides=2, padding="same")`` as a forward conv.
 
     Args:
@@ -116,6 +118,7 @@ def transposed_conv3d(inputs: tf.Tensor, kernel: tf.Tensor, bias=None,
       kernel: ``[4, 4, 4, filters, in]`` (Keras's transposed-conv layout).
       bias: ``[filters]`` or None; activation: a callable or None (applied elementwise
         before the shuffle, which commutes with it).
+      output_dtype: the result's dtype (default the input's), cast inside the shuffle.
     Returns:
       ``[B, 2n, 2m, 2l, filters]``, equal to ``tf.nn.conv3d_transpose(inputs, kernel,
       strides 2, "SAME")`` (+ bias, activation) up to float rounding.
@@ -131,7 +134,8 @@ def transposed_conv3d(inputs: tf.Tensor, kernel: tf.Tensor, bias=None,
         phases = tf.nn.bias_add(phases, tf.tile(tf.cast(bias, phases.dtype), [8]))
     if activation is not None:
         phases = activation(phases)
-    return _depth_to_space_xla(phases)
+    return _depth_to_space_xla(phases, None if output_dtype is None
+                               else tf.as_dtype(output_dtype))
 
 
 def _subpixel_eligible(layer) -> bool:
@@ -146,6 +150,37 @@ def _subpixel_call(self, inputs):
     """``Conv3DTranspose.call`` through :func:`transposed_conv3d` (bound per layer)."""
     return transposed_conv3d(inputs, self.kernel, self.bias if self.use_bias else None,
                              self.activation)
+
+
+# A flow head (a thin transposed convolution without activation) feeding only the flow
+# multiplier: the multiplier moves into the head's kernel and bias (a linear map: the same
+# numbers up to rounding) and the head's shuffle writes the float32 flow directly, which
+# saves a pass over the full-resolution flow (and, under bfloat16, the cast's pass).
+def _folded_heads(model) -> list[tuple]:
+    """``(head, scale)`` pairs of eligible flow heads and the Scale layer they feed."""
+    pairs = []
+    for scale in _all_layers(model):
+        if not isinstance(scale, spatial_layers.Scale) or len(scale._inbound_nodes) != 1:
+            continue
+        tensors = scale._inbound_nodes[0].input_tensors
+        head = tensors[0]._keras_history.operation if len(tensors) == 1 else None
+        if (_subpixel_eligible(head) and head.activation in (None, keras.activations.linear)
+                and len(head._inbound_nodes) == 1 and len(head._outbound_nodes) == 1):
+            pairs.append((head, scale))
+    return pairs
+
+
+def _folded_head_call(self, inputs):
+    """A flow head's ``call`` with its multiplier folded in, float32 out (bound per layer)."""
+    factor = self._folded_factor
+    bias = self.bias * factor if self.use_bias else None
+    return transposed_conv3d(inputs, self.kernel * factor, bias,
+                             output_dtype=tf.float32)
+
+
+def _passthrough_call(self, inputs):
+    """``Scale.call`` when its factor moved into the flow head (bound per layer)."""
+    return inputs
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -246,6 +281,11 @@ def inference_graph(model, dtype: str = "float32", subpixel: bool = True) -> ker
             layer.call = types.MethodType(_narrow_concat_call, layer)
         if dtype == "bfloat16":
             _use_bfloat16(layer, keep_float32)
+    if subpixel:
+        for head, scale in _folded_heads(clone):
+            head._folded_factor = scale.factor
+            head.call = types.MethodType(_folded_head_call, head)
+            scale.call = types.MethodType(_passthrough_call, scale)
     if getattr(clone, "resolution_factor", 1) > 1:
         return _fused_cross_resolution(clone)
     if hasattr(clone, "registration_model"):
