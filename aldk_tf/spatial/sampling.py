@@ -94,8 +94,12 @@ def _trilinear(image: tf.Tensor, flow: tf.Tensor):
     warped = _trilinear_forward_xla(tf.stop_gradient(image), tf.stop_gradient(flow))
 
     def gradient(upstream):
-        cells = _flow_cells_xla(flow)
-        return _trilinear_backward_xla(image, upstream, *cells)
+        corner, fractions, inside = _flow_cells_xla(flow)
+        # Two compiled functions, so that a graph that needs only the flow's gradient
+        # (instance optimisation, a loss on a warped input image) never runs the image's
+        # scatter: TensorFlow prunes a function call whose output is not used.
+        return (_image_backward_xla(image, upstream, corner, fractions),
+                _flow_backward_xla(image, upstream, corner, fractions, inside))
 
     return warped, gradient
 
@@ -197,16 +201,16 @@ def _trilinear_forward(image: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
     return _interpolate(image, corner, fractions)
 
 
-def _trilinear_backward(image, upstream, corner, fractions, inside):
-    """Gradients of ``sum(upstream * warp(image, flow))`` for image and flow."""
-    shape = tf.shape(image)
-    channels = shape[4]
-    offsets = _corner_offsets(shape)
-    t = [tf.cast(f, image.dtype)[..., None] for f in fractions]   # z, y, x: [B, D, H, W, 1]
+def _flow_backward(image, upstream, corner, fractions, inside):
+    """Gradient of ``sum(upstream * warp(image, flow))`` with respect to the flow.
 
-    # Flow: the derivative along an axis is the bilinear interpolation (over the other
-    # two axes) of the image's forward difference along that axis, from the cell's lower
-    # face; 4 gathers per axis. The difference is 0 at the last voxel and in the padding.
+    The derivative along an axis is the bilinear interpolation (over the other two axes)
+    of the image's forward difference along that axis, from the cell's lower face; 4
+    gathers per axis. The difference is 0 at the last voxel and in the padding; where a
+    position was clamped along an axis, that axis gets no gradient."""
+    channels = tf.shape(image)[4]
+    offsets = _corner_offsets(tf.shape(image))
+    t = [tf.cast(f, image.dtype)[..., None] for f in fractions]   # z, y, x: [B, D, H, W, 1]
     padded = _pad_end(image)
     flow_gradient = []
     for axis in range(3):
@@ -221,23 +225,36 @@ def _trilinear_backward(image, upstream, corner, fractions, inside):
         derivative = _lerp(_lerp(v[0], v[1], second), _lerp(v[2], v[3], second), first)
         flow_gradient.append(
             tf.where(inside[axis], tf.reduce_sum(upstream * derivative, axis=-1), 0.0))
+    return tf.cast(tf.stack(flow_gradient, axis=-1), tf.float32)
 
-    # Image: scatter-add upstream * weight to each corner (the adjoint of the gathers),
-    # all 8 corners in one scatter.
-    tz, ty, tx = t
+
+def _image_backward(image, upstream, corner, fractions):
+    """Gradient of ``sum(upstream * warp(image, flow))`` with respect to the image: the
+    adjoint of the eight gathers, ``upstream * weight`` scatter-added to each corner (all
+    eight corners in one scatter)."""
+    shape = tf.shape(image)
+    channels = shape[4]
+    offsets = _corner_offsets(shape)
+    tz, ty, tx = [tf.cast(f, image.dtype)[..., None] for f in fractions]
     weighted = [upstream * wz * wy * wx for wz in (1.0 - tz, tz) for wy in (1.0 - ty, ty)
                 for wx in (1.0 - tx, tx)]
+    padded_shape = shape + tf.constant([0, 1, 1, 1, 0])
     padded_gradient = tf.tensor_scatter_nd_add(
-        tf.zeros([tf.reduce_prod(tf.shape(padded)[:4]), channels], image.dtype),
+        tf.zeros([tf.reduce_prod(padded_shape[:4]), channels], image.dtype),
         tf.reshape(corner[..., None] + tf.stack(offsets), [-1, 1]),  # [B*D*H*W*8, 1]
         tf.reshape(tf.stack(weighted, axis=-2), [-1, channels]))     # [B*D*H*W*8, C]
     # The padding only ever got weight 0; drop it.
-    image_gradient = tf.reshape(padded_gradient, tf.shape(padded))[:, :-1, :-1, :-1]
-    return image_gradient, tf.cast(tf.stack(flow_gradient, axis=-1), tf.float32)
+    return tf.reshape(padded_gradient, padded_shape)[:, :-1, :-1, :-1]
+
+
+def _trilinear_backward(image, upstream, corner, fractions, inside):
+    """Gradients of ``sum(upstream * warp(image, flow))`` for image and flow."""
+    return (_image_backward(image, upstream, corner, fractions),
+            _flow_backward(image, upstream, corner, fractions, inside))
 
 
 _trilinear_forward_xla = tf.function(_trilinear_forward, jit_compile=True,
                                      reduce_retracing=True)
 _flow_cells_xla = tf.function(_flow_cells, jit_compile=True, reduce_retracing=True)
-_trilinear_backward_xla = tf.function(_trilinear_backward, jit_compile=True,
-                                      reduce_retracing=True)
+_flow_backward_xla = tf.function(_flow_backward, jit_compile=True, reduce_retracing=True)
+_image_backward_xla = tf.function(_image_backward, jit_compile=True, reduce_retracing=True)

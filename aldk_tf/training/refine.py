@@ -152,14 +152,8 @@ def _refine(fixed_image, moving_image, initial_flow, steps, learning_rate, simil
             total = tf.reduce_sum(loss_of(increment)) * voxels
         gradient = tape.gradient(total, increment)          # [B, D, H, W, 3]
         step += 1
-        first_moment = ADAM_BETA_1 * first_moment + (1.0 - ADAM_BETA_1) * gradient
-        second_moment = (ADAM_BETA_2 * second_moment
-                         + (1.0 - ADAM_BETA_2) * tf.square(gradient))
-        t = tf.cast(step, tf.float32)
-        first_unbiased = first_moment / (1.0 - ADAM_BETA_1 ** t)
-        second_unbiased = second_moment / (1.0 - ADAM_BETA_2 ** t)
-        increment -= learning_rate * first_unbiased / (tf.sqrt(second_unbiased)
-                                                       + ADAM_EPSILON)
+        increment, first_moment, second_moment = _adam_xla(
+            increment, first_moment, second_moment, gradient, step, learning_rate)
         return step, increment, first_moment, second_moment
 
     zeros = tf.zeros_like(initial_flow)
@@ -167,3 +161,19 @@ def _refine(fixed_image, moving_image, initial_flow, steps, learning_rate, simil
     _, increment, _, _ = tf.while_loop(
         lambda step, *_: step < steps, body, (tf.constant(0), zeros, zeros, zeros))
     return initial_flow + increment, initial_loss, loss_of(increment)
+
+
+def _adam(increment, first_moment, second_moment, gradient, step, learning_rate):
+    """One Adam update (step counted from 1): ``(increment, first, second moment)``."""
+    first_moment = ADAM_BETA_1 * first_moment + (1.0 - ADAM_BETA_1) * gradient
+    second_moment = ADAM_BETA_2 * second_moment + (1.0 - ADAM_BETA_2) * tf.square(gradient)
+    t = tf.cast(step, tf.float32)
+    first_unbiased = first_moment / (1.0 - ADAM_BETA_1 ** t)
+    second_unbiased = second_moment / (1.0 - ADAM_BETA_2 ** t)
+    increment = increment - learning_rate * first_unbiased / (tf.sqrt(second_unbiased)
+                                                              + ADAM_EPSILON)
+    return increment, first_moment, second_moment
+
+
+# One elementwise loop under XLA instead of a dozen passes over [B, D, H, W, 3] arrays.
+_adam_xla = tf.function(_adam, jit_compile=True, reduce_retracing=True)
