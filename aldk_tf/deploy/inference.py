@@ -10,17 +10,19 @@ times)::
 It traces once (fixed ``input_signature``), on a private copy of the model's
 registration graph (:func:`inference_graph`) with two inference-only choices:
 
-- ``subpixel`` (default on): every stride-2, kernel-4 ``Conv3DTranspose`` runs as the
-  equivalent forward convolution (kernel 2, eight output phases at once) followed by a
-  depth-to-space shuffle (:func:`transposed_conv3d`). Same numbers (to float rounding),
-  several times faster on CPU for the full-resolution 3-channel flow head
-  (``bench/inference.py`` measures it), because oneDNN's backward-data kernel behind
-  ``Conv3DBackpropInputV2`` is slow for few output channels.
+- ``subpixel`` (default on): every stride-2, kernel-4 ``Conv3DTranspose`` of at most
+  :data:`SUBPIXEL_MAX_FILTERS` filters (the flow heads) runs as the equivalent forward
+  convolution (kernel 2, eight output phases at once) followed by a depth-to-space shuffle
+  (:func:`transposed_conv3d`). Same numbers (to float rounding), several times faster on
+  CPU for the full-resolution 3-channel flow head (``bench/inference.py`` measures it),
+  because oneDNN's backward-data kernel behind ``Conv3DBackpropInputV2`` is slow for few
+  output channels. A flow head that feeds only its cascade's flow multiplier takes the
+  multiplier into its kernel and bias, and its shuffle writes the float32 flow.
 - ``dtype="bfloat16"``: the convolutions (and their activations, concatenations,
   poolings) compute in bfloat16 (Keras ``mixed_bfloat16`` policy: float32 weights cast
   on use), the deformable flow heads included (oneDNN accumulates in float32; their
-  bfloat16 output, about 3 significant digits, is cast back to float32 by the flow
-  multiplier). The layers that produce geometry from it -- the affine stem's ``W`` and
+  bfloat16 output, about 3 significant digits, is written as float32 by their shuffle).
+  The layers that produce geometry from it -- the affine stem's ``W`` and
   ``b`` heads, warps, flow composition, affine flow, up/downsampling -- stay float32, so
   ``flow`` and ``warped`` are float32 either way. ``bench/bf16_dice.py`` checks the Dice
   change.
