@@ -300,6 +300,9 @@ def test_bench_script_writes_the_required_rows(tmp_path):
     assert results["student_1"]["params"] == results["savedmodel_student_1"]["params"] \
         == build_student(SIZE, 1).count_params()
     assert "savedmodel_student_1 / student_1" in result.stdout
+    paired = written["ratios"]["savedmodel_student_1 / student_1"]
+    assert paired["rounds"] == 7 and paired["paired"] > 0 and paired["wall"] > 0
+    assert written["ratios"]["student_1 / warp"]["paired"] > 1.0
     batched = results["student_1@b2"]
     assert batched["batch"] == 2 and batched["work_gflop"] == pytest.approx(
         2 * results["student_1"]["work_gflop"])
