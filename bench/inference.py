@@ -80,9 +80,11 @@ different speeds; back-to-back calls see the same one). Ratios: :data:`RATIOS` (
 student, the cross-resolution student over the full-resolution one and over the warp, the
 full-resolution student over the warp, peers), every SavedModel row over its in-process
 row, every ``_bf16`` / ``_keras_upconv`` / ``+refine`` row over the row without it
-(``ants_syn`` and ``+refine`` rows are not paired: seconds per call). Then the
-graph check: for in-process and SavedModel rows, any op of
-:data:`aldk_tf.deploy.inference.SLOW_OPS` in the graph, or gathers outside XLA.
+(``ants_syn`` and ``+refine`` rows are not paired: seconds per call; the paired rows keep
+their models loaded until then, so the process grows by a few GB over a full run;
+``--paired-rounds 0`` turns pairing off). Then the graph check: for in-process and
+SavedModel rows, any op of :data:`aldk_tf.deploy.inference.SLOW_OPS` in the graph, or
+gathers outside XLA.
 """
 
 from __future__ import annotations
