@@ -497,11 +497,11 @@ def ratios(results: dict, paired: dict | None = None) -> list[dict]:
 def refinement(results: dict) -> dict[str, dict]:
     """``{row: {"steps", "ms_per_step"}}`` for each ``+refine`` row measured with its
     row without refinement: the added time over the step count (iterations vs time)."""
-    table = {}
-    for name, r in measured(results).items():
+    table, results = {}, measured(results)
+    for name, r in results.items():
         steps = r.get("refine_steps")
         base = re.sub(r"\+refine[0-9]+", "", name, count=1)
-        if steps and base in measured(results):
+        if steps and base in results:
             table[name] = {"steps": steps, "ms_per_step":
                            (r["median_ms"] - results[base]["median_ms"]) / steps}
     return table
