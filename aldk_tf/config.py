@@ -58,6 +58,8 @@ class LossWeights:
     smoothness: float = 1.0
     det: float = 0.1
     ortho: float = 0.1
+    label: float = 0.0                    # > 0: soft Dice of the warped label maps (pairs
+                                          # that carry labels: the pair generator's)
 
 
 @dataclass
@@ -118,6 +120,9 @@ class TrainConfig:
     validation_pairs: int = 16
     schedule: str = "auto"                # "auto" | "step" | "cosine" | "constant"
     clip_norm: float = 0.0                # > 0: clip the gradients' global norm to this
+    # Pairs drawn on the fly instead of the dataset's training scheme (the dataset then
+    # gives validation pairs only): aldk_tf.data.synth.GeneratorSettings as a dict.
+    generator: dict | None = None
 
 
 @dataclass
@@ -193,7 +198,8 @@ class RunConfig:
 #: JSON types a setting of each annotated type may have (bool is no int here).
 _SETTING_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
                   "str | None": (str, type(None)),
-                  "tuple[int, int, int]": (list, tuple)}
+                  "tuple[int, int, int]": (list, tuple),
+                  "dict | None": (dict, type(None))}
 
 
 #: Where a config.json written before the teacher section kept it, in "aldk" and "crd".

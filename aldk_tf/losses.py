@@ -30,6 +30,26 @@ def similarity_loss(fixed_image: tf.Tensor, warped_image: tf.Tensor) -> tf.Tenso
     return 1.0 - covariance / tf.sqrt(fixed_var * warped_var + PEARSON_EPS)
 
 
+DICE_EPS = 1e-5
+
+
+def soft_dice_loss(fixed_labels: tf.Tensor, warped_labels: tf.Tensor) -> tf.Tensor:
+    """``1 - mean soft Dice`` of one-hot (or soft) label maps ``[B, D, H, W, C]``, ``[B]``.
+
+    Channel 0 (background) is left out, and so is every channel that is empty in both
+    maps of a pair (a label that pair does not have). A pair with no such label scores 0.
+    """
+    fixed = tf.cast(fixed_labels, tf.float32)[..., 1:]
+    warped = tf.cast(warped_labels, tf.float32)[..., 1:]
+    overlap = tf.reduce_sum(fixed * warped, axis=[1, 2, 3])              # [B, C - 1]
+    volume = tf.reduce_sum(fixed + warped, axis=[1, 2, 3])
+    present = tf.cast(volume > DICE_EPS, tf.float32)
+    dice = 2.0 * overlap / tf.maximum(volume, DICE_EPS)
+    count = tf.reduce_sum(present, axis=1)
+    return tf.where(count > 0, 1.0 - tf.reduce_sum(dice * present, 1)
+                    / tf.maximum(count, 1.0), 0.0)
+
+
 def smoothness_loss(flow: tf.Tensor) -> tf.Tensor:
     """Sum over the 3 axes of ``0.5 * sum(forward difference ** 2) / (D H W 3)``, ``[B]``."""
     return _smoothness_with_gradient(tf.cast(flow, tf.float32))

@@ -179,7 +179,8 @@ def make_subject(template: dict, seed: int, index: int, vary: bool = False) -> d
 
 def build_demo(out_dir="datasets", size: int = 64, seed: int = 0, subjects: int = 20,
                validation: int = 4, test: int = 4, log=print, vary: bool = False,
-               test_template=None, group_size: int = 0) -> Path:
+               test_template=None, group_size: int = 0,
+               heldout_validation: bool = False) -> Path:
     """Write ``out_dir/demo.h5`` and ``out_dir/demo.json``; returns the JSON path.
 
     Subjects ``0 .. n-1`` are split in order: training first, then ``validation``, then
@@ -189,7 +190,9 @@ def build_demo(out_dir="datasets", size: int = 64, seed: int = 0, subjects: int 
     ``group_size`` > 0: the training subjects are split into subsets of that many
     (``demo-train-00``, ...; the last takes any remainder), each its own stream of scheme
     "1", so training pairs are drawn within a group only: many subjects with few pairs
-    (teacher flows are stored per pair).
+    (teacher flows are stored per pair). ``heldout_validation``: the validation subjects
+    come from ``test_template`` too (for runs that train on generated pairs of the
+    default template and choose settings on the held-out anatomy).
     """
     train = subjects - validation - test
     if size < 16 or validation < 1 or test < 1 or train < 2:
@@ -205,7 +208,8 @@ def build_demo(out_dir="datasets", size: int = 64, seed: int = 0, subjects: int 
     ids = [f"subject_{index:02d}" for index in range(subjects)]
     with DatasetWriter(out_dir / "demo.h5") as writer:
         for index, scan_id in enumerate(ids):
-            source = held_out if index >= train + validation else template
+            first_heldout = train if heldout_validation else train + validation
+            source = held_out if index >= first_heldout else template
             writer.add(scan_id, **make_subject(source, seed, index, vary))
             if log:
                 log(f"[{index + 1}/{subjects}] {scan_id}")
@@ -213,8 +217,8 @@ def build_demo(out_dir="datasets", size: int = 64, seed: int = 0, subjects: int 
     description = (f"Synthetic subjects deformed from nilearn's MNI152 ICBM 2009a template "
                    f"(T1 + GM/WM maps), size {size}, seed {seed}"
                    + (", anatomy varied per subject" if vary else "")
-                   + (f", test subjects from {Path(test_template).name}"
-                      if test_template else "") + "; built by aldk_tf.data.demo_set")
+                   + (f", {'validation and ' if heldout_validation else ''}test subjects "
+                      f"from {Path(test_template).name}" if test_template else "") + "; built by aldk_tf.data.demo_set")
     training = training_subsets(entries[:train], group_size)
     config = write_dataset_config(
         out_dir / "demo.json", files={"demo": {"type": "HDF5", "path": "demo.h5"}},

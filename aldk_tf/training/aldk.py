@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from aldk_tf.losses import critic_loss, distillation_loss, registration_losses
 from aldk_tf.training.trainer import (BuiltTrainer, add_distillation, add_flow_distillation,
+                                      add_label_loss,
                                       average_over_batch, network_inputs, replica_mean,
                                       unpack)
 
@@ -46,7 +47,8 @@ class ALDKTrainer(BuiltTrainer):
 
     def __init__(self, student, critic, loss_weights, aldk, teacher=None,
                  global_batch_size=None, distiller=None, seed: int = 0, **kwargs):
-        super().__init__(ALDK_METRICS, distiller, aldk.flow_weight, **kwargs)
+        super().__init__(ALDK_METRICS, distiller, aldk.flow_weight, loss_weights.label,
+                         **kwargs)
         self.seed = int(seed)
         self.host_schedule = None         # (adversarial, critic_update) of the step ``fit``
                                           # runs next, set on the host (see module doc)
@@ -136,6 +138,7 @@ class ALDKTrainer(BuiltTrainer):
         with tf.GradientTape() as tape:
             outputs = self.student(network_inputs(batch), training=True)
             terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
+            terms = add_label_loss(terms, self.loss_weights.label, batch, outputs)
             terms = add_distillation(terms, self.distiller, batch, outputs, targets)
             terms = add_flow_distillation(terms, aldk.flow_weight, teacher_flow, outputs,
                                           batch["moving"], aldk.flow_target)

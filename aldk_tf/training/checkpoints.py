@@ -133,9 +133,9 @@ def _remove_unfinished_saves(directory: str) -> None:
                 shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
-def save_weights_atomic(network, run_dir: str) -> str:
-    """Write ``model.weights.h5`` through a temporary file and a rename."""
-    path = weights_path(run_dir)
+def save_weights_atomic(network, run_dir: str, name: str | None = None) -> str:
+    """Write ``model.weights.h5`` (or ``name``) through a temporary file and a rename."""
+    path = weights_path(run_dir) if name is None else os.path.join(run_dir, name)
     temporary = os.path.join(run_dir, ".saving.weights.h5")
     try:
         network.save_weights(temporary)

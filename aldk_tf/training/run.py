@@ -9,6 +9,7 @@ across the replicas.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -23,8 +24,9 @@ from aldk_tf.training import distribute, runs
 
 from aldk_tf import metrics
 from aldk_tf.training.aldk import ALDKTrainer
-from aldk_tf.training.checkpoints import CheckpointCallback, RunCheckpoint
-from aldk_tf.config import RunConfig
+from aldk_tf.training.checkpoints import (CheckpointCallback, RunCheckpoint,
+                                          save_weights_atomic)
+from aldk_tf.config import RunConfig, atomic_write_text
 from aldk_tf.networks.critic import FlowCritic
 from aldk_tf.training.crd import CrossResolutionDistiller
 from aldk_tf.training.schedules import release_schedule
@@ -37,7 +39,9 @@ from aldk_tf.training.trainer import FLOW_TARGETS, RegistrationTrainer
 log = logging.getLogger(__name__)
 
 #: What the trainers read from a training batch.
-TRAINING_KEYS = ("fixed", "moving", "teacher_flow")
+TRAINING_KEYS = ("fixed", "moving", "teacher_flow", "fixed_labels", "moving_labels")
+#: The validation record (the best weights: runs.BEST_WEIGHTS_NAME).
+VALIDATION_NAME = "validation.json"
 
 
 def load_teacher(teacher_run: str, image_size, rep: int = 0):
@@ -97,6 +101,8 @@ def training_dataset(config: RunConfig, dataset_config, start_step: int,
     maps each onto its deformed pair (:func:`aldk_tf.data.augment.augmented_target`), so
     distilled students train on exactly the plain student's batches.
     """
+    if config.train.generator is not None:
+        return generated_dataset(config, start_step)
     from aldk_tf.data import pair_dataset
     attach = (teacher_flow_reader(teacher_flows, config.model.image_size)
               if teacher_flows is not None else None)
@@ -112,6 +118,21 @@ def training_dataset(config: RunConfig, dataset_config, start_step: int,
         # exactly the batches an uninterrupted one would.
         dataset = dataset.skip(start_step)
     return dataset
+
+
+def generated_dataset(config: RunConfig, start_step: int):
+    """Infinite batches from the pair generator (:mod:`aldk_tf.data.synth`) on the
+    template at the model's size; step ``k`` trains on pairs ``k B .. k B + B - 1``, so a
+    resumed run starts there without replaying anything."""
+    from aldk_tf.data.demo_set import load_template
+    from aldk_tf.data.synth import GeneratorSettings, pair_stream
+    size = config.model.image_size
+    if len(set(size)) != 1:
+        raise runs.RunError(f"the pair generator draws cubes; image_size {tuple(size)} is "
+                            f"not one")
+    settings = GeneratorSettings.from_dict(config.train.generator)
+    return pair_stream(load_template(int(size[0])), settings, config.train.batch,
+                       seed=config.train.seed, start_pair=start_step * config.train.batch)
 
 
 class BatchStream:
@@ -204,10 +225,12 @@ def preview_images(fixed, moving, warped, flow) -> dict[str, np.ndarray]:
 class ValidationDice(keras.callbacks.Callback):
     """Mean Dice on the first pairs of the validation scheme every ``every`` steps; with
     a log folder also the Dice scalar and previews of the first pair
-    (:func:`preview_images`) for TensorBoard."""
+    (:func:`preview_images`) for TensorBoard; with a run folder the weights of the best
+    Dice so far (``best.weights.h5``) and the record ``validation.json`` (read back on
+    resume, so the best survives a kill)."""
 
     def __init__(self, network, dataset_config, step_variable, every: int, max_pairs: int,
-                 log_dir: str | None = None):
+                 log_dir: str | None = None, run_dir: str | None = None):
         super().__init__()
         from aldk_tf.data import list_pairs, load_pair
         self.network, self.every, self.step_variable = network, max(int(every), 1), \
@@ -216,15 +239,29 @@ class ValidationDice(keras.callbacks.Callback):
         pairs = list_pairs(dataset_config, VALIDATION_SCHEME)[:max_pairs]
         self.pairs = [load_pair(dataset_config, f, m) for f, m in pairs]
         self.writer = tf.summary.create_file_writer(log_dir) if log_dir else None
-        self.history: list[tuple[int, float]] = []
+        self.run_dir = run_dir
+        record = read_validation(run_dir) if run_dir else {"history": []}
+        self.history: list[tuple[int, float]] = [tuple(h) for h in record["history"]]
+        self.best = record.get("best")            # {"step", "dice"} or None
         self.preview: dict[str, np.ndarray] = {}
 
     def on_train_batch_end(self, batch, logs=None):
         step = int(self.step_variable.numpy())
-        if step % self.every == 0:
-            self.history.append((step, self.evaluate()))
-            print(f"\nstep {step}: validation Dice {self.history[-1][1]:.4f}",
-                  file=sys.stderr)
+        if step % self.every == 0 and all(s != step for s, _ in self.history):
+            dice = self.evaluate()
+            self.history.append((step, dice))
+            improved = self.best is None or dice > self.best["dice"]
+            if improved and self.run_dir:
+                self.best = {"step": step, "dice": dice}
+                save_weights_atomic(self.network, self.run_dir, runs.BEST_WEIGHTS_NAME)
+            if self.run_dir:
+                atomic_write_text(os.path.join(self.run_dir, VALIDATION_NAME),
+                                  json.dumps({"history": self.history, "best": self.best,
+                                              "pairs": len(self.pairs)}, indent=1) + "\n")
+            print(f"\nstep {step}: validation Dice {dice:.4f}"
+                  + (" (best so far)" if improved else
+                     f" (best {self.best['dice']:.4f} at step {self.best['step']})"
+                     if self.best else ""), file=sys.stderr)
             if self.writer is not None:
                 # record_if(True): a fit that ended in an error (e.g. a full disk) can
                 # leave Keras' TensorBoard recording condition behind in this process.
@@ -248,6 +285,16 @@ class ValidationDice(keras.callbacks.Callback):
                                           flow, self.label_values)
             scores.append(result["dice"][0])
         return float(np.nanmean(scores)) if scores else float("nan")
+
+
+def read_validation(run_dir: str) -> dict:
+    """A run's ``validation.json`` (``{"history": [[step, dice], ...], "best": {"step",
+    "dice"} | None}``), empty when there is none yet."""
+    path = os.path.join(run_dir, VALIDATION_NAME)
+    if not os.path.exists(path):
+        return {"history": [], "best": None}
+    with open(path) as handle:
+        return json.load(handle)
 
 
 def _validation_scheme_exists(dataset_config) -> bool:
@@ -293,8 +340,10 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
 
     total_steps = config.train.round * config.train.epochs
     use_aldk = config.aldk.enabled
-    online = config.aldk.teacher_online or config.crd.enabled
-    if config.aldk.flow_weight > 0 and online and not use_aldk:
+    generated = config.train.generator is not None
+    # Generated pairs have no stored teacher flows: the teacher runs on every batch.
+    online = config.aldk.teacher_online or config.crd.enabled or generated
+    if config.aldk.flow_weight > 0 and online and not use_aldk and not generated:
         raise runs.RunError("--flow-distill reads stored teacher flows; it cannot be "
                             "combined with --teacher-online or --crd without --aldk")
     flows = None
@@ -331,7 +380,8 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
                                           global_batch_size=config.train.batch,
                                           distiller=distiller,
                                           flow_weight=config.aldk.flow_weight,
-                                          flow_target=config.aldk.flow_target)
+                                          flow_target=config.aldk.flow_target,
+                                          teacher=teacher if generated else None)
             trainer.compile(optimizer=optimizer)
             optimizer.build(trainer.trainable_weights_to_update())
 
@@ -356,7 +406,7 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
         if _validation_scheme_exists(dataset_config) and config.train.validate_every > 0:
             validation = ValidationDice(network, dataset_config, optimizer.iterations,
                                         config.train.validate_every,
-                                        config.train.validation_pairs, log_dir)
+                                        config.train.validation_pairs, log_dir, run_dir)
             callbacks.append(validation)
     else:
         verbose = 0

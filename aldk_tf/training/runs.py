@@ -48,13 +48,20 @@ def load_run_config(run_dir: str) -> RunConfig:
         raise RunError(str(error)) from None
 
 
-def load_model(run_dir: str, rep: int | None = None):
+#: Weights of the best validation Dice (written when a run validates).
+BEST_WEIGHTS_NAME = "best.weights.h5"
+
+
+def load_model(run_dir: str, rep: int | None = None, best: bool = False):
     """``(RunConfig, RecursiveCascade)`` with the run's trained weights loaded.
 
-    ``rep`` overrides the shared-weight repetition (RCN's test-time ``-r``).
+    ``rep`` overrides the shared-weight repetition (RCN's test-time ``-r``). ``best``:
+    the weights of the best validation Dice (``best.weights.h5``) where the run has them.
     """
     config = load_run_config(run_dir)
     path = weights_path(run_dir)
+    if best and os.path.isfile(os.path.join(run_dir, BEST_WEIGHTS_NAME)):
+        path = os.path.join(run_dir, BEST_WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise RunError(f"{run_dir}: no {WEIGHTS_NAME}; the run has not saved weights yet")
     model = config.model.build(rep=rep)

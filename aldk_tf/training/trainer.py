@@ -6,10 +6,10 @@ import keras
 import tensorflow as tf
 
 from aldk_tf import spatial
-from aldk_tf.losses import registration_losses, similarity_loss
+from aldk_tf.losses import registration_losses, similarity_loss, soft_dice_loss
 
-LOSS_TERMS = ("similarity", "smoothness", "det", "ortho", "flow_distill", "crd_flow",
-              "crd_feature", "crd_weight")
+LOSS_TERMS = ("similarity", "smoothness", "det", "ortho", "label", "flow_distill",
+              "crd_flow", "crd_feature", "crd_weight")
 # Distillation terms that join the loss (``crd_weight`` is only reported: the per-pair
 # weight of the distillation terms, i.e. the gate's open fraction times the anneal).
 DISTILLATION_LOSSES = ("crd_flow", "crd_feature")
@@ -33,11 +33,29 @@ def network_inputs(batch: dict) -> dict:
     return {"fixed": batch["fixed"], "moving": batch["moving"]}
 
 
-def tracked_terms(distiller, flow_weight: float = 0.0) -> tuple[str, ...]:
-    """The loss terms a trainer reports (the distillation ones only when distilling)."""
+def tracked_terms(distiller, flow_weight: float = 0.0,
+                  label_weight: float = 0.0) -> tuple[str, ...]:
+    """The loss terms a trainer reports (the distillation and label ones only when
+    used)."""
     return tuple(t for t in LOSS_TERMS
                  if (distiller is not None or not t.startswith("crd"))
-                 and (flow_weight > 0 or t != "flow_distill"))
+                 and (flow_weight > 0 or t != "flow_distill")
+                 and (label_weight > 0 or t != "label"))
+
+
+def add_label_loss(terms: dict, weight: float, batch: dict, outputs: dict) -> dict:
+    """Add ``weight`` times the soft Dice loss of the moving labels warped by the
+    network's flow against the fixed labels (:func:`soft_dice_loss`); nothing when
+    ``weight`` is 0."""
+    if not weight:
+        return terms
+    if "moving_labels" not in batch or "fixed_labels" not in batch:
+        raise ValueError("the label term needs labelled pairs ('fixed_labels', "
+                         "'moving_labels' one-hot maps), as the pair generator gives")
+    warped = spatial.warp(tf.cast(batch["moving_labels"], tf.float32),
+                          tf.cast(outputs["flow"], tf.float32))
+    term = weight * soft_dice_loss(batch["fixed_labels"], warped)
+    return {**terms, "label": term, "total": terms["total"] + term}
 
 
 def flow_distillation_loss(student_flow: tf.Tensor, teacher_flow: tf.Tensor) -> tf.Tensor:
@@ -108,10 +126,11 @@ class BuiltTrainer(keras.Model):
     have nothing left to build.
     """
 
-    def __init__(self, metric_names, distiller=None, flow_weight: float = 0.0, **kwargs):
+    def __init__(self, metric_names, distiller=None, flow_weight: float = 0.0,
+                 label_weight: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.distiller = distiller
-        self.loss_terms = tracked_terms(distiller, flow_weight)
+        self.loss_terms = tracked_terms(distiller, flow_weight, label_weight)
         self.trackers = {name: keras.metrics.Mean(name=name)
                          for name in (*metric_names, *self.loss_terms)}
 
@@ -158,9 +177,11 @@ class RegistrationTrainer(BuiltTrainer):
     """
 
     def __init__(self, network, loss_weights, global_batch_size=None, distiller=None,
-                 flow_weight: float = 0.0, flow_target: str = "flow", **kwargs):
-        super().__init__(("loss",), distiller, flow_weight, **kwargs)
+                 flow_weight: float = 0.0, flow_target: str = "flow", teacher=None,
+                 **kwargs):
+        super().__init__(("loss",), distiller, flow_weight, loss_weights.label, **kwargs)
         self.flow_target = flow_target
+        self.teacher = teacher            # run per batch when the batch has no teacher_flow
         self.network = network
         self.loss_weights = loss_weights
         self.global_batch_size = global_batch_size
@@ -173,12 +194,16 @@ class RegistrationTrainer(BuiltTrainer):
         batch = unpack(data)
         targets = (self.distiller.teacher_targets(batch, self.optimizer.iterations)
                    if self.distiller is not None else None)
+        teacher_flow = batch.get("teacher_flow")
+        if teacher_flow is None and self.teacher is not None and self.flow_weight:
+            teacher_flow = tf.stop_gradient(
+                self.teacher(network_inputs(batch), training=False)["flow"])
         with tf.GradientTape() as tape:
             outputs = self.network(network_inputs(batch), training=True)
             terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
+            terms = add_label_loss(terms, self.loss_weights.label, batch, outputs)
             terms = add_distillation(terms, self.distiller, batch, outputs, targets)
-            terms = add_flow_distillation(terms, self.flow_weight,
-                                          batch.get("teacher_flow"), outputs,
+            terms = add_flow_distillation(terms, self.flow_weight, teacher_flow, outputs,
                                           batch["moving"], self.flow_target)
             loss = average_over_batch(terms["total"], self.global_batch_size)
         variables = self.trainable_weights_to_update()
