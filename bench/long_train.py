@@ -1,4 +1,4 @@
-"""Long training on generated pairs, validated on a held-out anatomy: ``python bench/long_train.py``.
+"""Long training on generated pairs, validated on held-out anatomy: ``bench/long_train.py``.
 
 A first-class long job: a student (or teacher) trained on pairs drawn on the fly
 (:mod:`aldk_tf.data.synth`: every step a new pair from nilearn's ICBM 2009a template), for as

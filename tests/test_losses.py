@@ -123,3 +123,54 @@ def test_det3_matches_numpy_and_has_a_gradient_at_singular_matrices(rng):
         value = losses.det_loss(singular)
     gradient = tape.gradient(value, singular)
     assert np.all(np.isfinite(gradient.numpy())) and np.abs(gradient.numpy()).max() > 0
+
+
+def test_soft_dice_loss_matches_numpy_dice_and_skips_absent_labels(rng):
+    labels = rng.integers(0, 4, (2, 6, 6, 6))
+    labels[1][labels[1] == 3] = 2                   # pair 1 has no label 3 in either map
+    other = np.where(rng.random(labels.shape) < 0.3, rng.integers(0, 3, labels.shape),
+                     labels)
+    fixed = np.eye(4, dtype=np.float32)[labels]
+    warped = np.eye(4, dtype=np.float32)[other]
+    expected = []
+    for i in range(2):
+        scores = [2 * np.sum((labels[i] == k) & (other[i] == k))
+                  / (np.sum(labels[i] == k) + np.sum(other[i] == k))
+                  for k in (1, 2, 3) if np.any(labels[i] == k) or np.any(other[i] == k)]
+        expected.append(1 - np.mean(scores))
+    assert len(expected) == 2
+    np.testing.assert_allclose(losses.soft_dice_loss(fixed, warped).numpy(), expected,
+                               rtol=1e-5)
+    np.testing.assert_allclose(losses.soft_dice_loss(fixed, fixed).numpy(), 0.0, atol=1e-6)
+
+
+def test_label_term_gradient_moves_the_flow_towards_overlap():
+    """The label term through the warp: its gradient w.r.t. a uniform shift points back
+    towards alignment, and agrees with a finite difference."""
+    from aldk_tf.config import LossWeights
+    from aldk_tf.training.trainer import add_label_loss
+    grid = np.arange(16, dtype=np.float32)
+    ball = (np.linalg.norm(np.stack(np.meshgrid(grid, grid, grid, indexing="ij"), -1)
+                           - 7.5, axis=-1) < 5).astype(np.float32)
+    fixed = np.stack([1 - ball, ball], -1)[None]
+    moving = np.roll(fixed, 2, axis=1)              # the ball 2 voxels further along axis 0
+    shift = tf.Variable(0.5)
+
+    def loss():
+        flow = tf.stack([tf.fill([1, 16, 16, 16], shift), tf.zeros([1, 16, 16, 16]),
+                         tf.zeros([1, 16, 16, 16])], -1)
+        terms = add_label_loss({"total": tf.zeros([1])}, LossWeights(label=1.0).label,
+                               {"fixed_labels": fixed, "moving_labels": moving},
+                               {"flow": flow})
+        return terms["label"][0]
+
+    with tf.GradientTape() as tape:
+        value = loss()
+    gradient = float(tape.gradient(value, shift))
+    assert gradient < 0                  # increasing the shift (towards 2) lowers the loss
+    step = 1e-2
+    shift.assign(0.5 + step)
+    plus = float(loss())
+    shift.assign(0.5 - step)
+    minus = float(loss())
+    np.testing.assert_allclose(gradient, (plus - minus) / (2 * step), rtol=0.05)

@@ -509,3 +509,47 @@ def test_warped_distillation_trains_the_student_towards_the_target(dataset):
     for _ in range(14):
         logs = step(batch)
     assert float(logs["flow_distill"]) < 0.8 * first
+
+
+def generated_config(dataset, **train):
+    """A student on generated pairs (labels on, soft-Dice term), validated every 2 steps."""
+    from aldk_tf.data.synth import GeneratorSettings
+    config = run_config(dataset, validate_every=2, validation_pairs=2,
+                        generator=GeneratorSettings().to_dict(), **train)
+    config.losses = LossWeights(label=1.0)
+    return config
+
+
+def test_generated_pairs_train_validate_and_keep_the_best(dataset, tmp_path):
+    import json
+    run_dir = str(tmp_path / "generated")
+    history = train(generated_config(dataset), run_dir, verbose=0, max_steps=4)
+    assert np.all(np.isfinite(history["label"])) and max(history["label"]) <= 1.0
+    record = json.load(open(os.path.join(run_dir, "validation.json")))
+    assert [step for step, _ in record["history"]] == [2, 4]
+    best_step = record["best"]["step"]
+    assert record["best"]["dice"] == max(dice for _, dice in record["history"])
+    _, best = runs.load_model(run_dir, best=True)
+    _, last = runs.load_model(run_dir)
+    assert os.path.exists(os.path.join(run_dir, runs.BEST_WEIGHTS_NAME))
+    same = all(np.array_equal(a, b) for a, b in zip(best.get_weights(), last.get_weights()))
+    assert same == (best_step == 4)
+
+
+@pytest.mark.slow
+def test_generated_run_resumes_like_an_uninterrupted_one(dataset, tmp_path):
+    import json
+    config = generated_config(dataset)
+    interrupted, straight = str(tmp_path / "interrupted"), str(tmp_path / "straight")
+    train(config, interrupted, verbose=0, max_steps=3)
+    train(runs.load_run_config(interrupted), interrupted, verbose=0, max_steps=6)
+    train(config, straight, verbose=0, max_steps=6)
+    _, resumed = runs.load_model(interrupted)
+    _, reference = runs.load_model(straight)
+    for a, b in zip(resumed.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    records = [json.load(open(os.path.join(d, "validation.json")))
+               for d in (interrupted, straight)]
+    assert [s for s, _ in records[0]["history"]] == [2, 4, 6]
+    np.testing.assert_allclose([d for _, d in records[0]["history"]],
+                               [d for _, d in records[1]["history"]], atol=1e-4)

@@ -218,7 +218,8 @@ def build_demo(out_dir="datasets", size: int = 64, seed: int = 0, subjects: int 
                    f"(T1 + GM/WM maps), size {size}, seed {seed}"
                    + (", anatomy varied per subject" if vary else "")
                    + (f", {'validation and ' if heldout_validation else ''}test subjects "
-                      f"from {Path(test_template).name}" if test_template else "") + "; built by aldk_tf.data.demo_set")
+                      f"from {Path(test_template).name}" if test_template else "")
+                   + "; built by aldk_tf.data.demo_set")
     training = training_subsets(entries[:train], group_size)
     config = write_dataset_config(
         out_dir / "demo.json", files={"demo": {"type": "HDF5", "path": "demo.h5"}},

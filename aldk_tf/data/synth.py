@@ -242,6 +242,7 @@ def _draw_scan(seed, template: dict, anatomy: tf.Tensor, contrast: dict, synth,
 
     image = tf.ensure_shape(tf.cond(synth, synthesised, real), (size, size, size, 1))
     brain = 1.0 - maps[..., :1]
+    brain = tf.where(brain < 0.01, 0.0, brain)        # skull-stripped: exact zeros outside
     sigmas = _uniform(_seed(seed, 12), (3,), 0.0, settings.max_blur)
     image = blur(image[None], sigmas)[0]
     bias = tf.exp(smooth_field(_seed(seed, 13), size, BIAS_CONTROLS, 1,
