@@ -149,3 +149,18 @@ def test_settings_are_checked():
         GeneratorSettings(shapes=1.5)
     assert GeneratorSettings.from_dict(GeneratorSettings(shapes=0.2).to_dict()) == \
         GeneratorSettings(shapes=0.2)
+
+
+def test_demo_subjects_above_64_are_deformed_at_64_and_upsampled():
+    """Subjects larger than 64^3 (e.g. --size 128) integrate their deformation at 64^3:
+    the same parameters in voxels of each size give the same field, scaled."""
+    from aldk_tf.data.demo_set import deformation, random_deformation_parameters
+    parameters = random_deformation_parameters(np.random.default_rng(0), 64)
+    small = deformation(parameters["control"], parameters["matrix"], parameters["shift"],
+                        64)
+    large = deformation(parameters["control"] * 2, parameters["matrix"],
+                        parameters["shift"] * 2, 128)
+    assert large.shape == (1, 128, 128, 128, 3)
+    np.testing.assert_allclose(large.numpy(), spatial.upsample_flow(small, 2).numpy(),
+                               atol=1e-3)
+    assert float(tf.reduce_mean(tf.abs(large))) > 1.5 * float(tf.reduce_mean(tf.abs(small)))

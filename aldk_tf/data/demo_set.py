@@ -132,16 +132,19 @@ def deformation(control: tf.Tensor, matrix: tf.Tensor, shift: tf.Tensor,
     """Flow ``[1, S, S, S, 3]``: exp of the velocity (scaling and squaring), then affine.
 
     ``control`` and ``shift`` are in voxels of ``size``. Above :data:`MAX_FLOW_SIZE` the
-    flow is computed at that size and resized (the field is smooth; this saves time).
+    flow is computed at ``size`` halved until it is no larger (while it stays even) and
+    upsampled (the field is smooth; this saves time).
     """
-    work = min(size, MAX_FLOW_SIZE)
-    factor = (work - 1.0) / (size - 1.0)
+    work = size
+    while work > MAX_FLOW_SIZE and work % 2 == 0:
+        work //= 2
+    factor = work / size
     shape = (work,) * 3
     flow = upsample_control(control * factor, shape) / 2.0 ** SQUARINGS
     for _ in range(SQUARINGS):
         flow = spatial.compose(flow, flow)
     flow = spatial.compose(spatial.affine_flow(matrix, shift * factor, shape), flow)
-    return flow if work == size else spatial.resize_flow(flow, (size,) * 3)
+    return flow if work == size else spatial.upsample_flow(flow, size // work)
 
 
 @tf.function
