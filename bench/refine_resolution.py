@@ -86,9 +86,11 @@ def main(argv=None) -> int:
         sys.argv[1:] if argv is None else argv)
     pairs = list_pairs(dataset, "test")
 
+    model_grid_flow = _flow_function(model, args.refine, lr)
+
     def refined_at_model_grid(fixed, moving):
         low = [spatial.downsample(v, args.factor).numpy() for v in (fixed, moving)]
-        flow = _flow_function(model, args.refine, lr)(*low)
+        flow = model_grid_flow(*low)
         return {"flow": spatial.upsample_flow(flow, args.factor).numpy()}
 
     rows_to_run = {
