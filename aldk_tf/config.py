@@ -72,6 +72,9 @@ class ALDKConfig:
     lamb: float = 0.1                     # gradient-penalty weight
     critic_lr: float = 1e-4
     critic_output: str = "sigmoid"        # "sigmoid" (paper's figure) | "raw" (WGAN score)
+    critic_input: str = "flow"            # what the critic judges: "flow" (the paper's) or
+                                          # "images" (fixed beside the moving image warped
+                                          # by the student's / the teacher's flow)
     adversarial_period: int = 3           # the adversarial term on every k-th step ...
     adversarial_until: int = 8000         # ... until this step; pure l_rec afterwards
     critic_period: int = 3                # critic updated on every k-th step

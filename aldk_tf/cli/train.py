@@ -135,6 +135,10 @@ def make_parser() -> argparse.ArgumentParser:
     aldk.add_argument("--critic-output", "--critic_output", default="sigmoid",
                       choices=("sigmoid", "raw"),
                       help="critic score squashed by a sigmoid (default, stable) or raw")
+    aldk.add_argument("--critic-input", "--critic_input", default="flow",
+                      choices=("flow", "images"),
+                      help="what the critic judges: the flow (the paper's) or the fixed "
+                           "image beside the moving image warped by the flow")
     aldk.add_argument("--adv-period", "--adv_period", type=int, default=3,
                       help="adversarial term on every k-th step")
     aldk.add_argument("--adv-until", "--adv_until", type=int, default=8000,
@@ -195,7 +199,8 @@ FLAG_SETTINGS = {
     "teacher_rep": ("teacher.rep",), "beta": ("aldk.beta",),
     "gamma": ("aldk.gamma",),
     "lamb": ("aldk.lamb",), "critic_lr": ("aldk.critic_lr",),
-    "critic_output": ("aldk.critic_output",), "adv_period": ("aldk.adversarial_period",),
+    "critic_output": ("aldk.critic_output",), "critic_input": ("aldk.critic_input",),
+    "adv_period": ("aldk.adversarial_period",),
     "adv_until": ("aldk.adversarial_until",), "critic_period": ("aldk.critic_period",),
     "crd": ("crd.enabled",), "resolution_factor": ("model.resolution_factor",),
     "crd_flow_weight": ("crd.flow_weight",), "crd_feature_weight": ("crd.feature_weight",),
@@ -251,6 +256,7 @@ def build_config(args):
         aldk=ALDKConfig(enabled=args.aldk, beta=args.beta, gamma=args.gamma,
                         lamb=args.lamb, critic_lr=args.critic_lr,
                         critic_output=args.critic_output,
+                        critic_input=args.critic_input,
                         adversarial_period=args.adv_period,
                         adversarial_until=args.adv_until,
                         critic_period=args.critic_period,

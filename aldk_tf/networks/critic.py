@@ -1,4 +1,5 @@
-"""The ALDK critic: a strided 3-D conv net scoring a deformation field."""
+"""The ALDK critic: a strided 3-D conv net scoring a deformation field (or, with
+``channels=2``, a registered pair: the fixed image beside the warped moving image)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ class FlowCritic(keras.Model):
     """
 
     def __init__(self, image_size=(128, 128, 128), filters=CRITIC_FILTERS, output="raw",
-                 name="critic", **kwargs):
+                 name="critic", channels: int = 3, **kwargs):
         if output not in ("raw", "sigmoid"):
             raise ValueError(f"FlowCritic: output must be 'raw' or 'sigmoid', got {output!r}")
+        if int(channels) < 1:
+            raise ValueError(f"FlowCritic: channels must be >= 1, got {channels}")
         image_size = check_image_size("FlowCritic", image_size, 16)
-        flow = keras.Input(shape=(*image_size, 3), name="flow")
+        flow = keras.Input(shape=(*image_size, int(channels)), name="flow")
         x = flow
         for i, n in enumerate(filters, start=1):
             x = keras.layers.Conv3D(n, 4, strides=2, padding="same",
@@ -35,11 +38,11 @@ class FlowCritic(keras.Model):
                                    activation="sigmoid" if output == "sigmoid" else None)(x)
         super().__init__(inputs=flow, outputs=score, name=name, **kwargs)
         self.image_size, self.filters = image_size, tuple(int(n) for n in filters)
-        self.output_kind = output
+        self.output_kind, self.channels = output, int(channels)
 
     def get_config(self):
         return {"image_size": list(self.image_size), "filters": list(self.filters),
-                "output": self.output_kind, "name": self.name}
+                "output": self.output_kind, "name": self.name, "channels": self.channels}
 
     @classmethod
     def from_config(cls, config):

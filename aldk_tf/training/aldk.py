@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from aldk_tf import spatial
 from aldk_tf.losses import critic_loss, distillation_loss, registration_losses
 from aldk_tf.training.trainer import (BuiltTrainer, add_distillation, add_flow_distillation,
                                       add_label_loss,
@@ -127,6 +128,17 @@ class ALDKTrainer(BuiltTrainer):
         first = tf.cast(replica, tf.int32) * batch_size
         return tf.reshape(alpha[first:first + batch_size], [-1, 1, 1, 1, 1])
 
+    def critic_view(self, batch, flow, warped=None):
+        """What the critic judges of a flow: the flow itself, or with ``critic_input``
+        "images" the fixed image beside the moving image warped by it ``[B, D, H, W, 2]``
+        (``warped``: that warped image when already computed)."""
+        if self.aldk.critic_input == "flow":
+            return flow
+        if warped is None:
+            warped = spatial.warp(tf.cast(batch["moving"], tf.float32), flow)
+        return tf.concat([tf.cast(batch["fixed"], tf.float32),
+                          tf.cast(warped, tf.float32)], axis=-1)
+
     def student_update(self, batch, teacher_flow, adversarial, targets=None):
         """One student step; returns its outputs, loss terms, ``l_rec``, ``l_dis``, loss.
 
@@ -146,7 +158,10 @@ class ALDKTrainer(BuiltTrainer):
             dis = _branch(
                 adversarial,
                 lambda: average_over_batch(
-                    distillation_loss(self.critic, teacher_flow, outputs["flow"],
+                    distillation_loss(self.critic,
+                                      tf.stop_gradient(self.critic_view(batch, teacher_flow)),
+                                      self.critic_view(batch, outputs["flow"],
+                                                       outputs["warped"]),
                                       aldk.beta, aldk.lamb), self.global_batch_size),
                 lambda: tf.constant(0.0))
             loss = gamma * rec + (1.0 - gamma) * dis
@@ -155,8 +170,9 @@ class ALDKTrainer(BuiltTrainer):
         return outputs, terms, rec, dis, loss
 
     def critic_update(self, teacher_flow, student_flow, step=None):
-        """One WGAN-GP critic step at ``step`` (default: the current one); returns
-        ``(objective, mean gradient penalty)``."""
+        """One WGAN-GP critic step at ``step`` (default: the current one) on what the
+        critic judges of the two flows (:meth:`critic_view`); returns ``(objective, mean
+        gradient penalty)``."""
         student_flow = tf.stop_gradient(student_flow)
         alpha = self._alpha(tf.shape(student_flow)[0], self.step if step is None else step)
         with tf.GradientTape() as tape:
@@ -185,7 +201,10 @@ class ALDKTrainer(BuiltTrainer):
                                                              adversarial, targets)
         # The critic judges the flow the student produced in this step.
         critic_value, penalty = _branch(
-            critic_update, lambda: self.critic_update(teacher_flow, outputs["flow"], step),
+            critic_update,
+            lambda: self.critic_update(self.critic_view(batch, teacher_flow),
+                                       self.critic_view(batch, outputs["flow"],
+                                                        outputs["warped"]), step),
             lambda: (tf.constant(0.0), tf.constant(0.0)))
 
         # Trackers see per-replica means; Keras averages them over replicas.

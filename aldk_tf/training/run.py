@@ -329,6 +329,9 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
             f"from the model's {tuple(config.model.image_size)}")
     teacher = None
     config.check_teacher()
+    if config.aldk.critic_input not in ("flow", "images"):
+        raise ValueError(f"aldk.critic_input: expected 'flow' or 'images', got "
+                         f"{config.aldk.critic_input!r}")
     if config.aldk.flow_target not in FLOW_TARGETS:
         raise ValueError(f"aldk.flow_target: expected one of {', '.join(FLOW_TARGETS)}, got "
                          f"{config.aldk.flow_target!r}")
@@ -368,7 +371,8 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
                                                  config.crd.anneal_steps)
         critic = critic_optimizer = None
         if use_aldk:
-            critic = FlowCritic(config.model.image_size, output=config.aldk.critic_output)
+            critic = FlowCritic(config.model.image_size, output=config.aldk.critic_output,
+                                channels=3 if config.aldk.critic_input == "flow" else 2)
             critic_optimizer = keras.optimizers.Adam(config.aldk.critic_lr)
             trainer = ALDKTrainer(network, critic, config.losses, config.aldk,
                                   teacher=teacher if online else None,
