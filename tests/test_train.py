@@ -553,3 +553,35 @@ def test_generated_run_resumes_like_an_uninterrupted_one(dataset, tmp_path):
     assert [s for s, _ in records[0]["history"]] == [2, 4, 6]
     np.testing.assert_allclose([d for _, d in records[0]["history"]],
                                [d for _, d in records[1]["history"]], atol=1e-4)
+
+
+def test_cli_generator_flags_reach_the_config_and_resume_unchanged(dataset, tmp_path):
+    from aldk_tf.cli import train as cli
+    from aldk_tf.data.synth import GeneratorSettings
+    flags = ["--generator", "mixed", "--synth-fraction", "0.7", "--shapes", "0.2",
+             "--label-weight", "0.5", "--critic-input", "images"]
+    config = cli.build_config(cli.parse_args(["-b", "LDR", "-d", dataset, *flags]))
+    assert config.train.generator == GeneratorSettings(source="mixed", synth_fraction=0.7,
+                                                       shapes=0.2).to_dict()
+    assert config.losses.label == 0.5 and config.aldk.critic_input == "images"
+    run_dir = str(tmp_path / "run")
+    config.save(run_dir)
+    stored = runs.load_run_config(run_dir)
+    assert cli.resumed_config(run_dir, stored, flags, override=False) is stored
+    with pytest.raises(ValueError, match="train.generator.synth_fraction"):
+        cli.resumed_config(run_dir, stored, ["--generator", "mixed", "--synth-fraction",
+                                             "0.1"], override=False)
+    plain = RunConfig.from_dict({**stored.to_dict(), "train": {
+        **stored.to_dict()["train"], "generator": None}})
+    plain.save(run_dir)
+    changed = cli.resumed_config(run_dir, runs.load_run_config(run_dir), ["--generator",
+                                                                          "synth"],
+                                 override=True)
+    assert changed.train.generator["source"] == "synth"
+    for bad, message in ((["--label-weight", "1"], "^--label-weight applies to generated"),
+                         (["--shapes", "0.5"], "^--shapes applies to generated"),
+                         (["--generator", "real", "--shapes", "2"], "--shapes: expected"),
+                         (["--generator", "real", "--label-weight", "-1"],
+                          "--label-weight: expected")):
+        with pytest.raises(ValueError, match=message):
+            cli.build_config(cli.parse_args(["-b", "LDR", "-d", dataset, *bad]))

@@ -145,6 +145,20 @@ def make_parser() -> argparse.ArgumentParser:
                       help="adversarial term only before this step")
     aldk.add_argument("--critic-period", "--critic_period", type=int, default=3,
                       help="critic update on every k-th step (before --adv-until)")
+    generated = parser.add_argument_group(
+        "generated pairs (every step a new pair drawn from the template; the dataset then "
+        "gives the validation pairs only)")
+    generated.add_argument("--generator", choices=("synth", "real", "mixed"),
+                           help="train on generated pairs: intensities synthesised per "
+                                "label, the template's T1, or either per pair")
+    generated.add_argument("--synth-fraction", "--synth_fraction", type=float,
+                           help="with --generator mixed: share of synthesised pairs "
+                                "(default 0.5)")
+    generated.add_argument("--shapes", type=float,
+                           help="share of pairs from random-shape label maps (default 0)")
+    generated.add_argument("--label-weight", "--label_weight", type=float, default=0.0,
+                           help="weight of the soft-Dice term on the warped label maps "
+                                "(needs labelled pairs: --generator)")
     crd = parser.add_argument_group("cross-resolution student (CRD)")
     crd.add_argument("--crd", action="store_true",
                      help="distil a low-resolution student from the full-resolution "
@@ -179,6 +193,12 @@ def given_flags(argv) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
+#: The pair generator's settings (``aldk_tf.data.synth.GeneratorSettings``), as stored.
+GENERATOR_SETTINGS = ("train.generator",) + tuple(
+    f"train.generator.{name}" for name in (
+        "source", "synth_fraction", "shapes", "shape_labels", "velocity_std", "control_grid",
+        "max_rotation_deg", "max_scale", "max_shift", "tissue_log_std", "bias_std",
+        "max_blur", "gamma_std", "texture_std", "max_noise"))
 #: The settings (``aldk_tf.training.runs.settings`` keys) each flag sets: what a resumed run
 #: compares with the settings it was trained with.
 FLAG_SETTINGS = {
@@ -202,6 +222,8 @@ FLAG_SETTINGS = {
     "critic_output": ("aldk.critic_output",), "critic_input": ("aldk.critic_input",),
     "adv_period": ("aldk.adversarial_period",),
     "adv_until": ("aldk.adversarial_until",), "critic_period": ("aldk.critic_period",),
+    "generator": GENERATOR_SETTINGS, "synth_fraction": GENERATOR_SETTINGS,
+    "shapes": GENERATOR_SETTINGS, "label_weight": ("losses.label",),
     "crd": ("crd.enabled",), "resolution_factor": ("model.resolution_factor",),
     "crd_flow_weight": ("crd.flow_weight",), "crd_feature_weight": ("crd.feature_weight",),
     "crd_gate": ("crd.gate",), "crd_anneal": ("crd.anneal_steps",),
@@ -217,8 +239,8 @@ BUDGET_SETTINGS = {"train.epochs", "train.checkpoint_every", "train.validate_eve
 
 def build_config(args):
     """The RunConfig of a new run from parsed flags; ValueError naming a bad flag."""
-    from aldk_tf.config import (ALDKConfig, CRDConfig, ModelConfig, RunConfig,
-                                TeacherConfig, TrainConfig)
+    from aldk_tf.config import (ALDKConfig, CRDConfig, LossWeights, ModelConfig,
+                                RunConfig, TeacherConfig, TrainConfig)
     from aldk_tf.data import load_dataset_config
     check_values(args)          # again: resumed_config and library callers come here directly
     base = args.base_network.lower()
@@ -252,7 +274,9 @@ def build_config(args):
                           checkpoint_every=args.checkpoint_every,
                           validate_every=args.validate_every,
                           validation_pairs=args.validation_pairs, schedule=args.schedule,
-                          augment_field=args.augment_field, clip_norm=args.clip_norm),
+                          augment_field=args.augment_field, clip_norm=args.clip_norm,
+                          generator=generator_settings(args)),
+        losses=LossWeights(label=args.label_weight),
         aldk=ALDKConfig(enabled=args.aldk, beta=args.beta, gamma=args.gamma,
                         lamb=args.lamb, critic_lr=args.critic_lr,
                         critic_output=args.critic_output,
@@ -272,6 +296,33 @@ def build_config(args):
     return config
 
 
+def generator_settings(args) -> dict | None:
+    """The pair generator's settings of ``--generator`` (None without it); ValueError
+    naming the flag when a value is out of range."""
+    if args.label_weight < 0 or not args.label_weight < float("inf"):
+        raise ValueError(f"--label-weight: expected a finite weight >= 0, got "
+                         f"{args.label_weight}")
+    given = [(flag, value) for flag, value in (("--label-weight", args.label_weight),
+                                                ("--synth-fraction", args.synth_fraction),
+                                                ("--shapes", args.shapes)) if value]
+    if args.generator is None:
+        if given:
+            raise ValueError(f"{given[0][0]} applies to generated pairs (the label term "
+                             f"needs their labels): add --generator")
+        return None
+    from aldk_tf.data.synth import GeneratorSettings
+    defaults = GeneratorSettings()
+    shares = {"synth_fraction": (args.synth_fraction, defaults.synth_fraction),
+              "shapes": (args.shapes, defaults.shapes)}
+    for name, (value, _) in shares.items():
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a share in [0, 1], "
+                             f"got {value}")
+    return GeneratorSettings(source=args.generator, **{
+        name: default if value is None else value
+        for name, (value, default) in shares.items()}).to_dict()
+
+
 def resumed_config(run_dir: str, stored, argv, override: bool):
     """The configuration to resume ``run_dir`` with: ``stored`` with the settings the
     flags of ``argv`` give, the change recorded in its history. ValueError listing the
@@ -286,7 +337,8 @@ def resumed_config(run_dir: str, stored, argv, override: bool):
     base = ["-b", BASE_FLAGS.get(stored.model.base, stored.model.base), "-d",
             stored.dataset]
     requested = runs.settings(build_config(parse_args(base + list(argv))))
-    merged = {**runs.settings(stored), **{key: requested[key] for key in wanted}}
+    merged = {**runs.settings(stored), **{key: requested[key] for key in wanted
+                                          if key in requested}}
     config = _from_settings(merged)
     changes = runs.setting_changes(stored, config)
     if not changes:
@@ -305,11 +357,15 @@ def resumed_config(run_dir: str, stored, argv, override: bool):
 def _from_settings(flat: dict):
     from aldk_tf.config import RunConfig
     nested: dict = {}
-    for key, value in flat.items():
+    for key, value in sorted(flat.items()):      # a section before its own settings
         *parents, name = key.split(".")
         node = nested
         for parent in parents:
-            node = node.setdefault(parent, {})
+            if node.get(parent) is None:          # e.g. train.generator: None, then set
+                node[parent] = {}
+            node = node[parent]
+        if value is None and isinstance(node.get(name), dict):
+            continue
         node[name] = value
     return RunConfig.from_dict(nested)
 
