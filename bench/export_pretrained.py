@@ -1,11 +1,14 @@
 """Export the study's best student as the shipped pretrained model.
 
     python bench/export_pretrained.py --study study_64 --out aldk_tf/pretrained/brain_mr_64
+    python bench/export_pretrained.py --run long_64/weights/student --heldout \
+        bench/results/heldout-64.json --out aldk_tf/pretrained/brain_mr_64
 
 Picks the student row of a finished ``bench/study.py`` run with the highest *validation*
-Dice (the test pairs only report), exports it as a portable float32 SavedModel (no
-TFLite, no XLA: it serves anywhere) and records in ``export_info.json`` what it was
-trained on, how, and its study numbers.
+Dice (the test pairs only report), or takes a ``bench/long_train.py`` run at its best
+validation weights, exports it as a portable float32 SavedModel (no TFLite, no XLA: it
+serves anywhere) and records in ``export_info.json`` what it was trained on, how, and its
+numbers. No machine paths: the run's dataset and teacher are recorded by name only.
 """
 
 from __future__ import annotations
@@ -37,6 +40,46 @@ def best_by_validation(study: str) -> tuple[str, dict]:
         raise runs.RunError(f"{study}: no validation results (evaluate/<row>-2.json); "
                             "let bench/study.py finish first")
     return max(scores, key=scores.get), scores
+
+
+def portable_config(config: dict) -> dict:
+    """A run configuration without machine paths (file names only)."""
+    config = json.loads(json.dumps(config))
+    config["dataset"] = os.path.basename(config.get("dataset") or "") or None
+    teacher = config.get("teacher") or {}
+    if teacher.get("run"):
+        teacher["run"] = os.path.basename(teacher["run"].rstrip("/"))
+    return config
+
+
+def long_run_info(run_dir: str, heldout: str | None) -> tuple[str, dict, object]:
+    """``(name, info, model)`` of a long run at its best validation weights."""
+    from aldk_tf.training.run import read_validation
+    config, model = runs.load_model(run_dir, best=True)
+    record = read_validation(run_dir)
+    if not record.get("best"):
+        raise runs.RunError(f"{run_dir}: no validation record; nothing to choose from")
+    name = os.path.basename(run_dir.rstrip("/"))
+    rows = {}
+    if heldout:
+        with open(heldout) as handle:
+            rows = json.load(handle)["rows"]
+    info = {
+        "model": name,
+        "trained_on": "pairs generated on the fly (aldk_tf.data.synth) from nilearn's "
+                      "ICBM 2009a template at 64^3; validated on subjects of the MNI152 "
+                      "linear average avg152T1_brain (held-out anatomy)",
+        "image_size": list(config.model.image_size),
+        "training": {"run_config": portable_config(config.to_dict()),
+                     "validation": record},
+        "heldout_test": {key: rows[key] for key in rows
+                         if key in ("before", "syn") or key.startswith(name)},
+        "command": f"python bench/long_train.py --name {name} (see "
+                   f"bench/results/long-{name}.json for the full command)",
+        "warmup_note": "not shipped (6 MB); export.py writes "
+                       "assets.extra/tf_serving_warmup_requests",
+    }
+    return name, info, (config, model)
 
 
 def main(argv=None) -> int:
