@@ -276,6 +276,8 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
         runs.check_settings(run_dir, config)      # never silently retrain with others
     keras.utils.set_random_seed(config.train.seed)
     dataset_config = load_dataset_config(config.dataset)
+    dataset_config.check_pairs()               # every scheme, validated or not
+    dataset_config.validate(check_labels=True, require_segmentation=True)
     if tuple(dataset_config.image_size) != tuple(config.model.image_size):
         raise runs.RunError(
             f"{config.dataset}: image_size {tuple(dataset_config.image_size)} differs "
