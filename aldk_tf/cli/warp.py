@@ -4,7 +4,7 @@
         [--interpolation linear|nearest|labels] [--flow-space auto|ras|lps] [--overwrite]
 
 Flow spaces and interpolations: :mod:`aldk_tf.deploy.warp`. Also
-``python -m aldk_tf.cli.warp`` (and ``python -m aldk_tf.deploy.warp``).
+``python -m aldk_tf.cli.warp``.
 """
 
 from __future__ import annotations

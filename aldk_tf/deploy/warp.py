@@ -259,6 +259,6 @@ def warp_file(flow: str, image: str, out: str, interpolation: str = "linear",
             "dtype": str(warped.dtype), "warnings": warnings}
 
 
-if __name__ == "__main__":        # python -m aldk_tf.deploy.warp, as the docs write it
-    from aldk_tf.cli.warp import main
-    sys.exit(main())
+if __name__ == "__main__":        # the command line lives in aldk_tf.cli (no main here)
+    sys.exit("error: python -m aldk_tf.deploy.warp: the command is python -m "
+             "aldk_tf.cli.warp (console script aldk-warp)")
