@@ -52,7 +52,7 @@ def variations(steps: int) -> dict[str, tuple[int, dict]]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", required=True,
-                        help="output folder of a finished `python -m aldk_tf.demo`")
+                        help="output folder of a finished `python -m aldk_tf.cli.demo`")
     parser.add_argument("--rows", help="comma-separated rows (default: all)")
     parser.add_argument("--json", help="write {row: {dice, ...}} here")
     return parser.parse_args(argv)
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         return 2
 
     from aldk_tf.data import load_dataset_config
-    from aldk_tf.demo import evaluate_runs
+    from aldk_tf.pipeline.demo import evaluate_runs
     from aldk_tf.training.run import train
     dataset_config = load_dataset_config(base.dataset)
     out = os.path.join(demo, "ablation")

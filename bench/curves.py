@@ -2,10 +2,13 @@
 
     python bench/curves.py study_64/weights/teacher study_64/weights/student --every 200
 
-Keras logs ``batch_<term>`` every 50 steps as the running mean since the start of the
-``fit`` call (one call per epoch). The mean over the window ``(a, b]`` is then exact:
-``(b * M_b - a * M_a) / (b - a)``. Prints a Markdown table per term (rows: end step of
-each window; columns: runs).
+Runs log ``loss/<term>``: the mean over the steps since the previous point, at the
+global step (:mod:`aldk_tf.training.monitor`); the mean over the window ``(a, b]`` is
+the step-weighted mean of its points. Runs of earlier versions logged Keras'
+``batch_<term>`` every 50 steps as the running mean since the start of the ``fit`` call
+(one call per epoch); the mean over the window is then ``(b * M_b - a * M_a) / (b - a)``.
+Either is exact when ``--every`` is a multiple of the logging interval. Prints a
+Markdown table per term (rows: end step of each window; columns: runs).
 """
 
 from __future__ import annotations
@@ -39,6 +42,37 @@ def running_means(run_dir: str, term: str) -> list[tuple[int, dict[int, float]]]
     return epochs
 
 
+def step_means(run_dir: str, term: str) -> list[tuple[int, float]]:
+    """``[(global step, mean since the previous point)]`` of ``loss/<term>`` (runs that
+    log on the global step), sorted; empty for runs of earlier versions."""
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from aldk_tf.training import monitor, runs
+    points = {}
+    for path in glob.glob(os.path.join(run_dir, runs.LOG_DIR, monitor.TRAIN_LOG,
+                                       "events.*")):
+        events = EventAccumulator(path, size_guidance={"tensors": 0})
+        events.Reload()
+        if f"loss/{term}" in events.Tags()["tensors"]:
+            points.update({event.step: float(tf.make_ndarray(event.tensor_proto))
+                           for event in events.Tensors(f"loss/{term}")})
+    return sorted(points.items())
+
+
+def windows_of_points(points, every: int) -> dict[int, float]:
+    """``{end step: step-weighted mean of the points in the window}`` (full windows)."""
+    sums: dict[int, list[float]] = {}
+    previous = 0
+    for step, mean in points:
+        end = -(-step // every) * every
+        entry = sums.setdefault(end, [0.0, 0.0])
+        entry[0] += mean * (step - previous)
+        entry[1] += step - previous
+        previous = step
+    return {end: total / steps for end, (total, steps) in sums.items() if steps == every}
+
+
 def window_means(epochs, every: int) -> dict[int, float]:
     """``{global end step: mean of the term over the preceding `every` steps}``."""
     result = {}
@@ -59,13 +93,21 @@ def main(argv=None) -> int:
     parser.add_argument("--every", type=int, default=100, help="window (multiple of 50)")
     parser.add_argument("--terms", default=",".join(TERMS))
     args = parser.parse_args(argv)
-    if args.every <= 0 or args.every % 50:
-        print("error: --every must be a positive multiple of 50 (the logging period)",
+    if args.every <= 0:
+        print(f"error: --every: expected a positive number of steps, got {args.every}",
               file=sys.stderr)
         return 2
     for term in args.terms.split(","):
-        columns = {os.path.basename(os.path.normpath(run)):
-                   window_means(running_means(run, term), args.every) for run in args.runs}
+        columns = {}
+        for run in args.runs:
+            points = step_means(run, term)
+            if not points and args.every % 50:
+                print(f"error: {run}: a run of an earlier version (Keras' batch logs "
+                      "every 50 steps); --every must be a multiple of 50", file=sys.stderr)
+                return 2
+            columns[os.path.basename(os.path.normpath(run))] = (
+                windows_of_points(points, args.every) if points
+                else window_means(running_means(run, term), args.every))
         steps = sorted({step for column in columns.values() for step in column})
         print(f"\nmean training {term} per {args.every} steps\n")
         print("| steps | " + " | ".join(columns) + " |")

@@ -40,9 +40,9 @@ from aldk_tf.deploy.inference import _all_layers, transposed_conv3d  # noqa: E40
 from aldk_tf.networks import build_student, build_teacher  # noqa: E402
 
 try:                                 # python -m bench.<script>; imported from the root (tests)
-    from bench.inference import smooth_flow
+    from bench.inference_rows import smooth_flow
 except ModuleNotFoundError:          # python bench/<script>.py: sys.path[0] is bench/
-    from inference import smooth_flow
+    from inference_rows import smooth_flow
 
 MODELS = {
     "student_1": lambda size: build_student(size, 1),
@@ -134,7 +134,7 @@ def profile_layer(layer, input_shape, repeats: int, rng) -> dict:
 
 
 def profile_warp(size: int, repeats: int, rng) -> dict:
-    """The library warp (a 1-channel image by the smooth flow of ``bench/inference.py``'s
+    """The library warp (a 1-channel image by the smooth flow of ``bench/inference_rows.py``'s
     warp row) in TFLite
     (builtin ops: the gathers of the XLA function run as TFLite GATHER ops) and in
     TensorFlow (XLA)."""

@@ -78,11 +78,11 @@ def test_build_demo_with_varied_anatomy_and_a_held_out_template(tmp_path):
     path = tmp_path / "phantom_t1.nii.gz"
     nib.save(nib.Nifti1Image((t1 * 1000).astype(np.float32), affine), path)
     config = load_dataset_config(build_demo(tmp_path / "demo", size=16, seed=0,
-                                            subjects=5, validation=1, test=2, log=None,
+                                            subjects=6, validation=2, test=2, log=None,
                                             vary=True, test_template=path))
     description = config.extra["description"]
     assert "anatomy varied" in description and "phantom_t1" in description
-    test_pair = load_pair(config, "demo/subject_03", "demo/subject_04")
+    test_pair = load_pair(config, "demo/subject_04", "demo/subject_05")
     train_pair = load_pair(config, "demo/subject_00", "demo/subject_01")
     # Test subjects are the sphere phantom; training ones the ICBM brain.
     for pair in (test_pair, train_pair):
@@ -93,8 +93,8 @@ def test_build_demo_with_varied_anatomy_and_a_held_out_template(tmp_path):
     # The first test subjects as NIfTI: the stored arrays on the stored world grid.
     from aldk_tf.data.demo_set import write_nifti_subjects
     written = write_nifti_subjects(tmp_path / "demo" / "demo.json", tmp_path / "nifti")
-    assert [p.name for p in written] == ["subject_03_t1.nii.gz", "subject_03_seg.nii.gz",
-                                         "subject_04_t1.nii.gz", "subject_04_seg.nii.gz"]
+    assert [p.name for p in written] == ["subject_04_t1.nii.gz", "subject_04_seg.nii.gz",
+                                         "subject_05_t1.nii.gz", "subject_05_seg.nii.gz"]
     image, labels = nib.load(written[0]), nib.load(written[1])
     np.testing.assert_array_equal(np.asarray(labels.dataobj)[..., None],
                                   test_pair["fixed_seg"])

@@ -104,9 +104,10 @@ def test_data_preparation_takes_a_folder_of_series(series, tmp_path):
     from aldk_tf.cli import nifti_to_h5
     from aldk_tf.data import load_dataset_config, read_dataset
     root = tmp_path / "series"
-    for number, name in enumerate(("a", "b")):
-        write_series(root / name, series["values"], series["affine_lps"],
-                     uid=f"1.2.3.{number}")
+    for number, name in enumerate(("a", "b")):      # two scans, not one twice
+        values = series["values"]
+        write_series(root / name, values + 40.0 * number * (values > -500),
+                     series["affine_lps"], uid=f"1.2.3.{number}")
     assert nifti_to_h5.main(["--images", str(root), "--out", str(tmp_path / "set"),
                              "--size", "16", "--modality", "ct"]) == 0
     scans = read_dataset(load_dataset_config(tmp_path / "set.json").resolve_file("set"))
@@ -118,8 +119,11 @@ def test_data_preparation_takes_a_folder_of_series(series, tmp_path):
 def test_register_takes_a_series_folder(series, savedmodel_32, tmp_path):
     from aldk_tf.cli import register as register_cli
     out = tmp_path / "out"
+    moving = nib.load(series["nifti"])                 # another scan on the same grid
+    nib.save(nib.Nifti1Image(np.roll(np.asarray(moving.dataobj), 1, axis=0), moving.affine),
+             tmp_path / "moving.nii.gz")
     assert register_cli.main(["--model", savedmodel_32, "--fixed", series["folder"],
-                              "--moving", series["nifti"], "--out", str(out),
+                              "--moving", str(tmp_path / "moving.nii.gz"), "--out", str(out),
                               "--modality", "ct", "--crop", "none"]) == 0
     warped = nib.load(out / "warped.nii.gz")
     np.testing.assert_allclose(warped.affine, nib.load(series["nifti"]).affine, atol=1e-4)

@@ -101,13 +101,13 @@ def test_nifti_to_h5_cli(tmp_path, rng, capsys):
     out = tmp_path / "datasets" / "phantom"
     assert cli.main(["--images", str(tmp_path / "images"), "--labels",
                      str(tmp_path / "labels" / "*.nii.gz"), "--out", str(out),
-                     "--size", "20", "--val", "1", "--test", "1"]) == 0
+                     "--size", "16", "--val", "2"]) == 0
     config = load_dataset_config(out.with_suffix(".json"))
-    assert config.image_size == (20, 20, 20)
+    assert config.image_size == (16, 16, 16)
     assert config.segmentation_class_value == {"1": 1, "4": 4}
-    assert sorted(config.schemes) == ["1", "2", "test"]
-    splits = [set(config.scheme_ids(s)) for s in ("1", "2", "test")]
-    assert [len(s) for s in splits] == [2, 1, 1]
+    assert sorted(config.schemes) == ["1", "2"]
+    splits = [set(config.scheme_ids(s)) for s in ("1", "2")]
+    assert [len(s) for s in splits] == [2, 2]
     assert set.union(*splits) == {f"phantom/sub{i}" for i in range(4)}
     config.validate(check_labels=True)
     scans = read_dataset(config.resolve_file("phantom"))
@@ -144,8 +144,8 @@ def demo(tmp_path_factory):
     patch.setattr(socket, "getaddrinfo", refuse)
     try:
         from aldk_tf.data.demo_set import build_demo
-        return build_demo(tmp_path_factory.mktemp("demo"), size=32, seed=0, subjects=5,
-                          validation=1, test=1, log=None)
+        return build_demo(tmp_path_factory.mktemp("demo"), size=32, seed=0, subjects=6,
+                          validation=2, test=2, log=None)
     finally:
         patch.undo()
 
@@ -173,8 +173,8 @@ def test_demo_is_deterministic_and_test_subjects_are_held_out(demo):
     config = load_dataset_config(demo)
     train = set(config.scheme_ids("1"))
     held_out = set(config.scheme_ids("2")) | set(config.scheme_ids("test"))
-    assert len(train) == 3 and len(held_out) == 2 and not train & held_out
-    assert config.scheme_ids("test") == ["demo/subject_04"]
+    assert len(train) == 2 and len(held_out) == 4 and not train & held_out
+    assert config.scheme_ids("test") == ["demo/subject_04", "demo/subject_05"]
     stored = read_dataset(config.resolve_file("demo"))
     template = load_template(32)                       # rebuilt from scratch
     for index in (0, 4):
@@ -210,7 +210,7 @@ def test_nifti_to_h5_matches_labels_by_name_only(tmp_path, rng, capsys):
     cli = _script("nifti_to_h5")
     out = tmp_path / "out" / "set"
     common = ["--images", str(images), "--labels", str(labels), "--out", str(out),
-              "--size", "8", "--val", "1", "--test", "1", "--label-suffix", "_seg"]
+              "--size", "16", "--val", "2", "--label-suffix", "_seg"]
     assert cli.main(common) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "'s3'" in error and "t3_seg.nii.gz" in error
@@ -235,8 +235,10 @@ def test_label_values_up_to_65535_are_kept_as_uint16(tmp_path, rng):
     big = np.where(labels == 4, 65535, np.where(labels == 1, 1035, 0)).astype(np.int32)
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()
-    nib.save(nib.Nifti1Image(data, AFFINE), tmp_path / "images" / "sub0.nii.gz")
-    nib.save(nib.Nifti1Image(big, AFFINE), tmp_path / "labels" / "sub0.nii.gz")
+    for name in ("sub0", "sub1"):            # two scans: a training pair
+        nib.save(nib.Nifti1Image(data if name == "sub0" else _phantom(rng)[0], AFFINE),
+                 tmp_path / "images" / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(big, AFFINE), tmp_path / "labels" / f"{name}.nii.gz")
     convert = _script("nifti_to_h5")
     assert convert.main(["--images", str(tmp_path / "images"), "--labels",
                          str(tmp_path / "labels"), "--out", str(tmp_path / "big"),

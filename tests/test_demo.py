@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from aldk_tf import demo
+from aldk_tf.pipeline import demo
 from aldk_tf.cli import demo as demo_cli
 
 from aldk_tf.training import runs

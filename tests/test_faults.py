@@ -38,7 +38,7 @@ SIZE = 16
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return write_blob_dataset(str(tmp_path_factory.mktemp("data")), size=SIZE, train=3,
-                              validation=2, test=1)
+                              validation=2, test=2)
 
 
 def train_flags(dataset, weights_dir, output, *extra):
@@ -560,10 +560,10 @@ def test_data_preparation_never_overwrites_a_dataset(tmp_path, capsys):
     from aldk_tf.cli import nifti_to_h5
     rng = np.random.default_rng(0)
     images = [nifti(tmp_path / f"s{i}.nii.gz", rng.random((12,) * 3).astype(np.float32))
-              for i in range(3)]
+              for i in range(4)]
     out = tmp_path / "set"
     (tmp_path / "set.h5").write_text("an earlier dataset")
-    flags = ["--images", *images, "--out", str(out), "--size", "8", "--val", "1"]
+    flags = ["--images", *images, "--out", str(out), "--size", "16", "--val", "2"]
     assert nifti_to_h5.main(flags) == 2
     one_error_line(capsys, "set.h5", "exists", "--overwrite")
     assert (tmp_path / "set.h5").read_text() == "an earlier dataset"
@@ -573,7 +573,7 @@ def test_data_preparation_never_overwrites_a_dataset(tmp_path, capsys):
     capsys.readouterr()
     for bad in (["--threshold", "nan"], ["--window", "300", "inf"]):
         assert nifti_to_h5.main([*flags[:-4], "--out", str(tmp_path / "other"), "--size",
-                                 "8", "--val", "1", *bad]) == 2
+                                 "16", "--val", "2", *bad]) == 2
         one_error_line(capsys, bad[0].lstrip("-"), "finite")
     assert not (tmp_path / "other.h5").exists()
     new = tmp_path / "new" / "set"                   # a failed run leaves no folder

@@ -336,7 +336,7 @@ def test_bench_refine_rows_and_ratio_pairs():
 def test_bench_paired_ratios_alternate_the_two_rows(monkeypatch):
     """Each round times both rows once, in alternating order; the ratio is the median of
     the per-round ratios (so one slow round does not move it)."""
-    bench = load_bench("inference")
+    bench = load_bench("inference_measure")
     order, clock = [], {"a": iter([2.0, 2.0, 9.0, 2.0, 2.0, 2.0]),
                         "b": iter([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])}
 
@@ -386,7 +386,7 @@ def test_bench_peer_rows_and_summary(monkeypatch, tmp_path):
         "student_crd_1": {"voxelmorph_1": 15.0, "ants_syn": "skipped: antspyx not installed"},
         "student_1": {"voxelmorph_1": 3.0, "ants_syn": "skipped: antspyx not installed"}}
     assert "student_crd_1: 15.0x faster than VoxelMorph, ANTs SyN skipped: antspyx not " \
-        "installed" in "\n".join(bench.format_peers(results))
+        "installed" in "\n".join(load_bench("inference_report").format_peers(results))
     monkeypatch.setitem(sys.modules, "ants", None)       # import ants fails: not installed
     out = tmp_path / "out.json"
     assert bench.main(["--peak", "off", "--rows", "ants_syn", "--json", str(out)]) == 0
@@ -395,7 +395,7 @@ def test_bench_peer_rows_and_summary(monkeypatch, tmp_path):
 
 
 def test_bench_throughput_groups_batch_sizes():
-    bench = load_bench("inference")
+    bench = load_bench("inference_report")
     results = {"student_1": {"median_ms": 100.0, "batch": 1, "pairs_per_s": 10.0},
                "student_1@b4": {"median_ms": 200.0, "batch": 4, "pairs_per_s": 20.0},
                "student_crd_1": {"median_ms": 10.0, "batch": 1, "pairs_per_s": 100.0},

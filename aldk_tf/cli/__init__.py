@@ -7,11 +7,13 @@
 - ``aldk-build-demo``  :mod:`aldk_tf.cli.build_demo`   (``python data_prep/build_demo.py``)
 - ``aldk-register``    :mod:`aldk_tf.cli.register`
 - ``aldk-teacher-flows`` :mod:`aldk_tf.cli.teacher_flows`
-- ``aldk-warp``        :mod:`aldk_tf.cli.warp`         (``python -m aldk_tf.deploy.warp``)
-- ``aldk-demo``        :mod:`aldk_tf.cli.demo`         (``python -m aldk_tf.demo``)
-- ``aldk-report``      :mod:`aldk_tf.cli.report`       (``python -m aldk_tf.report``)
+- ``aldk-warp``        :mod:`aldk_tf.cli.warp`
+- ``aldk-demo``        :mod:`aldk_tf.cli.demo`
+- ``aldk-report``      :mod:`aldk_tf.cli.report`
 
-(see ``[project.scripts]`` in pyproject.toml). Each ``main(argv=None)`` returns the exit
+(see ``[project.scripts]`` in pyproject.toml; ``python -m aldk_tf.cli.<module>`` runs
+each without installing). Only this package holds mains, and no module outside it imports
+from it (``tests/test_import_graph.py``). Each ``main(argv=None)`` returns the exit
 status (0, or 2 after a one-line ``error: ...``).
 Importing this package imports no TensorFlow: ``aldk-train`` must choose its devices
 before TensorFlow starts.

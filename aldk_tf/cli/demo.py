@@ -2,8 +2,8 @@
 
     aldk-demo [--out demo_run] [--size 32] [--crd-control] [--no-export] ...
 
-What it builds, trains, evaluates and exports: :mod:`aldk_tf.demo`. Also
-``python -m aldk_tf.cli.demo`` (and ``python -m aldk_tf.demo``).
+What it builds, trains, evaluates and exports: :mod:`aldk_tf.pipeline.demo`. Also
+``python -m aldk_tf.cli.demo``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from aldk_tf import demo  # noqa: E402
+from aldk_tf.pipeline import demo  # noqa: E402
 from aldk_tf.training import runs  # noqa: E402
 
 

@@ -232,6 +232,9 @@ def main(argv=None) -> int:
         from aldk_tf.evaluation import check_image_size
         if run_config is not None:
             check_image_size(run_config.model.image_size, dataset)
+        for subset in subsets:               # labels to score that no scan has
+            dataset.validate(VALIDATION_SCHEME if subset is None else subset,
+                             check_labels=True)
         prepare_base(args.out)
         if args.merge is not None:           # --merge alone: find each report's parts
             return _merge(args, {subset: [] for subset in subsets})

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import hashlib
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import numpy as np
 
 from aldk_tf.data import (TRAINING_SCHEME, VALIDATION_SCHEME, DataError, DatasetWriter,
                           write_dataset_config)
-from aldk_tf.data import preprocess
+from aldk_tf.data import checks, preprocess
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii", ".img", ".hdr", ".mgz")
 
@@ -101,9 +102,11 @@ def split(ids: list[str], val: int, test: int, seed: int) -> dict[str, list[str]
     """Seeded random split into train / val / test (train keeps the rest, sorted)."""
     if seed < 0:
         raise DataError(f"--seed: expected an integer >= 0, got {seed}")
-    if val < 0 or test < 0 or val + test >= len(ids):
-        raise DataError(f"--val {val} --test {test}: need at least one training scan "
-                        f"out of {len(ids)}")
+    if val < 0 or test < 0 or val + test > len(ids) - 2:
+        raise DataError(f"--val {val} --test {test}: need at least two training scans "
+                        f"(a pair) out of {len(ids)}")
+    checks.check_subset_count("--val", val)
+    checks.check_subset_count("--test", test)
     order = np.random.default_rng(seed).permutation(len(ids))
     chosen = [ids[i] for i in order]
     return {"train": sorted(chosen[val + test:]), "val": sorted(chosen[:val]),
@@ -172,6 +175,7 @@ def convert(args: argparse.Namespace) -> Path:
     masks = (match(images, find_files(args.masks, "mask"), "mask", args.mask_suffix)
              if args.masks else {})
     size = args.size * 3 if len(args.size) == 1 else args.size
+    size_warning = checks.check_network_size("--size", args.size)
     settings = preprocess.PreprocessSettings(
         modality=args.modality, crop=args.crop, margin=args.margin, window=args.window,
         percentiles=args.percentiles, threshold=args.threshold, size=size,
@@ -186,18 +190,32 @@ def convert(args: argparse.Namespace) -> Path:
         schemes["test"] = {f"{name}-test": 1.0}
 
     found_labels: set[int] = set()
+    warnings = [size_warning] if size_warning else []
+    seen: dict[bytes, Path] = {}         # volume digest -> image: no scan twice
     with DatasetWriter(h5_path) as writer:
         for index, image in enumerate(images, 1):
             key = scan_id(image)
             scan = preprocess.preprocess_scan(
                 image, label=labels.get(key), mask=masks.get(key),
                 **settings.scan_arguments())
+            digest = hashlib.sha256(scan.volume.tobytes()).digest()
+            if digest in seen:
+                raise DataError(f"{image}: prepares to the very volume {seen[digest]} "
+                                "does; expected different scans (a scan paired with a "
+                                "copy of itself says nothing)")
+            seen[digest] = image
+            if scan.segmentation is not None:
+                empty = checks.empty_labels_warning(scan.segmentation, str(labels[key]))
+                warnings += [empty] if empty else []
             writer.add(key, scan.volume, segmentation=scan.segmentation, attrs=scan.attrs())
             if scan.segmentation is not None:
                 found_labels.update(np.unique(scan.segmentation).tolist())
             box = "x".join(str(int(b - a)) for a, b in zip(scan.crop_start, scan.crop_stop))
             print(f"[{index}/{len(images)}] {key}: crop {box} -> "
                   f"{'x'.join(map(str, size))}")
+        if labels and not found_labels - {0}:          # inside: no file is written
+            raise DataError(f"{args.labels[0]}: every label map is empty (all voxels 0); "
+                            "expected label maps that hold labels")
     class_values = None
     if labels and not args.binary_labels:
         class_values = {str(v): int(v) for v in sorted(found_labels - {0})} or None
@@ -208,6 +226,8 @@ def convert(args: argparse.Namespace) -> Path:
         segmentation_class_value=class_values, preprocessing=settings.to_dict())
     print(f"wrote {h5_path} and {json_path}: "
           + ", ".join(f"{k} {len(v)}" for k, v in subsets.items()))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return config.path
 
 

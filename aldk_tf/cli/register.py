@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Register a NIfTI pair with an exported model (export.py).",
         epilog="Writes warped.nii.gz, flow.nii.gz, jacobian.nii.gz, [warped_seg.nii.gz], "
         "preview.png and registration.json into --out; apply flow.nii.gz to other "
-        "images with aldk-warp (python -m aldk_tf.deploy.warp).")
+        "images with aldk-warp (python -m aldk_tf.cli.warp).")
     parser.add_argument("--model", required=True, help="SavedModel version directory "
                         "export/<name>/<N> (or export/<name>: its latest version)")
     parser.add_argument("--fixed", help="fixed image (NIfTI)")

@@ -2,8 +2,8 @@
 
     aldk-report [--size 128]
 
-The models and the counts: :func:`aldk_tf.report.parameter_reports`. Also
-``python -m aldk_tf.cli.report`` (and ``python -m aldk_tf.report``).
+The models and the counts: :func:`aldk_tf.networks.parameters.parameter_reports`. Also
+``python -m aldk_tf.cli.report``.
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from aldk_tf import report  # noqa: E402
+from aldk_tf.networks import parameters  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=report.__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=parameters.__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=128)
     args = parser.parse_args(argv)
     try:
         if args.size < 16 or args.size % 16:
             raise ValueError(f"expected a cubic size that is a positive multiple of 16 "
                              f"(the network's total stride), got {args.size}")
-        reports = report.parameter_reports(args.size)
+        reports = parameters.parameter_reports(args.size)
     except ValueError as error:           # also a size the half-resolution student lacks
         print(f"error: --size: {error}", file=sys.stderr)
         return 2

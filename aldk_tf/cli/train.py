@@ -177,6 +177,11 @@ def make_parser() -> argparse.ArgumentParser:
                           "(0: constant)")
     parser.add_argument("--verbose", type=int, default=None,
                         help="Keras verbosity (default: progress bar on a terminal)")
+    parser.add_argument("--log-every", "--log_every", dest="log_every", type=int,
+                        default=None, metavar="N",
+                        help="TensorBoard loss curves: the mean of every N steps, on the "
+                             "global step (default: every step up to 400 steps, then "
+                             "about 200 points per run, at least every 50 steps)")
     return parser
 
 
@@ -230,7 +235,7 @@ FLAG_SETTINGS = {
 }
 #: Flags that are no setting of the run (where and how long to run it now).
 NOT_SETTINGS = {"checkpoint", "override", "output", "weights_dir", "max_steps", "gpu",
-                "strategy", "cpu_replicas", "verbose"}
+                "strategy", "cpu_replicas", "verbose", "log_every"}
 #: Settings a resumed run may change without --override (a longer budget, bookkeeping);
 #: the change is still recorded in the run's history.
 BUDGET_SETTINGS = {"train.epochs", "train.checkpoint_every", "train.validate_every",
@@ -422,7 +427,7 @@ def main(argv=None) -> int:
                 print(f"{type(strategy).__name__}: {strategy.num_replicas_in_sync} "
                       f"replicas, global batch {config.train.batch}", file=sys.stderr)
             train(config, run_dir, verbose=verbose, max_steps=args.max_steps,
-                  strategy=strategy)
+                  strategy=strategy, log_every=args.log_every)
     except (DataError, runs.RunError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

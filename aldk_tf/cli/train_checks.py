@@ -34,7 +34,7 @@ def check_values(args) -> None:
     for flag, value in (("-r/--rep", args.rep), ("--teacher-rep", args.teacher_rep)):
         if value > MAX_REP:
             raise ValueError(f"{flag}: expected at most {MAX_REP} repetitions, got {value}")
-    for flag, value in (("--max-steps", args.max_steps),
+    for flag, value in (("--max-steps", args.max_steps), ("--log-every", args.log_every),
                         ("--resolution-factor", args.resolution_factor)):
         if value is not None and value < 1:
             raise ValueError(f"{flag}: expected an integer >= 1, got {value}")

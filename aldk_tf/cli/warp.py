@@ -4,7 +4,7 @@
         [--interpolation linear|nearest|labels] [--flow-space auto|ras|lps] [--overwrite]
 
 Flow spaces and interpolations: :mod:`aldk_tf.deploy.warp`. Also
-``python -m aldk_tf.cli.warp`` (and ``python -m aldk_tf.deploy.warp``).
+``python -m aldk_tf.cli.warp``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     except (WarpError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    for warning in result["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{result['out']}  ({'x'.join(map(str, result['shape']))} {result['dtype']}, "
           f"flow read as {result['flow_space'].upper()})")
     return 0

@@ -116,6 +116,38 @@ class DatasetConfig:
         raise DataError(f"{self.where}: files['{prefix}'] path '{written}' not found "
                         f"(tried {tried})")
 
+    def subset_pairs(self, subset: str, paired: bool | None = None,
+                     atlas: str | None = None) -> list[tuple[str, str]]:
+        """The (fixed, moving) entries of one subset by RCN's pairing rules (see
+        :mod:`aldk_tf.data.pairs`): ``(atlas, scan)`` for every other scan with an atlas,
+        adjacent entries both ways when ``paired`` (default: the config's), else every
+        ordered pair of two different entries."""
+        paired = self.paired if paired is None else paired
+        entries = self.subsets[subset]
+        if atlas is not None:
+            return [(atlas, entry) for entry in entries if entry != atlas]
+        if paired:
+            pairs = []
+            for first, second in zip(entries[0::2], entries[1::2]):
+                pairs += [(first, second), (second, first)]
+            return pairs
+        return [(first, second) for i, first in enumerate(entries)
+                for j, second in enumerate(entries) if i != j]
+
+    def check_pairs(self, schemes=None) -> None:
+        """:class:`DataError` naming the first subset of ``schemes`` (default: every
+        scheme) that gives no pair: a subset of one scan (pairs are two different scans)
+        is refused before a run starts, whether or not it validates."""
+        for scheme in (self.schemes if schemes is None else schemes):
+            for subset in self.scheme_subsets(scheme):
+                if not self.subset_pairs(subset, atlas=self.atlas):
+                    count = len(self.subsets[subset])
+                    raise DataError(
+                        f"{self.where}: subsets['{subset}'] (scheme '{scheme}') gives no "
+                        f"pair ({count} scan{'s' if count != 1 else ''}"
+                        f"{', paired' if self.paired else ''}); expected at least two "
+                        "scans (pairs are two different scans)")
+
     # -- checks ---------------------------------------------------------------------
     def check_structure(self) -> None:
         """Check the configuration itself (no HDF5 access); raise :class:`DataError`."""
@@ -136,6 +168,10 @@ class DatasetConfig:
                 raise DataError(f"{where}: subsets['{name}'] must be a list of strings")
             if not entries:
                 raise DataError(f"{where}: subsets['{name}'] is empty")
+            repeated = sorted({e for e in entries if entries.count(e) > 1})
+            if repeated:       # its pairs would hold that scan paired with itself
+                raise DataError(f"{where}: subsets['{name}'] lists '{repeated[0]}' more "
+                                "than once; a scan would be paired with itself")
             for entry in entries:
                 self.split_entry(entry)
         if not isinstance(self.schemes, dict):
@@ -166,13 +202,16 @@ class DatasetConfig:
         if self.atlas is not None:
             self.split_entry(self.atlas)
 
-    def validate(self, scheme=None, check_labels: bool = False) -> list[str]:
+    def validate(self, scheme=None, check_labels: bool = False,
+                 require_segmentation: bool = False) -> list[str]:
         """Check every scan of ``scheme`` (all subsets when None) in the HDF5 files.
 
         Always: file present and readable, group and ``volume`` present, dtypes, shapes
         (``volume`` must equal ``image_size``). With ``check_labels`` also read the
-        segmentations and require each ``segmentation_class_value`` to occur in at least
-        one of them (skipped when none of the scans has a segmentation). Returns the ids.
+        segmentations: each ``segmentation_class_value`` must occur in at least one of
+        them (with ``require_segmentation`` some scan must have one); without
+        ``segmentation_class_value`` they are binary masks read as > 128, so some voxel
+        must exceed 128. Returns the ids.
         """
         if scheme is None:
             ids = list(dict.fromkeys(e for entries in self.subsets.values() for e in entries))
@@ -186,18 +225,36 @@ class DatasetConfig:
             for entry in ids:
                 group, h5_path, key = store.group(entry)
                 check_scan(group, h5_path, key, self.image_size)
-                if check_labels and self.label_values and "segmentation" in group:
+                if check_labels and "segmentation" in group:
                     with_segmentation += 1
                     present.update(np.unique(group["segmentation"][()]).tolist())
-        if check_labels and self.label_values and with_segmentation:
+        if check_labels:
+            self._check_labels(present, with_segmentation,
+                               'all subsets' if scheme is None else repr(scheme),
+                               require_segmentation)
+        return ids
+
+    def _check_labels(self, present: set, with_segmentation: int, where: str,
+                      require_segmentation: bool) -> None:
+        """The label requests of :meth:`validate` against the values ``present``."""
+        if self.label_values:
+            if not with_segmentation and require_segmentation:
+                raise DataError(
+                    f"{self.where}: segmentation_class_value lists labels "
+                    f"{self.label_values} but no scan of {where} has a segmentation; "
+                    "expected segmentations to score them (or no segmentation_class_value)")
             missing = {name: value for name, value in self.segmentation_class_value.items()
                        if value not in present}
-            if missing:
+            if missing and with_segmentation:
                 raise DataError(
                     f"{self.where}: segmentation_class_value {missing} absent from every "
-                    f"segmentation of {'all subsets' if scheme is None else repr(scheme)} "
-                    f"({with_segmentation} scans)")
-        return ids
+                    f"segmentation of {where} ({with_segmentation} scans)")
+        elif with_segmentation and max(present, default=0) <= 128:
+            shown = ", ".join(str(v) for v in sorted(present)[:6])
+            raise DataError(
+                f"{self.where}: segmentations hold the values {shown} but there is no "
+                "segmentation_class_value, so they are read as binary 0/255 masks (> 128) "
+                "and every one is empty; list the labels in segmentation_class_value")
 
     # -- JSON -----------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -219,6 +276,7 @@ class DatasetConfig:
         if path is None:
             raise DataError("<dataset config>: no path to save to")
         self.check_structure()
+        self.check_pairs()                     # no subset a pair cannot come from
         atomic_write_text(str(path), json.dumps(self.to_json(), indent=2) + "\n")
         self.path = path
         return path

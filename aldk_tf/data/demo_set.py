@@ -40,6 +40,7 @@ from aldk_tf import spatial
 
 from .anatomy import template_from_t1, vary_anatomy
 from .augment import transform_points, upsample_control
+from . import checks
 from .dataset_config import write_dataset_config
 from .hdf5 import DatasetWriter
 from .preprocess import bounding_box, box_affine, load_image, resample_box
@@ -198,10 +199,12 @@ def build_demo(out_dir="datasets", size: int = 64, seed: int = 0, subjects: int 
     default template and choose settings on the held-out anatomy).
     """
     train = subjects - validation - test
-    if size < 16 or validation < 1 or test < 1 or train < 2:
-        raise ValueError(f"need size >= 16 and at least 2 training, 1 validation and 1 "
-                         f"test subject, got size {size}, {subjects} subjects, "
-                         f"{validation} validation, {test} test")
+    checks.check_network_size("--size", size)
+    if validation < 2 or test < 2 or train < 2:
+        # A subset of one subject gives no pair (pairs are two different scans).
+        raise ValueError(f"need at least 2 training, 2 validation and 2 test subjects "
+                         f"(a pair each), got {subjects} subjects, {validation} "
+                         f"validation, {test} test")
     if group_size == 1 or group_size < 0:
         raise ValueError(f"group_size must be 0 (one training subset) or at least 2, "
                          f"got {group_size}")

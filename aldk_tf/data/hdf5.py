@@ -19,15 +19,12 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import h5py
 import numpy as np
 
 from .errors import DataError
-
-if TYPE_CHECKING:
-    from .dataset_config import DatasetConfig
 
 NUM_POINTS = 6
 MAX_LABEL = 65535                    # segmentations are uint8, or uint16 above 255
@@ -237,13 +234,17 @@ def read_dataset(h5_path) -> dict[str, dict]:
 
 # ----------------------------------------------------------------------------- scans by id
 class ScanStore:
-    """Read scans of a :class:`DatasetConfig` by "prefix/id".
+    """Read scans of a :class:`aldk_tf.data.dataset_config.DatasetConfig` by "prefix/id".
+
+    The configuration is used through ``split_entry``, ``resolve_file``, ``where`` and
+    ``image_size`` only (this module does not import it: the configuration imports the
+    files' reader, not the reverse).
 
     Each HDF5 file is opened once, on first use, and only the requested datasets are
     read, so large files stream scan by scan. Use as a context manager (or ``close()``).
     """
 
-    def __init__(self, config: DatasetConfig):
+    def __init__(self, config):
         self.config = config
         self._files: dict[str, tuple[h5py.File, Path]] = {}
 

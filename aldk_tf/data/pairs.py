@@ -40,19 +40,11 @@ def _subset_pairs(config: DatasetConfig, scheme, paired: bool | None,
     atlas = config.atlas if use_atlas in (None, True) else None
     by_subset = {}
     for subset in config.scheme_subsets(scheme):
-        entries = config.subsets[subset]
-        if atlas is not None:
-            pairs = [(atlas, entry) for entry in entries if entry != atlas]
-        elif paired:
-            pairs = []
-            for first, second in zip(entries[0::2], entries[1::2]):
-                pairs += [(first, second), (second, first)]
-        else:
-            pairs = [(first, second) for i, first in enumerate(entries)
-                     for j, second in enumerate(entries) if i != j]
+        pairs = config.subset_pairs(subset, paired, atlas)
         if not pairs:
             raise DataError(f"{config.where}: subsets['{subset}'] gives no pairs "
-                            f"({len(entries)} scans, paired={paired}, atlas={atlas})")
+                            f"({len(config.subsets[subset])} scans, paired={paired}, "
+                            f"atlas={atlas})")
         by_subset[subset] = pairs
     return by_subset
 

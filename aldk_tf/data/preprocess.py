@@ -27,6 +27,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from . import checks
 from .errors import DataError
 
 MODALITIES = ("mr", "ct")
@@ -179,6 +180,7 @@ def load_image(path_or_image, what: str = "image") -> nib.spatialimages.SpatialI
         image = image.slicer[..., 0]
     elif len(shape) != 3:
         raise DataError(f"{_name(path_or_image)}: {what} has shape {shape}, expected 3-D")
+    checks.check_geometry(image, _name(path_or_image), what)
     return image
 
 
@@ -315,6 +317,7 @@ def preprocess_scan(image, label=None, mask=None, size=DEFAULT_SIZE, modality: s
         # np.percentile of data with a NaN is NaN, and every voxel would then map to 0.
         raise DataError(f"{name}: {bad} voxel(s) are NaN or infinite; expected finite "
                         "intensities (replace them, e.g. by 0, before preparing the scan)")
+    checks.check_intensity_image(data, name)
     extra = {}
     for what, item in (("label", label), ("mask", mask)):
         if item is None:
@@ -327,6 +330,7 @@ def preprocess_scan(image, label=None, mask=None, size=DEFAULT_SIZE, modality: s
         values, _ = canonical(loaded)
         extra[what] = values
     if "label" in extra:
+        checks.check_label_map(extra["label"], _name(label))     # not rounded into labels
         labels = np.rint(extra["label"])
         if binary_label:
             labels = np.where(labels != 0, 255, 0)
@@ -349,6 +353,7 @@ def preprocess_scan(image, label=None, mask=None, size=DEFAULT_SIZE, modality: s
                   "nonzero": lambda: data != 0,
                   "threshold": lambda: threshold_mask(data, threshold)}[crop]()
         start, stop = bounding_box(region, margin, where=f"{name} ({crop} crop)")
+        checks.check_region_extent(*bounding_box(region), where=f"{name} ({crop} crop)")
 
     low, high = intensity_range(data, modality, window, percentiles, extra.get("mask"))
     box = resample_box(data, start, stop, size, order=1)

@@ -57,7 +57,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from aldk_tf.data import DataError, preprocess  # noqa: E402
+from aldk_tf.data import DataError, checks, preprocess  # noqa: E402
 from aldk_tf.deploy import warp  # noqa: E402
 from aldk_tf.deploy.preparation import (RegisterError, check_prepared,  # noqa: E402
                                         resolve_preprocessing, scan_crop)
@@ -233,6 +233,9 @@ class Registrar:
                                 "neither)")
         fixed_image, fixed_scan = self.prepare(fixed, fixed_mask, "fixed image")
         moving_image, moving_scan = self.prepare(moving, moving_mask, "moving image")
+        checks.check_distinct_pair(preprocess._name(fixed), preprocess._name(moving),
+                                   fixed_scan.volume, moving_scan.volume,
+                                   same=checks.same_file(fixed, moving))
         segmentation = None
         if moving_seg is not None:
             label_image = preprocess.load_image(moving_seg, "moving segmentation")

@@ -37,7 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
-from aldk_tf.data import preprocess  # noqa: E402
+from aldk_tf.data import checks, preprocess  # noqa: E402
 
 FLOW_SPACES = ("ras", "lps")
 INTERPOLATIONS = ("linear", "nearest", "labels")
@@ -99,6 +99,7 @@ def read_flow(path: str, space: str = "auto"):
     if data.ndim != 4 or data.shape[3] != 3:
         raise WarpError(f"{path}: flow has shape {image.shape}, expected [X, Y, Z, 1, 3] "
                         "(a displacement field as aldk-register writes it)")
+    checks.check_geometry(image, path, "flow")
     if not np.isfinite(data).all():
         raise WarpError(f"{path}: {int((~np.isfinite(data)).sum())} flow value(s) are NaN "
                         "or infinite; expected a finite displacement field")
@@ -185,21 +186,14 @@ def sample_labels(labels: np.ndarray, coordinate: np.ndarray,
     return values.numpy()[0, ..., 0]
 
 
-#: How far from an integer a label value stored as float may be (rounding of the file).
-LABEL_TOLERANCE = 1e-3
-
-
 def label_array(data: np.ndarray, where: str) -> np.ndarray:
     """Integer labels in the narrowest of uint8, uint16, int16, int32 that holds them."""
     data = np.asarray(data, np.float64)
     labels = np.rint(data)
     if labels.size == 0:
         return labels.astype(np.uint8)
+    checks.check_label_map(data, where)      # integers, not an intensity image
     low, high = labels.min(), labels.max()
-    off = np.abs(data - labels) > LABEL_TOLERANCE       # NaN fails the range check below
-    if off.any():
-        raise WarpError(f"{where}: {int(off.sum())} voxel(s) are not integer labels (e.g. "
-                        f"{data[off].flat[0]:g}); expected a label map of integer values")
     for dtype in (np.uint8, np.uint16, np.int16, np.int32):
         info = np.iinfo(dtype)
         if info.min <= low and high <= info.max:
@@ -238,6 +232,11 @@ def warp_file(flow: str, image: str, out: str, interpolation: str = "linear",
     field, reference, space = read_flow(flow, flow_space)
     moving = preprocess.load_image(image, "image to warp")
     coordinate = moving_voxels(field, reference.affine, moving.affine)
+    warnings = []
+    if interpolation == "linear" and (reason := checks.label_like(moving.dataobj)):
+        warnings.append(f"{image}: looks like a label map ({reason}); linear "
+                        "interpolation blends labels into values that are no label "
+                        "(use --interpolation labels)")
     warped = warp_array(np.asarray(moving.dataobj), coordinate, interpolation, image)
     # The fixed grid's header, as a 3-D image (the flow's has the vector dimensions).
     fixed = nib.Nifti1Image(np.zeros(field.shape[:3], np.uint8), reference.affine,
@@ -257,9 +256,9 @@ def warp_file(flow: str, image: str, out: str, interpolation: str = "linear",
             os.remove(temporary)
         raise
     return {"out": out, "flow_space": space, "shape": list(warped.shape),
-            "dtype": str(warped.dtype)}
+            "dtype": str(warped.dtype), "warnings": warnings}
 
 
-if __name__ == "__main__":        # python -m aldk_tf.deploy.warp, as the docs write it
-    from aldk_tf.cli.warp import main
-    sys.exit(main())
+if __name__ == "__main__":        # the command line lives in aldk_tf.cli (no main here)
+    sys.exit("error: python -m aldk_tf.deploy.warp: the command is python -m "
+             "aldk_tf.cli.warp (console script aldk-warp)")

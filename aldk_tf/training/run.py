@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from aldk_tf.data import TRAINING_SCHEME, VALIDATION_SCHEME
-from aldk_tf.training import distribute, runs
+from aldk_tf.training import distribute, monitor, runs
 
 from aldk_tf import metrics
 from aldk_tf.training.aldk import ALDKTrainer
@@ -302,10 +302,12 @@ def _validation_scheme_exists(dataset_config) -> bool:
 
 
 def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
-          max_steps: int | None = None, strategy=None) -> dict:
+          max_steps: int | None = None, strategy=None, log_every: int | None = None) -> dict:
     """Train (or resume) the run in ``run_dir``; returns the Keras history dict.
 
     ``max_steps`` stops early at that global step (used by tests and to split work).
+    ``log_every``: steps between two points of the TensorBoard loss curves (default:
+    :func:`aldk_tf.training.monitor.log_interval`).
     A ``config`` that differs from the run's saved one is refused unless the change is
     the last entry of its ``history`` (:func:`aldk_tf.training.runs.check_settings`).
     ``strategy`` is a ``tf.distribute.Strategy`` (default: the current one). In a
@@ -323,6 +325,8 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
         runs.check_settings(run_dir, config)      # never silently retrain with others
     keras.utils.set_random_seed(config.train.seed)
     dataset_config = load_dataset_config(config.dataset)
+    dataset_config.check_pairs()               # every scheme, validated or not
+    dataset_config.validate(check_labels=True, require_segmentation=True)
     if tuple(dataset_config.image_size) != tuple(config.model.image_size):
         raise runs.RunError(
             f"{config.dataset}: image_size {tuple(dataset_config.image_size)} differs "
@@ -406,7 +410,8 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
                                     network, write_weights=chief)]
     validation = None
     if chief:
-        callbacks.append(keras.callbacks.TensorBoard(log_dir, update_freq=50))
+        callbacks.append(monitor.LossCurves(log_dir, optimizer.iterations,
+                                            monitor.log_interval(total_steps, log_every)))
         if _validation_scheme_exists(dataset_config) and config.train.validate_every > 0:
             validation = ValidationDice(network, dataset_config, optimizer.iterations,
                                         config.train.validate_every,
@@ -418,6 +423,7 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
     # One stream shared by every fit call below (see BatchStream).
     stream = BatchStream(training_dataset(config, dataset_config, start, flows), start)
     callbacks.append(stream.progress(optimizer.iterations))
+    callbacks.append(monitor.EpochProgress(config.train.epochs))
     batches = stream.dataset()
     history: dict[str, list] = {}
     epoch, step = start // config.train.round, start
@@ -426,9 +432,10 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
         # does only the part of the epoch that is left.
         steps = min((epoch + 1) * config.train.round, end) - step
         stream.seek(step)
-        result = trainer.fit(batches, epochs=epoch + 1, initial_epoch=epoch,
-                             steps_per_epoch=steps, callbacks=callbacks, verbose=verbose,
-                             shuffle=False)
+        with monitor.quiet_training_graph():
+            result = trainer.fit(batches, epochs=epoch + 1, initial_epoch=epoch,
+                                 steps_per_epoch=steps, callbacks=callbacks,
+                                 verbose=verbose, shuffle=False)
         for key, values in result.history.items():
             history.setdefault(key, []).extend(values)
         step += steps

@@ -1,4 +1,5 @@
-"""The whole pipeline, offline, on the embedded demo dataset: ``python -m aldk_tf.demo``.
+"""The whole pipeline, offline, on the embedded demo dataset (``aldk-demo``,
+:mod:`aldk_tf.cli.demo`).
 
 build the demo set (nilearn's MNI152 template, every subject a different brain, deformed)
 -> train the teacher (VTN affine stem + VTN cascade) -> store its flows refined by
@@ -191,7 +192,3 @@ def run_demo(args) -> tuple[dict, str | None]:
                       json.dumps(results, indent=2) + "\n")
     return results, command
 
-
-if __name__ == "__main__":              # python -m aldk_tf.demo, as the docs write it
-    from aldk_tf.cli.demo import main
-    sys.exit(main())

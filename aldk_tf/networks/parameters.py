@@ -1,4 +1,5 @@
-"""Parameter report (``aldk-report``, :mod:`aldk_tf.cli.report`).
+"""Parameters per stage of the teacher and student models (``aldk-report``,
+:mod:`aldk_tf.cli.report`).
 
 Parameters per stage (affine stage, each cascade) of the teacher and student models,
 from :meth:`RecursiveCascade.parameter_report`; evaluation and the benchmark use the same
@@ -6,8 +7,6 @@ function.
 """
 
 from __future__ import annotations
-
-import sys
 
 # The package, not its builders: TensorFlow is imported when a model is built.
 from aldk_tf import networks
@@ -28,7 +27,3 @@ def parameter_reports(size: int = 128) -> dict[str, dict[str, int]]:
     shape = (size,) * 3
     return {name: build(shape).parameter_report() for name, build in MODELS.items()}
 
-
-if __name__ == "__main__":              # python -m aldk_tf.report, as the docs write it
-    from aldk_tf.cli.report import main
-    sys.exit(main())
