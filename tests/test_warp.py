@@ -185,3 +185,38 @@ def test_errors_are_one_line_and_write_nothing(case, expected, registered, pair,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
     assert sorted(os.listdir(tmp_path)) == before
+
+
+ANTS_SCRIPT = """
+import sys
+import ants
+import numpy as np
+fixed, moving, flow, out = sys.argv[1:5]
+result = ants.apply_transforms(fixed=ants.image_read(fixed), moving=ants.image_read(moving),
+                               transformlist=[flow], interpolator="linear")
+np.save(out, result.numpy())
+"""
+
+
+def _ants_python():
+    """A Python that imports antspyx: this one, or the one named by ALDK_ANTS_PYTHON."""
+    import importlib.util
+    import sys
+    if importlib.util.find_spec("ants") is not None:
+        return sys.executable
+    return os.environ.get("ALDK_ANTS_PYTHON")
+
+
+def test_ants_reproduces_warped_from_the_default_flow(registered, pair, tmp_path):
+    """antsApplyTransforms reads register's default flow.nii.gz (LPS) as is and gives
+    warped.nii.gz (the oblique fixed grid and the shifted moving grid included)."""
+    import subprocess
+    python = _ants_python()
+    if python is None:
+        pytest.skip("antspyx not installed (set ALDK_ANTS_PYTHON to a Python that has it)")
+    out = tmp_path / "ants.npy"
+    subprocess.run([python, "-c", ANTS_SCRIPT, pair["fixed"], pair["moving"],
+                    str(registered["lps"] / "flow.nii.gz"), str(out)], check=True,
+                   capture_output=True, timeout=600)
+    expected = nib.load(registered["lps"] / "warped.nii.gz").get_fdata()
+    np.testing.assert_allclose(np.load(out), expected, atol=1e-3 * np.abs(expected).max())
