@@ -69,3 +69,11 @@ def test_refine_flags_default_matches_the_refinement():
     from aldk_tf import refine_options
     from aldk_tf.training import refine
     assert refine_options.DEFAULT_LEARNING_RATE == refine.DEFAULT_LEARNING_RATE
+
+
+@pytest.mark.parametrize("module", ("report", "register", "warp"))
+def test_help_shows_no_raw_markup(module):
+    done = subprocess.run([sys.executable, "-m", f"aldk_tf.cli.{module}", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert "``" not in done.stdout and ":mod:" not in done.stdout, done.stdout
