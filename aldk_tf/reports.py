@@ -36,7 +36,7 @@ LABEL_KEYS = ("dice_labels", "jacc_labels", "hd95_labels", "msd_labels")
 BEFORE_KEYS = ("dice", "jacc", "landmark_distance", "hd95", "msd", "landmark_distance_mm")
 #: Columns of the per-pair x per-label CSV (:func:`write_label_csv`).
 CSV_COLUMNS = ("stage", "fixed_id", "moving_id", "label", "dice", "jaccard", "hd95",
-               "mean_surface_distance", "distance_unit", "folding_percent",
+               "mean_surface_distance", "distance_unit", "tre_mm", "folding_percent",
                "jacobian_det_std")
 
 
@@ -95,7 +95,9 @@ def write_rcn_report(path, records: list[dict]) -> None:
 
 def label_rows(records: list[dict]) -> list[dict]:
     """Rows of the per-pair x per-label table: for every pair, one row per label before
-    registration (identity flow: no folding, det(J) std 0) when scored, then after."""
+    registration (identity flow: no folding, det(J) std 0) when scored, then after.
+    ``tre_mm``: the pair's mean landmark distance in mm (the text report's is in voxels),
+    empty without landmarks or voxel sizes."""
     rows = []
     for record in records:
         unit = record.get("distance_unit", "")
@@ -112,7 +114,9 @@ def label_rows(records: list[dict]) -> list[dict]:
                     "hd95": scores.get("hd95_labels", {}).get(label, float("nan")),
                     "mean_surface_distance": scores.get("msd_labels", {}).get(
                         label, float("nan")),
-                    "distance_unit": unit, "folding_percent": folding,
+                    "distance_unit": unit,
+                    "tre_mm": scores.get("landmark_distance_mm", float("nan")),
+                    "folding_percent": folding,
                     "jacobian_det_std": jacobian_std})
     return rows
 

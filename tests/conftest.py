@@ -50,12 +50,26 @@ def student_run_32(tmp_path_factory, demo_dataset_32):
 
 
 @pytest.fixture(scope="session")
-def savedmodel_32(student_run_32, tmp_path_factory):
-    """``export/aldk/1``: the 32^3 student as a SavedModel (no export_info.json, as a
+def savedmodel_32_unrecorded(student_run_32, tmp_path_factory):
+    """``export/aldk/1``: the 32^3 student as a SavedModel without export_info.json (as a
     model exported before the preprocessing was recorded)."""
     from aldk_tf.training import runs
     from aldk_tf.deploy import serving
     _, model = runs.load_model(student_run_32)
     path = tmp_path_factory.mktemp("export") / "aldk" / "1"
     serving.save_savedmodel(model, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def savedmodel_32(savedmodel_32_unrecorded, demo_dataset_32, tmp_path_factory):
+    """``export/aldk/1``: the same SavedModel with an export_info.json that records its
+    dataset's preprocessing (the demo builder's), as export.py writes it."""
+    import json
+    import shutil
+    path = tmp_path_factory.mktemp("export_recorded") / "aldk" / "1"
+    shutil.copytree(savedmodel_32_unrecorded, path)
+    with open(demo_dataset_32) as handle:
+        preprocessing = json.load(handle)["preprocessing"]
+    (path / "export_info.json").write_text(json.dumps({"preprocessing": preprocessing}))
     return str(path)

@@ -116,15 +116,16 @@ def test_data_preparation_takes_a_folder_of_series(series, tmp_path):
     np.testing.assert_array_equal(scans["a"]["volume"], expected)
 
 
-def test_register_takes_a_series_folder(series, savedmodel_32, tmp_path):
+def test_register_takes_a_series_folder(series, savedmodel_32_unrecorded, tmp_path):
     from aldk_tf.cli import register as register_cli
     out = tmp_path / "out"
     moving = nib.load(series["nifti"])                 # another scan on the same grid
     nib.save(nib.Nifti1Image(np.roll(np.asarray(moving.dataobj), 1, axis=0), moving.affine),
              tmp_path / "moving.nii.gz")
-    assert register_cli.main(["--model", savedmodel_32, "--fixed", series["folder"],
-                              "--moving", str(tmp_path / "moving.nii.gz"), "--out", str(out),
-                              "--modality", "ct", "--crop", "none"]) == 0
+    assert register_cli.main(["--model", savedmodel_32_unrecorded, "--fixed",
+                              series["folder"], "--moving", str(tmp_path / "moving.nii.gz"),
+                              "--out", str(out), "--modality", "ct", "--crop", "none",
+                              "--margin", "0", "--intensity", "window"]) == 0
     warped = nib.load(out / "warped.nii.gz")
     np.testing.assert_allclose(warped.affine, nib.load(series["nifti"]).affine, atol=1e-4)
     assert warped.shape == SHAPE

@@ -249,9 +249,16 @@ def test_cli_exported_model_alone_writes_rcn_report_and_label_csv(
                                                      points[valid].T, order=1)
                              for axis in range(3)], axis=-1)
     difference = (points[valid] + displacement - targets[valid]) @ moving_affine[:3, :3].T
-    assert document["pairs"][0]["landmark_distance_mm"] == pytest.approx(
-        np.linalg.norm(difference, axis=1).mean(), abs=1e-3)
+    tre = np.linalg.norm(difference, axis=1).mean()
+    assert document["pairs"][0]["landmark_distance_mm"] == pytest.approx(tre, abs=1e-3)
     assert document["summary"]["hd95"]["mean"] > 0
+    # The TRE in mm also in the CSV (every row of the pair) and the printed summary.
+    first = [row for row in rows if (row["fixed_id"], row["moving_id"]) == pairs[0]
+             and row["stage"] == "after"]
+    assert first and all(float(row["tre_mm"]) == pytest.approx(tre, abs=1e-3)
+                         for row in first)
+    mean_tre = document["summary"]["landmark_distance_mm"]["mean"]
+    assert f"TRE {mean_tre:.2f} mm" in capsys.readouterr().out
 
 
 def test_cli_exported_alone_without_a_dataset_fails_with_one_line(exported_alone,

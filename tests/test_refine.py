@@ -311,7 +311,7 @@ def test_register_refine_writes_the_refined_flow(savedmodel, nifti_pair,  # noqa
     assert "refined by 3 steps in" in capsys.readouterr().out
 
     fixed, moving = nib.load(nifti_pair["fixed"]), nib.load(nifti_pair["moving"])
-    inputs = [preprocess_scan(image, size=fixed.shape, crop="none").volume
+    inputs = [preprocess_scan(image, size=fixed.shape, crop="none", intensity="max").volume
               .astype(np.float32)[None, ..., None] / 255.0 for image in (fixed, moving)]
     loaded = tf.saved_model.load(savedmodel)
     model_flow = loaded.signatures["serving_default"](fixed=tf.constant(inputs[0]),
@@ -321,4 +321,5 @@ def test_register_refine_writes_the_refined_flow(savedmodel, nifti_pair,  # noqa
     spacing = np.diag(fixed.affine)[:3]
     shift = moving.affine[:3, 3] - fixed.affine[:3, 3]
     written = nib.load(out_dir / "flow.nii.gz").get_fdata()[:, :, :, 0, :]
+    written = written * [-1.0, -1.0, 1.0]                      # LPS (default) to RAS
     np.testing.assert_allclose(written, refined.numpy()[0] * spacing + shift, atol=1e-3)

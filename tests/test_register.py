@@ -34,7 +34,8 @@ def nifti_pair(demo_dataset_32, tmp_path_factory):
 def run(savedmodel, pair, out_dir, *extra):
     return register_cli.main(["--model", savedmodel, "--fixed", pair["fixed"], "--moving",
                               pair["moving"], "--moving-seg", pair["moving_seg"],
-                              "--out", str(out_dir), "--crop", "none", *extra])
+                              "--out", str(out_dir), "--crop", "none", "--jacobian",
+                              "--preview", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,8 @@ def test_outputs_are_in_the_fixed_space_with_its_affine(registered, nifti_pair):
     fixed = nib.load(nifti_pair["fixed"])
     moving = nib.load(nifti_pair["moving"])
     assert not np.allclose(moving.affine, fixed.affine)
-    assert sorted(os.listdir(registered)) == sorted(register.OUTPUT_NAMES)
+    assert sorted(os.listdir(registered)) == sorted(register.OUTPUT_NAMES
+                                                    + register.OPTIONAL_NAMES)
     for name in ("warped.nii.gz", "flow.nii.gz", "warped_seg.nii.gz"):
         image = nib.load(registered / name)
         np.testing.assert_allclose(image.affine, fixed.affine, atol=1e-5)
@@ -67,8 +69,8 @@ def test_outputs_follow_the_model_flow(registered, savedmodel, nifti_pair):
     images are the library warp of the moving arrays."""
     fixed, moving = nib.load(nifti_pair["fixed"]), nib.load(nifti_pair["moving"])
     size = fixed.shape
-    inputs = [preprocess_scan(image, size=size, crop="none").volume.astype(np.float32)
-              [None, ..., None] / 255.0 for image in (fixed, moving)]
+    inputs = [preprocess_scan(image, size=size, crop="none", intensity="max").volume
+              .astype(np.float32)[None, ..., None] / 255.0 for image in (fixed, moving)]
     loaded = tf.saved_model.load(savedmodel)
     flow = loaded.signatures["serving_default"](fixed=tf.constant(inputs[0]),
                                                 moving=tf.constant(inputs[1]))["flow"]
@@ -76,6 +78,7 @@ def test_outputs_follow_the_model_flow(registered, savedmodel, nifti_pair):
     assert np.abs(flow).max() > 0.5
     spacing = np.diag(fixed.affine)[:3]
     written = nib.load(registered / "flow.nii.gz").get_fdata()[:, :, :, 0, :]
+    written = written * [-1.0, -1.0, 1.0]                      # LPS (default) to RAS
     shift = moving.affine[:3, 3] - fixed.affine[:3, 3]
     np.testing.assert_allclose(written, flow[0] * spacing + shift, atol=1e-3)
 

@@ -70,7 +70,7 @@ def test_pairs_csv_registers_each_pair_once_loaded(savedmodel, scans, tmp_path,
                               "--moving", str(scans / "subject_05.nii.gz"), "--moving-seg",
                               str(scans / "subject_05_seg.nii.gz"), "--out", str(single),
                               "--crop", "none"]) == 0
-    for name in ("flow.nii.gz", "warped_seg.nii.gz", "jacobian.nii.gz"):
+    for name in ("flow.nii.gz", "warped_seg.nii.gz", "warped.nii.gz"):
         np.testing.assert_array_equal(
             nib.load(single / name).get_fdata(),
             nib.load(out_dir / "subject_04__subject_05" / name).get_fdata())
@@ -78,10 +78,6 @@ def test_pairs_csv_registers_each_pair_once_loaded(savedmodel, scans, tmp_path,
 
 @pytest.mark.parametrize("rows, expected", [
     ([["fixed", "image"], ["a", "b"]], "expected columns fixed, moving"),
-    ([["fixed", "moving"], ["subject_04.nii.gz", "absent.nii.gz"]],
-     "line 2: moving file"),
-    ([["fixed", "moving"], ["subject_04.nii.gz", "subject_05.nii.gz"],
-      ["subject_04.nii.gz", "subject_05.nii.gz"]], "used twice"),
     ([["fixed", "moving"]], "no pairs"),
 ])
 def test_bad_pairs_csv_fails_with_one_line_before_any_work(rows, expected, savedmodel,
@@ -103,3 +99,69 @@ def test_registrar_takes_nibabel_images_in_memory(savedmodel, scans, tmp_path):
     register.write_registration(result, str(tmp_path / "out"))
     np.testing.assert_array_equal(nib.load(tmp_path / "out" / "warped.nii.gz").get_fdata(),
                                   result.warped.get_fdata())
+
+
+def test_a_batch_finishes_bad_rows_in_the_summary(savedmodel, scans, tmp_path, capsys):
+    """A missing file, a reused name and a DICOM series folder among good pairs: every
+    good pair (the DICOM one too) is registered, the bad rows are in summary.csv with
+    their reason, and the exit status is 1."""
+    pydicom = pytest.importorskip("pydicom")  # noqa: F841
+    from test_data_dicom import write_series
+    fixed = nib.load(scans / "subject_04.nii.gz")
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ fixed.affine
+    write_series(str(scans / "dicom_04"), np.asarray(fixed.dataobj, np.float32), lps,
+                 slope=1.0, intercept=0.0)
+    pairs = write_csv(scans / "mixed.csv", [
+        ["fixed", "moving", "name"],
+        ["subject_04.nii.gz", "absent.nii.gz", "missing"],
+        ["dicom_04", "subject_05.nii.gz", "from_dicom"],
+        ["subject_05.nii.gz", "subject_03.nii.gz", "good"],
+        ["subject_05.nii.gz", "subject_04.nii.gz", "good"]])
+    out_dir = tmp_path / "out"
+    code = register_cli.main(["--model", savedmodel, "--pairs", pairs, "--out",
+                              str(out_dir), "--crop", "none"])
+    assert code == 1
+    with open(out_dir / "summary.csv") as handle:
+        rows = {row["name"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"missing", "from_dicom", "good", "good.line5"}
+    assert rows["from_dicom"]["status"] == "ok" and rows["good"]["status"] == "ok"
+    assert "absent.nii.gz not found" in rows["missing"]["status"]
+    assert "used twice" in rows["good.line5"]["status"]
+    assert float(rows["good"]["wall_seconds"]) > float(rows["good"]["network_seconds"]) > 0
+    assert sorted(os.listdir(out_dir)) == ["from_dicom", "good", "summary.csv"]
+    # The DICOM series gives what its NIfTI gives.
+    single = tmp_path / "single"
+    assert register_cli.main(["--model", savedmodel, "--fixed", str(scans /
+                              "subject_04.nii.gz"), "--moving", str(scans /
+                              "subject_05.nii.gz"), "--out", str(single), "--crop",
+                              "none"]) == 0
+    np.testing.assert_allclose(nib.load(out_dir / "from_dicom" / "warped.nii.gz").get_fdata(),
+                               nib.load(single / "warped.nii.gz").get_fdata(), atol=1e-3)
+    out = capsys.readouterr()
+    assert "2 of 4 pairs registered" in out.out
+    assert "\r" not in out.out and "\x1b" not in out.out       # not a terminal: plain lines
+    assert "[4/4] good.line5: error:" in out.out
+
+
+def test_registrar_takes_numpy_arrays(savedmodel, scans):
+    """Arrays in, arrays out: the voxel flow takes fixed voxel x to the moving array's
+    x + flow[x]; resampling the moving array there with scipy gives the warped array."""
+    from scipy import ndimage
+    fixed, moving = (nib.load(scans / f"{s}.nii.gz") for s in ("subject_04", "subject_05"))
+    registrar = register.Registrar(savedmodel, {"crop": "none"})
+    spacing = np.sqrt((fixed.affine[:3, :3] ** 2).sum(axis=0))
+    moving_data = np.asarray(moving.dataobj)
+    result = registrar.register_arrays(np.asarray(fixed.dataobj), moving_data,
+                                       fixed_spacing=spacing, moving_spacing=spacing)
+    assert result.flow.shape == (*fixed.shape, 3) and result.warped.shape == fixed.shape
+    assert np.abs(result.flow).max() > 0.5
+    points = np.moveaxis(np.indices(fixed.shape) + np.moveaxis(result.flow, -1, 0), 0, 0)
+    expected = ndimage.map_coordinates(moving_data.astype(np.float64), points, order=1,
+                                       mode="nearest")
+    np.testing.assert_allclose(result.warped, expected, atol=1e-3)
+    assert set(result.stats) >= {"folding_percent_model_grid", "folding_percent_fixed_grid"}
+    # Plain arrays to register(): 1 mm grids, not an AttributeError.
+    plain = registrar.register(np.asarray(fixed.dataobj), moving_data)
+    np.testing.assert_allclose(plain.warped.affine, np.eye(4))
+    with pytest.raises(register.DataError, match="expected 3-D"):
+        registrar.register_arrays(np.zeros((4, 4)), moving_data)

@@ -181,3 +181,51 @@ def test_masks_prepare_scans_like_the_data_preparation(tmp_path):
     _, scan = registrar.prepare(image, mask_image)
     np.testing.assert_array_equal(scan.volume, expected.volume)
     np.testing.assert_array_equal(scan.crop_start, [3, 6, 4])   # mask box - margin 2
+
+
+# ----------------------------------------------------------------------------- recorded
+def test_a_model_without_recorded_preprocessing_is_refused_naming_the_flags(
+        savedmodel_32_unrecorded, demo_dataset_32, tmp_path, capsys):
+    """No guess: one line naming every flag to give; with them it registers."""
+    from demo_nifti import demo_scans, save_nifti
+    scans = demo_scans(demo_dataset_32)
+    paths = [save_nifti(tmp_path / f"{s}.nii.gz", scans[s]["volume"],
+                        scans[s]["attrs"]["affine"]) for s in ("subject_04", "subject_05")]
+    arguments = ["--model", savedmodel_32_unrecorded, "--fixed", paths[0], "--moving",
+                 paths[1], "--out", str(tmp_path / "out"), "--crop", "none"]
+    assert register_cli.main(arguments) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "records no preprocessing" in err[0], err
+    for flag in ("--modality", "--margin", "--intensity"):
+        assert flag in err[0]
+    assert "--crop," not in err[0]                    # given: not asked for
+    assert not (tmp_path / "out").exists()
+    assert register_cli.main([*arguments, "--modality", "mr", "--margin", "0",
+                              "--intensity", "max"]) == 0
+
+
+def test_the_demo_builder_records_a_preparation_register_reproduces(demo_dataset_32):
+    """The demo's template prepared by register's settings is the demo's template,
+    voxel for voxel: same crop box (non-zero + 8), same 0..max scaling, same size."""
+    from nilearn.datasets import load_mni152_template
+
+    from aldk_tf.data import demo_set
+    recorded = load_dataset_config(demo_dataset_32).preprocessing
+    assert recorded == demo_set.preprocessing(32)
+    assert (recorded.crop, recorded.margin, recorded.intensity) == ("nonzero", 8, "max")
+    template = demo_set.load_template(32)
+    scan = preprocess_scan(load_mni152_template(), **recorded.scan_arguments())
+    expected = np.rint(np.clip(template["t1"], 0.0, 1.0) * 255.0)
+    assert np.abs(scan.volume.astype(np.float64) - expected).max() <= 1
+    np.testing.assert_allclose(scan.affine, template["affine"], atol=1e-6)
+
+
+def test_the_shipped_model_records_the_demo_preparation():
+    import aldk_tf
+    path = os.path.join(os.path.dirname(aldk_tf.__file__), "pretrained", "brain_mr_64", "1",
+                        "export_info.json")
+    with open(path) as handle:
+        block = json.load(handle)["preprocessing"]
+    from aldk_tf.data import demo_set
+    assert PreprocessSettings.from_dict(block) == demo_set.preprocessing(64)
+    assert "/" not in json.dumps(block)                # no machine paths

@@ -40,10 +40,12 @@ def pair(demo_dataset_32, tmp_path_factory):
 
 
 def _register(savedmodel, pair, out_dir, space):
+    """``space`` "lps" is register's default: no --flow-space flag."""
+    flags = [] if space == "lps" else ["--flow-space", space]
     assert register_cli.main(["--model", savedmodel, "--fixed", pair["fixed"], "--moving",
                               pair["moving"], "--moving-seg", pair["moving_seg"],
-                              "--out", str(out_dir), "--crop", "none",
-                              "--flow-space", space]) == 0
+                              "--out", str(out_dir), "--crop", "none", "--jacobian",
+                              *flags]) == 0
     return out_dir
 
 
@@ -80,7 +82,9 @@ def test_lps_flow_moves_a_point_where_the_ras_flow_does(registered, pair):
     ras = nib.load(registered["ras"] / "flow.nii.gz")
     lps = nib.load(registered["lps"] / "flow.nii.gz")
     assert ras.header.get_intent()[2] == "displacement RAS"
-    assert lps.header.get_intent()[2] == "displacement LPS"
+    assert lps.header.get_intent() == ("vector", (), "displacement LPS")   # the default
+    assert lps.shape == (*nib.load(pair["fixed"]).shape, 1, 3)          # as ITK reads it
+    assert lps.header.get_xyzt_units()[0] == "mm"
     u_ras, u_lps = ras.get_fdata()[:, :, :, 0], lps.get_fdata()[:, :, :, 0]
     assert np.abs(u_ras[..., :2]).max() > 1.0                    # x, y flips matter
     np.testing.assert_allclose(u_lps, u_ras * [-1, -1, 1], atol=1e-5)
@@ -121,6 +125,20 @@ def test_jacobian_image_is_the_world_volume_change(registered, pair):
     written = nib.load(registered["ras"] / "jacobian.nii.gz")
     np.testing.assert_allclose(written.get_fdata(), expected, atol=1e-3)
     np.testing.assert_allclose(written.affine, nib.load(pair["fixed"]).affine, atol=1e-6)
+
+
+def test_nearest_keeps_an_int16_label_map_int16(tmp_path):
+    labels = np.zeros((6, 5, 4), np.int16)
+    labels[3:5, 1:3, 1:3] = 7
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "labels.nii.gz")
+    warp.flow_image(nib.load(tmp_path / "labels.nii.gz"), np.zeros((6, 5, 4, 3), np.float32)
+                    ).to_filename(tmp_path / "flow.nii.gz")
+    assert warp_cli.main(["--flow", str(tmp_path / "flow.nii.gz"), "--image",
+                          str(tmp_path / "labels.nii.gz"), "--out", str(tmp_path / "w.nii"),
+                          "--interpolation", "nearest"]) == 0
+    result = nib.load(tmp_path / "w.nii")
+    assert result.get_data_dtype() == np.int16
+    np.testing.assert_array_equal(np.asarray(result.dataobj), labels)
 
 
 def test_nearest_keeps_values_and_dtype(tmp_path):
@@ -167,3 +185,38 @@ def test_errors_are_one_line_and_write_nothing(case, expected, registered, pair,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
     assert sorted(os.listdir(tmp_path)) == before
+
+
+ANTS_SCRIPT = """
+import sys
+import ants
+import numpy as np
+fixed, moving, flow, out = sys.argv[1:5]
+result = ants.apply_transforms(fixed=ants.image_read(fixed), moving=ants.image_read(moving),
+                               transformlist=[flow], interpolator="linear")
+np.save(out, result.numpy())
+"""
+
+
+def _ants_python():
+    """A Python that imports antspyx: this one, or the one named by ALDK_ANTS_PYTHON."""
+    import importlib.util
+    import sys
+    if importlib.util.find_spec("ants") is not None:
+        return sys.executable
+    return os.environ.get("ALDK_ANTS_PYTHON")
+
+
+def test_ants_reproduces_warped_from_the_default_flow(registered, pair, tmp_path):
+    """antsApplyTransforms reads register's default flow.nii.gz (LPS) as is and gives
+    warped.nii.gz (the oblique fixed grid and the shifted moving grid included)."""
+    import subprocess
+    python = _ants_python()
+    if python is None:
+        pytest.skip("antspyx not installed (set ALDK_ANTS_PYTHON to a Python that has it)")
+    out = tmp_path / "ants.npy"
+    subprocess.run([python, "-c", ANTS_SCRIPT, pair["fixed"], pair["moving"],
+                    str(registered["lps"] / "flow.nii.gz"), str(out)], check=True,
+                   capture_output=True, timeout=600)
+    expected = nib.load(registered["lps"] / "warped.nii.gz").get_fdata()
+    np.testing.assert_allclose(np.load(out), expected, atol=1e-3 * np.abs(expected).max())

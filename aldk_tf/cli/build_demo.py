@@ -16,10 +16,7 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 from aldk_tf.data import DataError
-from aldk_tf.data.demo_set import build_demo, summary, write_nifti_subjects
 
 
 def main(argv=None) -> int:
@@ -41,7 +38,12 @@ def main(argv=None) -> int:
                              "subset, all ordered pairs)")
     parser.add_argument("--nifti", metavar="DIR", help="also write two test subjects as "
                         "NIfTI (T1 + labels) into DIR, to try register on")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's log "
+                        "lines")
     args = parser.parse_args(argv)
+    from aldk_tf.console import import_tensorflow
+    import_tensorflow(args.verbose)
+    from aldk_tf.data.demo_set import build_demo, summary, write_nifti_subjects
     start = time.perf_counter()
     try:
         if args.seed < 0:

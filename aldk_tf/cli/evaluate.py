@@ -304,6 +304,9 @@ def _summary_line(summary: dict) -> str:
         line += f" (before registration {summary['before']['dice']['mean']:.4f})"
     if "hd95" in summary:
         line += f", HD95 {summary['hd95']['mean']:.2f}"
+    tre = summary.get("landmark_distance_mm", {}).get("mean", float("nan"))
+    if tre == tre:                                            # not NaN
+        line += f", TRE {tre:.2f} mm"
     return (line + f", folding {summary['folding_percent']['mean']:.3f}%, "
             f"{summary['seconds']['mean']:.3f} s/pair")
 

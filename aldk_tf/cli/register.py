@@ -1,13 +1,16 @@
-"""``aldk-register``: register a NIfTI pair, or every pair of a CSV, with an exported model.
+"""``aldk-register``: register a pair of scans, or every pair of a CSV, with an exported model.
 
     aldk-register --model export/<name>[/<N>] --fixed F.nii.gz --moving M.nii.gz --out DIR
-        [--moving-seg S.nii.gz] [--overwrite] [--fixed-mask FM.nii.gz --moving-mask MM.nii.gz]
-        [--flow-space ras|lps] [--modality/--crop/--margin/--window/--percentiles/...]
-        [--refine N [--refine-lr VOXELS]]
+        [--moving-seg S.nii.gz] [--jacobian] [--preview] [--overwrite]
+        [--fixed-mask FM.nii.gz --moving-mask MM.nii.gz] [--flow-space lps|ras]
+        [--modality/--crop/--margin/--intensity/--window/--percentiles/...]
+        [--refine N [--refine-lr VOXELS]] [--verbose]
     aldk-register --model ... --pairs pairs.csv --out DIR          # many pairs
 
 What is written and how: :mod:`aldk_tf.deploy.register`; the preprocessing flags:
-:mod:`aldk_tf.deploy.preparation`. Also ``python -m aldk_tf.cli.register``.
+:mod:`aldk_tf.deploy.preparation`. Also ``python -m aldk_tf.cli.register``. Parsing the
+flags imports no TensorFlow (``--help`` and a bad flag answer at once); TensorFlow's
+start-up log lines are hidden unless ``--verbose``.
 """
 
 from __future__ import annotations
@@ -16,42 +19,47 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from aldk_tf.data import DataError, preprocess  # noqa: E402
-from aldk_tf.deploy import warp  # noqa: E402
-from aldk_tf.deploy.preparation import (RegisterError, add_preprocessing_arguments,  # noqa: E402
+from aldk_tf.data import DataError
+from aldk_tf.deploy.preparation import (RegisterError, add_preprocessing_arguments,
                                         preprocessing_overrides)
-from aldk_tf.deploy.register import register_pair  # noqa: E402
-from aldk_tf.training.refine import add_arguments as add_refine_arguments  # noqa: E402
+from aldk_tf.deploy.warp import FLOW_SPACES, WarpError
+from aldk_tf.refine_options import add_arguments as add_refine_arguments
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Register a NIfTI pair with an exported model (export.py).",
-        epilog="Writes warped.nii.gz, flow.nii.gz, jacobian.nii.gz, [warped_seg.nii.gz], "
-        "preview.png and registration.json into --out; apply flow.nii.gz to other "
-        "images with aldk-warp (python -m aldk_tf.cli.warp).")
+        description="Register a pair of scans (NIfTI files or DICOM series folders) with "
+        "an exported model (export.py).",
+        epilog="Writes warped.nii.gz, flow.nii.gz, [warped_seg.nii.gz], registration.json "
+        "(and jacobian.nii.gz, preview.png on request) into --out; apply flow.nii.gz to "
+        "other images with aldk-warp, or antsApplyTransforms -t flow.nii.gz (LPS).")
     parser.add_argument("--model", required=True, help="SavedModel version directory "
                         "export/<name>/<N> (or export/<name>: its latest version)")
-    parser.add_argument("--fixed", help="fixed image (NIfTI)")
-    parser.add_argument("--moving", help="moving image (NIfTI)")
+    parser.add_argument("--fixed", help="fixed image (NIfTI file or DICOM series folder)")
+    parser.add_argument("--moving", help="moving image (NIfTI file or DICOM series "
+                        "folder)")
     parser.add_argument("--pairs", help="instead of --fixed/--moving: a CSV with columns "
                         "fixed, moving [, moving_seg, fixed_mask, moving_mask, name]; "
                         "one output folder per pair in --out, plus summary.csv")
     parser.add_argument("--out", "--out-dir", "--out_dir", dest="out_dir", required=True,
                         help="output folder (must not exist or be empty, or --overwrite); "
                         "with --pairs the folder of the pairs' folders")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar "
+    parser.add_argument("--no-progress", action="store_true", help="no progress output "
                         "(--pairs)")
     parser.add_argument("--moving-seg", "--moving_seg", dest="moving_seg",
                         help="moving segmentation (NIfTI labels, up to int32) to warp")
     parser.add_argument("--flow-space", "--flow_space", dest="flow_space",
-                        choices=warp.FLOW_SPACES, default="ras",
-                        help="axes of flow.nii.gz's vectors: ras (nibabel, default) or lps "
-                        "(ITK/ANTs)")
+                        choices=FLOW_SPACES, default="lps",
+                        help="axes of flow.nii.gz's vectors: lps (ITK/ANTs, default) or "
+                        "ras (nibabel)")
+    parser.add_argument("--jacobian", action="store_true", help="also write "
+                        "jacobian.nii.gz (det of the Jacobian on the fixed grid)")
+    parser.add_argument("--preview", action="store_true", help="also write preview.png "
+                        "(central slices on the fixed scan's grid)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing "
                         "output folder (no file of the previous result is kept)")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's log "
+                        "lines")
     add_preprocessing_arguments(parser)
     add_refine_arguments(parser, "refine the model's flow by")
     args = parser.parse_args(argv)
@@ -67,27 +75,37 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from aldk_tf.console import import_tensorflow
+    import_tensorflow(args.verbose)
     if args.pairs is not None:
         return _main_batch(args)
+    from aldk_tf.data.preprocess import PreprocessSettings
+    from aldk_tf.deploy.register import register_pair
     try:
         result = register_pair(args.model, args.fixed, args.moving, args.out_dir,
                                moving_seg=args.moving_seg, fixed_mask=args.fixed_mask,
                                moving_mask=args.moving_mask,
                                overrides=preprocessing_overrides(args),
                                refine=args.refine, refine_learning_rate=args.refine_lr,
-                               flow_space=args.flow_space, overwrite=args.overwrite)
-    except (RegisterError, DataError, warp.WarpError) as error:
+                               flow_space=args.flow_space, overwrite=args.overwrite,
+                               jacobian=args.jacobian, preview=args.preview)
+    except (RegisterError, DataError, WarpError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for note in result["notes"]:
         print(f"note: {note}")
-    settings = preprocess.PreprocessSettings.from_dict(result["preprocessing"])
+    settings = PreprocessSettings.from_dict(result["preprocessing"])
     print(f"preprocessing: {settings.describe()}")
     for path in result["outputs"]:
         print(path)
-    print(f"model grid {tuple(result['image_size'])}, {result['seconds']:.2f} s, "
-          f"folding {result['folding_percent']:.3f}%, "
-          f"std det(J) {result['jacobian_det_std']:.3f}")
+    print(f"flow: {result['flow_space'].upper()} mm; network "
+          f"{result['network_seconds']:.2f} s, pair {result['wall_seconds']:.2f} s "
+          "(reading to written)")
+    for grid, shape in (("model", result["image_size"]),
+                        ("fixed", result["fixed_grid_shape"])):
+        print(f"{grid} grid {'x'.join(map(str, shape))}: folding "
+              f"{result[f'folding_percent_{grid}_grid']:.3f}%, std det(J) "
+              f"{result[f'jacobian_det_std_{grid}_grid']:.3f}")
     if result["refine_steps"]:
         print(f"refined by {result['refine_steps']} steps in "
               f"{result['refine_seconds']:.2f} s")
@@ -101,8 +119,9 @@ def _main_batch(args) -> int:
                               overrides=preprocessing_overrides(args), refine=args.refine,
                               refine_learning_rate=args.refine_lr,
                               flow_space=args.flow_space, overwrite=args.overwrite,
-                              progress=not args.no_progress)
-    except (RegisterError, DataError, PairsError, warp.WarpError) as error:
+                              progress=not args.no_progress, jacobian=args.jacobian,
+                              preview=args.preview)
+    except (RegisterError, DataError, PairsError, WarpError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     failed = [row for row in rows if row["status"] != "ok"]

@@ -18,8 +18,11 @@ from aldk_tf.networks import parameters  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=parameters.__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=128)
+    parser = argparse.ArgumentParser(
+        description="Parameter counts per stage (affine, cascades, heads) of the teacher "
+        "and student models.")
+    parser.add_argument("--size", type=int, default=128, help="cubic input size, a "
+                        "multiple of 16 (default 128)")
     args = parser.parse_args(argv)
     try:
         if args.size < 16 or args.size % 16:

@@ -43,7 +43,8 @@ from .augment import transform_points, upsample_control
 from . import checks
 from .dataset_config import write_dataset_config
 from .hdf5 import DatasetWriter
-from .preprocess import bounding_box, box_affine, load_image, resample_box
+from .preprocess import (PreprocessSettings, bounding_box, box_affine, load_image,
+                         resample_box)
 
 TISSUES = {"CSF": 1, "GM": 2, "WM": 3}
 # Six landmarks in MNI space (mm, RAS), spread over both hemispheres and the midline.
@@ -61,6 +62,16 @@ GAIN_RANGE = (0.9, 1.1)
 NOISE_RANGE = (0.005, 0.025)
 MARGIN = 8                   # voxels (mm) around the brain's bounding box
 MAX_FLOW_SIZE = 64           # deformations are integrated at most at 64^3, then resized
+
+
+def preprocessing(size: int) -> PreprocessSettings:
+    """How the demo's scans were prepared, as ``register`` reproduces it on a new
+    skull-stripped T1: the brain's (non-zero) bounding box plus :data:`MARGIN` voxels (mm
+    on the 1 mm template), intensities from 0 to the scan's maximum (the template is
+    max-normalised), resampled to ``size``³. Stored as the dataset JSON's
+    ``"preprocessing"``."""
+    return PreprocessSettings(modality="mr", crop="nonzero", margin=MARGIN,
+                              intensity="max", size=(size,) * 3)
 
 
 def load_template(size: int, t1_path=None) -> dict:
@@ -234,7 +245,7 @@ def build_demo(out_dir="datasets", size: int = 64, seed: int = 0, subjects: int 
         schemes={"1": {name: round(1.0 / len(training), 6) for name in training},
                  "2": {"demo-val": 1.0}, "test": {"demo-test": 1.0}},
         image_size=(size,) * 3, image_type="brain", segmentation_class_value=dict(TISSUES),
-        description=description)
+        description=description, preprocessing=preprocessing(size).to_dict())
     config.validate(check_labels=True)
     return config.path
 

@@ -7,7 +7,8 @@ A scan goes through, in this order:
 2. a crop box in the reoriented voxel grid: a brain-mask or non-zero bounding box (MR),
    or the bounding box of the largest connected region above an intensity threshold (CT:
    the body; a label bounding box is also available, e.g. around the liver);
-3. intensities to 0..255: a fixed window for CT (Hounsfield units), percentiles for MR;
+3. intensities to 0..255: a fixed window for CT (Hounsfield units), percentiles for MR,
+   or ``0 .. max`` (intensity ``max``: how the demo data's template was scaled);
 4. resampling of the box to the target size (default 128³), trilinear with Gaussian
    anti-aliasing when shrinking; labels by nearest neighbour.
 
@@ -23,15 +24,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
 from . import checks
 from .errors import DataError
 
+# nibabel and scipy.ndimage are imported where they are used: the command lines import
+# this module for its choices (modalities, crops) and answer --help without them.
+
 MODALITIES = ("mr", "ct")
 CROPS = ("auto", "mask", "nonzero", "threshold", "label", "none")
+#: How intensities go to 0..255: "auto" = window for CT, percentiles for MR; "max" = 0 to 0
+#: and the scan's maximum to 255 (the demo data's template is max-normalised).
+INTENSITIES = ("auto", "window", "percentiles", "max")
 DEFAULT_SIZE = 128
 CT_WINDOW = (-200.0, 300.0)          # Hounsfield units mapped to 0 and 255 (abdomen)
 CT_BODY_THRESHOLD = -500.0           # HU above which a voxel counts as body, for cropping
@@ -55,12 +60,16 @@ class PreprocessSettings:
     size: tuple[int, int, int] = (DEFAULT_SIZE,) * 3
     binary_label: bool = False
     used_masks: bool = False         # masks were given (crop "auto" then means "mask")
+    intensity: str = "auto"          # one of INTENSITIES
 
     def __post_init__(self):
         if self.modality not in MODALITIES:
             raise DataError(f"modality: expected one of {MODALITIES}, got '{self.modality}'")
         if self.crop not in CROPS:
             raise DataError(f"crop: expected one of {CROPS}, got '{self.crop}'")
+        if self.intensity not in INTENSITIES:
+            raise DataError(f"intensity: expected one of {INTENSITIES}, got "
+                            f"'{self.intensity}'")
         self.window = tuple(float(v) for v in self.window)
         self.percentiles = tuple(float(v) for v in self.percentiles)
         self.size = ((int(self.size),) * 3 if np.ndim(self.size) == 0
@@ -87,6 +96,13 @@ class PreprocessSettings:
             return "mask"
         return "threshold" if self.modality == "ct" else "nonzero"
 
+    @property
+    def effective_intensity(self) -> str:
+        """The intensity rule "auto" resolved: the window for CT, percentiles for MR."""
+        if self.intensity != "auto":
+            return self.intensity
+        return "window" if self.modality == "ct" else "percentiles"
+
     def to_dict(self) -> dict:
         data = asdict(self)
         for key in ("window", "percentiles", "size"):
@@ -112,13 +128,14 @@ class PreprocessSettings:
         return {"size": self.size, "modality": self.modality, "crop": self.crop,
                 "margin": self.margin, "window": self.window,
                 "percentiles": self.percentiles, "threshold": self.threshold,
-                "binary_label": self.binary_label}
+                "binary_label": self.binary_label, "intensity": self.intensity}
 
     def describe(self) -> str:
         """One line: the settings that matter for this modality."""
-        intensity = (f"window {self.window[0]:g}..{self.window[1]:g} HU"
-                     if self.modality == "ct" else
-                     f"percentiles {self.percentiles[0]:g}..{self.percentiles[1]:g}")
+        intensity = {"window": f"window {self.window[0]:g}..{self.window[1]:g} HU",
+                     "percentiles": f"percentiles {self.percentiles[0]:g}.."
+                                    f"{self.percentiles[1]:g}",
+                     "max": "intensities 0..max"}[self.effective_intensity]
         crop = self.effective_crop + (f" (threshold {self.threshold:g} HU)"
                                       if self.effective_crop == "threshold" else "")
         return (f"modality {self.modality}, {intensity}, crop {crop}, margin "
@@ -153,9 +170,11 @@ class PreprocessedScan:
 
 
 # ----------------------------------------------------------------------------- loading
-def load_image(path_or_image, what: str = "image") -> nib.spatialimages.SpatialImage:
+def load_image(path_or_image, what: str = "image"):
     """A NIfTI (or other nibabel-readable) image, or a folder holding one DICOM series
     (:mod:`aldk_tf.data.dicom`), 3-D, with a :class:`DataError` on failure."""
+    import nibabel as nib
+
     if isinstance(path_or_image, (str, Path)) and Path(path_or_image).is_dir():
         from .dicom import load_series            # a folder: one DICOM series
         image = load_series(str(path_or_image))
@@ -173,8 +192,12 @@ def load_image(path_or_image, what: str = "image") -> nib.spatialimages.SpatialI
         except Exception as exc:  # nibabel, gzip, zlib raise many types for bad files
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise DataError(f"{path}: cannot read {what} ({reason})") from None
-    else:
+    elif hasattr(path_or_image, "dataobj") and hasattr(path_or_image, "affine"):
         image = path_or_image
+    else:
+        raise DataError(f"{what}: expected a NIfTI path, a DICOM folder or a nibabel "
+                        f"image, got {type(path_or_image).__name__} (numpy arrays: "
+                        "aldk_tf.deploy.register.Registrar.register_arrays)")
     shape = image.shape
     if len(shape) == 4 and shape[3] == 1:
         image = image.slicer[..., 0]
@@ -192,6 +215,8 @@ def _name(path_or_image) -> str:
 
 def canonical(image) -> tuple[np.ndarray, np.ndarray]:
     """(float32 data, affine) of an image reoriented to RAS (no interpolation)."""
+    import nibabel as nib
+
     reoriented = nib.as_closest_canonical(image)
     return np.asarray(reoriented.dataobj, dtype=np.float32), reoriented.affine.copy()
 
@@ -211,6 +236,8 @@ def threshold_mask(data: np.ndarray, threshold: float,
                    largest_component: bool = True) -> np.ndarray:
     """Voxels above ``threshold``; optionally only the largest 6-connected component
     (drops the CT table and noise that are not joined to the body)."""
+    from scipy import ndimage
+
     mask = data > threshold
     if largest_component and mask.any():
         labels, count = ndimage.label(mask)
@@ -223,10 +250,17 @@ def threshold_mask(data: np.ndarray, threshold: float,
 
 # ----------------------------------------------------------------------------- intensity
 def intensity_range(data: np.ndarray, modality: str, window=CT_WINDOW,
-                    percentiles=MR_PERCENTILES, mask: np.ndarray | None = None):
-    """Source intensities to map to 0 and 255: the CT window, or MR percentiles of the
-    voxels in ``mask`` (default: the non-zero voxels, all voxels if none)."""
-    if modality == "ct":
+                    percentiles=MR_PERCENTILES, mask: np.ndarray | None = None,
+                    intensity: str = "auto"):
+    """Source intensities to map to 0 and 255: the CT window, MR percentiles of the
+    voxels in ``mask`` (default: the non-zero voxels, all voxels if none), or 0 and the
+    maximum (``intensity="max"``). ``intensity`` "auto" is the window for CT and the
+    percentiles for MR."""
+    if intensity == "auto":
+        intensity = "window" if modality == "ct" else "percentiles"
+    if intensity == "max":
+        low, high = 0.0, float(data.max())
+    elif intensity == "window":
         low, high = float(window[0]), float(window[1])
     else:
         if mask is None:
@@ -251,6 +285,8 @@ def resample_box(data: np.ndarray, start, stop, size, order: int) -> np.ndarray:
     ``order=1`` (images): trilinear after a Gaussian of sigma ``(factor - 1) / 2`` on axes
     that shrink by ``factor``; ``order=0`` (labels): nearest neighbour, no smoothing.
     """
+    from scipy import ndimage
+
     box = data[tuple(slice(a, b) for a, b in zip(start, stop))]
     scale = np.asarray(box.shape, np.float64) / np.asarray(size, np.float64)
     if order > 0:
@@ -278,6 +314,8 @@ def to_source_grid(array: np.ndarray, attrs: dict, order: int = 0,
     Uses the ``affine``, ``source_affine`` and ``source_shape`` attributes of the scan;
     voxels outside the crop box get ``cval``. ``order=0`` for labels, 1 for images.
     """
+    from scipy import ndimage
+
     source_to_preprocessed = np.linalg.inv(attrs["affine"]) @ attrs["source_affine"]
     return ndimage.affine_transform(
         array, source_to_preprocessed[:3, :3], offset=source_to_preprocessed[:3, 3],
@@ -289,7 +327,7 @@ def to_source_grid(array: np.ndarray, attrs: dict, order: int = 0,
 def preprocess_scan(image, label=None, mask=None, size=DEFAULT_SIZE, modality: str = "mr",
                     crop: str = "auto", margin: int = 2, window=CT_WINDOW,
                     percentiles=MR_PERCENTILES, threshold: float = CT_BODY_THRESHOLD,
-                    binary_label: bool = False) -> PreprocessedScan:
+                    binary_label: bool = False, intensity: str = "auto") -> PreprocessedScan:
     """Reorient, crop, normalise and resample one scan (see the module docstring).
 
     Args:
@@ -303,6 +341,8 @@ def preprocess_scan(image, label=None, mask=None, size=DEFAULT_SIZE, modality: s
       crop: "auto" (mask if given, else non-zero box for MR, threshold box for CT),
         "mask", "nonzero", "threshold", "label" (box of the non-zero labels) or "none".
       margin: voxels added around the crop box (in the reoriented source grid).
+      intensity: "auto" (window for CT, percentiles for MR), "window", "percentiles" or
+        "max" (0 -> 0, the scan's maximum -> 255).
     """
     if modality not in MODALITIES:
         raise DataError(f"modality: expected one of {MODALITIES}, got '{modality}'")
@@ -355,7 +395,10 @@ def preprocess_scan(image, label=None, mask=None, size=DEFAULT_SIZE, modality: s
         start, stop = bounding_box(region, margin, where=f"{name} ({crop} crop)")
         checks.check_region_extent(*bounding_box(region), where=f"{name} ({crop} crop)")
 
-    low, high = intensity_range(data, modality, window, percentiles, extra.get("mask"))
+    if intensity not in INTENSITIES:
+        raise DataError(f"intensity: expected one of {INTENSITIES}, got '{intensity}'")
+    low, high = intensity_range(data, modality, window, percentiles, extra.get("mask"),
+                                intensity)
     box = resample_box(data, start, stop, size, order=1)
     segmentation = None
     if "label" in extra:

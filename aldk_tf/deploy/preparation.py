@@ -24,7 +24,9 @@ class RegisterError(ValueError):
 
 
 #: Flags of register that override the model's recorded preprocessing.
-OVERRIDABLE = ("crop", "margin", "window", "percentiles", "threshold")
+OVERRIDABLE = ("crop", "margin", "intensity", "window", "percentiles", "threshold")
+#: What must be stated by flags for a model that records no preprocessing.
+REQUIRED_WITHOUT_RECORD = ("modality", "crop", "margin", "intensity")
 
 
 def resolve_preprocessing(info: dict, size, overrides: dict | None = None,
@@ -41,11 +43,10 @@ def resolve_preprocessing(info: dict, size, overrides: dict | None = None,
     notes = []
     recorded = info.get("preprocessing")
     if recorded is None:
-        settings = preprocess.PreprocessSettings(size=size, used_masks=with_masks)
-        notes.append("the model records no preprocessing (exported before data "
-                     "preparation stored it); using the defaults and the flags given")
-        if "modality" in overrides:
-            settings = replace(settings, modality=overrides["modality"])
+        check_stated(info, overrides)
+        settings = preprocess.PreprocessSettings(size=size, used_masks=with_masks,
+                                                 modality=overrides["modality"])
+        notes.append("the model records no preprocessing; prepared as the flags state")
     else:
         try:
             settings = preprocess.PreprocessSettings.from_dict(
@@ -74,6 +75,22 @@ def resolve_preprocessing(info: dict, size, overrides: dict | None = None,
                 reason = str(error).removeprefix(f"{key}: ")
                 raise RegisterError(f"--{key}: {reason}") from None
     return settings, notes
+
+
+def check_stated(info: dict, overrides: dict | None = None) -> None:
+    """:class:`RegisterError` (one line naming the flags) for a model whose
+    ``export_info.json`` records no preprocessing, unless flags state all of it."""
+    if info.get("preprocessing") is not None:
+        return
+    given = {key for key, value in (overrides or {}).items() if value is not None}
+    missing = [f"--{key}" for key in REQUIRED_WITHOUT_RECORD if key not in given]
+    if missing:
+        raise RegisterError(
+            "the model's export_info.json records no preprocessing (how its training scans "
+            "were prepared), so new scans cannot be prepared the same way; state it with "
+            + ", ".join(missing) + " (e.g. --modality mr --crop nonzero --margin 2 "
+            "--intensity percentiles), or export the model from a run whose dataset JSON "
+            "records it")
 
 
 def _flag_text(value) -> str:
@@ -119,11 +136,15 @@ def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that override the model's recorded preprocessing (default: the model's)."""
     group = parser.add_argument_group(
         "preprocessing", "default: the settings the model's training data was prepared "
-        "with (export_info.json); a flag overrides one setting")
+        "with (export_info.json); a flag overrides one setting. A model that records "
+        "none needs --modality, --crop, --margin and --intensity")
     group.add_argument("--modality", choices=preprocess.MODALITIES,
                        help="must match the model's when it records one")
     group.add_argument("--crop", choices=preprocess.CROPS, help="crop rule")
     group.add_argument("--margin", type=int, help="voxels around the crop box")
+    group.add_argument("--intensity", choices=preprocess.INTENSITIES,
+                       help="intensities to 0..255: window (CT), percentiles (MR), max "
+                       "(0..the scan's maximum), auto (window for CT, percentiles for MR)")
     group.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
                        help="CT window in HU")
     group.add_argument("--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"),

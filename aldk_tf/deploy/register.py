@@ -1,46 +1,44 @@
-"""Register a new NIfTI pair with an exported model (the console script ``aldk-register``,
-:mod:`aldk_tf.cli.register`).
+"""Register a new pair of scans with an exported model (the console script
+``aldk-register``, :mod:`aldk_tf.cli.register`).
 
 Both scans go through the data preparation's preprocessing
 (:func:`aldk_tf.data.preprocess.preprocess_scan`: RAS reorientation, crop box, intensities
 to 0..255, resampling to the model's size) **with the settings the model's training data
-was prepared with**: ``aldk-prep`` stores them in the dataset JSON, training copies them
-into the run's ``config.json``, export into ``export_info.json``, where register reads
-them. A flag overrides one setting (printed as a note); the modality cannot be changed,
-and a request that cannot be prepared the same way (masks missing for a model trained
-on masked scans, a label crop, a scan whose every voxel falls outside the window) is
-refused with one line. Then the SavedModel's ``serving_default`` signature registers
-them. Written to ``DIR``, on the fixed image's voxel grid with its affine (header copied
-from the fixed file):
+was prepared with**: ``aldk-prep`` and the demo builder store them in the dataset JSON,
+training copies them into the run's ``config.json``, export into ``export_info.json``,
+where register reads them. A model that records none is refused unless flags state the
+preparation (:mod:`aldk_tf.deploy.preparation`). A flag overrides one setting (printed as
+a note); the modality cannot be changed. Then the SavedModel's ``serving_default``
+signature registers them, and the result is carried onto the fixed scan's own grid
+(:mod:`aldk_tf.deploy.fixed_grid`). Written to ``DIR``, with the fixed image's grid,
+affine and header:
 
 - ``warped.nii.gz``        the original moving image (its own intensities) resampled at
-                           the corresponding points;
+                           the corresponding points (float32);
 - ``flow.nii.gz``          the displacement ``u`` in millimetres, ``[X, Y, Z, 1, 3]``,
-                           intent "vector", world RAS axes (``--flow-space lps``: ITK/ANTs
-                           LPS axes; see :mod:`aldk_tf.deploy.warp`): the fixed voxel at world
-                           position ``p`` corresponds to the moving image's ``p + u(p)``;
-- ``jacobian.nii.gz``      det of the Jacobian of ``p -> p + u(p)`` (volume change; <= 0
-                           is folding);
+                           intent "vector", units mm; by default in ITK/ANTs LPS axes
+                           (``antsApplyTransforms -t flow.nii.gz`` reads it as is),
+                           ``--flow-space ras`` for nibabel's RAS axes (see
+                           :mod:`aldk_tf.deploy.warp`): the fixed voxel at world position
+                           ``p`` corresponds to the moving image's ``p + u(p)``;
 - ``warped_seg.nii.gz``    with ``--moving-seg``: labels warped one mask at a time
                            (trilinear, threshold 128 of 255, as the evaluation does), in
                            an integer type wide enough for the values (uint16 for 40000);
-- ``preview.png``          orthogonal slices of fixed / moving / warped / Jacobian
-                           determinant, on the model's grid;
-- ``registration.json``    the model, the inputs, the preprocessing used, timings.
+- ``registration.json``    the model, the inputs, the preprocessing used, timings, and
+                           folding / std det(J) on the model grid and on the fixed grid;
+- on request, ``jacobian.nii.gz`` (``--jacobian``: det of the Jacobian of
+  ``p -> p + u(p)``, <= 0 is folding) and ``preview.png`` (``--preview``:
+  :mod:`aldk_tf.deploy.preview`).
 
 An existing non-empty ``DIR`` is refused unless ``--overwrite``; then it is replaced as
 a whole (no file of a previous pair stays). ``aldk-warp`` applies ``flow.nii.gz`` to
 other images. ``--pairs`` registers every row of a CSV with the model loaded once
-(:mod:`aldk_tf.deploy.register_batch`). :class:`Registrar` is the in-memory interface (model
-loaded once; nibabel images in and out).
+(:mod:`aldk_tf.deploy.register_batch`). :class:`Registrar` is the in-memory interface:
+:meth:`Registrar.register` for nibabel images or paths, :meth:`Registrar.register_arrays`
+for numpy arrays (voxel flow and warped arrays out).
 
 With ``--refine N`` the SavedModel's flow is refined on the model's grid by N steps of
-instance optimisation (:mod:`aldk_tf.training.refine`) before anything is written; the time it
-took is printed (the first call includes tracing the refinement, about a second).
-
-Correspondence: the network maps preprocessed fixed voxel ``v`` to preprocessed moving
-voxel ``v + flow(v)``; each grid's affine (kept by the preprocessing) takes these to world
-coordinates. Sampling uses :func:`aldk_tf.spatial.sample` (trilinear, edge-clamped).
+instance optimisation (:mod:`aldk_tf.training.refine`) before anything is written.
 All files are computed first in a temporary folder, which is then renamed into place.
 """
 
@@ -51,24 +49,30 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import nibabel as nib
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from aldk_tf.data import DataError, checks, preprocess  # noqa: E402
-from aldk_tf.deploy import warp  # noqa: E402
-from aldk_tf.deploy.preparation import (RegisterError, check_prepared,  # noqa: E402
+from aldk_tf.data import DataError, checks, preprocess
+from aldk_tf.deploy import warp
+from aldk_tf.deploy.export import make_readable, make_writable_folder
+from aldk_tf.deploy.fixed_grid import FixedGrid
+from aldk_tf.deploy.preparation import (RegisterError, check_prepared, check_stated,
                                         resolve_preprocessing, scan_crop)
-from aldk_tf.deploy.export import make_readable, make_writable_folder  # noqa: E402
-from aldk_tf.deploy.serving import INFO_NAME, SERVING_SIGNATURE  # noqa: E402
-from aldk_tf.training.refine import DEFAULT_LEARNING_RATE  # noqa: E402
-from aldk_tf.training.refine import check_arguments as check_refine_arguments  # noqa: E402
+from aldk_tf.deploy.preview import write_preview
+from aldk_tf.deploy.serving import INFO_NAME, SERVING_SIGNATURE
+from aldk_tf.refine_options import DEFAULT_LEARNING_RATE
+from aldk_tf.refine_options import check_arguments as check_refine_arguments
 
 SUMMARY_NAME = "registration.json"
-OUTPUT_NAMES = ("warped.nii.gz", "flow.nii.gz", "jacobian.nii.gz", "warped_seg.nii.gz",
-                "preview.png", SUMMARY_NAME)
+#: Written by every registration (warped_seg.nii.gz only with a moving segmentation).
+OUTPUT_NAMES = ("warped.nii.gz", "flow.nii.gz", "warped_seg.nii.gz", SUMMARY_NAME)
+#: Written on request (``--jacobian``, ``--preview``).
+OPTIONAL_NAMES = ("jacobian.nii.gz", "preview.png")
+#: Default axes of flow.nii.gz's vectors: what ITK and ANTs read correctly.
+DEFAULT_FLOW_SPACE = "lps"
 
 
 # ----------------------------------------------------------------------------- model
@@ -80,10 +84,7 @@ def load_serving_model(path: str):
     """
     import tensorflow as tf
 
-    path = latest_version(path)
-    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-        raise RegisterError(f"{path}: not a SavedModel version directory (no "
-                            "saved_model.pb); expected export/<name>/<N> from export.py")
+    path = check_model_dir(path)
     try:
         loaded = tf.saved_model.load(path)
     except Exception as error:  # noqa: BLE001  TF raises many types for broken models
@@ -101,6 +102,16 @@ def load_serving_model(path: str):
     return loaded, tuple(int(n) for n in shape[1:4])
 
 
+def check_model_dir(path: str) -> str:
+    """The SavedModel version directory of ``path`` (:func:`latest_version`), or a
+    :class:`RegisterError` when it holds no ``saved_model.pb``."""
+    path = latest_version(path)
+    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        raise RegisterError(f"{path}: not a SavedModel version directory (no "
+                            "saved_model.pb); expected export/<name>/<N> from export.py")
+    return path
+
+
 def latest_version(path: str) -> str:
     """``path`` itself, or its highest numeric version subdirectory when ``path`` is a
     model base directory (``export/<name>``), as TF Serving would pick."""
@@ -112,35 +123,6 @@ def latest_version(path: str) -> str:
 
 
 # ----------------------------------------------------------------------------- outputs
-def write_preview(path: str, fixed, moving, warped, jacobian) -> None:
-    """PNG: rows = central axial / coronal / sagittal slices; columns = fixed, moving,
-    warped, Jacobian determinant (diverging colours around 1; <= 0 is folding)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    columns = (("fixed", fixed, "gray", 0.0, 1.0), ("moving", moving, "gray", 0.0, 1.0),
-               ("warped", warped, "gray", 0.0, 1.0),
-               ("Jacobian det.", jacobian, "RdBu_r", 0.0, 2.0))
-    figure, axes = pyplot.subplots(3, 4, figsize=(10, 7.5))
-    centre = [n // 2 for n in fixed.shape]
-    for column, (title, volume, cmap, low, high) in enumerate(columns):
-        slices = (volume[:, :, centre[2]], volume[:, centre[1], :], volume[centre[0]])
-        for row, picture in enumerate(slices):
-            shown = axes[row, column].imshow(np.rot90(picture), cmap=cmap, vmin=low,
-                                             vmax=high)
-            axes[row, column].set_axis_off()
-            if row == 0:
-                axes[row, column].set_title(title)
-        if column == 3:
-            figure.colorbar(shown, ax=axes[:, column].tolist(), shrink=0.6)
-    folding = 100.0 * float(np.mean(jacobian <= 0))
-    figure.suptitle(f"folding voxels (det <= 0): {folding:.3f}%")
-    figure.savefig(path, dpi=80)
-    pyplot.close(figure)
-
-
 def check_output_dir(out_dir: str, overwrite: bool = False) -> None:
     """:class:`RegisterError` unless ``out_dir`` can be (re)placed by a new result."""
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -173,23 +155,74 @@ def _publish(staging: str, out_dir: str) -> None:
 # ----------------------------------------------------------------------------- pipeline
 @dataclass
 class Registration:
-    """One registered pair, in memory: images on the fixed grid, model-grid arrays."""
+    """One registered pair, in memory: nibabel images on the fixed grid, model arrays."""
 
-    warped: object                       # nibabel image, the moving intensities
-    flow: object                         # nibabel [X, Y, Z, 1, 3] mm, in flow_space
-    jacobian: object                     # nibabel, det of d(p + u)/dp
+    warped: object                       # nibabel image, the moving intensities (float32)
+    flow: object                         # nibabel [X, Y, Z, 1, 3] mm, in stats["flow_space"]
+    jacobian: object                     # nibabel, det of d(p + u)/dp on the fixed grid
     warped_seg: object | None            # nibabel labels, or None
     field_ras: np.ndarray                # [X, Y, Z, 3] mm, RAS
     model_arrays: dict                   # fixed, moving, warped, jacobian on the model grid
     stats: dict
+    fixed_image: object = None           # the inputs as read (nibabel)
+    moving_image: object = None
+
+
+@dataclass
+class ArrayRegistration:
+    """One registered pair of numpy arrays (:meth:`Registrar.register_arrays`).
+
+    ``flow[x]`` (voxels, ``[X, Y, Z, 3]`` on the fixed array's grid, channel i along array
+    axis i) takes fixed voxel ``x`` to the moving array's voxel ``x + flow[x]`` (the
+    library's warp convention; with grids of different spacing or position the flow holds
+    that difference too). ``warped`` is the moving array sampled there (float32),
+    ``warped_seg`` the moving labels (or None), ``jacobian`` det of the Jacobian in world
+    units, ``stats`` as in ``registration.json``.
+    """
+
+    flow: np.ndarray
+    warped: np.ndarray
+    warped_seg: np.ndarray | None
+    jacobian: np.ndarray
+    stats: dict
+
+
+def as_image(data, spacing=None, affine=None, what: str = "image"):
+    """A nibabel image of a 3-D numpy array: ``affine`` (4x4, voxel -> world mm, RAS), else
+    ``diag(spacing)`` (mm, default 1), array axes along x, y, z."""
+    data = np.asarray(data)
+    if data.ndim != 3:
+        raise DataError(f"{what}: array of shape {data.shape}, expected 3-D")
+    if affine is not None and spacing is not None:
+        raise DataError(f"{what}: give a spacing or an affine, not both")
+    if affine is None:
+        spacing = np.broadcast_to(np.asarray(1.0 if spacing is None else spacing,
+                                             np.float64), (3,))
+        if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+            raise DataError(f"{what}: spacing {spacing.tolist()}: expected three sizes > 0")
+        affine = np.diag([*spacing, 1.0])
+    affine = np.asarray(affine, np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all() or \
+            abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DataError(f"{what}: affine must be an invertible 4x4 matrix")
+    return nib.Nifti1Image(data, affine)
+
+
+def _image(value, what: str):
+    """Paths and DICOM folders are read; numpy arrays become 1 mm RAS images."""
+    if isinstance(value, np.ndarray):
+        return as_image(value, what=what)
+    return preprocess.load_image(value, what)
 
 
 class Registrar:
     """An exported model loaded once, with the preprocessing its training data had.
 
-    ``overrides``: flag name -> value (``modality``, ``crop``, ``margin``, ``window``,
-    ``percentiles``, ``threshold``; None = the model's). Use :meth:`register` for images
-    in memory (nibabel images or paths) and :func:`write_registration` to save a result.
+    ``overrides``: flag name -> value (``modality``, ``crop``, ``margin``, ``intensity``,
+    ``window``, ``percentiles``, ``threshold``; None = the model's). Use :meth:`register`
+    for images (nibabel images, NIfTI paths, DICOM folders, or numpy arrays taken as 1 mm
+    RAS grids), :meth:`register_arrays` for numpy arrays with their spacing or affine, and
+    :func:`write_registration` to save a result.
     """
 
     def __init__(self, model: str, overrides: dict | None = None,
@@ -199,10 +232,11 @@ class Registrar:
             check_refine_arguments(refine, refine_learning_rate)
         except ValueError as error:
             raise RegisterError(str(error)) from None
-        self.loaded, self.size = load_serving_model(model)
-        self.model_path = latest_version(model)
+        self.model_path = check_model_dir(model)
         self.info = read_export_info(self.model_path)
         overrides = dict(overrides or {})
+        check_stated(self.info, overrides)              # before the slow model load
+        self.loaded, self.size = load_serving_model(model)
         self.settings, self.notes = resolve_preprocessing(self.info, self.size, overrides,
                                                           with_masks)
         self.crop_given = overrides.get("crop") is not None
@@ -213,7 +247,7 @@ class Registrar:
 
     def prepare(self, image, mask=None, what: str = "image"):
         """``(nibabel image, PreprocessedScan)`` of one scan, prepared as the model's."""
-        image = preprocess.load_image(image, what)
+        image = _image(image, what)
         if (mask is not None) != self.with_masks:
             raise RegisterError("--fixed-mask and --moving-mask go together (both or "
                                 "neither)")
@@ -222,12 +256,17 @@ class Registrar:
         return image, scan
 
     def register(self, fixed, moving, fixed_mask=None, moving_mask=None,
-                 moving_seg=None, flow_space: str = "ras") -> Registration:
-        """Register ``moving`` to ``fixed`` (nibabel images or NIfTI paths), in memory."""
+                 moving_seg=None, flow_space: str = DEFAULT_FLOW_SPACE) -> Registration:
+        """Register ``moving`` to ``fixed`` in memory (nibabel images, NIfTI paths, DICOM
+        folders, or 3-D numpy arrays taken as 1 mm grids along RAS)."""
         import tensorflow as tf
 
         from aldk_tf import spatial
 
+        started = time.perf_counter()
+        if flow_space not in warp.FLOW_SPACES:
+            raise RegisterError(f"--flow-space: expected one of {warp.FLOW_SPACES}, "
+                                f"got '{flow_space}'")
         if (fixed_mask is None) != (moving_mask is None):
             raise RegisterError("--fixed-mask and --moving-mask go together (both or "
                                 "neither)")
@@ -238,14 +277,14 @@ class Registrar:
                                    same=checks.same_file(fixed, moving))
         segmentation = None
         if moving_seg is not None:
-            label_image = preprocess.load_image(moving_seg, "moving segmentation")
+            label_image = _image(moving_seg, "moving segmentation")
             if label_image.shape != moving_image.shape or not np.allclose(
                     label_image.affine, moving_image.affine, atol=1e-3):
-                raise DataError(f"{preprocess._name(moving_seg)}: segmentation grid "
+                raise DataError(f"{preprocess._name(label_image)}: segmentation grid "
                                 f"(shape {label_image.shape}) differs from the moving "
                                 f"image's (shape {moving_image.shape})")
             segmentation = warp.label_array(label_image.dataobj,
-                                            preprocess._name(moving_seg))
+                                            preprocess._name(label_image))
         fixed_input = fixed_scan.volume.astype(np.float32)[None, ..., None] / 255.0
         moving_input = moving_scan.volume.astype(np.float32)[None, ..., None] / 255.0
         start = time.perf_counter()
@@ -266,33 +305,68 @@ class Registrar:
         model_jacobian = spatial.jacobian_determinant(flow).numpy()[0]
 
         # Fixed source voxel -> model voxel v -> moving model voxel v + flow(v) -> world.
-        source_to_model = np.linalg.inv(fixed_scan.affine) @ fixed_image.affine
-        model_points = warp.grid_to(source_to_model, fixed_image.shape)  # [X, Y, Z, 3]
-        displacement = warp.sample_linear(flow[0], model_points)
-        moving_world = warp.apply_affine(moving_scan.affine, model_points + displacement)
-        field = moving_world - warp.grid_to(fixed_image.affine, fixed_image.shape)
-        moving_points = warp.moving_voxels(field, fixed_image.affine, moving_image.affine)
-        warped = warp.sample_linear(np.asarray(moving_image.dataobj, np.float32),
-                                    moving_points)
-        jacobian = warp.jacobian_of_field(field, fixed_image.affine)
+        grid = FixedGrid(flow[0], np.linalg.inv(fixed_scan.affine) @ fixed_image.affine,
+                         moving_scan.affine, fixed_image.affine, fixed_image.shape)
+        field = np.empty((*fixed_image.shape, 3), np.float32)
+        jacobian = np.empty(fixed_image.shape, np.float32)
+        for first, last in grid.slabs():
+            field[first:last], jacobian[first:last] = grid.slab(first, last)
+        warped = warp.warp_volume(np.asarray(moving_image.dataobj, np.float32), field,
+                                  fixed_image.affine, moving_image.affine)
         warped_seg = None
         if segmentation is not None:
-            warped_seg = warp.nifti_like(fixed_image,
-                                         warp.sample_labels(segmentation, moving_points))
-        stats = {"image_size": list(self.size), "seconds": seconds,
-                 "refine_steps": self.refine, "refine_seconds": refine_seconds,
-                 "folding_percent": 100.0 * float(np.mean(model_jacobian <= 0)),
-                 "jacobian_det_std": float(model_jacobian.std()),
+            warped_seg = warp.nifti_like(fixed_image, warp.warp_volume(
+                segmentation, field, fixed_image.affine, moving_image.affine, "labels"))
+        stats = {"image_size": list(self.size), "fixed_grid_shape": list(fixed_image.shape),
+                 "network_seconds": seconds, "refine_steps": self.refine,
+                 "refine_seconds": refine_seconds,
+                 "folding_percent_model_grid": 100.0 * float(np.mean(model_jacobian <= 0)),
+                 "jacobian_det_std_model_grid": float(model_jacobian.std()),
                  "folding_percent_fixed_grid": 100.0 * float(np.mean(jacobian <= 0)),
-                 "preprocessing": self.settings.to_dict(), "flow_space": flow_space}
+                 "jacobian_det_std_fixed_grid": float(jacobian.std()),
+                 "preprocessing": self.settings.to_dict(), "flow_space": flow_space,
+                 "register_seconds": time.perf_counter() - started}
         return Registration(
-            warped=warp.nifti_like(fixed_image, warped.astype(np.float32)),
+            warped=warp.nifti_like(fixed_image, warped),
             flow=warp.flow_image(fixed_image, field, flow_space),
-            jacobian=warp.nifti_like(fixed_image, jacobian.astype(np.float32)),
+            jacobian=warp.nifti_like(fixed_image, jacobian),
             warped_seg=warped_seg, field_ras=field,
             model_arrays={"fixed": fixed_input[0, ..., 0], "moving": moving_input[0, ..., 0],
                           "warped": warped_model, "jacobian": model_jacobian},
-            stats=stats)
+            stats=stats, fixed_image=fixed_image, moving_image=moving_image)
+
+    def register_arrays(self, fixed: np.ndarray, moving: np.ndarray, fixed_spacing=None,
+                        moving_spacing=None, fixed_affine=None, moving_affine=None,
+                        moving_seg: np.ndarray | None = None,
+                        fixed_mask: np.ndarray | None = None,
+                        moving_mask: np.ndarray | None = None) -> ArrayRegistration:
+        """Register numpy arrays: 3-D ``fixed`` and ``moving`` scans, each with a spacing
+        (mm per array axis, default 1) or a 4x4 affine (voxel -> world mm, RAS; default
+        ``diag(spacing)``); ``moving_seg`` labels on the moving grid, masks on theirs.
+        Returns :class:`ArrayRegistration` (voxel flow, warped arrays, statistics)."""
+        fixed_image = as_image(fixed, fixed_spacing, fixed_affine, "fixed")
+        moving_image = as_image(moving, moving_spacing, moving_affine, "moving")
+        extra = {name: None if value is None else
+                 nib.Nifti1Image(np.asarray(value), image.affine)
+                 for name, value, image in (("moving_seg", moving_seg, moving_image),
+                                            ("fixed_mask", fixed_mask, fixed_image),
+                                            ("moving_mask", moving_mask, moving_image))}
+        result = self.register(fixed_image, moving_image, extra["fixed_mask"],
+                               extra["moving_mask"], extra["moving_seg"], "ras")
+        shape = fixed_image.shape
+        flow = np.empty((*shape, 3), np.float32)
+        for first in range(0, shape[0], warp.SLAB_ROWS):
+            last = min(first + warp.SLAB_ROWS, shape[0])
+            points = warp.moving_voxels(result.field_ras[first:last], fixed_image.affine,
+                                        moving_image.affine, first, shape)
+            flow[first:last] = points - np.stack(np.meshgrid(
+                np.arange(first, last), np.arange(shape[1]), np.arange(shape[2]),
+                indexing="ij"), axis=-1)
+        return ArrayRegistration(
+            flow=flow, warped=np.asarray(result.warped.dataobj),
+            warped_seg=None if result.warped_seg is None else
+            np.asarray(result.warped_seg.dataobj),
+            jacobian=np.asarray(result.jacobian.dataobj), stats=result.stats)
 
 
 def read_export_info(version_dir: str) -> dict:
@@ -311,61 +385,74 @@ def read_export_info(version_dir: str) -> dict:
 
 
 def write_registration(result: Registration, out_dir: str, overwrite: bool = False,
-                       extra: dict | None = None) -> list[str]:
+                       extra: dict | None = None, jacobian: bool = False,
+                       preview: bool = False) -> list[str]:
     """Write a :class:`Registration` into ``out_dir`` (a new folder, renamed into place);
-    returns the written paths."""
+    ``jacobian`` / ``preview``: also ``jacobian.nii.gz`` / ``preview.png``. Returns the
+    written paths. The NIfTI files are compressed in parallel (zlib releases the GIL)."""
     check_output_dir(out_dir, overwrite)
     parent = os.path.dirname(os.path.abspath(out_dir))
     staging = tempfile.mkdtemp(prefix=".tmp-register-", dir=parent)
     try:
-        names = {"warped.nii.gz": result.warped, "flow.nii.gz": result.flow,
-                 "jacobian.nii.gz": result.jacobian}
+        names = {"warped.nii.gz": result.warped, "flow.nii.gz": result.flow}
         if result.warped_seg is not None:
             names["warped_seg.nii.gz"] = result.warped_seg
-        for name, image in names.items():
-            image.to_filename(os.path.join(staging, name))
-        arrays = result.model_arrays
-        write_preview(os.path.join(staging, "preview.png"), arrays["fixed"],
-                      arrays["moving"], arrays["warped"], arrays["jacobian"])
+        if jacobian:
+            names["jacobian.nii.gz"] = result.jacobian
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            for done in [pool.submit(image.to_filename, os.path.join(staging, name))
+                         for name, image in names.items()]:
+                done.result()
+        written = list(names)
+        if preview:
+            write_preview(os.path.join(staging, "preview.png"), result.fixed_image,
+                          result.moving_image, result.warped, result.jacobian)
+            written.append("preview.png")
         with open(os.path.join(staging, SUMMARY_NAME), "w") as handle:
             json.dump({**(extra or {}), **result.stats}, handle, indent=2)
             handle.write("\n")
+        written.append(SUMMARY_NAME)
         make_readable(staging)
         _publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return [os.path.join(out_dir, name) for name in
-            [*names, "preview.png", SUMMARY_NAME]]
+    return [os.path.join(out_dir, name) for name in written]
 
 
 def register_pair(model: str, fixed: str, moving: str, out_dir: str,
                   moving_seg: str | None = None, fixed_mask: str | None = None,
                   moving_mask: str | None = None, overrides: dict | None = None,
                   refine: int = 0, refine_learning_rate: float = DEFAULT_LEARNING_RATE,
-                  flow_space: str = "ras", overwrite: bool = False) -> dict:
-    """Register ``moving`` to ``fixed`` (NIfTI paths) and write the outputs to ``out_dir``.
+                  flow_space: str = DEFAULT_FLOW_SPACE, overwrite: bool = False,
+                  jacobian: bool = False, preview: bool = False) -> dict:
+    """Register ``moving`` to ``fixed`` (NIfTI paths or DICOM folders) and write the
+    outputs to ``out_dir``.
 
-    Returns the result's statistics plus ``outputs`` (paths) and ``notes`` (how the
-    preprocessing was chosen). Raises :class:`RegisterError` / :class:`DataError`.
+    Returns the result's statistics plus ``outputs`` (paths), ``notes`` (how the
+    preprocessing was chosen) and ``wall_seconds`` (reading to written, the model's
+    loading included). Raises :class:`RegisterError` / :class:`DataError`.
     """
+    started = time.perf_counter()
     if flow_space not in warp.FLOW_SPACES:
         raise RegisterError(f"--flow-space: expected one of {warp.FLOW_SPACES}, "
                             f"got '{flow_space}'")
     check_output_dir(out_dir, overwrite)
-    for path, what in ((fixed, "fixed image"), (moving, "moving image"),
-                       (moving_seg, "moving segmentation"), (fixed_mask, "fixed mask"),
-                       (moving_mask, "moving mask")):
-        if path is not None:
-            preprocess.load_image(path, what)          # fail before loading the model
+    images = {}
+    for name, path, what in (("fixed", fixed, "fixed image"),
+                             ("moving", moving, "moving image"),
+                             ("moving_seg", moving_seg, "moving segmentation"),
+                             ("fixed_mask", fixed_mask, "fixed mask"),
+                             ("moving_mask", moving_mask, "moving mask")):
+        # Read once, before loading the model: a bad file fails first.
+        images[name] = None if path is None else preprocess.load_image(path, what)
     registrar = Registrar(model, overrides, with_masks=fixed_mask is not None
                           or moving_mask is not None, refine=refine,
                           refine_learning_rate=refine_learning_rate)
-    result = registrar.register(fixed, moving, fixed_mask, moving_mask, moving_seg,
-                                flow_space)
+    result = registrar.register(images["fixed"], images["moving"], images["fixed_mask"],
+                                images["moving_mask"], images["moving_seg"], flow_space)
     outputs = write_registration(result, out_dir, overwrite, extra={
         "model": os.path.abspath(registrar.model_path), "fixed": os.path.abspath(fixed),
-        "moving": os.path.abspath(moving)})
-    return {**result.stats, "outputs": outputs, "notes": registrar.notes}
-
-
+        "moving": os.path.abspath(moving)}, jacobian=jacobian, preview=preview)
+    return {**result.stats, "outputs": outputs, "notes": registrar.notes,
+            "wall_seconds": time.perf_counter() - started}

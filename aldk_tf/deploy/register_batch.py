@@ -1,17 +1,20 @@
 """Batch registration from a pairs CSV: ``aldk-register --pairs pairs.csv --out DIR``.
 
 The CSV has a header row and one row per pair; columns ``fixed`` and ``moving`` (NIfTI
-paths) are required, ``moving_seg``, ``fixed_mask``, ``moving_mask`` and ``name`` are
-optional (an empty cell = none). Relative paths are taken from the CSV's folder. Every
-pair is written to ``DIR/<name>/`` (default name ``<fixed id>__<moving id>``, the file
-names without their NIfTI suffix) exactly as a single ``register`` call would write it,
-and ``DIR/summary.csv`` lists every pair with its status (``ok`` or the one-line error),
-seconds, % folding and std det(J).
+files or DICOM series folders) are required, ``moving_seg``, ``fixed_mask``,
+``moving_mask`` and ``name`` are optional (an empty cell = none). Relative paths are taken
+from the CSV's folder. Every pair is written to ``DIR/<name>/`` (default name
+``<fixed id>__<moving id>``, the names without their NIfTI suffix) exactly as a single
+``register`` call would write it, and ``DIR/summary.csv`` lists every row with its status
+(``ok`` or the one-line reason), the network's seconds, the pair's wall seconds (reading to
+written), % folding and std det(J) on the fixed grid.
 
-The model is loaded once. The whole CSV is checked before any registration (files exist,
-names unique, output folders free unless ``--overwrite``, masks given for all pairs or
-none); a pair that fails while registering (e.g. a scan the model's preprocessing cannot
-prepare) is reported in the summary and the others go on; the exit status is then 1.
+Batches finish: every row is checked first (files or folders exist, names unique and
+plain, output folder free unless ``--overwrite``, masks in pairs); a bad row is reported
+in the summary and skipped, the good rows are registered with the model loaded once, a
+pair that fails while registering is reported too, and the exit status is then 1. Only a
+CSV that cannot be read at all (no such file, no ``fixed``/``moving`` columns, no rows, or
+masks for some pairs only) stops the batch before any work (exit status 2).
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
+import time
 
 from aldk_tf.config import atomic_write_text
 from aldk_tf.data import DataError
 
 COLUMNS = ("fixed", "moving", "moving_seg", "fixed_mask", "moving_mask", "name")
 SUMMARY_NAME = "summary.csv"
-SUMMARY_COLUMNS = ("name", "fixed", "moving", "status", "seconds", "folding_percent",
-                   "jacobian_det_std", "out_dir")
+SUMMARY_COLUMNS = ("name", "fixed", "moving", "status", "network_seconds", "wall_seconds",
+                   "folding_percent_fixed_grid", "jacobian_det_std_fixed_grid", "out_dir")
 
 
 class PairsError(ValueError):
@@ -63,83 +68,108 @@ def read_pairs(path: str) -> list[dict]:
     folder = os.path.dirname(os.path.abspath(path))
     pairs, names = [], set()
     for line, row in enumerate(rows, start=2):
-        pair = {}
-        for column in COLUMNS[:5]:
-            value = (row.get(column) or "").strip()
-            if not value:
-                if column in ("fixed", "moving"):
-                    raise PairsError(f"{path}: line {line}: empty '{column}'")
-                pair[column] = None
-                continue
-            value = value if os.path.isabs(value) else os.path.join(folder, value)
-            if not os.path.isfile(value):
-                raise PairsError(f"{path}: line {line}: {column} file {value} not found")
-            pair[column] = value
-        name = (row.get("name") or "").strip() or \
-            f"{scan_id(pair['fixed'])}__{scan_id(pair['moving'])}"
+        pair = {"line": line, "error": None, **dict.fromkeys(COLUMNS[2:5])}
+        try:
+            for column in COLUMNS[:5]:
+                pair[column] = _row_path(row, column, folder, path, line)
+        except PairsError as error:
+            pair["error"] = str(error)
+        for column in ("fixed", "moving"):              # for the summary, even if bad
+            pair.setdefault(column, (row.get(column) or "").strip())
+        fixed, moving = pair["fixed"] or f"line{line}", pair["moving"] or "?"
+        name = (row.get("name") or "").strip() or f"{scan_id(fixed)}__{scan_id(moving)}"
         if os.sep in name or name in (".", "..") or name.startswith("."):
-            raise PairsError(f"{path}: line {line}: name '{name}' must be a plain folder "
-                             "name")
+            pair["error"] = pair["error"] or (f"{path}: line {line}: name '{name}' must be "
+                                              "a plain folder name")
+            name = f"line{line}"
         if name in names:
-            raise PairsError(f"{path}: line {line}: output name '{name}' used twice (add "
-                             "a 'name' column)")
+            pair["error"] = pair["error"] or (f"{path}: line {line}: output name '{name}' "
+                                              "used twice (add a 'name' column)")
+            name = f"{name}.line{line}"
         names.add(name)
-        if (pair["fixed_mask"] is None) != (pair["moving_mask"] is None):
-            raise PairsError(f"{path}: line {line}: fixed_mask and moving_mask go together")
-        pairs.append({**pair, "name": name, "line": line})
+        if pair["error"] is None and \
+                (pair["fixed_mask"] is None) != (pair["moving_mask"] is None):
+            pair["error"] = f"{path}: line {line}: fixed_mask and moving_mask go together"
+        pairs.append({**pair, "name": name})
     masks = {pair["fixed_mask"] is not None or pair["moving_mask"] is not None
-             for pair in pairs}
+             for pair in pairs if pair["error"] is None}
     if len(masks) > 1:
         raise PairsError(f"{path}: masks are given for some pairs only; give "
                          "fixed_mask and moving_mask for every pair or for none")
     return pairs
 
 
+def _row_path(row: dict, column: str, folder: str, path: str, line: int):
+    """The resolved path of one cell (None if empty and optional); :class:`PairsError`
+    if a required cell is empty or the file (or DICOM folder) does not exist."""
+    value = (row.get(column) or "").strip()
+    if not value:
+        if column in ("fixed", "moving"):
+            raise PairsError(f"{path}: line {line}: empty '{column}'")
+        return None
+    value = value if os.path.isabs(value) else os.path.join(folder, value)
+    if not os.path.exists(value):
+        raise PairsError(f"{path}: line {line}: {column} {value} not found (expected a "
+                         "NIfTI file or a DICOM series folder)")
+    return value
+
+
 def register_batch(model: str, pairs_csv: str, out_dir: str, overrides: dict | None = None,
                    refine: int = 0, refine_learning_rate: float | None = None,
-                   flow_space: str = "ras", overwrite: bool = False,
-                   progress: bool = True) -> list[dict]:
-    """Register every pair of ``pairs_csv`` into ``out_dir/<name>/``; returns the summary
-    rows (also written to ``out_dir/summary.csv``)."""
+                   flow_space: str = "lps", overwrite: bool = False,
+                   progress: bool = True, jacobian: bool = False,
+                   preview: bool = False, stream=None) -> list[dict]:
+    """Register every good row of ``pairs_csv`` into ``out_dir/<name>/``; returns the
+    summary rows of all rows (also written to ``out_dir/summary.csv``)."""
+    from aldk_tf.console import Progress
     from aldk_tf.deploy import register
 
     pairs = read_pairs(pairs_csv)
-    with_masks = pairs[0]["fixed_mask"] is not None or pairs[0]["moving_mask"] is not None
     for pair in pairs:
-        register.check_output_dir(os.path.join(out_dir, pair["name"]), overwrite)
+        if pair["error"] is None:
+            try:
+                register.check_output_dir(os.path.join(out_dir, pair["name"]), overwrite)
+            except register.RegisterError as error:
+                pair["error"] = str(error)
+    good = [pair for pair in pairs if pair["error"] is None]
+    with_masks = bool(good) and (good[0]["fixed_mask"] is not None)
     options = {} if refine_learning_rate is None else \
         {"refine_learning_rate": refine_learning_rate}
     registrar = register.Registrar(model, overrides, with_masks=with_masks, refine=refine,
-                                   **options)
-    bar = None
-    if progress:
-        import keras
-        bar = keras.utils.Progbar(len(pairs), unit_name="pair")
+                                   **options) if good else None
+    bar = Progress(len(pairs), "pairs", stream or sys.stdout) if progress else None
     rows = []
     for pair in pairs:
         target = os.path.join(out_dir, pair["name"])
         row = {"name": pair["name"], "fixed": pair["fixed"], "moving": pair["moving"],
-               "status": "ok", "seconds": "", "folding_percent": "",
-               "jacobian_det_std": "", "out_dir": target}
+               "status": "ok", "network_seconds": "", "wall_seconds": "",
+               "folding_percent_fixed_grid": "", "jacobian_det_std_fixed_grid": "",
+               "out_dir": target}
+        started = time.perf_counter()
         try:
+            if pair["error"] is not None:
+                raise register.RegisterError(pair["error"])
             result = registrar.register(pair["fixed"], pair["moving"], pair["fixed_mask"],
                                         pair["moving_mask"], pair["moving_seg"],
                                         flow_space)
             register.write_registration(result, target, overwrite, extra={
                 "model": os.path.abspath(registrar.model_path),
-                "fixed": pair["fixed"], "moving": pair["moving"]})
-            row.update(seconds=f"{result.stats['seconds']:.4f}",
-                       folding_percent=f"{result.stats['folding_percent']:.4f}",
-                       jacobian_det_std=f"{result.stats['jacobian_det_std']:.4f}")
+                "fixed": pair["fixed"], "moving": pair["moving"]},
+                jacobian=jacobian, preview=preview)
+            stats = result.stats
+            row.update(network_seconds=f"{stats['network_seconds']:.4f}",
+                       wall_seconds=f"{time.perf_counter() - started:.4f}",
+                       folding_percent_fixed_grid=f"{stats['folding_percent_fixed_grid']:.4f}",
+                       jacobian_det_std_fixed_grid=f"{stats['jacobian_det_std_fixed_grid']:.4f}")
         except (register.RegisterError, DataError) as error:
             row.update(status=f"error: {error}", out_dir="")
         rows.append(row)
         if bar is not None:
-            bar.add(1)
+            bar.step(f"{pair['name']}: {row['status']}")
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
+    os.makedirs(out_dir, exist_ok=True)
     atomic_write_text(os.path.join(out_dir, SUMMARY_NAME), text.getvalue())
     return rows
-

@@ -34,7 +34,6 @@ import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
 from aldk_tf.data import checks, preprocess  # noqa: E402
@@ -66,6 +65,8 @@ def from_flow_space(field: np.ndarray, space: str) -> np.ndarray:
 def nifti_like(reference, data: np.ndarray, intent: str | None = None,
                intent_name: str = ""):
     """A NIfTI image of ``data`` on ``reference``'s grid with its header and affine."""
+    import nibabel as nib
+
     image = nib.Nifti1Image(data, reference.affine, header=reference.header.copy())
     image.set_data_dtype(data.dtype)
     if intent is not None:
@@ -74,6 +75,8 @@ def nifti_like(reference, data: np.ndarray, intent: str | None = None,
         image.header.set_intent("none")
     image.set_sform(reference.affine, code=int(reference.header["sform_code"]) or 1)
     image.set_qform(reference.affine, code=int(reference.header["qform_code"]) or 1)
+    image.header.set_xyzt_units("mm", "sec")       # affines map voxels to millimetres
+    image.header["scl_slope"], image.header["scl_inter"] = np.nan, np.nan
     return image
 
 
@@ -86,6 +89,8 @@ def flow_image(reference, field_ras: np.ndarray, space: str = "ras"):
 
 def read_flow(path: str, space: str = "auto"):
     """``(RAS field [X, Y, Z, 3] float32, the flow's NIfTI image, the space read)``."""
+    import nibabel as nib
+
     if not os.path.isfile(path):
         raise WarpError(f"{path}: flow file not found")
     try:
@@ -119,12 +124,23 @@ def read_flow(path: str, space: str = "auto"):
 
 
 # ----------------------------------------------------------------------------- geometry
-def grid_to(transform: np.ndarray, shape) -> np.ndarray:
-    """Voxel indices of a grid of ``shape`` mapped by a 4x4 ``transform``, ``[X,Y,Z,3]``."""
-    indices = np.indices(shape, dtype=np.float32)                # [3, X, Y, Z]
-    matrix = transform[:3, :3].astype(np.float32)
-    mapped = np.einsum("ij,jxyz->xyzi", matrix, indices)
-    return mapped + transform[:3, 3].astype(np.float32)
+#: Rows of the fixed grid's first axis warped at once (bounds the temporaries).
+SLAB_ROWS = 24
+
+
+def fixed_world(affine: np.ndarray, shape, start: int = 0, stop: int | None = None):
+    """World points ``[stop - start, Y, Z, 3]`` (float32) of the voxels in rows
+    ``start:stop`` of a grid of ``shape`` under the 4x4 ``affine``."""
+    stop = shape[0] if stop is None else stop
+    affine = np.asarray(affine, np.float64)
+    axes = [np.arange(start, stop, dtype=np.float64), np.arange(shape[1], dtype=np.float64),
+            np.arange(shape[2], dtype=np.float64)]
+    points = np.empty((stop - start, shape[1], shape[2], 3), np.float32)
+    for row in range(3):
+        points[..., row] = (affine[row, 0] * axes[0][:, None, None]
+                            + affine[row, 1] * axes[1][None, :, None]
+                            + affine[row, 2] * axes[2][None, None, :] + affine[row, 3])
+    return points
 
 
 def apply_affine(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -133,26 +149,14 @@ def apply_affine(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ matrix.T + transform[:3, 3].astype(np.float32)
 
 
-def moving_voxels(field_ras: np.ndarray, fixed_affine, moving_affine) -> np.ndarray:
-    """Moving-image voxel coordinates ``[X, Y, Z, 3]`` of every fixed voxel."""
-    fixed_world = grid_to(np.asarray(fixed_affine, np.float64), field_ras.shape[:3])
-    return apply_affine(np.linalg.inv(moving_affine), fixed_world + field_ras)
-
-
-def jacobian_of_field(field_ras: np.ndarray, affine) -> np.ndarray:
-    """det of the Jacobian of ``p -> p + u(p)`` (world mm) on the field's grid ``[X,Y,Z]``.
-
-    In the grid's voxel units the displacement is ``d = M^-1 u`` (``M`` the affine's 3x3),
-    and ``det(I + grad_v d) = det(M^-1 (I + grad_p u) M) = det(I + grad_p u)``: the
-    library's voxel Jacobian of ``d`` is the physical volume change.
-    """
-    import tensorflow as tf
-
-    from aldk_tf import spatial
-
-    inverse = np.linalg.inv(np.asarray(affine, np.float64)[:3, :3]).astype(np.float32)
-    voxel_field = field_ras @ inverse.T                       # [X, Y, Z, 3] in voxels
-    return spatial.jacobian_determinant(tf.constant(voxel_field[None])).numpy()[0]
+def moving_voxels(field_ras: np.ndarray, fixed_affine, moving_affine, start: int = 0,
+                  shape=None) -> np.ndarray:
+    """Moving-image voxel coordinates ``[X, Y, Z, 3]`` of every fixed voxel; for a slab of
+    the field (rows ``start:start + len(field_ras)`` of a grid of ``shape``)."""
+    shape = field_ras.shape[:3] if shape is None else shape
+    fixed = fixed_world(fixed_affine, shape, start, start + field_ras.shape[0])
+    return apply_affine(np.linalg.inv(np.asarray(moving_affine, np.float64)),
+                        fixed + field_ras)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -201,18 +205,58 @@ def label_array(data: np.ndarray, where: str) -> np.ndarray:
     raise WarpError(f"{where}: label values {low:g}..{high:g} do not fit in int32")
 
 
-def warp_array(data: np.ndarray, coordinate: np.ndarray, interpolation: str,
-               where: str = "image") -> np.ndarray:
-    """``data`` sampled at ``coordinate`` with ``interpolation`` (see the docstring)."""
+def image_dtype(image) -> np.dtype:
+    """The dtype a nearest-neighbour copy of ``image`` keeps: the file's stored type unless
+    a scale factor makes the values something else."""
+    header = getattr(image, "header", None)
+    try:
+        slope, inter = header.get_slope_inter()
+    except (AttributeError, TypeError):
+        slope, inter = None, None
+    if slope not in (None, 1.0) or inter not in (None, 0.0):
+        return np.asarray(image.dataobj).dtype
+    return np.dtype(image.get_data_dtype())
+
+
+def warp_volume(data: np.ndarray, field_ras: np.ndarray, fixed_affine, moving_affine,
+                interpolation: str = "linear", where: str = "image",
+                dtype=None) -> np.ndarray:
+    """``data`` (on the grid of ``moving_affine``) at every fixed voxel ``p + u(p)``.
+
+    The fixed grid is taken slab by slab (:data:`SLAB_ROWS` rows of its first axis), so
+    no full-grid array of coordinates is made. ``linear``: float32; ``nearest``: the
+    labels' values in ``dtype`` (default: the narrowest integer type that holds them);
+    ``labels``: the evaluation's per-label rule, in the narrowest integer type.
+    """
+    import tensorflow as tf
+
+    from aldk_tf import spatial
+
+    if interpolation not in INTERPOLATIONS:
+        raise WarpError(f"--interpolation: expected one of {INTERPOLATIONS}, "
+                        f"got '{interpolation}'")
+    shape = field_ras.shape[:3]
     if interpolation == "linear":
-        return sample_linear(data, coordinate).astype(np.float32)
-    labels = label_array(data, where)
-    if interpolation == "nearest":
-        return sample_labels(labels, coordinate, "nearest")
-    if interpolation == "labels":
-        return sample_labels(labels, coordinate, "threshold")
-    raise WarpError(f"--interpolation: expected one of {INTERPOLATIONS}, "
-                    f"got '{interpolation}'")
+        volume = tf.constant(np.asarray(data, np.float32)[None, ..., None])
+        result = np.empty(shape, np.float32)
+    else:
+        labels = label_array(data, where)
+        values = np.unique(labels)
+        volume = tf.constant(labels[None, ..., None])
+        result = np.empty(shape, labels.dtype)
+    for start in range(0, shape[0], SLAB_ROWS):
+        stop = min(start + SLAB_ROWS, shape[0])
+        points = tf.constant(moving_voxels(field_ras[start:stop], fixed_affine,
+                                           moving_affine, start, shape)[None])
+        if interpolation == "linear":
+            slab = spatial.sample(volume, points)
+        else:
+            rule = "nearest" if interpolation == "nearest" else "threshold"
+            slab = spatial.sample_labels(volume, points, rule, label_values=values)
+        result[start:stop] = slab.numpy()[0, ..., 0]
+    if interpolation == "nearest" and dtype is not None:
+        result = result.astype(dtype)
+    return result
 
 
 # ----------------------------------------------------------------------------- command
@@ -229,15 +273,17 @@ def warp_file(flow: str, image: str, out: str, interpolation: str = "linear",
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise WarpError(f"{out}: output folder {folder} does not exist or is not writable")
+    import nibabel as nib
+
     field, reference, space = read_flow(flow, flow_space)
     moving = preprocess.load_image(image, "image to warp")
-    coordinate = moving_voxels(field, reference.affine, moving.affine)
     warnings = []
     if interpolation == "linear" and (reason := checks.label_like(moving.dataobj)):
         warnings.append(f"{image}: looks like a label map ({reason}); linear "
                         "interpolation blends labels into values that are no label "
                         "(use --interpolation labels)")
-    warped = warp_array(np.asarray(moving.dataobj), coordinate, interpolation, image)
+    warped = warp_volume(np.asarray(moving.dataobj), field, reference.affine,
+                         moving.affine, interpolation, image, dtype=image_dtype(moving))
     # The fixed grid's header, as a 3-D image (the flow's has the vector dimensions).
     fixed = nib.Nifti1Image(np.zeros(field.shape[:3], np.uint8), reference.affine,
                             header=reference.header.copy())

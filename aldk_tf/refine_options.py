@@ -1,0 +1,34 @@
+"""The ``--refine N`` / ``--refine-lr`` flags of the command lines, without TensorFlow.
+
+:mod:`aldk_tf.training.refine` does the refinement and imports TensorFlow; the tools
+declare and check its flags from here so that ``--help`` and a bad flag answer without
+loading it (``tests/test_console.py`` keeps the default step size equal to the one of
+:mod:`aldk_tf.training.refine`).
+"""
+
+from __future__ import annotations
+
+import math
+
+#: Default Adam learning rate of the refinement, in voxels (as in training.refine).
+DEFAULT_LEARNING_RATE = 0.25
+
+
+def add_arguments(parser, what: str = "refine each flow") -> None:
+    """``--refine N`` and ``--refine-lr`` for a command line (``what``: the help's verb
+    phrase, e.g. "store each flow after")."""
+    parser.add_argument("--refine", type=int, default=0, metavar="N",
+                        help=f"{what} N instance-optimisation steps (default 0: none)")
+    parser.add_argument("--refine-lr", "--refine_lr", type=float,
+                        default=DEFAULT_LEARNING_RATE, metavar="VOXELS",
+                        help="Adam step size of the refinement, in voxels "
+                        f"(default {DEFAULT_LEARNING_RATE})")
+
+
+def check_arguments(steps: int, learning_rate: float) -> None:
+    """ValueError naming the flag unless ``--refine`` and ``--refine-lr`` are in range."""
+    if steps < 0:
+        raise ValueError(f"--refine: expected an integer >= 0, got {steps}")
+    if not 0 < learning_rate < math.inf:
+        raise ValueError(f"--refine-lr: expected a finite step size > 0 (voxels), got "
+                         f"{learning_rate}")
