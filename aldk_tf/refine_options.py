@@ -32,3 +32,20 @@ def check_arguments(steps: int, learning_rate: float) -> None:
     if not 0 < learning_rate < math.inf:
         raise ValueError(f"--refine-lr: expected a finite step size > 0 (voxels), got "
                          f"{learning_rate}")
+
+
+#: ``aldk-register --refine-grid``: refinement on a grid this many times finer than the
+#: model's (capped so that its voxels are not finer than the fixed scan's).
+DEFAULT_REFINE_GRID = 2
+MAX_REFINE_GRID = 4
+
+
+def add_grid_argument(parser) -> None:
+    """``--refine-grid F`` of aldk-register."""
+    parser.add_argument("--refine-grid", "--refine_grid", type=int,
+                        default=DEFAULT_REFINE_GRID, metavar="F",
+                        help="refine on a grid F times finer than the model's (the same "
+                             "crop boxes; the network's flow upsampled as the start), "
+                             "lowered so that its voxels are not finer than the fixed "
+                             f"scan's; 1: the model's grid (default {DEFAULT_REFINE_GRID})")
+

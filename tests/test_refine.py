@@ -308,7 +308,7 @@ def test_register_refine_writes_the_refined_flow(savedmodel, nifti_pair,  # noqa
                               "--moving", nifti_pair["moving"], "--out", str(out_dir),
                               "--crop", "none", "--refine", "3"])
     assert code == 0, capsys.readouterr().err
-    assert "refined by 3 steps in" in capsys.readouterr().out
+    assert "refined by 3 steps on a 32x32x32 grid in" in capsys.readouterr().out
 
     fixed, moving = nib.load(nifti_pair["fixed"]), nib.load(nifti_pair["moving"])
     inputs = [preprocess_scan(image, size=fixed.shape, crop="none", intensity="max").volume
@@ -323,3 +323,52 @@ def test_register_refine_writes_the_refined_flow(savedmodel, nifti_pair,  # noqa
     written = nib.load(out_dir / "flow.nii.gz").get_fdata()[:, :, :, 0, :]
     written = written * [-1.0, -1.0, 1.0]                      # LPS (default) to RAS
     np.testing.assert_allclose(written, refined.numpy()[0] * spacing + shift, atol=1e-3)
+
+
+def test_register_refines_on_a_finer_grid_warm_started_from_the_network(
+        savedmodel, nifti_pair, tmp_path, capsys):  # noqa: F811
+    """Scans twice as fine as the model's grid: --refine-grid 2 prepares both at 64^3
+    (here their own grids), upsamples the network's 32^3 flow and refines there; the
+    written flow is that refined flow. --refine-grid 4 is lowered to 2 (no finer than the
+    scan)."""
+    from scipy import ndimage
+
+    from aldk_tf import spatial
+    from aldk_tf.cli import register as register_cli
+    from aldk_tf.deploy.register import refinement_factor
+    fine = {}
+    for role in ("fixed", "moving"):
+        image = nib.load(nifti_pair[role])
+        data = ndimage.zoom(np.asarray(image.dataobj, np.float32), 2, order=1,
+                            grid_mode=True, mode="nearest")
+        affine = image.affine.copy()
+        affine[:3, :3] /= 2.0
+        affine[:3, 3] -= 0.25 * np.diag(image.affine)[:3]          # same box edges
+        fine[role] = str(tmp_path / f"{role}.nii.gz")
+        nib.save(nib.Nifti1Image(np.clip(data, 0, None).astype(np.float32), affine),
+                 fine[role])
+    out_dir = tmp_path / "out"
+    assert register_cli.main(["--model", savedmodel, "--fixed", fine["fixed"], "--moving",
+                              fine["moving"], "--out", str(out_dir), "--crop", "none",
+                              "--refine", "3", "--refine-grid", "4"]) == 0
+    assert "refined by 3 steps on a 64x64x64 grid" in capsys.readouterr().out
+    fixed, moving = nib.load(fine["fixed"]), nib.load(fine["moving"])
+    prepared = {size: [preprocess_scan(image, size=(size,) * 3, crop="none",
+                                       intensity="max").volume.astype(np.float32)
+                       [None, ..., None] / 255.0 for image in (fixed, moving)]
+                for size in (32, 64)}
+    loaded = tf.saved_model.load(savedmodel)
+    model_flow = loaded.signatures["serving_default"](
+        fixed=tf.constant(prepared[32][0]), moving=tf.constant(prepared[32][1]))["flow"]
+    refined, _ = refine_flow(*prepared[64], spatial.upsample_flow(model_flow, 2), 3,
+                             learning_rate=0.5)
+    spacing = np.diag(fixed.affine)[:3]
+    shift = moving.affine[:3, 3] - fixed.affine[:3, 3]
+    written = nib.load(out_dir / "flow.nii.gz").get_fdata()[:, :, :, 0, :]
+    written = written * [-1.0, -1.0, 1.0]                      # LPS (default) to RAS
+    np.testing.assert_allclose(written, refined.numpy()[0] * spacing + shift, atol=1e-3)
+    # the factor: as asked, lowered to the scan's resolution, at least 1
+    model, scan = np.diag([2.0, 2.0, 2.0, 1.0]), np.diag([1.0, 1.0, 1.0, 1.0])
+    assert refinement_factor(4, model, scan) == 2
+    assert refinement_factor(2, np.diag([2.1, 2.1, 2.1, 1]), np.diag([1.0, 1, 1, 1])) == 2
+    assert refinement_factor(3, model, np.diag([2.0, 2.0, 2.0, 1.0])) == 1

@@ -24,6 +24,7 @@ from aldk_tf.deploy.preparation import (RegisterError, add_preprocessing_argumen
                                         preprocessing_overrides)
 from aldk_tf.deploy.warp import FLOW_SPACES, WarpError
 from aldk_tf.refine_options import add_arguments as add_refine_arguments
+from aldk_tf.refine_options import add_grid_argument
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "lines")
     add_preprocessing_arguments(parser)
     add_refine_arguments(parser, "refine the model's flow by")
+    add_grid_argument(parser)
     args = parser.parse_args(argv)
     single = args.fixed is not None or args.moving is not None
     if args.pairs is not None and (single or args.moving_seg or args.fixed_mask
@@ -88,7 +90,8 @@ def main(argv=None) -> int:
                                overrides=preprocessing_overrides(args),
                                refine=args.refine, refine_learning_rate=args.refine_lr,
                                flow_space=args.flow_space, overwrite=args.overwrite,
-                               jacobian=args.jacobian, preview=args.preview)
+                               jacobian=args.jacobian, preview=args.preview,
+                               refine_grid=args.refine_grid)
     except (RegisterError, DataError, WarpError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -107,7 +110,8 @@ def main(argv=None) -> int:
               f"{result[f'folding_percent_{grid}_grid']:.3f}%, std det(J) "
               f"{result[f'jacobian_det_std_{grid}_grid']:.3f}")
     if result["refine_steps"]:
-        print(f"refined by {result['refine_steps']} steps in "
+        print(f"refined by {result['refine_steps']} steps on a "
+              f"{'x'.join(map(str, result['refine_grid']))} grid in "
               f"{result['refine_seconds']:.2f} s")
     return 0
 
@@ -120,7 +124,7 @@ def _main_batch(args) -> int:
                               refine_learning_rate=args.refine_lr,
                               flow_space=args.flow_space, overwrite=args.overwrite,
                               progress=not args.no_progress, jacobian=args.jacobian,
-                              preview=args.preview)
+                              preview=args.preview, refine_grid=args.refine_grid)
     except (RegisterError, DataError, PairsError, WarpError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

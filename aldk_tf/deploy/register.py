@@ -37,8 +37,11 @@ other images. ``--pairs`` registers every row of a CSV with the model loaded onc
 :meth:`Registrar.register` for nibabel images or paths, :meth:`Registrar.register_arrays`
 for numpy arrays (voxel flow and warped arrays out).
 
-With ``--refine N`` the SavedModel's flow is refined on the model's grid by N steps of
-instance optimisation (:mod:`aldk_tf.training.refine`) before anything is written.
+With ``--refine N`` the SavedModel's flow is refined by N steps of instance optimisation
+(:mod:`aldk_tf.training.refine`) before anything is written, on a grid ``--refine-grid``
+times finer than the model's (both scans prepared again in the same crop boxes at that
+size, the network's flow upsampled as the start, the step size scaled alike), lowered
+so that its voxels are not finer than the fixed scan's (:func:`refinement_factor`).
 All files are computed first in a temporary folder, which is then renamed into place.
 """
 
@@ -63,7 +66,8 @@ from aldk_tf.deploy.preparation import (RegisterError, check_prepared, check_sta
                                         resolve_preprocessing, scan_crop)
 from aldk_tf.deploy.preview import write_preview
 from aldk_tf.deploy.serving import INFO_NAME, SERVING_SIGNATURE
-from aldk_tf.refine_options import DEFAULT_LEARNING_RATE
+from aldk_tf.refine_options import (DEFAULT_LEARNING_RATE, DEFAULT_REFINE_GRID,
+                                    MAX_REFINE_GRID)
 from aldk_tf.refine_options import check_arguments as check_refine_arguments
 
 SUMMARY_NAME = "registration.json"
@@ -227,11 +231,17 @@ class Registrar:
 
     def __init__(self, model: str, overrides: dict | None = None,
                  with_masks: bool = False, refine: int = 0,
-                 refine_learning_rate: float = DEFAULT_LEARNING_RATE):
+                 refine_learning_rate: float = DEFAULT_LEARNING_RATE,
+                 refine_grid: int = DEFAULT_REFINE_GRID):
         try:
             check_refine_arguments(refine, refine_learning_rate)
         except ValueError as error:
             raise RegisterError(str(error)) from None
+        if isinstance(refine_grid, bool) or not isinstance(refine_grid, int) \
+                or not 1 <= refine_grid <= MAX_REFINE_GRID:
+            raise RegisterError(f"--refine-grid: expected an integer from 1 to "
+                                f"{MAX_REFINE_GRID}, got {refine_grid!r}")
+        self.refine_grid = refine_grid
         self.model_path = check_model_dir(model)
         self.info = read_export_info(self.model_path)
         overrides = dict(overrides or {})
@@ -293,16 +303,31 @@ class Registrar:
         seconds = time.perf_counter() - start
         flow = outputs["flow"].numpy()                            # [1, D, H, W, 3]
         warped_model = outputs["warped"].numpy()[0, ..., 0]
-        refine_seconds = 0.0
+        model_jacobian = spatial.jacobian_determinant(flow).numpy()[0]
+        refine_seconds, factor = 0.0, 1
         if self.refine:
             from aldk_tf.training.refine import refine_flow
             start = time.perf_counter()
-            flow, _ = refine_flow(fixed_input, moving_input, flow, self.refine,
-                                  learning_rate=self.refine_learning_rate)
+            factor = refinement_factor(self.refine_grid, fixed_scan.affine,
+                                       fixed_image.affine)
+            refine_fixed, refine_moving = fixed_input, moving_input
+            if factor > 1:       # the same boxes on a finer grid, the flow upsampled
+                fine = replace(self.settings, size=tuple(n * factor for n in self.size))
+                fixed_scan, moving_scan = (
+                    preprocess.preprocess_scan(image, mask=mask, **fine.scan_arguments())
+                    for image, mask in ((fixed_image, fixed_mask),
+                                        (moving_image, moving_mask)))
+                refine_fixed, refine_moving = (
+                    scan.volume.astype(np.float32)[None, ..., None] / 255.0
+                    for scan in (fixed_scan, moving_scan))
+                flow = spatial.upsample_flow(flow, factor)
+            flow, _ = refine_flow(refine_fixed, refine_moving, flow, self.refine,
+                                  learning_rate=self.refine_learning_rate * factor)
             flow = flow.numpy()
             refine_seconds = time.perf_counter() - start
-            warped_model = spatial.warp(moving_input, flow).numpy()[0, ..., 0]
-        model_jacobian = spatial.jacobian_determinant(flow).numpy()[0]
+            warped_model = spatial.warp(moving_input, spatial.downsample_flow(
+                flow, factor) if factor > 1 else flow).numpy()[0, ..., 0]
+            model_jacobian = spatial.jacobian_determinant(flow).numpy()[0]
 
         # Fixed source voxel -> model voxel v -> moving model voxel v + flow(v) -> world.
         grid = FixedGrid(flow[0], np.linalg.inv(fixed_scan.affine) @ fixed_image.affine,
@@ -320,6 +345,7 @@ class Registrar:
         stats = {"image_size": list(self.size), "fixed_grid_shape": list(fixed_image.shape),
                  "network_seconds": seconds, "refine_steps": self.refine,
                  "refine_seconds": refine_seconds,
+                 "refine_grid": list(fixed_scan.volume.shape),
                  "folding_percent_model_grid": 100.0 * float(np.mean(model_jacobian <= 0)),
                  "jacobian_det_std_model_grid": float(model_jacobian.std()),
                  "folding_percent_fixed_grid": 100.0 * float(np.mean(jacobian <= 0)),
@@ -367,6 +393,20 @@ class Registrar:
             warped_seg=None if result.warped_seg is None else
             np.asarray(result.warped_seg.dataobj),
             jacobian=np.asarray(result.jacobian.dataobj), stats=result.stats)
+
+
+def refinement_factor(wanted: int, model_affine: np.ndarray,
+                      scan_affine: np.ndarray) -> int:
+    """The refinement grid's factor: ``wanted``, lowered until the refinement grid's
+    voxels are no finer than the fixed scan's along any axis (by 10 %: a 2.1 mm model
+    voxel over a 1.0 mm scan still gets factor 2); at least 1."""
+    model_voxel = np.linalg.norm(np.asarray(model_affine)[:3, :3], axis=0)
+    scan_voxel = np.linalg.norm(np.asarray(scan_affine)[:3, :3], axis=0)
+    ratio = float(np.min(model_voxel) / max(float(np.min(scan_voxel)), 1e-9))
+    factor = int(wanted)
+    while factor > 1 and ratio / factor < 0.9:
+        factor -= 1
+    return factor
 
 
 def read_export_info(version_dir: str) -> dict:
@@ -425,7 +465,8 @@ def register_pair(model: str, fixed: str, moving: str, out_dir: str,
                   moving_mask: str | None = None, overrides: dict | None = None,
                   refine: int = 0, refine_learning_rate: float = DEFAULT_LEARNING_RATE,
                   flow_space: str = DEFAULT_FLOW_SPACE, overwrite: bool = False,
-                  jacobian: bool = False, preview: bool = False) -> dict:
+                  jacobian: bool = False, preview: bool = False,
+                  refine_grid: int = DEFAULT_REFINE_GRID) -> dict:
     """Register ``moving`` to ``fixed`` (NIfTI paths or DICOM folders) and write the
     outputs to ``out_dir``.
 
@@ -448,7 +489,8 @@ def register_pair(model: str, fixed: str, moving: str, out_dir: str,
         images[name] = None if path is None else preprocess.load_image(path, what)
     registrar = Registrar(model, overrides, with_masks=fixed_mask is not None
                           or moving_mask is not None, refine=refine,
-                          refine_learning_rate=refine_learning_rate)
+                          refine_learning_rate=refine_learning_rate,
+                          refine_grid=refine_grid)
     result = registrar.register(images["fixed"], images["moving"], images["fixed_mask"],
                                 images["moving_mask"], images["moving_seg"], flow_space)
     outputs = write_registration(result, out_dir, overwrite, extra={

@@ -118,7 +118,8 @@ def register_batch(model: str, pairs_csv: str, out_dir: str, overrides: dict | N
                    refine: int = 0, refine_learning_rate: float | None = None,
                    flow_space: str = "lps", overwrite: bool = False,
                    progress: bool = True, jacobian: bool = False,
-                   preview: bool = False, stream=None) -> list[dict]:
+                   preview: bool = False, stream=None, refine_grid: int | None = None
+                   ) -> list[dict]:
     """Register every good row of ``pairs_csv`` into ``out_dir/<name>/``; returns the
     summary rows of all rows (also written to ``out_dir/summary.csv``)."""
     from aldk_tf.console import Progress
@@ -135,6 +136,8 @@ def register_batch(model: str, pairs_csv: str, out_dir: str, overrides: dict | N
     with_masks = bool(good) and (good[0]["fixed_mask"] is not None)
     options = {} if refine_learning_rate is None else \
         {"refine_learning_rate": refine_learning_rate}
+    if refine_grid is not None:
+        options["refine_grid"] = refine_grid
     registrar = register.Registrar(model, overrides, with_masks=with_masks, refine=refine,
                                    **options) if good else None
     bar = Progress(len(pairs), "pairs", stream or sys.stdout) if progress else None
