@@ -82,54 +82,66 @@ def long_run_info(run_dir: str, heldout: str | None) -> tuple[str, dict, object]
     return name, info, (config, model)
 
 
+def study_info(study: str) -> tuple[str, dict, tuple]:
+    """``(name, info, (config, model))`` of a ``bench/study.py`` run's best student."""
+    from aldk_tf.data import load_dataset_config
+    best, validation = best_by_validation(study)
+    with open(os.path.join(study, "study.json")) as handle:
+        document = json.load(handle)
+    config, model = runs.load_model(os.path.join(study, "weights", best))
+    dataset = load_dataset_config(config.dataset)
+    settings = document["settings"]
+    info = {
+        "model": best,
+        "trained_on": dataset.extra.get("description", ""),
+        "image_size": list(config.model.image_size),
+        "training": {"run_config": portable_config(config.to_dict()),
+                     "study_settings": settings},
+        "validation_dice": validation,
+        "study_test": document["rows"].get(best),
+        "study_before": document["rows"].get("before"),
+        "command": "python bench/study.py " + " ".join(
+            f"--{key.replace('_', '-')} {value}" for key, value in settings.items()
+            if value is not None and key not in ("json", "markdown", "rows")),
+        "warmup_note": "not shipped (6 MB); export.py writes "
+                       "assets.extra/tf_serving_warmup_requests",
+    }
+    return best, info, (config, model)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--study", required=True, help="bench/study.py --out folder")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--study", help="bench/study.py --out folder")
+    source.add_argument("--run", help="a bench/long_train.py run folder (weights/<name>)")
+    parser.add_argument("--heldout", help="with --run: bench/heldout_eval.py's JSON")
     parser.add_argument("--out", default="aldk_tf/pretrained/brain_mr_64")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing export in --out")
     args = parser.parse_args(argv)
-    from aldk_tf.data import load_dataset_config
+    from aldk_tf.data.demo_set import TISSUES, preprocessing
     from aldk_tf.deploy.export import export_model
     try:
-        best, validation = best_by_validation(args.study)
-        with open(os.path.join(args.study, "study.json")) as handle:
-            study = json.load(handle)
-        run_dir = os.path.join(args.study, "weights", best)
-        config, model = runs.load_model(run_dir)
-        dataset = load_dataset_config(config.dataset)
-        settings = study["settings"]
-        info = {
-            "model": best,
-            "trained_on": dataset.extra.get("description", ""),
-            "image_size": list(config.model.image_size),
-            "preparation": "skull-stripped T1: brain bounding box + 8 mm margin, resampled "
-                           "to 64^3, intensities 0..255 (max-normalised template); "
-                           "register prepares NIfTI input with its MR defaults",
-            "training": {"run_config": config.to_dict(), "study_settings": settings},
-            "validation_dice": validation,
-            "study_test": study["rows"].get(best),
-            "study_before": study["rows"].get("before"),
-            "command": "python bench/study.py " + " ".join(
-                f"--{key.replace('_', '-')} {value}" for key, value in settings.items()
-                if value is not None and key not in ("json", "markdown", "rows")),
-            # TF Serving's warm-up requests (a 64³ pair, 6 MB in the repository's
-            # history) are left out; export.py writes them for a model one deploys.
-            "warmup_note": "not shipped (6 MB); export.py writes "
-                           "assets.extra/tf_serving_warmup_requests",
-        }
+        name, info, (config, model) = (long_run_info(args.run, args.heldout) if args.run
+                                       else study_info(args.study))
+        # Demo subjects and generated pairs are prepared alike (the template's box):
+        # what register must reproduce on a new scan.
+        block = preprocessing(int(config.model.image_size[0]))
+        info["preprocessing"] = (config.preprocessing or block.to_dict())
+        info["preparation"] = ("skull-stripped T1: " + block.describe()
+                               + "; recorded in 'preprocessing', which register "
+                                 "reproduces")
         if os.path.isdir(args.out) and os.listdir(args.out):
             if not args.overwrite:
                 raise runs.RunError(f"{args.out}: exists; pass --overwrite to replace it")
             shutil.rmtree(args.out)
         exported = export_model(model, args.out, version=1, tflite=(),
-                                label_values=dataset.label_values, info=info,
+                                label_values=sorted(TISSUES.values()), info=info,
                                 portable=True, warmup=False)
     except (runs.RunError, OSError, KeyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"exported {best} (validation Dice {validation[best]:.4f}) to "
-          f"{exported.get('path', args.out)}")
+    print(f"exported {name} to {exported.get('path', args.out)}")
     return 0
 
 

@@ -92,7 +92,9 @@ def run_config(args, dataset: str) -> RunConfig:
     size = (args.size,) * 3
     model = (ModelConfig(image_size=size) if args.role == "student" else
              ModelConfig(role="teacher", base="vtn", affine="vtn", image_size=size))
+    from aldk_tf.data.demo_set import preprocessing
     return RunConfig(dataset=dataset, model=model,
+                     preprocessing=preprocessing(args.size).to_dict(),
                      losses=LossWeights(label=args.label_weight),
                      train=TrainConfig(batch=args.batch, round=args.steps // epochs,
                                        epochs=epochs, lr=args.lr, seed=args.seed,

@@ -564,6 +564,8 @@ def test_cli_generator_flags_reach_the_config_and_resume_unchanged(dataset, tmp_
     assert config.train.generator == GeneratorSettings(source="mixed", synth_fraction=0.7,
                                                        shapes=0.2).to_dict()
     assert config.losses.label == 0.5 and config.aldk.critic_input == "images"
+    assert config.preprocessing["crop"] == "nonzero" and config.preprocessing["margin"] == 8
+    assert config.preprocessing["intensity"] == "max"
     run_dir = str(tmp_path / "run")
     config.save(run_dir)
     stored = runs.load_run_config(run_dir)

@@ -269,7 +269,8 @@ def build_config(args):
     factor = args.resolution_factor or (2 if args.crd else 1)
     config = RunConfig(
         dataset=os.path.abspath(args.dataset),
-        preprocessing=dataset_config.extra.get("preprocessing"),
+        preprocessing=(generated_preprocessing(image_size) if args.generator else
+                       dataset_config.extra.get("preprocessing")),
         model=ModelConfig(role=role, base=network, n_cascades=args.n_cascades,
                           rep=args.rep, affine=affine, channels=args.channels,
                           student_variant=args.student_variant, image_size=image_size,
@@ -299,6 +300,13 @@ def build_config(args):
                               rep=args.teacher_rep))
     config.check_teacher()
     return config
+
+
+def generated_preprocessing(image_size) -> dict:
+    """How generated pairs are prepared (the template's box, as the demo's scans): what
+    register must reproduce on new scans for a model trained on them."""
+    from aldk_tf.data.demo_set import preprocessing
+    return preprocessing(int(image_size[0])).to_dict()
 
 
 def generator_settings(args) -> dict | None:
