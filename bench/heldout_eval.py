@@ -6,7 +6,7 @@ metrics for every row:
 
 - ``before``: no registration;
 - ``<run>``: each run under ``<out>/weights`` given by ``--runs``, at its best validation
-  weights (``best.weights.h5``), alone;
+  weights (``best.weights.h5``), alone; each ``--savedmodels NAME=PATH`` export likewise;
 - ``<run>+refine<N>``: the same, then ``N`` test-time refinement steps per pair
   (``--refine``);
 - ``syn``: ANTs SyN (affine + deformable, antspyx defaults) on the same arrays, run by
@@ -43,6 +43,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="long_64", help="the long run's work folder")
     parser.add_argument("--runs", nargs="*", default=[], help="run names under weights/")
+    parser.add_argument("--savedmodels", nargs="*", default=[], metavar="NAME=PATH",
+                        help="exported models (SavedModel version folders) as rows")
     parser.add_argument("--refine", type=int, nargs="*", default=[50])
     parser.add_argument("--ants-python", help="python of an environment with antspyx "
                         "(default: no syn row)")
@@ -136,8 +138,14 @@ def main(argv=None) -> int:
     if args.ants_python:
         rows["syn"] = evaluate_row(args, "syn", AntsSyN(args.ants_python), dataset_config)
         write()
-    for name in args.runs:
-        _, model = runs.load_model(os.path.join(args.out, "weights", name), best=True)
+    from aldk_tf.deploy import serving
+    models = [(name, lambda n=name: runs.load_model(
+        os.path.join(args.out, "weights", n), best=True)[1]) for name in args.runs]
+    for entry in args.savedmodels:
+        name, _, path = entry.partition("=")
+        models.append((name, lambda p=path: serving.savedmodel_runner(p)))
+    for name, load in models:
+        model = load()
         rows[name] = evaluate_row(args, name, model, dataset_config)
         write()
         for steps in args.refine:

@@ -7,7 +7,9 @@ and every row is scored there, on the fine labels:
 - ``before``;
 - ``net``: the network on the pair downsampled to its grid, its flow upsampled;
 - ``net+refine<N>@model``: refined on the network's grid, then upsampled;
-- ``net+refine<N>@fine``: upsampled, then refined on the fine grid (warm start);
+- ``net+refine<N>@fine``: upsampled, then refined on the fine grid (warm start), with the
+  step size in fine voxels as given, and ``...-lr<F>x`` with it times the factor (the same
+  step in mm: what ``register --refine-grid`` does);
 - ``syn``: ANTs SyN on the fine pair (``--ants-python``; ``--syn-pairs`` of them).
 
 Seconds per pair are wall time on this machine (network, refinement and resampling; for
@@ -98,7 +100,10 @@ def main(argv=None) -> int:
         "net": (finer_grid_model(model, args.factor), pairs),
         f"net+refine{args.refine}@model": (refined_at_model_grid, pairs),
         f"net+refine{args.refine}@fine": (finer_grid_model(model, args.factor, args.refine,
-                                                           lr), pairs)}
+                                                           lr), pairs),
+        # the step size scaled with the grid (the same step in mm): what register does
+        f"net+refine{args.refine}@fine-lr{args.factor}x": (
+            finer_grid_model(model, args.factor, args.refine, lr * args.factor), pairs)}
     if args.ants_python:
         rows_to_run["syn"] = (AntsSyN(args.ants_python), pairs[:args.syn_pairs])
     rows: dict[str, dict] = {}

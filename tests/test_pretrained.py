@@ -20,9 +20,14 @@ def test_shipped_model_describes_itself():
     assert info["image_size"] == [64, 64, 64]
     assert info["model"].startswith("student")
     assert "ICBM 2009a" in info["trained_on"]
-    study = info["study_test"]
-    assert study["dice"] > info["study_before"]["dice"]
-    assert "bench/study.py" in info["command"]
+    test = info["heldout_test"]
+    assert test[info["model"]]["dice"] > test["before"]["dice"]
+    assert "bench/long_train.py" in info["command"]
+    # register reproduces the training data's preparation; no machine paths anywhere
+    assert info["preprocessing"]["crop"] == "nonzero" and info["preprocessing"]["margin"] == 8
+    assert info["preprocessing"]["intensity"] == "max"
+    text = (VERSION / "export_info.json").read_text()
+    assert not any(root in text for root in ("/work/", "/tmp/", "/home/", "/root/"))
     size = sum(p.stat().st_size for p in PRETRAINED.rglob("*") if p.is_file())
     assert size < 30e6                                  # a few MB, not a checkpoint dump
 
@@ -55,12 +60,10 @@ def test_shipped_model_registers_unseen_brains(unseen_pairs):
 
 
 def test_the_recorded_settings_rebuild_the_shipped_model(unseen_pairs):
-    """export_info.json keeps the run's settings as trained, when the paper's student
-    decoder was called "seed": they load as "paper" and build the model that, given the
-    SavedModel's weights, gives the SavedModel's flow."""
+    """export_info.json keeps the run's settings as trained: they build the model that,
+    given the SavedModel's weights, gives the SavedModel's flow."""
     from aldk_tf.config import RunConfig
     recorded = json.loads((VERSION / "export_info.json").read_text())["training"]
-    assert recorded["run_config"]["model"]["student_variant"] == "seed"
     config = RunConfig.from_dict(recorded["run_config"])
     assert config.model.student_variant == "paper"
     runner = serving.savedmodel_runner(str(VERSION))
