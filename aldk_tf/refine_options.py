@@ -1,16 +1,15 @@
 """The ``--refine N`` / ``--refine-lr`` flags of the command lines, without TensorFlow.
 
-:mod:`aldk_tf.training.refine` does the refinement and imports TensorFlow; the tools
-declare and check its flags from here so that ``--help`` and a bad flag answer without
-loading it (``tests/test_console.py`` keeps the default step size equal to the one of
-:mod:`aldk_tf.training.refine`).
+:mod:`aldk_tf.training.refine` does the refinement and imports TensorFlow; the flags,
+their check and the default step size are defined here, once (that module re-exports
+them), so that ``--help`` and a bad flag answer without loading TensorFlow.
 """
 
 from __future__ import annotations
 
 import math
 
-#: Default Adam learning rate of the refinement, in voxels (as in training.refine).
+#: Default Adam learning rate of the refinement, in voxels.
 DEFAULT_LEARNING_RATE = 0.25
 
 

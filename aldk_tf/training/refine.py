@@ -24,39 +24,20 @@ import numpy as np
 import tensorflow as tf
 
 from aldk_tf import losses, spatial
+# The flags and the default step size (voxels: roughly the largest move of a voxel's flow
+# per step, Adam's update being ~learning_rate * sign(gradient) early on) live where the
+# command lines read them without TensorFlow.
+from aldk_tf.refine_options import (DEFAULT_LEARNING_RATE, add_arguments,  # noqa: F401
+                                    check_arguments)
 
 #: Default number of Adam steps.
 DEFAULT_STEPS = 50
-#: Default Adam learning rate: roughly the largest move of a voxel's flow per step, in
-#: voxels (Adam's update is ~``learning_rate * sign(gradient)`` early on).
-DEFAULT_LEARNING_RATE = 0.25
 
 ADAM_BETA_1 = 0.9
 ADAM_BETA_2 = 0.999
 #: Adam's epsilon, relative to the gradient of the objective *summed* over voxels (see
 #: :func:`_refine`); far below the gradients of any voxel that sees an image edge.
 ADAM_EPSILON = 1e-8
-
-
-def add_arguments(parser, what: str = "refine each flow") -> None:
-    """``--refine N`` and ``--refine-lr`` for a command line (``what``: the help's verb
-    phrase, e.g. "store each flow after")."""
-    parser.add_argument("--refine", type=int, default=0, metavar="N",
-                        help=f"{what} N instance-optimisation steps (default 0: none)")
-    parser.add_argument("--refine-lr", "--refine_lr", type=float,
-                        default=DEFAULT_LEARNING_RATE, metavar="VOXELS",
-                        help="Adam step size of the refinement, in voxels "
-                        f"(default {DEFAULT_LEARNING_RATE})")
-
-
-def check_arguments(steps: int, learning_rate: float) -> None:
-    """ValueError naming the flag unless ``--refine`` and ``--refine-lr`` are in range
-    (the step size too when there are no steps: a value given is a value checked)."""
-    if steps < 0:
-        raise ValueError(f"--refine: expected an integer >= 0, got {steps}")
-    if not 0 < learning_rate < np.inf:
-        raise ValueError(f"--refine-lr: expected a finite step size > 0 (voxels), got "
-                         f"{learning_rate}")
 
 
 def refine_flow(fixed_image, moving_image, initial_flow, steps: int = DEFAULT_STEPS, *,
