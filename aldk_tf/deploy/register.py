@@ -282,7 +282,8 @@ class Registrar:
                                 "neither)")
         fixed_image, fixed_scan = self.prepare(fixed, fixed_mask, "fixed image")
         moving_image, moving_scan = self.prepare(moving, moving_mask, "moving image")
-        checks.check_distinct_pair(preprocess._name(fixed), preprocess._name(moving),
+        checks.check_distinct_pair(preprocess._name(fixed_image),
+                                   preprocess._name(moving_image),
                                    fixed_scan.volume, moving_scan.volume,
                                    same=checks.same_file(fixed, moving))
         segmentation = None
