@@ -49,10 +49,13 @@ class LossCurves(keras.callbacks.Callback):
     batch); ``every`` the interval (:func:`log_interval`).
     """
 
-    def __init__(self, log_dir: str, step_variable, every: int):
+    def __init__(self, log_dir: str | None, step_variable, every: int):
         super().__init__()
-        self.path = os.path.join(log_dir, TRAIN_LOG)
-        self.writer = tf.summary.create_file_writer(self.path)
+        # log_dir None: a worker that writes nothing but reads the trackers as the chief
+        # does (under a multi-worker strategy reading them is a collective: every worker
+        # must make the same reads in the same order, or the cluster hangs).
+        self.path = os.path.join(log_dir, TRAIN_LOG) if log_dir else None
+        self.writer = tf.summary.create_file_writer(self.path) if log_dir else None
         self.step_variable, self.every = step_variable, int(every)
         self.epoch_start: dict[str, tuple[float, float]] = {}
         self.window_start: dict[str, tuple[float, float]] = {}
@@ -81,10 +84,12 @@ class LossCurves(keras.callbacks.Callback):
         if self.written_step != self.step:           # the epoch's last, shorter window
             self._write_window()
         self._write("epoch", self.epoch_start, self.totals())
-        self.writer.flush()
+        if self.writer is not None:
+            self.writer.flush()
 
     def on_train_end(self, logs=None):
-        self.writer.flush()
+        if self.writer is not None:
+            self.writer.flush()
 
     def _write_window(self) -> None:
         now = self.totals()
@@ -92,6 +97,8 @@ class LossCurves(keras.callbacks.Callback):
         self.window_start, self.written_step = now, self.step
 
     def _write(self, prefix: str, start: dict, end: dict) -> None:
+        if self.writer is None:
+            return
         # record_if(True): a fit that ended in an error can leave Keras' recording
         # condition behind in this process.
         with self.writer.as_default(), tf.summary.record_if(True):

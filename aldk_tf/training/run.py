@@ -409,9 +409,10 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
     callbacks = [CheckpointCallback(checkpoint, config.train.checkpoint_every, run_dir,
                                     network, write_weights=chief)]
     validation = None
+    # On every worker: reading the trackers is a collective under a multi-worker strategy.
+    callbacks.append(monitor.LossCurves(log_dir if chief else None, optimizer.iterations,
+                                        monitor.log_interval(total_steps, log_every)))
     if chief:
-        callbacks.append(monitor.LossCurves(log_dir, optimizer.iterations,
-                                            monitor.log_interval(total_steps, log_every)))
         if _validation_scheme_exists(dataset_config) and config.train.validate_every > 0:
             validation = ValidationDice(network, dataset_config, optimizer.iterations,
                                         config.train.validate_every,
