@@ -23,3 +23,15 @@ def load_script(relative_path: str):
 def load_cli(name: str):
     """``train``, ``evaluate`` or ``export`` at the top of the repository."""
     return load_script(f"{name}.py")
+
+
+def one_error_line(capsys, *expected):
+    """The single ``error:`` line of stderr (no traceback); it holds every ``expected``
+    text."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]

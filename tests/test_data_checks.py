@@ -17,19 +17,10 @@ from aldk_tf.cli import nifti_to_h5
 from aldk_tf.cli import train as train_cli
 from aldk_tf.data import checks
 
+from scripts import one_error_line
 from synthetic import write_blob_dataset
 
 SHAPE = (20, 20, 16)
-
-
-def one_error_line(capsys, *expected):
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
 
 
 def scan(rng, shape=SHAPE):

@@ -29,6 +29,7 @@ from aldk_tf.cli import train as train_cli
 from aldk_tf.config import ModelConfig, RunConfig
 from aldk_tf.data import list_pairs, load_dataset_config
 
+from scripts import one_error_line
 from synthetic import write_blob_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,17 +61,6 @@ def trained_run(dataset, tmp_path_factory):
 def run(trained_run, tmp_path):
     """A private copy of the trained run."""
     return shutil.copytree(trained_run, str(tmp_path / "run"))
-
-
-def one_error_line(capsys, *expected):
-    """The single ``error:`` line of stderr; it holds every ``expected`` text."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
 
 
 def latest_step(run_dir):
