@@ -6,7 +6,8 @@ metrics for every row:
 
 - ``before``: no registration;
 - ``<run>``: each run under ``<out>/weights`` given by ``--runs``, at its best validation
-  weights (``best.weights.h5``), alone; each ``--savedmodels NAME=PATH`` export likewise;
+  weights (``best.weights.h5``), alone (``<run>@R``: its cascade applied ``R`` times);
+  each ``--savedmodels NAME=PATH`` export likewise;
 - ``<run>+refine<N>``: the same, then ``N`` test-time refinement steps per pair
   (``--refine``);
 - ``syn``: ANTs SyN (affine + deformable, antspyx defaults) on the same arrays, run by
@@ -42,7 +43,8 @@ from aldk_tf.config import atomic_write_text  # noqa: E402
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="long_64", help="the long run's work folder")
-    parser.add_argument("--runs", nargs="*", default=[], help="run names under weights/")
+    parser.add_argument("--runs", nargs="*", default=[], metavar="NAME[@REP]",
+                        help="run names under weights/ (@REP: a cascade applied REP times)")
     parser.add_argument("--savedmodels", nargs="*", default=[], metavar="NAME=PATH",
                         help="exported models (SavedModel version folders) as rows")
     parser.add_argument("--refine", type=int, nargs="*", default=[50])
@@ -139,8 +141,12 @@ def main(argv=None) -> int:
         rows["syn"] = evaluate_row(args, "syn", AntsSyN(args.ants_python), dataset_config)
         write()
     from aldk_tf.deploy import serving
-    models = [(name, lambda n=name: runs.load_model(
-        os.path.join(args.out, "weights", n), best=True)[1]) for name in args.runs]
+    def run_model(entry):            # NAME or NAME@REP (the cascade applied REP times)
+        name, _, rep = entry.partition("@")
+        return runs.load_model(os.path.join(args.out, "weights", name),
+                               rep=int(rep) if rep else None, best=True)[1]
+
+    models = [(entry, lambda e=entry: run_model(e)) for entry in args.runs]
     for entry in args.savedmodels:
         name, _, path = entry.partition("=")
         models.append((name, lambda p=path: serving.savedmodel_runner(p)))

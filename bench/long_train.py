@@ -28,8 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if os.path.dirname(HERE) not in sys.path:
     sys.path.insert(0, os.path.dirname(HERE))
 
-from aldk_tf.config import (ModelConfig, LossWeights, RunConfig,  # noqa: E402
-                            TrainConfig, atomic_write_text)
+from aldk_tf.config import (ALDKConfig, ModelConfig, LossWeights, RunConfig,  # noqa: E402
+                            TeacherConfig, TrainConfig, atomic_write_text)
 
 
 def parse_args(argv=None):
@@ -59,6 +59,20 @@ def parse_args(argv=None):
     parser.add_argument("--shapes", type=float, default=0.0)
     parser.add_argument("--label-weight", type=float, default=0.0,
                         help="weight of the soft-Dice term on the generated label maps")
+    distill = parser.add_argument_group("distillation from a teacher run (run online on "
+                                        "every generated batch)")
+    distill.add_argument("--teacher", help="teacher run name under <out>/weights")
+    distill.add_argument("--teacher-rep", type=int, default=0,
+                         help="the teacher's shared-weight repetitions (0: as trained)")
+    distill.add_argument("--flow-distill", type=float, default=0.0,
+                         help="weight of the plain distillation term")
+    distill.add_argument("--distill-target", choices=("flow", "warped"), default="flow",
+                         help="what --flow-distill compares: the flows, or the moving "
+                              "image warped by each (image-level)")
+    distill.add_argument("--aldk", action="store_true",
+                         help="adversarial distillation (WGAN-GP critic)")
+    distill.add_argument("--critic-input", choices=("flow", "images"), default="flow",
+                         help="what the critic judges")
     parser.add_argument("--max-steps", type=int, help="stop at this step this time")
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
     parser.add_argument("--curve-only", action="store_true",
@@ -92,8 +106,23 @@ def run_config(args, dataset: str) -> RunConfig:
     size = (args.size,) * 3
     model = (ModelConfig(image_size=size) if args.role == "student" else
              ModelConfig(role="teacher", base="vtn", affine="vtn", image_size=size))
+    distilled = args.aldk or args.flow_distill > 0
+    if distilled != bool(args.teacher):
+        raise SystemExit("error: --teacher goes with --flow-distill W or --aldk (and they "
+                         "need a --teacher)")
+    if args.role == "teacher" and args.teacher:
+        raise SystemExit("error: --role teacher does not learn from a --teacher")
+    teacher = TeacherConfig()
+    if args.teacher:
+        teacher_dir = os.path.join(os.path.abspath(args.out), "weights", args.teacher)
+        if not os.path.isfile(os.path.join(teacher_dir, "config.json")):
+            raise SystemExit(f"error: --teacher {args.teacher}: no run in {teacher_dir}")
+        teacher = TeacherConfig(run=teacher_dir, rep=args.teacher_rep)
     from aldk_tf.data.demo_set import preprocessing
-    return RunConfig(dataset=dataset, model=model,
+    return RunConfig(dataset=dataset, model=model, teacher=teacher,
+                     aldk=ALDKConfig(enabled=args.aldk, flow_weight=args.flow_distill,
+                                     flow_target=args.distill_target,
+                                     critic_input=args.critic_input),
                      preprocessing=preprocessing(args.size).to_dict(),
                      losses=LossWeights(label=args.label_weight),
                      train=TrainConfig(batch=args.batch, round=args.steps // epochs,

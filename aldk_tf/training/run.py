@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import threading
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -301,6 +302,57 @@ def _validation_scheme_exists(dataset_config) -> bool:
     return VALIDATION_SCHEME in dataset_config.schemes
 
 
+@dataclass
+class TrainerParts:
+    """What :func:`build_trainer` makes: the compiled trainer and the objects it steps."""
+    network: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    trainer: keras.Model
+    critic: keras.Model | None = None
+    critic_optimizer: keras.optimizers.Optimizer | None = None
+    distiller: CrossResolutionDistiller | None = None
+
+
+def build_trainer(config: RunConfig, teacher=None, online: bool = False) -> TrainerParts:
+    """The network, its optimizer and the compiled trainer of ``config`` (in the current
+    strategy's scope): the one construction that :func:`train` runs and
+    ``bench/train_step.py`` times. ``teacher``: the frozen teacher for the distillation
+    terms; ``online``: the teacher runs on every batch (no stored flows)."""
+    generated = config.train.generator is not None
+    total_steps = config.train.round * config.train.epochs
+    network = config.model.build()
+    schedule = release_schedule(config.train.schedule, config.train.lr,
+                                config.train.round, total_steps,
+                                cosine=config.model.role == "student")
+    optimizer = keras.optimizers.Adam(schedule, global_clipnorm=config.train.clip_norm or None)
+    distiller = None
+    if config.crd.enabled:
+        # The distiller runs the teacher on every batch, so ALDK uses those flows too.
+        distiller = CrossResolutionDistiller(teacher, network, config.crd.flow_weight,
+                                             config.crd.feature_weight,
+                                             config.crd.levels, config.crd.gate,
+                                             config.crd.anneal_steps)
+    if config.aldk.enabled:
+        critic = FlowCritic(config.model.image_size, output=config.aldk.critic_output,
+                            channels=3 if config.aldk.critic_input == "flow" else 2)
+        critic_optimizer = keras.optimizers.Adam(config.aldk.critic_lr)
+        trainer = ALDKTrainer(network, critic, config.losses, config.aldk,
+                              teacher=teacher if online else None,
+                              global_batch_size=config.train.batch,
+                              distiller=distiller, seed=config.train.seed)
+        trainer.compile(g_optimizer=optimizer, d_optimizer=critic_optimizer)
+        return TrainerParts(network, optimizer, trainer, critic, critic_optimizer, distiller)
+    trainer = RegistrationTrainer(network, config.losses,
+                                  global_batch_size=config.train.batch,
+                                  distiller=distiller,
+                                  flow_weight=config.aldk.flow_weight,
+                                  flow_target=config.aldk.flow_target,
+                                  teacher=teacher if generated else None)
+    trainer.compile(optimizer=optimizer)
+    optimizer.build(trainer.trainable_weights_to_update())
+    return TrainerParts(network, optimizer, trainer, distiller=distiller)
+
+
 def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
           max_steps: int | None = None, strategy=None, log_every: int | None = None) -> dict:
     """Train (or resume) the run in ``run_dir``; returns the Keras history dict.
@@ -360,38 +412,10 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
                                       list_pairs(dataset_config, TRAINING_SCHEME),
                                       config.aldk.refine)
     with strategy.scope():            # variables mirrored on every replica
-        network = config.model.build()
-        schedule = release_schedule(config.train.schedule, config.train.lr,
-                                    config.train.round, total_steps,
-                                    cosine=config.model.role == "student")
-        optimizer = keras.optimizers.Adam(
-            schedule, global_clipnorm=config.train.clip_norm or None)
-        distiller = None
-        if config.crd.enabled:
-            # The distiller runs the teacher on every batch, so ALDK uses those flows too.
-            distiller = CrossResolutionDistiller(teacher, network, config.crd.flow_weight,
-                                                 config.crd.feature_weight,
-                                                 config.crd.levels, config.crd.gate,
-                                                 config.crd.anneal_steps)
-        critic = critic_optimizer = None
-        if use_aldk:
-            critic = FlowCritic(config.model.image_size, output=config.aldk.critic_output,
-                                channels=3 if config.aldk.critic_input == "flow" else 2)
-            critic_optimizer = keras.optimizers.Adam(config.aldk.critic_lr)
-            trainer = ALDKTrainer(network, critic, config.losses, config.aldk,
-                                  teacher=teacher if online else None,
-                                  global_batch_size=config.train.batch,
-                                  distiller=distiller, seed=config.train.seed)
-            trainer.compile(g_optimizer=optimizer, d_optimizer=critic_optimizer)
-        else:
-            trainer = RegistrationTrainer(network, config.losses,
-                                          global_batch_size=config.train.batch,
-                                          distiller=distiller,
-                                          flow_weight=config.aldk.flow_weight,
-                                          flow_target=config.aldk.flow_target,
-                                          teacher=teacher if generated else None)
-            trainer.compile(optimizer=optimizer)
-            optimizer.build(trainer.trainable_weights_to_update())
+        parts = build_trainer(config, teacher, online)
+    network, optimizer, trainer = parts.network, parts.optimizer, parts.trainer
+    critic, critic_optimizer, distiller = (parts.critic, parts.critic_optimizer,
+                                           parts.distiller)
 
     checkpoint = RunCheckpoint(run_dir, network, optimizer, critic, critic_optimizer,
                                extra={"adapters": distiller.adapters} if distiller else None,
