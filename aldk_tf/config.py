@@ -126,6 +126,11 @@ class TrainConfig:
     # Pairs drawn on the fly instead of the dataset's training scheme (the dataset then
     # gives validation pairs only): aldk_tf.data.synth.GeneratorSettings as a dict.
     generator: dict | None = None
+    # "float32", or "bfloat16": mixed precision, the feature layers (convolutions,
+    # activations, concatenations) computing in bfloat16 on float32 variables, the geometry
+    # (affine heads, flows, warps) and the losses in float32 (aldk_tf.deploy.inference.
+    # use_bfloat16_layers). Fast only where the CPU has AMX or AVX512-BF16.
+    precision: str = "float32"
 
 
 @dataclass

@@ -33,14 +33,17 @@ def similarity_loss(fixed_image: tf.Tensor, warped_image: tf.Tensor) -> tf.Tenso
 DICE_EPS = 1e-5
 
 
-def soft_dice_loss(fixed_labels: tf.Tensor, warped_labels: tf.Tensor) -> tf.Tensor:
+def soft_dice_loss(fixed_labels: tf.Tensor, warped_labels: tf.Tensor,
+                   background: bool = True) -> tf.Tensor:
     """``1 - mean soft Dice`` of one-hot (or soft) label maps ``[B, D, H, W, C]``, ``[B]``.
 
-    Channel 0 (background) is left out, and so is every channel that is empty in both
-    maps of a pair (a label that pair does not have). A pair with no such label scores 0.
+    Channel 0 (background) is left out (``background=False``: the maps have no background
+    channel, every channel counts), and so is every channel that is empty in both maps of
+    a pair (a label that pair does not have). A pair with no such label scores 0.
     """
-    fixed = tf.cast(fixed_labels, tf.float32)[..., 1:]
-    warped = tf.cast(warped_labels, tf.float32)[..., 1:]
+    first = 1 if background else 0
+    fixed = tf.cast(fixed_labels, tf.float32)[..., first:]
+    warped = tf.cast(warped_labels, tf.float32)[..., first:]
     overlap = tf.reduce_sum(fixed * warped, axis=[1, 2, 3])              # [B, C - 1]
     volume = tf.reduce_sum(fixed + warped, axis=[1, 2, 3])
     present = tf.cast(volume > DICE_EPS, tf.float32)

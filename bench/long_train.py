@@ -73,6 +73,7 @@ def parse_args(argv=None):
                          help="adversarial distillation (WGAN-GP critic)")
     distill.add_argument("--critic-input", choices=("flow", "images"), default="flow",
                          help="what the critic judges")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--max-steps", type=int, help="stop at this step this time")
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
     parser.add_argument("--curve-only", action="store_true",
@@ -131,7 +132,8 @@ def run_config(args, dataset: str) -> RunConfig:
                                        checkpoint_every=args.checkpoint_every,
                                        validate_every=args.validate_every,
                                        validation_pairs=args.validation_pairs,
-                                       clip_norm=args.clip_norm, generator=generator))
+                                       clip_norm=args.clip_norm, generator=generator,
+                                       precision=args.precision))
 
 
 def write_curve(args, run_dir: str, seconds: float | None = None) -> dict:

@@ -142,6 +142,10 @@ def test_soft_dice_loss_matches_numpy_dice_and_skips_absent_labels(rng):
     np.testing.assert_allclose(losses.soft_dice_loss(fixed, warped).numpy(), expected,
                                rtol=1e-5)
     np.testing.assert_allclose(losses.soft_dice_loss(fixed, fixed).numpy(), 0.0, atol=1e-6)
+    # Maps without their background channel score the same with background=False.
+    np.testing.assert_allclose(losses.soft_dice_loss(fixed[..., 1:], warped[..., 1:],
+                                                     background=False).numpy(),
+                               expected, rtol=1e-5)
 
 
 def test_label_term_gradient_moves_the_flow_towards_overlap():

@@ -84,6 +84,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip-norm", "--clip_norm", dest="clip_norm", type=float,
                         default=0.0, help="clip the gradients' global norm to this "
                         "(0: off); cuts rare spikes without changing ordinary steps")
+    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                        help="bfloat16: mixed precision (feature layers in bfloat16, "
+                             "variables, flows and losses float32); faster only where the "
+                             "CPU has AMX or AVX512-BF16 (docs/training.md)")
     parser.add_argument("--checkpoint-every", "--checkpoint_every", type=int, default=500)
     parser.add_argument("--validate-every", "--validate_every", type=int, default=1000)
     parser.add_argument("--validation-pairs", "--validation_pairs", type=int, default=16)
@@ -214,7 +218,8 @@ FLAG_SETTINGS = {
     "image_size": ("model.image_size",), "student_variant": ("model.student_variant",),
     "channels": ("model.channels",), "seed": ("train.seed",),
     "no_augment": ("train.augment",), "augment_field": ("train.augment_field",),
-    "clip_norm": ("train.clip_norm",), "checkpoint_every": ("train.checkpoint_every",),
+    "clip_norm": ("train.clip_norm",), "precision": ("train.precision",),
+    "checkpoint_every": ("train.checkpoint_every",),
     "validate_every": ("train.validate_every",),
     "validation_pairs": ("train.validation_pairs",),
     "aldk": ("aldk.enabled",), "teacher": ("teacher.run",),
@@ -281,7 +286,7 @@ def build_config(args):
                           validate_every=args.validate_every,
                           validation_pairs=args.validation_pairs, schedule=args.schedule,
                           augment_field=args.augment_field, clip_norm=args.clip_norm,
-                          generator=generator_settings(args)),
+                          generator=generator_settings(args), precision=args.precision),
         losses=LossWeights(label=args.label_weight),
         aldk=ALDKConfig(enabled=args.aldk, beta=args.beta, gamma=args.gamma,
                         lamb=args.lamb, critic_lr=args.critic_lr,

@@ -261,6 +261,35 @@ def _use_bfloat16(layer, keep_float32: set[int]) -> None:
         layer.activation.dtype_policy = "mixed_bfloat16"
 
 
+def use_fast_layers(model, subpixel: bool = True) -> keras.Model:
+    """Run ``model``'s thin layers in their fast forms, in place, same weights and numbers
+    (up to float rounding), differentiable: kernel-4 stride-2 transposed convolutions
+    with few filters (the flow heads) as one forward convolution and a shuffle
+    (:func:`transposed_conv3d`; ``subpixel``), narrow concatenations (image pairs) as
+    padded sums. Used by :func:`inference_graph` and by training
+    (:func:`aldk_tf.training.run.build_trainer`), where the flow head's transposed
+    convolution and its gradients cost more than the network's other layers together
+    (``bench/train_step.py --profile``). Returns ``model``."""
+    for layer in _all_layers(model):
+        if subpixel and _subpixel_eligible(layer):
+            layer.call = types.MethodType(_subpixel_call, layer)
+        if _narrow_concat_eligible(layer):
+            layer.call = types.MethodType(_narrow_concat_call, layer)
+    return model
+
+
+def use_bfloat16_layers(model, keep_float32: set[int] | None = None) -> keras.Model:
+    """Mixed precision in place: ``model``'s feature layers (convolutions, activations,
+    pooling, concatenations of features) compute in bfloat16 on their float32 variables;
+    the geometry (affine ``W``/``b`` heads, flows, warps, compositions) and the image
+    pairs stay float32. Inference (``dtype="bfloat16"``) and training
+    (``TrainConfig.precision``) use the same split. Returns ``model``."""
+    keep_float32 = _affine_heads(model) if keep_float32 is None else keep_float32
+    for layer in _all_layers(model):
+        _use_bfloat16(layer, keep_float32)
+    return model
+
+
 def inference_graph(model, dtype: str = "float32", subpixel: bool = True) -> keras.Model:
     """A copy of ``model``'s registration graph prepared for inference.
 
@@ -275,14 +304,10 @@ def inference_graph(model, dtype: str = "float32", subpixel: bool = True) -> ker
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     clone = _copy(model)
-    keep_float32 = _affine_heads(clone)
-    for layer in _all_layers(clone):
-        if subpixel and _subpixel_eligible(layer):
-            layer.call = types.MethodType(_subpixel_call, layer)
-        if _narrow_concat_eligible(layer):
-            layer.call = types.MethodType(_narrow_concat_call, layer)
-        if dtype == "bfloat16":
-            _use_bfloat16(layer, keep_float32)
+    keep_float32 = _affine_heads(clone)          # before any layer changes its dtype
+    use_fast_layers(clone, subpixel=subpixel)
+    if dtype == "bfloat16":
+        use_bfloat16_layers(clone, keep_float32)
     if subpixel:
         for head, scale in _folded_heads(clone):
             head._folded_factor = scale.factor

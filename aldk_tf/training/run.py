@@ -302,6 +302,9 @@ def _validation_scheme_exists(dataset_config) -> bool:
     return VALIDATION_SCHEME in dataset_config.schemes
 
 
+PRECISIONS = ("float32", "bfloat16")
+
+
 @dataclass
 class TrainerParts:
     """What :func:`build_trainer` makes: the compiled trainer and the objects it steps."""
@@ -318,9 +321,17 @@ def build_trainer(config: RunConfig, teacher=None, online: bool = False) -> Trai
     strategy's scope): the one construction that :func:`train` runs and
     ``bench/train_step.py`` times. ``teacher``: the frozen teacher for the distillation
     terms; ``online``: the teacher runs on every batch (no stored flows)."""
+    from aldk_tf.deploy.inference import use_bfloat16_layers, use_fast_layers
+    if config.train.precision not in PRECISIONS:
+        raise ValueError(f"train.precision: expected one of {', '.join(PRECISIONS)}, got "
+                         f"{config.train.precision!r}")
     generated = config.train.generator is not None
     total_steps = config.train.round * config.train.epochs
-    network = config.model.build()
+    network = use_fast_layers(config.model.build())
+    if config.train.precision == "bfloat16":
+        use_bfloat16_layers(network)
+    if teacher is not None:
+        use_fast_layers(teacher)
     schedule = release_schedule(config.train.schedule, config.train.lr,
                                 config.train.round, total_steps,
                                 cosine=config.model.role == "student")

@@ -52,9 +52,11 @@ def add_label_loss(terms: dict, weight: float, batch: dict, outputs: dict) -> di
     if "moving_labels" not in batch or "fixed_labels" not in batch:
         raise ValueError("the label term needs labelled pairs ('fixed_labels', "
                          "'moving_labels' one-hot maps), as the pair generator gives")
-    warped = spatial.warp(tf.cast(batch["moving_labels"], tf.float32),
+    # The background channel is left out before the warp: one channel less to warp, and
+    # no slice of the warped maps to differentiate (its gradient is a full-size copy).
+    warped = spatial.warp(tf.cast(batch["moving_labels"][..., 1:], tf.float32),
                           tf.cast(outputs["flow"], tf.float32))
-    term = weight * soft_dice_loss(batch["fixed_labels"], warped)
+    term = weight * soft_dice_loss(batch["fixed_labels"][..., 1:], warped, background=False)
     return {**terms, "label": term, "total": terms["total"] + term}
 
 
