@@ -333,10 +333,7 @@ class Registrar:
         # Fixed source voxel -> model voxel v -> moving model voxel v + flow(v) -> world.
         grid = FixedGrid(flow[0], np.linalg.inv(fixed_scan.affine) @ fixed_image.affine,
                          moving_scan.affine, fixed_image.affine, fixed_image.shape)
-        field = np.empty((*fixed_image.shape, 3), np.float32)
-        jacobian = np.empty(fixed_image.shape, np.float32)
-        for first, last in grid.slabs():
-            field[first:last], jacobian[first:last] = grid.slab(first, last)
+        field, jacobian = grid.carry()
         warped = warp.warp_volume(np.asarray(moving_image.dataobj, np.float32), field,
                                   fixed_image.affine, moving_image.affine)
         warped_seg = None
