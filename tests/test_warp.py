@@ -114,6 +114,25 @@ def test_flow_space_round_trip(rng):
     np.testing.assert_array_equal(warp.to_flow_space(field, "ras"), field)
 
 
+@pytest.mark.parametrize("level", [0, 1])
+def test_save_image_writes_gzip_at_the_level_any_reader_opens(level, tmp_path):
+    import gzip
+    data = np.zeros((20, 21, 22, 1, 3), np.float32)
+    data[5:15, 5:15, 5:15] = np.linspace(-3.0, 3.0, 1000 * 3, dtype=np.float32).reshape(
+        10, 10, 10, 1, 3)
+    image = warp.nifti_like(nib.Nifti1Image(np.zeros(data.shape[:3], np.float32),
+                                            np.diag([1.0, 2.0, 3.0, 1.0])), data,
+                            intent="vector", intent_name="displacement LPS")
+    path = str(tmp_path / "flow.nii.gz")
+    warp.save_image(image, path, level)
+    with gzip.open(path) as handle:                                # a plain gzip stream
+        assert len(handle.read()) == 352 + data.nbytes
+    read = nib.load(path)
+    np.testing.assert_array_equal(np.asarray(read.dataobj), data)
+    assert read.header.get_intent() == ("vector", (), "displacement LPS")
+    assert (os.path.getsize(path) > data.nbytes) == (level == 0)
+
+
 def test_jacobian_image_is_the_world_volume_change(registered, pair):
     """numpy reference: det(I + du/dp) with du/dp from np.gradient over voxel indices and
     the chain rule through the (rotated) fixed affine."""

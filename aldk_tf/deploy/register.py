@@ -21,6 +21,8 @@ affine and header:
                            ``--flow-space ras`` for nibabel's RAS axes (see
                            :mod:`aldk_tf.deploy.warp`): the fixed voxel at world position
                            ``p`` corresponds to the moving image's ``p + u(p)``;
+                           stored uncompressed inside gzip (level 0: float vectors
+                           barely compress, and every reader opens it as is);
 - ``warped_seg.nii.gz``    with ``--moving-seg``: labels warped one mask at a time
                            (trilinear, threshold 128 of 255, as the evaluation does), in
                            an integer type wide enough for the values (uint16 for 40000);
@@ -77,6 +79,10 @@ OUTPUT_NAMES = ("warped.nii.gz", "flow.nii.gz", "warped_seg.nii.gz", SUMMARY_NAM
 OPTIONAL_NAMES = ("jacobian.nii.gz", "preview.png")
 #: Default axes of flow.nii.gz's vectors: what ITK and ANTs read correctly.
 DEFAULT_FLOW_SPACE = "lps"
+#: gzip level of each written NIfTI file: the flow's float vectors barely compress, so
+#: flow.nii.gz is stored (level 0, a .nii.gz any reader opens); the others at level 1.
+COMPRESS_LEVELS = {"flow.nii.gz": 0}
+DEFAULT_COMPRESS_LEVEL = 1
 
 
 # ----------------------------------------------------------------------------- model
@@ -427,7 +433,8 @@ def write_registration(result: Registration, out_dir: str, overwrite: bool = Fal
                        preview: bool = False) -> list[str]:
     """Write a :class:`Registration` into ``out_dir`` (a new folder, renamed into place);
     ``jacobian`` / ``preview``: also ``jacobian.nii.gz`` / ``preview.png``. Returns the
-    written paths. The NIfTI files are compressed in parallel (zlib releases the GIL)."""
+    written paths. The NIfTI files are written in parallel (zlib releases the GIL), each
+    at its gzip level (:data:`COMPRESS_LEVELS`)."""
     check_output_dir(out_dir, overwrite)
     parent = os.path.dirname(os.path.abspath(out_dir))
     staging = tempfile.mkdtemp(prefix=".tmp-register-", dir=parent)
@@ -438,7 +445,8 @@ def write_registration(result: Registration, out_dir: str, overwrite: bool = Fal
         if jacobian:
             names["jacobian.nii.gz"] = result.jacobian
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
-            for done in [pool.submit(image.to_filename, os.path.join(staging, name))
+            for done in [pool.submit(warp.save_image, image, os.path.join(staging, name),
+                                     COMPRESS_LEVELS.get(name, DEFAULT_COMPRESS_LEVEL))
                          for name, image in names.items()]:
                 done.result()
         written = list(names)

@@ -87,6 +87,22 @@ def flow_image(reference, field_ras: np.ndarray, space: str = "ras"):
                       intent_name=FLOW_INTENT.format(space=space.upper()))
 
 
+def save_image(image, path: str, compress_level: int = 1) -> None:
+    """Write a NIfTI image to ``path``; a ``.gz`` name is gzip-compressed at
+    ``compress_level`` (0 = stored without compression: still a gzip file every reader
+    opens, written at disk speed; 1 = nibabel's default)."""
+    import gzip
+
+    from nibabel.fileholders import FileHolder
+
+    if not path.endswith(".gz"):
+        image.to_filename(path)
+        return
+    with gzip.open(path, "wb", compresslevel=compress_level) as handle:
+        holder = FileHolder(fileobj=handle)
+        image.to_file_map({"header": holder, "image": holder})
+
+
 def read_flow(path: str, space: str = "auto"):
     """``(RAS field [X, Y, Z, 3] float32, the flow's NIfTI image, the space read)``."""
     import nibabel as nib
