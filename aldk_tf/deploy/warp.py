@@ -82,7 +82,7 @@ def nifti_like(reference, data: np.ndarray, intent: str | None = None,
 
 def flow_image(reference, field_ras: np.ndarray, space: str = "ras"):
     """The NIfTI of a RAS displacement field ``[X, Y, Z, 3]`` (mm), stored in ``space``."""
-    data = to_flow_space(field_ras.astype(np.float32), space)[:, :, :, None, :]
+    data = to_flow_space(np.asarray(field_ras, np.float32), space)[:, :, :, None, :]
     return nifti_like(reference, data, intent="vector",
                       intent_name=FLOW_INTENT.format(space=space.upper()))
 
@@ -142,6 +142,9 @@ def read_flow(path: str, space: str = "auto"):
 # ----------------------------------------------------------------------------- geometry
 #: Rows of the fixed grid's first axis warped at once (bounds the temporaries).
 SLAB_ROWS = 24
+#: Points per call of the compiled trilinear sampler (``linear``): every slab is padded to
+#: a multiple of it, so that one compilation serves every slab of every fixed grid.
+SAMPLE_CHUNK = 1 << 20
 
 
 def fixed_world(affine: np.ndarray, shape, start: int = 0, stop: int | None = None):
@@ -239,10 +242,11 @@ def warp_volume(data: np.ndarray, field_ras: np.ndarray, fixed_affine, moving_af
                 dtype=None) -> np.ndarray:
     """``data`` (on the grid of ``moving_affine``) at every fixed voxel ``p + u(p)``.
 
-    The fixed grid is taken slab by slab (:data:`SLAB_ROWS` rows of its first axis), so
-    no full-grid array of coordinates is made. ``linear``: float32; ``nearest``: the
-    labels' values in ``dtype`` (default: the narrowest integer type that holds them);
-    ``labels``: the evaluation's per-label rule, in the narrowest integer type.
+    The fixed grid is taken slab by slab of its first axis, so no full-grid array of
+    coordinates is made: :data:`SLAB_ROWS` rows, or for ``linear`` as many as fill
+    :data:`SAMPLE_CHUNK` points (the compiled sampler). ``linear``: float32; ``nearest``:
+    the labels' values in ``dtype`` (default: the narrowest integer type that holds
+    them); ``labels``: the evaluation's per-label rule, in the narrowest integer type.
     """
     import tensorflow as tf
 
@@ -252,23 +256,31 @@ def warp_volume(data: np.ndarray, field_ras: np.ndarray, fixed_affine, moving_af
         raise WarpError(f"--interpolation: expected one of {INTERPOLATIONS}, "
                         f"got '{interpolation}'")
     shape = field_ras.shape[:3]
+    rows, padded = SLAB_ROWS, None
     if interpolation == "linear":
         volume = tf.constant(np.asarray(data, np.float32)[None, ..., None])
         result = np.empty(shape, np.float32)
+        plane = shape[1] * shape[2]
+        rows = max(1, SAMPLE_CHUNK // max(plane, 1))
+        padded = -(-rows * plane // SAMPLE_CHUNK) * SAMPLE_CHUNK
     else:
         labels = label_array(data, where)
         values = np.unique(labels)
         volume = tf.constant(labels[None, ..., None])
         result = np.empty(shape, labels.dtype)
-    for start in range(0, shape[0], SLAB_ROWS):
-        stop = min(start + SLAB_ROWS, shape[0])
-        points = tf.constant(moving_voxels(field_ras[start:stop], fixed_affine,
-                                           moving_affine, start, shape)[None])
+    for start in range(0, shape[0], rows):
+        stop = min(start + rows, shape[0])
+        points = moving_voxels(field_ras[start:stop], fixed_affine, moving_affine, start,
+                               shape)
         if interpolation == "linear":
-            slab = spatial.sample(volume, points)
-        else:
-            rule = "nearest" if interpolation == "nearest" else "threshold"
-            slab = spatial.sample_labels(volume, points, rule, label_values=values)
+            flat = np.zeros((1, padded, 3), np.float32)          # padding samples voxel 0
+            flat[0, :points[..., 0].size] = points.reshape(-1, 3)
+            slab = spatial.sample(volume, tf.constant(flat), compiled=True).numpy()
+            result[start:stop] = slab[0, :points[..., 0].size, 0].reshape(points.shape[:3])
+            continue
+        rule = "nearest" if interpolation == "nearest" else "threshold"
+        slab = spatial.sample_labels(volume, tf.constant(points[None]), rule,
+                                     label_values=values)
         result[start:stop] = slab.numpy()[0, ..., 0]
     if interpolation == "nearest" and dtype is not None:
         result = result.astype(dtype)
