@@ -133,6 +133,20 @@ def test_save_image_writes_gzip_at_the_level_any_reader_opens(level, tmp_path):
     assert (os.path.getsize(path) > data.nbytes) == (level == 0)
 
 
+def test_flow_image_in_place_stores_the_field_itself(rng):
+    reference = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4))
+    field = rng.normal(0, 3, (4, 5, 6, 3)).astype(np.float32)
+    expected = warp.to_flow_space(field, "lps")
+    copied = warp.flow_image(reference, field, "lps")
+    assert not np.shares_memory(np.asarray(copied.dataobj), field)
+    image = warp.flow_image(reference, field, "lps", in_place=True)
+    data = np.asarray(image.dataobj)
+    assert np.shares_memory(data, field)
+    np.testing.assert_array_equal(data[:, :, :, 0], expected)
+    np.testing.assert_array_equal(np.asarray(copied.dataobj), data)
+    assert image.header.get_intent() == ("vector", (), "displacement LPS")
+
+
 def test_jacobian_image_is_the_world_volume_change(registered, pair):
     """numpy reference: det(I + du/dp) with du/dp from np.gradient over voxel indices and
     the chain rule through the (rotated) fixed affine."""

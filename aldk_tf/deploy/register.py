@@ -171,11 +171,17 @@ class Registration:
     flow: object                         # nibabel [X, Y, Z, 1, 3] mm, in stats["flow_space"]
     jacobian: object                     # nibabel, det of d(p + u)/dp on the fixed grid
     warped_seg: object | None            # nibabel labels, or None
-    field_ras: np.ndarray                # [X, Y, Z, 3] mm, RAS
     model_arrays: dict                   # fixed, moving, warped, jacobian on the model grid
     stats: dict
     fixed_image: object = None           # the inputs as read (nibabel)
     moving_image: object = None
+
+    @property
+    def field_ras(self) -> np.ndarray:
+        """The displacement ``[X, Y, Z, 3]`` mm in RAS axes (the flow's data for a RAS
+        flow, a flipped copy for LPS)."""
+        field = np.asarray(self.flow.dataobj)[:, :, :, 0, :]
+        return warp.from_flow_space(field, self.stats["flow_space"])
 
 
 @dataclass
@@ -358,9 +364,9 @@ class Registrar:
                  "register_seconds": time.perf_counter() - started}
         return Registration(
             warped=warp.nifti_like(fixed_image, warped),
-            flow=warp.flow_image(fixed_image, field, flow_space),
+            flow=warp.flow_image(fixed_image, field, flow_space, in_place=True),
             jacobian=warp.nifti_like(fixed_image, jacobian),
-            warped_seg=warped_seg, field_ras=field,
+            warped_seg=warped_seg,
             model_arrays={"fixed": fixed_input[0, ..., 0], "moving": moving_input[0, ..., 0],
                           "warped": warped_model, "jacobian": model_jacobian},
             stats=stats, fixed_image=fixed_image, moving_image=moving_image)

@@ -80,9 +80,18 @@ def nifti_like(reference, data: np.ndarray, intent: str | None = None,
     return image
 
 
-def flow_image(reference, field_ras: np.ndarray, space: str = "ras"):
-    """The NIfTI of a RAS displacement field ``[X, Y, Z, 3]`` (mm), stored in ``space``."""
-    data = to_flow_space(np.asarray(field_ras, np.float32), space)[:, :, :, None, :]
+def flow_image(reference, field_ras: np.ndarray, space: str = "ras",
+               in_place: bool = False):
+    """The NIfTI of a RAS displacement field ``[X, Y, Z, 3]`` (mm), stored in ``space``;
+    its data is ``field_ras`` itself where no conversion is needed. ``in_place``: a
+    float32 ``field_ras`` is flipped to LPS in place (no second full-size array; it then
+    holds LPS vectors)."""
+    field = np.asarray(field_ras, np.float32)
+    if in_place and field is field_ras and space == "lps":
+        field *= RAS_TO_LPS
+    else:
+        field = to_flow_space(field, space)               # a new array for LPS
+    data = field[:, :, :, None, :]
     return nifti_like(reference, data, intent="vector",
                       intent_name=FLOW_INTENT.format(space=space.upper()))
 
