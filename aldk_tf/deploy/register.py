@@ -62,12 +62,12 @@ import numpy as np
 
 from aldk_tf.data import DataError, checks, preprocess
 from aldk_tf.deploy import warp
-from aldk_tf.deploy.export import make_readable, make_writable_folder
+from aldk_tf.deploy.export_layout import (INFO_NAME, SERVING_SIGNATURE, make_readable,
+                                          make_writable_folder)
 from aldk_tf.deploy.fixed_grid import FixedGrid
 from aldk_tf.deploy.preparation import (RegisterError, check_prepared, check_stated,
                                         resolve_preprocessing, scan_crop)
 from aldk_tf.deploy.preview import write_preview
-from aldk_tf.deploy.serving import INFO_NAME, SERVING_SIGNATURE
 from aldk_tf.refine_options import (DEFAULT_LEARNING_RATE, DEFAULT_REFINE_GRID,
                                     MAX_REFINE_GRID)
 from aldk_tf.refine_options import check_arguments as check_refine_arguments
