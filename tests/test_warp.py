@@ -133,6 +133,27 @@ def test_save_image_writes_gzip_at_the_level_any_reader_opens(level, tmp_path):
     assert (os.path.getsize(path) > data.nbytes) == (level == 0)
 
 
+def test_moving_voxels_match_the_affines_in_float64(rng):
+    """Mov^-1 (F x + u(x)) for oblique grids, whole or by slab into a given buffer."""
+    shape = (7, 8, 9)
+    fixed_affine = np.array([[0.9, -0.3, 0.0, -40.0], [0.3, 0.9, 0.1, 25.0],
+                             [0.0, -0.1, 1.2, 10.0], [0.0, 0.0, 0.0, 1.0]])
+    moving_affine = np.array([[0.0, 2.0, 0.0, 30.0], [-1.5, 0.0, 0.2, -12.0],
+                              [0.0, 0.0, 1.1, 5.0], [0.0, 0.0, 0.0, 1.0]])
+    field = rng.normal(0.0, 4.0, (*shape, 3)).astype(np.float32)
+    voxels = np.indices(shape).reshape(3, -1).T.astype(np.float64)
+    world = nib.affines.apply_affine(fixed_affine, voxels) + field.reshape(-1, 3)
+    expected = nib.affines.apply_affine(np.linalg.inv(moving_affine), world).reshape(
+        *shape, 3)
+    points = warp.moving_voxels(field, fixed_affine, moving_affine)
+    assert points.dtype == np.float32
+    np.testing.assert_allclose(points, expected, atol=1e-4)
+    buffer = np.empty((3, *shape[1:], 3), np.float32)
+    slab = warp.moving_voxels(field[2:5], fixed_affine, moving_affine, 2, shape, out=buffer)
+    assert slab is buffer
+    np.testing.assert_allclose(buffer, expected[2:5], atol=1e-4)
+
+
 def test_flow_image_in_place_stores_the_field_itself(rng):
     reference = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4))
     field = rng.normal(0, 3, (4, 5, 6, 3)).astype(np.float32)

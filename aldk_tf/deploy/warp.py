@@ -156,35 +156,29 @@ SLAB_ROWS = 24
 SAMPLE_CHUNK = 1 << 20
 
 
-def fixed_world(affine: np.ndarray, shape, start: int = 0, stop: int | None = None):
-    """World points ``[stop - start, Y, Z, 3]`` (float32) of the voxels in rows
-    ``start:stop`` of a grid of ``shape`` under the 4x4 ``affine``."""
-    stop = shape[0] if stop is None else stop
-    affine = np.asarray(affine, np.float64)
+def moving_voxels(field_ras: np.ndarray, fixed_affine, moving_affine, start: int = 0,
+                  shape=None, out: np.ndarray | None = None) -> np.ndarray:
+    """Moving-image voxel coordinates ``[X, Y, Z, 3]`` (float32) of every fixed voxel; for
+    a slab of the field (rows ``start:start + len(field_ras)`` of a grid of ``shape``),
+    written into ``out`` when given.
+
+    ``Mov^-1 (F x + u(x))`` computed as ``Mov^-1 u(x)`` plus the affine map
+    ``Mov^-1 F x``, whose three components are sums of one vector per fixed axis."""
+    shape = field_ras.shape[:3] if shape is None else shape
+    stop = start + field_ras.shape[0]
+    to_moving = np.linalg.inv(np.asarray(moving_affine, np.float64))
+    grid_to_moving = to_moving @ np.asarray(fixed_affine, np.float64)
+    points = np.empty(field_ras.shape, np.float32) if out is None else out
+    np.matmul(field_ras, to_moving[:3, :3].T.astype(np.float32), out=points)
     axes = [np.arange(start, stop, dtype=np.float64), np.arange(shape[1], dtype=np.float64),
             np.arange(shape[2], dtype=np.float64)]
-    points = np.empty((stop - start, shape[1], shape[2], 3), np.float32)
     for row in range(3):
-        points[..., row] = (affine[row, 0] * axes[0][:, None, None]
-                            + affine[row, 1] * axes[1][None, :, None]
-                            + affine[row, 2] * axes[2][None, None, :] + affine[row, 3])
+        along = [(grid_to_moving[row, i] * axes[i]
+                  + (grid_to_moving[row, 3] if i == 0 else 0.0)).astype(np.float32)
+                 for i in range(3)]
+        points[..., row] += (along[0][:, None, None] + along[1][None, :, None]
+                             + along[2][None, None, :])
     return points
-
-
-def apply_affine(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """A 4x4 affine applied to points ``[..., 3]`` (float32)."""
-    matrix = transform[:3, :3].astype(np.float32)
-    return points @ matrix.T + transform[:3, 3].astype(np.float32)
-
-
-def moving_voxels(field_ras: np.ndarray, fixed_affine, moving_affine, start: int = 0,
-                  shape=None) -> np.ndarray:
-    """Moving-image voxel coordinates ``[X, Y, Z, 3]`` of every fixed voxel; for a slab of
-    the field (rows ``start:start + len(field_ras)`` of a grid of ``shape``)."""
-    shape = field_ras.shape[:3] if shape is None else shape
-    fixed = fixed_world(fixed_affine, shape, start, start + field_ras.shape[0])
-    return apply_affine(np.linalg.inv(np.asarray(moving_affine, np.float64)),
-                        fixed + field_ras)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -277,16 +271,18 @@ def warp_volume(data: np.ndarray, field_ras: np.ndarray, fixed_affine, moving_af
         values = np.unique(labels)
         volume = tf.constant(labels[None, ..., None])
         result = np.empty(shape, labels.dtype)
+    flat = None if padded is None else np.zeros((1, padded, 3), np.float32)
     for start in range(0, shape[0], rows):
         stop = min(start + rows, shape[0])
+        if interpolation == "linear":        # into the padded buffer (the tail is unused)
+            count = (stop - start) * shape[1] * shape[2]
+            moving_voxels(field_ras[start:stop], fixed_affine, moving_affine, start, shape,
+                          out=flat[0, :count].reshape(stop - start, *shape[1:], 3))
+            slab = spatial.sample(volume, tf.constant(flat), compiled=True).numpy()
+            result[start:stop] = slab[0, :count, 0].reshape(stop - start, *shape[1:])
+            continue
         points = moving_voxels(field_ras[start:stop], fixed_affine, moving_affine, start,
                                shape)
-        if interpolation == "linear":
-            flat = np.zeros((1, padded, 3), np.float32)          # padding samples voxel 0
-            flat[0, :points[..., 0].size] = points.reshape(-1, 3)
-            slab = spatial.sample(volume, tf.constant(flat), compiled=True).numpy()
-            result[start:stop] = slab[0, :points[..., 0].size, 0].reshape(points.shape[:3])
-            continue
         rule = "nearest" if interpolation == "nearest" else "threshold"
         slab = spatial.sample_labels(volume, tf.constant(points[None]), rule,
                                      label_values=values)
