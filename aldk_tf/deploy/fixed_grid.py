@@ -27,11 +27,14 @@ that no full-grid temporary beyond the outputs is made.
 
 from __future__ import annotations
 
-import numpy as np
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 
 #: Rows of the fixed grid's first axis handled at once (bounds the temporaries).
 SLAB_ROWS = 24
+#: Slabs computed at once, in threads.
+WORKERS = 2
 
 
 def axis_map(source_to_model: np.ndarray, tolerance: float = 1e-6):
@@ -134,12 +137,18 @@ class FixedGrid:
 
     def carry(self, jacobian: bool = True):
         """``(field [X, Y, Z, 3] mm RAS float32, det [X, Y, Z] float32 or None)`` on the
-        whole fixed grid, slab by slab."""
+        whole fixed grid, slab by slab (:data:`WORKERS` slabs at once: numpy releases the
+        GIL in its array operations; each slab writes its own rows)."""
         field = np.empty((*self.shape, 3), np.float32)
         det = np.empty(self.shape, np.float32) if jacobian else None
-        for start, stop in self.slabs():
+
+        def fill(rows):
+            start, stop = rows
             self.slab(start, stop, field[start:stop],
                       None if det is None else det[start:stop])
+
+        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+            list(pool.map(fill, self.slabs()))
         return field, det
 
     def slab(self, start: int, stop: int, field: np.ndarray, det: np.ndarray | None):
