@@ -3,6 +3,8 @@
 :func:`evaluate_pairs` is shared by ``evaluate.py`` and the demo, so both print the same
 numbers. Warping and metrics are the library's (:mod:`aldk_tf.metrics`); this module only
 batches pairs and times the model. The reports it feeds: :mod:`aldk_tf.reports`.
+TensorFlow is imported by the functions that run a model, not with the module, so that
+the command lines check their arguments (:func:`check_image_size`) before loading it.
 """
 
 from __future__ import annotations
@@ -10,13 +12,11 @@ from __future__ import annotations
 import time
 import warnings
 
-import keras
 import numpy as np
 
-from aldk_tf import metrics
-from aldk_tf.data import ScanStore, load_pair
+from aldk_tf.data import ScanStore
+from aldk_tf.refine_options import DEFAULT_LEARNING_RATE
 from aldk_tf.reports import BEFORE_KEYS, LABEL_KEYS, EvaluationError, summarise
-from aldk_tf.training.refine import DEFAULT_LEARNING_RATE, refine_flow
 
 
 def label_names(dataset_config, label_values) -> list[str]:
@@ -42,6 +42,10 @@ def _flow_function(model, refine: int = 0,
                    refine_learning_rate: float = DEFAULT_LEARNING_RATE):
     """``flow(fixed, moving) -> [B, D, H, W, 3]`` numpy for a Keras model or a callable,
     refined by ``refine`` instance-optimisation steps from the model's flow when > 0."""
+    import keras
+
+    from aldk_tf.training.refine import refine_flow
+
     if isinstance(model, keras.Model):
         from aldk_tf.deploy.serving import RegistrationModule   # one trace, dynamic batch
         register = RegistrationModule(model).register
@@ -69,6 +73,8 @@ def finer_grid_model(model, factor: int, refine: int = 0,
     then refined there by ``refine`` instance-optimisation steps (warm-started from it).
     For :func:`evaluate_pairs` on data prepared at ``factor`` x the model's size."""
     from aldk_tf import spatial
+    from aldk_tf.training.refine import refine_flow
+
     model_flow = _flow_function(model)
     factor = int(factor)
     if factor < 1:
@@ -144,6 +150,11 @@ def evaluate_pairs(model, dataset_config, pairs, batch: int = 1, label_values=No
       model time per pair on this machine, refinement included, warm-up excluded), and
       :func:`summarise`.
     """
+    import keras
+
+    from aldk_tf import metrics
+    from aldk_tf.data import load_pair
+
     if batch < 1:
         raise EvaluationError(f"--batch must be >= 1, got {batch}")
     if refine < 0:

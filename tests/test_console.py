@@ -10,7 +10,8 @@ import pytest
 from aldk_tf.console import Progress
 
 #: Console scripts whose --help answers without importing TensorFlow.
-QUIET_HELP = ("register", "warp", "build_demo", "train", "nifti_to_h5", "demo", "report")
+QUIET_HELP = ("register", "warp", "build_demo", "train", "nifti_to_h5", "demo", "report",
+              "evaluate", "export", "teacher_flows")
 
 CHECK = """
 import runpy, sys
@@ -41,6 +42,26 @@ def test_a_bad_input_error_is_one_line_without_tensorflow_lines(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert "absent.nii.gz" in lines[0]
+
+
+@pytest.mark.parametrize("module, flags", [
+    ("evaluate", ["-c", "{missing}"]),
+    ("export", ["-c", "{missing}", "--out", "{tmp}/export"]),
+    ("teacher_flows", ["-c", "{missing}"]),
+])
+def test_tools_that_load_a_run_fail_in_one_line_without_tensorflow_lines(module, flags,
+                                                                         tmp_path):
+    """TensorFlow is imported (quietly) before the run is read: stderr is the error only."""
+    missing = tmp_path / "no_such_run"
+    done = subprocess.run(
+        [sys.executable, "-m", f"aldk_tf.cli.{module}",
+         *[flag.format(missing=missing, tmp=tmp_path) for flag in flags]],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert "no_such_run" in lines[0]
+    assert sorted(path.name for path in tmp_path.iterdir()) == []     # nothing written
 
 
 def test_progress_is_plain_lines_when_not_a_terminal():

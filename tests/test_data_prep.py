@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from aldk_tf.data import (DataError, load_dataset_config, read_dataset)
-from aldk_tf.data.preprocess import preprocess_scan, to_source_grid
+from aldk_tf.data.preprocess import bounding_box, preprocess_scan, to_source_grid
 from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +76,20 @@ def test_preprocess_reorients_crops_and_keeps_world_coordinates(rng):
     for value in (1, 4):
         overlap = 2 * np.sum((back == value) & (labels == value))
         assert overlap / (np.sum(back == value) + np.sum(labels == value)) > 0.85
+
+
+@pytest.mark.parametrize("margin", [0, 3, 40])
+def test_bounding_box_is_the_extent_of_the_nonzero_voxels(rng, margin):
+    mask = np.zeros((30, 25, 20), bool)
+    mask[rng.integers(2, 28, 40), rng.integers(5, 20, 40), rng.integers(1, 19, 40)] = True
+    indices = np.argwhere(mask)
+    start, stop = bounding_box(mask, margin)
+    np.testing.assert_array_equal(start, np.maximum(indices.min(axis=0) - margin, 0))
+    np.testing.assert_array_equal(stop, np.minimum(indices.max(axis=0) + 1 + margin,
+                                                   mask.shape))
+    assert start.dtype == stop.dtype == np.int64
+    with pytest.raises(DataError, match="empty region"):
+        bounding_box(np.zeros((4, 5, 6)), margin)
 
 
 def test_ct_window_and_body_threshold_crop():

@@ -63,6 +63,17 @@ def test_outputs_are_in_the_fixed_space_with_its_affine(registered, nifti_pair):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_flow_is_stored_uncompressed_and_images_compressed(registered):
+    """flow.nii.gz at gzip level 0 (a file as large as its voxels: no deflate time), the
+    images at level 1 (smaller than their voxels); both read back by nibabel."""
+    for name, stored in (("flow.nii.gz", True), ("warped.nii.gz", False),
+                         ("jacobian.nii.gz", False)):
+        image = nib.load(registered / name)
+        voxel_bytes = np.asarray(image.dataobj).nbytes
+        size = (registered / name).stat().st_size
+        assert (size > voxel_bytes) == stored, (name, size, voxel_bytes)
+
+
 def test_outputs_follow_the_model_flow(registered, savedmodel, nifti_pair):
     """crop none on an unrotated grid: model voxel == fixed voxel, so the written field is
     the model's flow in mm plus the shift between the two scans' affines, and the written

@@ -99,6 +99,12 @@ def test_registrar_takes_nibabel_images_in_memory(savedmodel, scans, tmp_path):
     register.write_registration(result, str(tmp_path / "out"))
     np.testing.assert_array_equal(nib.load(tmp_path / "out" / "warped.nii.gz").get_fdata(),
                                   result.warped.get_fdata())
+    # The default LPS flow holds the field's only full-size copy; field_ras flips it back.
+    lps = np.asarray(result.flow.dataobj)[:, :, :, 0, :]
+    assert np.abs(lps[..., :2]).max() > 0.1
+    np.testing.assert_array_equal(result.field_ras, lps * [-1.0, -1.0, 1.0])
+    ras = registrar.register(fixed, moving, flow_space="ras")
+    np.testing.assert_array_equal(ras.field_ras, result.field_ras)
 
 
 def test_a_batch_finishes_bad_rows_in_the_summary(savedmodel, scans, tmp_path, capsys):

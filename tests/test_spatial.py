@@ -393,11 +393,12 @@ def test_invert_flow_round_trips_points(rng):
     assert np.abs(field + inverse)[inside].max() > 0.1
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("points_shape", [(7,), (4, 5, 6)])
-def test_sample_matches_scipy_at_points_and_on_another_grid(rng, points_shape):
+def test_sample_matches_scipy_at_points_and_on_another_grid(rng, points_shape, compiled):
     field = rng.normal(size=(2, 9, 10, 11, 3)).astype(np.float32)
     points = rng.uniform(-1, 11, (2, *points_shape, 3)).astype(np.float32)  # some clamped
-    np.testing.assert_allclose(spatial.sample(field, points).numpy(),
+    np.testing.assert_allclose(spatial.sample(field, points, compiled=compiled).numpy(),
                                scipy_sample(field, points), atol=1e-5)
     nearest = spatial.sample(field, points, mode="nearest").numpy()
     np.testing.assert_array_equal(nearest, scipy_sample(field, points, order=0))

@@ -114,6 +114,60 @@ def test_flow_space_round_trip(rng):
     np.testing.assert_array_equal(warp.to_flow_space(field, "ras"), field)
 
 
+@pytest.mark.parametrize("level", [0, 1])
+def test_save_image_writes_gzip_at_the_level_any_reader_opens(level, tmp_path):
+    import gzip
+    data = np.zeros((20, 21, 22, 1, 3), np.float32)
+    data[5:15, 5:15, 5:15] = np.linspace(-3.0, 3.0, 1000 * 3, dtype=np.float32).reshape(
+        10, 10, 10, 1, 3)
+    image = warp.nifti_like(nib.Nifti1Image(np.zeros(data.shape[:3], np.float32),
+                                            np.diag([1.0, 2.0, 3.0, 1.0])), data,
+                            intent="vector", intent_name="displacement LPS")
+    path = str(tmp_path / "flow.nii.gz")
+    warp.save_image(image, path, level)
+    with gzip.open(path) as handle:                                # a plain gzip stream
+        assert len(handle.read()) == 352 + data.nbytes
+    read = nib.load(path)
+    np.testing.assert_array_equal(np.asarray(read.dataobj), data)
+    assert read.header.get_intent() == ("vector", (), "displacement LPS")
+    assert (os.path.getsize(path) > data.nbytes) == (level == 0)
+
+
+def test_moving_voxels_match_the_affines_in_float64(rng):
+    """Mov^-1 (F x + u(x)) for oblique grids, whole or by slab into a given buffer."""
+    shape = (7, 8, 9)
+    fixed_affine = np.array([[0.9, -0.3, 0.0, -40.0], [0.3, 0.9, 0.1, 25.0],
+                             [0.0, -0.1, 1.2, 10.0], [0.0, 0.0, 0.0, 1.0]])
+    moving_affine = np.array([[0.0, 2.0, 0.0, 30.0], [-1.5, 0.0, 0.2, -12.0],
+                              [0.0, 0.0, 1.1, 5.0], [0.0, 0.0, 0.0, 1.0]])
+    field = rng.normal(0.0, 4.0, (*shape, 3)).astype(np.float32)
+    voxels = np.indices(shape).reshape(3, -1).T.astype(np.float64)
+    world = nib.affines.apply_affine(fixed_affine, voxels) + field.reshape(-1, 3)
+    expected = nib.affines.apply_affine(np.linalg.inv(moving_affine), world).reshape(
+        *shape, 3)
+    points = warp.moving_voxels(field, fixed_affine, moving_affine)
+    assert points.dtype == np.float32
+    np.testing.assert_allclose(points, expected, atol=1e-4)
+    buffer = np.empty((3, *shape[1:], 3), np.float32)
+    slab = warp.moving_voxels(field[2:5], fixed_affine, moving_affine, 2, shape, out=buffer)
+    assert slab is buffer
+    np.testing.assert_allclose(buffer, expected[2:5], atol=1e-4)
+
+
+def test_flow_image_in_place_stores_the_field_itself(rng):
+    reference = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4))
+    field = rng.normal(0, 3, (4, 5, 6, 3)).astype(np.float32)
+    expected = warp.to_flow_space(field, "lps")
+    copied = warp.flow_image(reference, field, "lps")
+    assert not np.shares_memory(np.asarray(copied.dataobj), field)
+    image = warp.flow_image(reference, field, "lps", in_place=True)
+    data = np.asarray(image.dataobj)
+    assert np.shares_memory(data, field)
+    np.testing.assert_array_equal(data[:, :, :, 0], expected)
+    np.testing.assert_array_equal(np.asarray(copied.dataobj), data)
+    assert image.header.get_intent() == ("vector", (), "displacement LPS")
+
+
 def test_jacobian_image_is_the_world_volume_change(registered, pair):
     """numpy reference: det(I + du/dp) with du/dp from np.gradient over voxel indices and
     the chain rule through the (rotated) fixed affine."""

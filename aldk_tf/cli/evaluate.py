@@ -25,7 +25,9 @@ pair i and writes ``<report>.shard-i-of-n.txt/.json``; then, with all parts in o
 
 writes the report an unsharded run would have written (pairs in the same order).
 
-Installed, the same tool is the console script ``aldk-evaluate``.
+Installed, the same tool is the console script ``aldk-evaluate``. Parsing the flags
+imports no TensorFlow (``--help`` answers at once); its start-up log lines are hidden
+unless ``--verbose``.
 """
 
 from __future__ import annotations
@@ -35,17 +37,14 @@ import hashlib
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 from aldk_tf.training import runs
 from aldk_tf.config import MAX_REP
 from aldk_tf.data import VALIDATION_SCHEME, DataError, load_dataset_config
 from aldk_tf.evaluation import EvaluationError
 from aldk_tf.reports import write_json_report, write_label_csv, write_rcn_report
-from aldk_tf.training.refine import add_arguments as add_refine_arguments
-from aldk_tf.training.refine import check_arguments as check_refine_arguments
-from aldk_tf.deploy.export import prepare_base, remove_if_new_and_empty
-from aldk_tf.deploy.serving import ExportError
+from aldk_tf.refine_options import add_arguments as add_refine_arguments
+from aldk_tf.refine_options import check_arguments as check_refine_arguments
+from aldk_tf.deploy.export_layout import ExportError, prepare_base, remove_if_new_and_empty
 from aldk_tf.shards import Shard, ShardError, find_parts, split_name
 
 
@@ -78,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--merge", nargs="*", metavar="PART", help="merge shard parts "
                         "into the unsharded report: the parts' .json files, or none to "
                         "find them in --out by the report name of -c/-v/-r/--name")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's log "
+                        "lines")
     return parser.parse_args(argv)
 
 
@@ -184,6 +185,8 @@ def export_source(path: str) -> tuple[str, dict, str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from aldk_tf.console import import_tensorflow
+    import_tensorflow(args.verbose)
     existed = os.path.isdir(args.out)
     try:
         if args.merge and args.shard:

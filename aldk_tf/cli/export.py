@@ -10,7 +10,9 @@ builtin ops only) and ``export_info.json`` (with the dataset and its data-prepar
 settings, which ``aldk-register`` applies to new scans), then prints a parity check of
 every exported form against the Keras model. Only the registration model of the run is exported.
 
-Installed, the same tool is the console script ``aldk-export``.
+Installed, the same tool is the console script ``aldk-export``. Parsing the flags imports
+no TensorFlow (``--help`` answers at once); its start-up log lines are hidden unless
+``--verbose``.
 """
 
 from __future__ import annotations
@@ -20,17 +22,13 @@ import math
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 from aldk_tf.training import runs
 from aldk_tf.config import MAX_REP
-from aldk_tf.data import (VALIDATION_SCHEME, DataError, list_pairs,
-                          load_dataset_config, load_pair)
+from aldk_tf.data import VALIDATION_SCHEME, DataError, load_dataset_config
 from aldk_tf.evaluation import EvaluationError, check_image_size
-from aldk_tf.deploy.export import prepare_base, remove_if_new_and_empty
 from aldk_tf.deploy.cpu import bf16_features
-from aldk_tf.deploy.inference import DTYPES
-from aldk_tf.deploy.serving import TFLITE_VARIANTS, ExportError
+from aldk_tf.deploy.export_layout import (DTYPES, TFLITE_VARIANTS, ExportError,
+                                          prepare_base, remove_if_new_and_empty)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "SavedModel's convolutions: float32 (default) or bfloat16 (faster "
                         "on CPUs with AMX or AVX512-BF16; inputs and outputs stay float32, "
                         "flow checked to 0.25 voxel); TFLite stays float32")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's log "
+                        "lines")
     return parser.parse_args(argv)
 
 
@@ -81,6 +81,7 @@ def parity_sample(args, run_config) -> tuple[dict | None, list | None, str]:
     ``-d`` or of the run's dataset. An explicit ``-d`` must work; when the run's own
     dataset cannot be read, a synthetic pair is used instead.
     """
+    from aldk_tf.data import list_pairs, load_pair
     path = args.dataset or run_config.dataset
     if not path:
         return None, None, "a synthetic pair (the run names no dataset)"
@@ -124,6 +125,8 @@ def run_preprocessing(run_config) -> dict | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from aldk_tf.console import import_tensorflow
+    import_tensorflow(args.verbose)
     existed = os.path.isdir(args.out)
     try:
         variants = tflite_variants(args.tflite)

@@ -5,7 +5,8 @@
     aldk-teacher-flows -c weights/<teacher run> --merge            # then merge the parts
 
 (:mod:`aldk_tf.training.teacher_flows`, the file: :mod:`aldk_tf.training.flow_store`.)
-Also ``python -m aldk_tf.cli.teacher_flows``.
+Also ``python -m aldk_tf.cli.teacher_flows``. Parsing the flags imports no TensorFlow
+(``--help`` answers at once); its start-up log lines are hidden unless ``--verbose``.
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from aldk_tf.training.flow_store import (check_flow_file, flows_path, flows_stem
                                          pair_key, provenance, refine_setting,
                                          refinement_summary, set_aside_if_stale,
                                          stored_keys)
-from aldk_tf.training.refine import add_arguments as add_refine_arguments
+from aldk_tf.refine_options import add_arguments as add_refine_arguments
 from aldk_tf.training.runs import RunError
-from aldk_tf.training.teacher_flows import extract_teacher_flows
 
 
 def main(argv=None) -> int:
@@ -48,7 +48,12 @@ def main(argv=None) -> int:
                         default=0, help="apply the teacher's cascades R times with shared "
                         "weights (RCN's test-time recursion; default: as trained)")
     add_refine_arguments(parser, "store each teacher flow refined by")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's log "
+                        "lines")
     args = parser.parse_args(argv)
+    from aldk_tf.console import import_tensorflow
+    import_tensorflow(args.verbose)
+    from aldk_tf.training.teacher_flows import extract_teacher_flows
     from aldk_tf.training import runs
     from aldk_tf.data import TRAINING_SCHEME, DataError, list_pairs, load_dataset_config
     try:

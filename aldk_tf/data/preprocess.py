@@ -223,12 +223,19 @@ def canonical(image) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------- crop box
 def bounding_box(mask: np.ndarray, margin: int = 0, where: str = "mask"):
-    """``(start, stop)`` voxel indices of the non-zero region of ``mask``, plus a margin."""
-    indices = np.argwhere(mask)
-    if indices.size == 0:
-        raise DataError(f"{where}: empty region, nothing to crop to")
-    start = np.maximum(indices.min(axis=0) - margin, 0)
-    stop = np.minimum(indices.max(axis=0) + 1 + margin, mask.shape)
+    """``(start, stop)`` voxel indices of the non-zero region of ``mask``, plus a margin
+    (from the mask's projections onto each axis: no list of the region's voxels)."""
+    mask = np.asarray(mask)
+    start, stop = [], []
+    for axis in range(mask.ndim):
+        others = tuple(other for other in range(mask.ndim) if other != axis)
+        occupied = np.flatnonzero(np.any(mask, axis=others))
+        if occupied.size == 0:
+            raise DataError(f"{where}: empty region, nothing to crop to")
+        start.append(occupied[0])
+        stop.append(occupied[-1] + 1)
+    start = np.maximum(np.asarray(start, np.int64) - margin, 0)
+    stop = np.minimum(np.asarray(stop, np.int64) + margin, mask.shape)
     return start.astype(np.int64), stop.astype(np.int64)
 
 

@@ -26,7 +26,6 @@ exporter holds a lock on its temporary folder; folders of exports killed before 
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
@@ -39,10 +38,13 @@ import numpy as np
 import tensorflow as tf
 
 from aldk_tf import spatial
-from aldk_tf.deploy.inference import DTYPES, inference_graph, model_image_size
-from aldk_tf.deploy.serving import (INFO_NAME, SERVING_SIGNATURE, TFLITE_DIR,
-                                    TFLITE_VARIANTS, WARP_SIGNATURE, ExportError,
-                                    convert_tflite, parity_report, registration_graph,
+from aldk_tf.deploy.export_layout import (DTYPES, INFO_NAME, SERVING_SIGNATURE,  # noqa: F401
+                                          TFLITE_DIR, TFLITE_VARIANTS, WARP_SIGNATURE,
+                                          ExportError, make_readable, make_writable_folder,
+                                          next_version, prepare_base,
+                                          remove_if_new_and_empty)
+from aldk_tf.deploy.inference import inference_graph, model_image_size
+from aldk_tf.deploy.serving import (convert_tflite, parity_report, registration_graph,
                                     save_savedmodel, savedmodel_runner, tflite_runner)
 
 logger = logging.getLogger(__name__)
@@ -54,39 +56,6 @@ WARMUP_PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
 #: Keras model: bfloat16 keeps ~3 significant digits (0.06 voxel measured on the shipped
 #: student over 30 test pairs, Dice unchanged to 1e-4; bench/bf16_dice.py).
 BFLOAT16_TOLERANCE = 0.25
-
-
-def next_version(base: str) -> int:
-    """One more than the largest numeric version directory under ``base`` (or 1)."""
-    if not os.path.isdir(base):
-        return 1
-    versions = [int(name) for name in os.listdir(base) if name.isdigit()]
-    return max(versions, default=0) + 1
-
-
-def make_writable_folder(folder: str) -> None:
-    """Create ``folder`` (and its parents) and check that a file can be written in it;
-    OSError if not."""
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder):
-        pass
-
-
-def prepare_base(base: str) -> None:
-    """Create ``base`` and check that a file can be written in it (ExportError if not)."""
-    try:
-        make_writable_folder(base)
-    except OSError as error:
-        raise ExportError(f"{base}: output directory not writable "
-                          f"({error.strerror or error})") from None
-
-
-def remove_if_new_and_empty(base: str, existed: bool) -> None:
-    """Remove ``base`` when it did not exist before the command (``existed``) and holds
-    nothing: a command that failed leaves no empty output folder behind."""
-    if not existed:
-        with contextlib.suppress(OSError):
-            os.rmdir(base)
 
 
 def export_model(model, base: str, version: int | None = None,
@@ -248,14 +217,6 @@ def remove_abandoned_staging(base: str, min_age: float = 60.0) -> list[str]:
         logger.warning("%s: removed the folder of an export that did not finish", path)
         removed.append(path)
     return removed
-
-
-def make_readable(folder: str) -> None:
-    """Give the staging directory (``mkdtemp``: 0700) the usual umask permissions, so a
-    model server running as another user can read the version directory."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
 
 
 def synthetic_sample(image_size, seed: int = 0) -> dict:

@@ -40,9 +40,8 @@ import keras
 import tensorflow as tf
 
 from aldk_tf import layers as spatial_layers
+from aldk_tf.deploy.export_layout import DTYPES
 from aldk_tf.networks.affine import AffineStem
-
-DTYPES = ("float32", "bfloat16")
 
 #: Op types that should not appear in a registration graph, and why.
 SLOW_OPS = {

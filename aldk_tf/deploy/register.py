@@ -21,6 +21,8 @@ affine and header:
                            ``--flow-space ras`` for nibabel's RAS axes (see
                            :mod:`aldk_tf.deploy.warp`): the fixed voxel at world position
                            ``p`` corresponds to the moving image's ``p + u(p)``;
+                           stored uncompressed inside gzip (level 0: float vectors
+                           barely compress, and every reader opens it as is);
 - ``warped_seg.nii.gz``    with ``--moving-seg``: labels warped one mask at a time
                            (trilinear, threshold 128 of 255, as the evaluation does), in
                            an integer type wide enough for the values (uint16 for 40000);
@@ -60,12 +62,12 @@ import numpy as np
 
 from aldk_tf.data import DataError, checks, preprocess
 from aldk_tf.deploy import warp
-from aldk_tf.deploy.export import make_readable, make_writable_folder
+from aldk_tf.deploy.export_layout import (INFO_NAME, SERVING_SIGNATURE, make_readable,
+                                          make_writable_folder)
 from aldk_tf.deploy.fixed_grid import FixedGrid
 from aldk_tf.deploy.preparation import (RegisterError, check_prepared, check_stated,
                                         resolve_preprocessing, scan_crop)
 from aldk_tf.deploy.preview import write_preview
-from aldk_tf.deploy.serving import INFO_NAME, SERVING_SIGNATURE
 from aldk_tf.refine_options import (DEFAULT_LEARNING_RATE, DEFAULT_REFINE_GRID,
                                     MAX_REFINE_GRID)
 from aldk_tf.refine_options import check_arguments as check_refine_arguments
@@ -77,6 +79,10 @@ OUTPUT_NAMES = ("warped.nii.gz", "flow.nii.gz", "warped_seg.nii.gz", SUMMARY_NAM
 OPTIONAL_NAMES = ("jacobian.nii.gz", "preview.png")
 #: Default axes of flow.nii.gz's vectors: what ITK and ANTs read correctly.
 DEFAULT_FLOW_SPACE = "lps"
+#: gzip level of each written NIfTI file: the flow's float vectors barely compress, so
+#: flow.nii.gz is stored (level 0, a .nii.gz any reader opens); the others at level 1.
+COMPRESS_LEVELS = {"flow.nii.gz": 0}
+DEFAULT_COMPRESS_LEVEL = 1
 
 
 # ----------------------------------------------------------------------------- model
@@ -165,11 +171,17 @@ class Registration:
     flow: object                         # nibabel [X, Y, Z, 1, 3] mm, in stats["flow_space"]
     jacobian: object                     # nibabel, det of d(p + u)/dp on the fixed grid
     warped_seg: object | None            # nibabel labels, or None
-    field_ras: np.ndarray                # [X, Y, Z, 3] mm, RAS
     model_arrays: dict                   # fixed, moving, warped, jacobian on the model grid
     stats: dict
     fixed_image: object = None           # the inputs as read (nibabel)
     moving_image: object = None
+
+    @property
+    def field_ras(self) -> np.ndarray:
+        """The displacement ``[X, Y, Z, 3]`` mm in RAS axes (the flow's data for a RAS
+        flow, a flipped copy for LPS)."""
+        field = np.asarray(self.flow.dataobj)[:, :, :, 0, :]
+        return warp.from_flow_space(field, self.stats["flow_space"])
 
 
 @dataclass
@@ -333,10 +345,7 @@ class Registrar:
         # Fixed source voxel -> model voxel v -> moving model voxel v + flow(v) -> world.
         grid = FixedGrid(flow[0], np.linalg.inv(fixed_scan.affine) @ fixed_image.affine,
                          moving_scan.affine, fixed_image.affine, fixed_image.shape)
-        field = np.empty((*fixed_image.shape, 3), np.float32)
-        jacobian = np.empty(fixed_image.shape, np.float32)
-        for first, last in grid.slabs():
-            field[first:last], jacobian[first:last] = grid.slab(first, last)
+        field, jacobian = grid.carry()
         warped = warp.warp_volume(np.asarray(moving_image.dataobj, np.float32), field,
                                   fixed_image.affine, moving_image.affine)
         warped_seg = None
@@ -355,9 +364,9 @@ class Registrar:
                  "register_seconds": time.perf_counter() - started}
         return Registration(
             warped=warp.nifti_like(fixed_image, warped),
-            flow=warp.flow_image(fixed_image, field, flow_space),
+            flow=warp.flow_image(fixed_image, field, flow_space, in_place=True),
             jacobian=warp.nifti_like(fixed_image, jacobian),
-            warped_seg=warped_seg, field_ras=field,
+            warped_seg=warped_seg,
             model_arrays={"fixed": fixed_input[0, ..., 0], "moving": moving_input[0, ..., 0],
                           "warped": warped_model, "jacobian": model_jacobian},
             stats=stats, fixed_image=fixed_image, moving_image=moving_image)
@@ -430,7 +439,8 @@ def write_registration(result: Registration, out_dir: str, overwrite: bool = Fal
                        preview: bool = False) -> list[str]:
     """Write a :class:`Registration` into ``out_dir`` (a new folder, renamed into place);
     ``jacobian`` / ``preview``: also ``jacobian.nii.gz`` / ``preview.png``. Returns the
-    written paths. The NIfTI files are compressed in parallel (zlib releases the GIL)."""
+    written paths. The NIfTI files are written in parallel (zlib releases the GIL), each
+    at its gzip level (:data:`COMPRESS_LEVELS`)."""
     check_output_dir(out_dir, overwrite)
     parent = os.path.dirname(os.path.abspath(out_dir))
     staging = tempfile.mkdtemp(prefix=".tmp-register-", dir=parent)
@@ -441,7 +451,8 @@ def write_registration(result: Registration, out_dir: str, overwrite: bool = Fal
         if jacobian:
             names["jacobian.nii.gz"] = result.jacobian
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
-            for done in [pool.submit(image.to_filename, os.path.join(staging, name))
+            for done in [pool.submit(warp.save_image, image, os.path.join(staging, name),
+                                     COMPRESS_LEVELS.get(name, DEFAULT_COMPRESS_LEVEL))
                          for name, image in names.items()]:
                 done.result()
         written = list(names)

@@ -24,19 +24,12 @@ import numpy as np
 import tensorflow as tf
 
 from aldk_tf import metrics, spatial
+from aldk_tf.deploy.export_layout import (INFO_NAME, SERVING_SIGNATURE,  # noqa: F401
+                                          TFLITE_DIR, TFLITE_VARIANTS, WARP_SIGNATURE,
+                                          ExportError)
 from aldk_tf.deploy.inference import model_image_size
 
 logger = logging.getLogger(__name__)
-
-SERVING_SIGNATURE = "serving_default"
-WARP_SIGNATURE = "warp_segmentation"
-TFLITE_VARIANTS = ("fp32", "fp16", "int8")
-TFLITE_DIR = "tflite"
-INFO_NAME = "export_info.json"
-
-
-class ExportError(ValueError):
-    """An export that cannot be done (one-line message naming the path or the value)."""
 
 
 # ----------------------------------------------------------------------------- graphs

@@ -80,11 +80,36 @@ def nifti_like(reference, data: np.ndarray, intent: str | None = None,
     return image
 
 
-def flow_image(reference, field_ras: np.ndarray, space: str = "ras"):
-    """The NIfTI of a RAS displacement field ``[X, Y, Z, 3]`` (mm), stored in ``space``."""
-    data = to_flow_space(field_ras.astype(np.float32), space)[:, :, :, None, :]
+def flow_image(reference, field_ras: np.ndarray, space: str = "ras",
+               in_place: bool = False):
+    """The NIfTI of a RAS displacement field ``[X, Y, Z, 3]`` (mm), stored in ``space``;
+    its data is ``field_ras`` itself where no conversion is needed. ``in_place``: a
+    float32 ``field_ras`` is flipped to LPS in place (no second full-size array; it then
+    holds LPS vectors)."""
+    field = np.asarray(field_ras, np.float32)
+    if in_place and field is field_ras and space == "lps":
+        field *= RAS_TO_LPS
+    else:
+        field = to_flow_space(field, space)               # a new array for LPS
+    data = field[:, :, :, None, :]
     return nifti_like(reference, data, intent="vector",
                       intent_name=FLOW_INTENT.format(space=space.upper()))
+
+
+def save_image(image, path: str, compress_level: int = 1) -> None:
+    """Write a NIfTI image to ``path``; a ``.gz`` name is gzip-compressed at
+    ``compress_level`` (0 = stored without compression: still a gzip file every reader
+    opens, written at disk speed; 1 = nibabel's default)."""
+    import gzip
+
+    from nibabel.fileholders import FileHolder
+
+    if not path.endswith(".gz"):
+        image.to_filename(path)
+        return
+    with gzip.open(path, "wb", compresslevel=compress_level) as handle:
+        holder = FileHolder(fileobj=handle)
+        image.to_file_map({"header": holder, "image": holder})
 
 
 def read_flow(path: str, space: str = "auto"):
@@ -126,37 +151,34 @@ def read_flow(path: str, space: str = "auto"):
 # ----------------------------------------------------------------------------- geometry
 #: Rows of the fixed grid's first axis warped at once (bounds the temporaries).
 SLAB_ROWS = 24
-
-
-def fixed_world(affine: np.ndarray, shape, start: int = 0, stop: int | None = None):
-    """World points ``[stop - start, Y, Z, 3]`` (float32) of the voxels in rows
-    ``start:stop`` of a grid of ``shape`` under the 4x4 ``affine``."""
-    stop = shape[0] if stop is None else stop
-    affine = np.asarray(affine, np.float64)
-    axes = [np.arange(start, stop, dtype=np.float64), np.arange(shape[1], dtype=np.float64),
-            np.arange(shape[2], dtype=np.float64)]
-    points = np.empty((stop - start, shape[1], shape[2], 3), np.float32)
-    for row in range(3):
-        points[..., row] = (affine[row, 0] * axes[0][:, None, None]
-                            + affine[row, 1] * axes[1][None, :, None]
-                            + affine[row, 2] * axes[2][None, None, :] + affine[row, 3])
-    return points
-
-
-def apply_affine(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """A 4x4 affine applied to points ``[..., 3]`` (float32)."""
-    matrix = transform[:3, :3].astype(np.float32)
-    return points @ matrix.T + transform[:3, 3].astype(np.float32)
+#: Points per call of the compiled trilinear sampler (``linear``): every slab is padded to
+#: a multiple of it, so that one compilation serves every slab of every fixed grid.
+SAMPLE_CHUNK = 1 << 20
 
 
 def moving_voxels(field_ras: np.ndarray, fixed_affine, moving_affine, start: int = 0,
-                  shape=None) -> np.ndarray:
-    """Moving-image voxel coordinates ``[X, Y, Z, 3]`` of every fixed voxel; for a slab of
-    the field (rows ``start:start + len(field_ras)`` of a grid of ``shape``)."""
+                  shape=None, out: np.ndarray | None = None) -> np.ndarray:
+    """Moving-image voxel coordinates ``[X, Y, Z, 3]`` (float32) of every fixed voxel; for
+    a slab of the field (rows ``start:start + len(field_ras)`` of a grid of ``shape``),
+    written into ``out`` when given.
+
+    ``Mov^-1 (F x + u(x))`` computed as ``Mov^-1 u(x)`` plus the affine map
+    ``Mov^-1 F x``, whose three components are sums of one vector per fixed axis."""
     shape = field_ras.shape[:3] if shape is None else shape
-    fixed = fixed_world(fixed_affine, shape, start, start + field_ras.shape[0])
-    return apply_affine(np.linalg.inv(np.asarray(moving_affine, np.float64)),
-                        fixed + field_ras)
+    stop = start + field_ras.shape[0]
+    to_moving = np.linalg.inv(np.asarray(moving_affine, np.float64))
+    grid_to_moving = to_moving @ np.asarray(fixed_affine, np.float64)
+    points = np.empty(field_ras.shape, np.float32) if out is None else out
+    np.matmul(field_ras, to_moving[:3, :3].T.astype(np.float32), out=points)
+    axes = [np.arange(start, stop, dtype=np.float64), np.arange(shape[1], dtype=np.float64),
+            np.arange(shape[2], dtype=np.float64)]
+    for row in range(3):
+        along = [(grid_to_moving[row, i] * axes[i]
+                  + (grid_to_moving[row, 3] if i == 0 else 0.0)).astype(np.float32)
+                 for i in range(3)]
+        points[..., row] += (along[0][:, None, None] + along[1][None, :, None]
+                             + along[2][None, None, :])
+    return points
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -223,10 +245,11 @@ def warp_volume(data: np.ndarray, field_ras: np.ndarray, fixed_affine, moving_af
                 dtype=None) -> np.ndarray:
     """``data`` (on the grid of ``moving_affine``) at every fixed voxel ``p + u(p)``.
 
-    The fixed grid is taken slab by slab (:data:`SLAB_ROWS` rows of its first axis), so
-    no full-grid array of coordinates is made. ``linear``: float32; ``nearest``: the
-    labels' values in ``dtype`` (default: the narrowest integer type that holds them);
-    ``labels``: the evaluation's per-label rule, in the narrowest integer type.
+    The fixed grid is taken slab by slab of its first axis, so no full-grid array of
+    coordinates is made: :data:`SLAB_ROWS` rows, or for ``linear`` as many as fill
+    :data:`SAMPLE_CHUNK` points (the compiled sampler). ``linear``: float32; ``nearest``:
+    the labels' values in ``dtype`` (default: the narrowest integer type that holds
+    them); ``labels``: the evaluation's per-label rule, in the narrowest integer type.
     """
     import tensorflow as tf
 
@@ -236,23 +259,33 @@ def warp_volume(data: np.ndarray, field_ras: np.ndarray, fixed_affine, moving_af
         raise WarpError(f"--interpolation: expected one of {INTERPOLATIONS}, "
                         f"got '{interpolation}'")
     shape = field_ras.shape[:3]
+    rows, padded = SLAB_ROWS, None
     if interpolation == "linear":
         volume = tf.constant(np.asarray(data, np.float32)[None, ..., None])
         result = np.empty(shape, np.float32)
+        plane = shape[1] * shape[2]
+        rows = max(1, SAMPLE_CHUNK // max(plane, 1))
+        padded = -(-rows * plane // SAMPLE_CHUNK) * SAMPLE_CHUNK
     else:
         labels = label_array(data, where)
         values = np.unique(labels)
         volume = tf.constant(labels[None, ..., None])
         result = np.empty(shape, labels.dtype)
-    for start in range(0, shape[0], SLAB_ROWS):
-        stop = min(start + SLAB_ROWS, shape[0])
-        points = tf.constant(moving_voxels(field_ras[start:stop], fixed_affine,
-                                           moving_affine, start, shape)[None])
-        if interpolation == "linear":
-            slab = spatial.sample(volume, points)
-        else:
-            rule = "nearest" if interpolation == "nearest" else "threshold"
-            slab = spatial.sample_labels(volume, points, rule, label_values=values)
+    flat = None if padded is None else np.zeros((1, padded, 3), np.float32)
+    for start in range(0, shape[0], rows):
+        stop = min(start + rows, shape[0])
+        if interpolation == "linear":        # into the padded buffer (the tail is unused)
+            count = (stop - start) * shape[1] * shape[2]
+            moving_voxels(field_ras[start:stop], fixed_affine, moving_affine, start, shape,
+                          out=flat[0, :count].reshape(stop - start, *shape[1:], 3))
+            slab = spatial.sample(volume, tf.constant(flat), compiled=True).numpy()
+            result[start:stop] = slab[0, :count, 0].reshape(stop - start, *shape[1:])
+            continue
+        points = moving_voxels(field_ras[start:stop], fixed_affine, moving_affine, start,
+                               shape)
+        rule = "nearest" if interpolation == "nearest" else "threshold"
+        slab = spatial.sample_labels(volume, tf.constant(points[None]), rule,
+                                     label_values=values)
         result[start:stop] = slab.numpy()[0, ..., 0]
     if interpolation == "nearest" and dtype is not None:
         result = result.astype(dtype)

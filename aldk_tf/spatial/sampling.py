@@ -2,7 +2,8 @@
 
 Both find each position's cell with :func:`_cells` and interpolate with
 :func:`_interpolate`; :func:`warp` runs them XLA-compiled with a hand-written gradient,
-``mode="nearest"`` takes the nearest voxel (:func:`_nearest`, any dtype).
+:func:`sample` XLA-compiled on request (``compiled=True``), ``mode="nearest"`` takes the
+nearest voxel (:func:`_nearest`, any dtype).
 """
 
 from __future__ import annotations
@@ -52,17 +53,21 @@ def warp(image: tf.Tensor, flow: tf.Tensor, mode: str = "linear") -> tf.Tensor:
     return tf.cast(warped, image.dtype)
 
 
-def sample(image: tf.Tensor, points: tf.Tensor, mode: str = "linear") -> tf.Tensor:
+def sample(image: tf.Tensor, points: tf.Tensor, mode: str = "linear",
+           compiled: bool = False) -> tf.Tensor:
     """Values of ``image`` at voxel positions ``points``: the point form of :func:`warp`.
 
     Same interpolation and clamping as :func:`warp` (the same corner and interpolation
-    code, run without XLA); ``points`` may lie on any grid, e.g. another image's voxels
+    code); ``points`` may lie on any grid, e.g. another image's voxels
     (``[B, X, Y, Z, 3]``) or landmarks (``[B, N, 3]``).
 
     Args:
       image: ``[B, D, H, W, C]``.
       points: ``[B, ..., 3]`` absolute voxel positions in ``image``.
       mode: ``"linear"`` or ``"nearest"``.
+      compiled: ``"linear"`` as one XLA-compiled function (one fused loop instead of a
+        full-size temporary per op: for millions of points, e.g. a whole volume's), which
+        compiles once for each new pair of shapes; otherwise op by op.
     Returns:
       ``[B, ..., C]``, same dtype as ``image``.
     """
@@ -72,13 +77,11 @@ def sample(image: tf.Tensor, points: tf.Tensor, mode: str = "linear") -> tf.Tens
     _check_mode(mode)
     if points.shape.rank is not None and (points.shape.rank < 2 or points.shape[-1] != 3):
         raise ValueError(f"points: expected shape [B, ..., 3], got {points.shape}")
-    positions = tuple(tf.unstack(points, axis=-1))
     if mode == "nearest":
-        return _nearest(image, positions)
+        return _nearest(image, tuple(tf.unstack(points, axis=-1)))
     compute_dtype = tf.float64 if image.dtype == tf.float64 else tf.float32
-    values = _interpolate(tf.cast(image, compute_dtype),
-                          *_cells(positions, tf.shape(image)[1:4])[:2])
-    return tf.cast(values, image.dtype)
+    linear = _sample_linear_xla if compiled else _sample_linear
+    return tf.cast(linear(tf.cast(image, compute_dtype), points), image.dtype)
 
 
 def _check_mode(mode: str) -> None:
@@ -196,6 +199,12 @@ def _interpolate(image: tf.Tensor, corner: tf.Tensor, fractions) -> tf.Tensor:
                  _lerp(_lerp(v[4], v[5], tx), _lerp(v[6], v[7], tx), ty), tz)
 
 
+def _sample_linear(image: tf.Tensor, points: tf.Tensor) -> tf.Tensor:
+    """:func:`sample` (``"linear"``) on validated inputs."""
+    positions = tuple(tf.unstack(points, axis=-1))
+    return _interpolate(image, *_cells(positions, tf.shape(image)[1:4])[:2])
+
+
 def _trilinear_forward(image: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:
     corner, fractions, _ = _flow_cells(flow)
     return _interpolate(image, corner, fractions)
@@ -255,6 +264,7 @@ def _trilinear_backward(image, upstream, corner, fractions, inside):
 
 _trilinear_forward_xla = tf.function(_trilinear_forward, jit_compile=True,
                                      reduce_retracing=True)
+_sample_linear_xla = tf.function(_sample_linear, jit_compile=True)
 _flow_cells_xla = tf.function(_flow_cells, jit_compile=True, reduce_retracing=True)
 _flow_backward_xla = tf.function(_flow_backward, jit_compile=True, reduce_retracing=True)
 _image_backward_xla = tf.function(_image_backward, jit_compile=True, reduce_retracing=True)

@@ -19,8 +19,8 @@ import h5py
 import numpy as np
 
 from aldk_tf.shards import Shard, ShardError, check_complete, split_name
-from aldk_tf.training.refine import DEFAULT_LEARNING_RATE
-from aldk_tf.training.refine import check_arguments as check_refine_arguments
+from aldk_tf.refine_options import DEFAULT_LEARNING_RATE
+from aldk_tf.refine_options import check_arguments as check_refine_arguments
 from aldk_tf.training.runs import TEACHER_FLOWS_NAME, RunError
 
 log = logging.getLogger(__name__)
