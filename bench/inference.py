@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     print(f"machine: {machine_description()}; load average at start "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     print(f"bfloat16 rows: {'run' if bf16 else 'skipped'} ({bf16_reason})")
-    peaks = measure_machine(args.peak, args.repeats, bf16=bf16)
+    peaks = measure_machine(args.peak, args.repeats, bf16=bf16, image_size=args.size)
     print(format_machine(peaks), flush=True)
     fixed, moving = sample_pair(args.size)
     results, calls, paired = {}, {}, {}

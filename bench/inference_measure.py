@@ -60,27 +60,42 @@ def add_speed(result: dict, work: dict, peaks: dict) -> dict:
     """Work and distance to the machine's limit of one measured row (in place).
 
     Network rows: ``work_gflop`` (convolutions and dense layers, bench/work.py),
-    ``gflops`` (work / median time) and ``peak_fraction`` (``gflops`` over the measured
-    peak of the row's dtype). The warp row: ``bytes`` it must move, ``bound_ms`` (bytes
-    over the measured "scale" bandwidth) and ``peak_fraction`` (``bound_ms`` / median).
+    ``gflops`` (work / median time), ``peak_fraction`` (``gflops`` over the measured
+    peak of the row's dtype), ``memory_mb`` (what its warps, flow compositions and affine
+    flows must move at least) and ``limit_ms``: the work at that peak plus those bytes at
+    the measured "scale" bandwidth; ``x_limit`` = median / ``limit_ms``. The warp row:
+    ``bytes`` it must move, ``bound_ms`` (bytes over the bandwidth; its ``limit_ms``),
+    ``peak_fraction`` (``bound_ms`` / median), and where the machine's gather floor was
+    measured at its size (:func:`bench.machine.gather_floor`), ``floor_ms`` and
+    ``x_floor`` = median / ``floor_ms``.
     """
     seconds = result["median_ms"] / 1e3
+    bandwidth = peaks.get("memory", {}).get("scale_gbs")
     if "bytes" in work:
         result["bytes"] = int(work["bytes"])
-        bandwidth = peaks.get("memory", {}).get("scale_gbs")
         if bandwidth:
-            result["bound_ms"] = 1e3 * work["bytes"] / (bandwidth * 1e9)
+            result["bound_ms"] = result["limit_ms"] = 1e3 * work["bytes"] / (bandwidth * 1e9)
             result["peak_fraction"] = result["bound_ms"] / result["median_ms"]
+            result["x_limit"] = result["median_ms"] / result["limit_ms"]
+        gather = peaks.get("gather", {})
+        if gather.get("floor_ms") and gather.get("size") == work.get("size"):
+            result["floor_ms"] = gather["floor_ms"]
+            result["x_floor"] = result["median_ms"] / gather["floor_ms"]
         return result
     if "total" not in work:                                   # ANTs: not counted
         return result
     result["work_gflop"] = work["total"] / 1e9
     result["work_by_kind_gflop"] = {kind: flops / 1e9 for kind, flops in work.items()
-                                    if kind != "total" and flops}
+                                    if kind not in ("total", "memory_bytes") and flops}
     result["gflops"] = result["work_gflop"] / seconds
     peak = peaks.get(result.get("dtype", "float32"), {}).get("gflops")
     if peak:
         result["peak_fraction"] = result["gflops"] / peak
+        result["memory_mb"] = work.get("memory_bytes", 0) / 1e6
+        if bandwidth:
+            result["limit_ms"] = 1e3 * (result["work_gflop"] / peak
+                                        + work.get("memory_bytes", 0) / (bandwidth * 1e9))
+            result["x_limit"] = result["median_ms"] / result["limit_ms"]
     return result
 
 

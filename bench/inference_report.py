@@ -76,15 +76,18 @@ def refinement(results: dict) -> dict[str, dict]:
     return table
 
 
-def measure_machine(size: str, repeats: int, bf16: bool) -> dict:
+def measure_machine(size: str, repeats: int, bf16: bool, image_size: int | None = None) -> dict:
     """The machine's limits in this process (bench/machine.py): peak GFLOP/s per dtype
-    (``bfloat16`` only when the bf16 rows run) and memory bandwidth; ``{}`` for "off"."""
+    (``bfloat16`` only when the bf16 rows run), memory bandwidth and (``image_size``) the
+    gather floor of a warp at that size; ``{}`` for "off"."""
     if size == "off":
         return {}
     peaks = {"size": size, "float32": machine.peak_gflops("float32", size, repeats)}
     if bf16:
         peaks["bfloat16"] = machine.peak_gflops("bfloat16", size, repeats)
     peaks["memory"] = machine.memory_bandwidth(size, repeats)
+    if image_size:
+        peaks["gather"] = machine.gather_floor(image_size if size == "full" else 16, repeats)
     return peaks
 
 
@@ -103,6 +106,11 @@ def format_machine(peaks: dict) -> str:
     lines.append(f"  memory    scale {memory['scale_gbs']:.1f} GB/s (read + write), sum "
                  f"{memory['sum_gbs']:.1f} GB/s (read), {memory['megabytes']:.0f} MB "
                  f"arrays, {memory['threads']} threads")
+    if "gather" in peaks:
+        gather = peaks["gather"]
+        lines.append(f"  gathers   8 per voxel at {gather['size']}^3: {gather['floor_ms']:.1f} ms "
+                     f"({gather['ns_per_value']:.2f} ns per value; plain "
+                     f"{gather['plain_ms']:.1f}, XLA {gather['xla_ms']:.1f} ms)")
     return "\n".join(lines)
 
 
@@ -171,10 +179,13 @@ def format_table(results: dict, paired: dict | None = None) -> str:
             else "-"
         if "bytes" in entry and "peak_fraction" in entry:
             fraction += " bw"
-        return f"{work:>9s}{rate:>9s}{fraction:>9s}"
+        limit = f"{entry['x_limit']:.1f}" if "x_limit" in entry else "-"
+        if "x_floor" in entry:
+            limit += f" ({entry['x_floor']:.1f} g)"
+        return f"{work:>9s}{rate:>9s}{fraction:>9s}{limit:>13s}"
     lines = [f"{'row':36s}{'median ms':>10s}{'min':>8s}{'max':>8s}{'cpu ms':>9s}"
              f"{'params':>12s}{'rss MB':>8s}{'peak MB':>9s}{'+call':>7s}{'load':>6s}"
-             f"{'GFLOP':>9s}{'GFLOP/s':>9s}{'% peak':>9s}"]
+             f"{'GFLOP':>9s}{'GFLOP/s':>9s}{'% peak':>9s}{'x limit':>13s}"]
     for name, r in results.items():
         if "skipped" in r:
             lines.append(f"{name:36s}skipped: {r['skipped']}")
@@ -185,7 +196,9 @@ def format_table(results: dict, paired: dict | None = None) -> str:
                      f"{r['load_1min']:6.1f}{speed(r)}")
     lines.append("GFLOP: convolutions and dense layers as the row runs them (2 per "
                  "multiply-add); % peak: GFLOP/s over the row dtype's measured peak; "
-                 "warp: 'bw' = bandwidth bound (bytes / scale GB/s) over its time")
+                 "warp: 'bw' = bandwidth bound (bytes / scale GB/s) over its time; "
+                 "x limit: time over (GFLOP at the peak + warps' bytes at the bandwidth), "
+                 "'g': the warp over eight gathers per voxel at the measured gather floor")
     lines.extend(format_throughput(results))
     lines.extend(format_peers(results))
     refined = refinement(results)

@@ -23,10 +23,10 @@ from aldk_tf.training.refine import refine_flow
 
 try:                                 # python -m bench.<script>; imported from the root (tests)
     from bench import machine
-    from bench.work import count_work
+    from bench.work import count_memory_bytes, count_work
 except ModuleNotFoundError:          # python bench/<script>.py: sys.path[0] is bench/
     import machine
-    from work import count_work
+    from work import count_memory_bytes, count_work
 
 MODELS = {
     "teacher_affine_vtn1": lambda size: build_teacher(size, 1),
@@ -183,7 +183,7 @@ def prepare(row: Row, size: int, workdir: str) -> Prepared:
         flow = tf.constant(smooth_flow(size))
         return Prepared(lambda fixed, moving: {"warped": warp(moving, flow)}, 0,
                         slow_ops(warp.get_concrete_function()), warp,
-                        {"bytes": machine.warp_bytes(size)})
+                        {"bytes": machine.warp_bytes(size), "size": size})
     model = build_model(row, size)
     params = model.parameter_report()["total"]
     if row.source == "tflite":
@@ -195,10 +195,12 @@ def prepare(row: Row, size: int, workdir: str) -> Prepared:
         signature = interpreter.get_signature_runner(serving.SERVING_SIGNATURE)
         # TFLite converts the Keras graph: transposed convolutions as they are.
         return Prepared(lambda fixed, moving: signature(fixed=fixed, moving=moving), params,
-                        None, interpreter, count_work(model, subpixel=False))
+                        None, interpreter, {**count_work(model, subpixel=False),
+                                            "memory_bytes": count_memory_bytes(model)})
     register = registration_function(model, batch=row.batch, dtype=row.dtype,
                                      subpixel=row.subpixel)
-    work = count_work(register.graph, batch=row.batch, subpixel=row.subpixel)
+    work = {**count_work(register.graph, batch=row.batch, subpixel=row.subpixel),
+            "memory_bytes": count_memory_bytes(register.graph, row.batch)}
     if row.source == "in-process" and row.refine:   # work: the refinement is not counted
         return Prepared(_refined(register, row.refine), params,
                         slow_ops(register.get_concrete_function()), register, {})

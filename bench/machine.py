@@ -13,6 +13,10 @@ peak arithmetic (fp32 / bf16) and memory bandwidth.
 - :func:`memory_bandwidth`: STREAM-style "scale" (``b = s * a``: bytes read + written)
   and "sum" (bytes read) over arrays far larger than the caches, one thread per core,
   preallocated outputs (no page faults in the timed calls).
+- :func:`gather_floor`: the fastest gather this stack issues -- eight gathers per voxel
+  of a ``size``³ image at the cell corners a smooth flow visits (the warp's own access
+  pattern), summed, as plain ``tf.gather`` and under XLA; the faster is the floor a
+  trilinear warp built from gathers cannot beat (ns per gathered value, every core).
 """
 
 from __future__ import annotations
@@ -132,3 +136,37 @@ def warp_bytes(size: int, batch: int = 1) -> int:
     """Bytes one trilinear warp of a ``[batch, S, S, S, 1]`` float32 image must move at
     least: read the image (4 B / voxel) and the flow (12), write the result (4)."""
     return batch * size ** 3 * (4 + 12 + 4)
+
+
+# ----------------------------------------------------------------------------- gathers
+def gather_floor(size: int, repeats: int = 5, flow_amplitude: float = 4.0) -> dict:
+    """Median time of eight gathers per voxel of a ``[size³]`` float32 image (the cell
+    corners of ``x + flow(x)`` for a smooth random flow of up to ``flow_amplitude``
+    voxels), summed into one value per voxel: ``{"plain_ms", "xla_ms", "floor_ms",
+    "ns_per_value"}`` (floor: the faster; ns per gathered value, all threads)."""
+    rng = np.random.default_rng(0)
+    voxels = size ** 3
+    image = tf.constant(rng.random(voxels, dtype=np.float32))
+    controls = rng.uniform(-flow_amplitude, flow_amplitude, (3, 4, 4, 4))
+    from scipy import ndimage
+    grid = np.indices((size,) * 3, dtype=np.float64)
+    flow = np.stack([ndimage.zoom(c, size / 4, order=1) for c in controls])
+    position = np.clip(grid + flow, 0, size - 2)
+    lower = np.floor(position).astype(np.int64)
+    corner = (lower[0] * size + lower[1]) * size + lower[2]
+    offsets = [dz * size * size + dy * size + dx
+               for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
+    indices = tf.constant(np.stack([corner.ravel() + o for o in offsets]).astype(np.int32))
+
+    def eight(values, index):
+        return tf.add_n([tf.gather(values, index[k]) for k in range(8)])
+
+    spec = [tf.TensorSpec(image.shape, tf.float32), tf.TensorSpec(indices.shape, tf.int32)]
+    plain = tf.function(eight, input_signature=spec)
+    compiled = tf.function(eight, input_signature=spec, jit_compile=True)
+    plain_s = _median_seconds(lambda: plain(image, indices).numpy(), 1, repeats)
+    xla_s = _median_seconds(lambda: compiled(image, indices).numpy(), 1, repeats)
+    floor_s = min(plain_s, xla_s)
+    return {"size": size, "values": 8 * voxels, "plain_ms": 1e3 * plain_s,
+            "xla_ms": 1e3 * xla_s, "floor_ms": 1e3 * floor_s,
+            "ns_per_value": 1e9 * floor_s / (8 * voxels)}

@@ -96,3 +96,46 @@ def count_work(model, batch: int = 1, subpixel: bool = False) -> dict[str, int]:
     totals = {kind: flops * batch for kind, flops in totals.items()}
     totals["total"] = sum(totals.values())
     return totals
+
+
+# Memory-bound layers: the bytes a call must move at least (float32), per output voxel.
+#   Warp: image C + flow 3 read, C written; ComposeFlows: a 3-channel warp plus the flow
+#   read again (3 + 3 + 3 read, 3 written); ComposeAffine: affine flow and flow read,
+#   their composition written; AffineFlow: the flow written; UpsampleFlowAndWarp: the
+#   image read and the flow and the warped image written (the low-resolution flow: 1/f^3).
+def _memory_bytes(operation, inputs, outputs) -> int:
+    from aldk_tf import layers as spatial_layers
+    voxels = _spatial(outputs[0].shape)
+    channels = int(inputs[0].shape[-1])
+    if isinstance(operation, spatial_layers.Warp):
+        return voxels * 4 * (2 * channels + 3)
+    if isinstance(operation, spatial_layers.ComposeFlows):
+        return voxels * 4 * 12
+    if isinstance(operation, spatial_layers.ComposeAffine):
+        return voxels * 4 * 9
+    if isinstance(operation, spatial_layers.AffineFlow):
+        return voxels * 4 * 3
+    if isinstance(operation, spatial_layers.UpsampleFlowAndWarp):
+        return voxels * 4 * (2 * channels + 3)
+    return 0
+
+
+def _walk_bytes(model, times: int) -> int:
+    total = 0
+    for operation in model.operations:
+        calls = _calls(model, operation)
+        if isinstance(operation, keras.Model):
+            total += _walk_bytes(operation, times * len(calls))
+            continue
+        for node in calls:
+            if node.input_tensors and node.output_tensors:
+                total += times * _memory_bytes(operation, node.input_tensors,
+                                               node.output_tensors)
+    return total
+
+
+def count_memory_bytes(model, batch: int = 1) -> int:
+    """Bytes the memory-bound geometry of one call of ``model`` on ``batch`` samples must
+    move at least (warps, flow compositions, affine flows; float32): with the measured
+    bandwidth, the part of a row's limit that its FLOP do not cover."""
+    return _walk_bytes(model, 1) * batch

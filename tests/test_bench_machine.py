@@ -61,3 +61,10 @@ def test_benchmark_skips_bf16_rows_and_says_why(tmp_path, capsys):
     assert written["machine"]["bf16"]["run"] is False
     assert "student_1_bf16" in capsys.readouterr().out
     assert bench.main(["--bf16", "maybe", "--rows", "warp"]) == 2
+
+
+def test_gather_floor_is_the_faster_form_and_counts_eight_values_per_voxel():
+    floor = machine.gather_floor(16, repeats=1)
+    assert floor["values"] == 8 * 16 ** 3
+    assert floor["floor_ms"] == min(floor["plain_ms"], floor["xla_ms"]) > 0
+    assert floor["ns_per_value"] == pytest.approx(1e6 * floor["floor_ms"] / floor["values"])

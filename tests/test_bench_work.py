@@ -69,3 +69,17 @@ def test_count_matches_the_traced_graph(subpixel, build):
     assert counted["Conv3D"] + counted["Conv3D (sub-pixel)"] == conv
     assert counted["Conv3DTranspose"] == transposed
     assert (counted["Conv3D (sub-pixel)"] > 0) == (subpixel and model.base == "student")
+
+
+def test_memory_bytes_count_each_warp_and_composition_of_a_graph():
+    from aldk_tf import layers as spatial_layers
+    image = keras.Input((8, 8, 8, 2))
+    flow = keras.Input((8, 8, 8, 3))
+    warped = spatial_layers.Warp()([image, flow])                     # 8^3 x (2 + 3 + 2)
+    composed = spatial_layers.ComposeFlows()([flow, flow])            # 8^3 x (3 + 3 + 3 + 3)
+    model = keras.Model([image, flow], [warped, composed])
+    assert work.count_memory_bytes(model, batch=3) == 3 * 8 ** 3 * 4 * (7 + 12)
+    # A student: its affine flow, the warp of the moving image into the cascade, the
+    # composition with the affine flow, the final warp; all on the 32^3 grid.
+    student = build_student((32, 32, 32))
+    assert work.count_memory_bytes(student) == 32 ** 3 * 4 * (3 + 5 + 9 + 5)
