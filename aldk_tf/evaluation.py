@@ -30,11 +30,13 @@ def label_names(dataset_config, label_values) -> list[str]:
     return ["+".join(by_value.get(value, [str(value)])) for value in label_values]
 
 
-def check_image_size(model_size, dataset_config) -> None:
-    """:class:`EvaluationError` unless the model was built for the dataset's volumes."""
+def check_image_size(model_size, dataset_config, grid: int = 1) -> None:
+    """:class:`EvaluationError` unless the model was built for the dataset's volumes
+    (``model_size``: the model's size times ``grid`` when it is run on a finer grid)."""
     if tuple(model_size) != tuple(dataset_config.image_size):
+        takes = "takes" if grid == 1 else f"on a {grid}x finer grid takes"
         raise EvaluationError(
-            f"size mismatch: the model takes {tuple(model_size)} volumes but "
+            f"size mismatch: the model {takes} {tuple(model_size)} volumes but "
             f"{dataset_config.where} has image_size {tuple(dataset_config.image_size)}")
 
 

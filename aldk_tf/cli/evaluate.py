@@ -16,6 +16,9 @@ file without the run directory: the dataset is ``-d`` or the one named in the ex
 ``export_info.json``; reports are named after the export (``<name>-v<N>``).
 ``--refine N`` refines each flow by N steps of instance optimisation from the model's
 (:mod:`aldk_tf.training.refine`) before scoring; the seconds per pair then include it.
+``--refine-grid F`` scores a dataset F times finer than the model: the model sees the
+pairs downsampled by F, its flow is upsampled and refined on the dataset's grid
+(reports ``...-refine<N>-grid<F>``).
 
 Sharded across machines: ``--shard i/n`` (1-based) evaluates every n-th pair starting at
 pair i and writes ``<report>.shard-i-of-n.txt/.json``; then, with all parts in one folder,
@@ -67,6 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--name", help="suffix of the report names (default: the "
                         "exported file's name with --exported)")
     add_refine_arguments(parser, "refine each model flow by")
+    parser.add_argument("--refine-grid", "--refine_grid", type=int, default=1, metavar="F",
+                        help="score on a dataset F times finer than the model (e.g. a "
+                             "64^3 model on 128^3 data): the model registers the pairs "
+                             "downsampled by F, its flow is upsampled and refined there by "
+                             "--refine N steps (step size x F, as aldk-register does); "
+                             "default 1: the model's own grid")
     parser.add_argument("--out", "--out-dir", "--out_dir", default="evaluate",
                         help="report folder (default evaluate)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -83,9 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def report_stem(run_dir: str, rep: int | None, subset: str | None,
-                name: str | None = None, refine: int = 0) -> str:
-    """``<run>[-rep<r>][-<name>][-refine<N>][-<subset>]`` as the original named its
-    reports (plus the refinement's steps)."""
+                name: str | None = None, refine: int = 0, grid: int = 1) -> str:
+    """``<run>[-rep<r>][-<name>][-refine<N>][-grid<F>][-<subset>]`` as the original
+    named its reports (plus the refinement's steps and grid)."""
     stem = os.path.basename(os.path.normpath(run_dir))
     if rep is not None and rep > 1:
         stem += f"-rep{rep}"
@@ -93,6 +102,8 @@ def report_stem(run_dir: str, rep: int | None, subset: str | None,
         stem += f"-{name}"
     if refine:
         stem += f"-refine{refine}"
+    if grid > 1:
+        stem += f"-grid{grid}"
     return stem if subset is None else f"{stem}-{subset}"
 
 
@@ -233,8 +244,15 @@ def main(argv=None) -> int:
         except ValueError as error:
             raise EvaluationError(str(error)) from None
         from aldk_tf.evaluation import check_image_size
+        if args.refine_grid < 1:
+            raise EvaluationError(f"--refine-grid: expected an integer >= 1, got "
+                                  f"{args.refine_grid}")
+        if args.refine_grid > 1 and (args.exported or run_config is None):
+            raise EvaluationError("--refine-grid applies to the run's Keras model (-c "
+                                  "without --exported)")
         if run_config is not None:
-            check_image_size(run_config.model.image_size, dataset)
+            check_image_size([n * args.refine_grid for n in run_config.model.image_size],
+                             dataset, grid=args.refine_grid)
         for subset in subsets:               # labels to score that no scan has
             dataset.validate(VALIDATION_SCHEME if subset is None else subset,
                              check_labels=True)
@@ -256,7 +274,7 @@ def _merge(args, parts_by_subset: dict) -> int:
     for subset, parts in parts_by_subset.items():
         if not parts:
             stem = report_stem(report_run(args), args.rep, subset, args.name,
-                               args.refine)
+                               args.refine, args.refine_grid)
             found = find_parts(args.out, stem, ".json")
             if not found:
                 raise EvaluationError(f"{args.out}: no parts {stem}.shard-*-of-*.json "
@@ -321,6 +339,8 @@ def _evaluate(args, run_config, info, dataset, subsets, shard=None) -> int:
 
     refined = ({"refine_steps": args.refine, "refine_learning_rate": args.refine_lr}
                if args.refine else {})
+    if args.refine_grid > 1:
+        refined["refine_grid"] = args.refine_grid
     name = args.name
     if args.exported:
         # The scores belong to the exported model: its identity, not the -c run's.
@@ -332,13 +352,18 @@ def _evaluate(args, run_config, info, dataset, subsets, shard=None) -> int:
     else:
         _, model = runs.load_model(args.checkpoint, rep=args.rep)
         rep, parameters = model.rep, int(model.count_params())
+        if args.refine_grid > 1:
+            from aldk_tf.evaluation import finer_grid_model
+            model = finer_grid_model(model, args.refine_grid, args.refine,
+                                     args.refine_lr * args.refine_grid)
         identity = {"run": args.checkpoint, "exported": None,
                     "weights_sha256": fingerprint(runs.weights_path(args.checkpoint)),
                     "model": run_config.to_dict()["model"]}
     for subset in subsets:
         scheme = VALIDATION_SCHEME if subset is None else subset
         pairs = list_pairs(dataset, scheme, paired=True if args.paired else None)
-        stem = report_stem(report_run(args), args.rep, subset, name, args.refine)
+        stem = report_stem(report_run(args), args.rep, subset, name, args.refine,
+                           args.refine_grid)
         part = {}
         if shard is not None:
             part = {"shard": shard_metadata(shard, len(pairs))}
@@ -350,7 +375,9 @@ def _evaluate(args, run_config, info, dataset, subsets, shard=None) -> int:
             records, summary = evaluate_pairs(model, dataset, pairs, batch=args.batch,
                                               label_values=dataset.label_values,
                                               progress=not args.no_progress,
-                                              refine=args.refine,
+                                              # (on a finer grid: inside the model)
+                                              refine=0 if args.refine_grid > 1
+                                              else args.refine,
                                               refine_learning_rate=args.refine_lr,
                                               surface=not args.no_surface, before=True)
         else:                                # a shard of fewer pairs than shards
