@@ -139,3 +139,13 @@ def test_profile_reader_counts_self_time_per_op_type():
     totals = train_step.op_self_times(space)
     assert totals == pytest.approx({"_MklNativeConv3D": 11.0, "Mul": 6.0,
                                     train_step.op_kind(train_step.XLA_RUN): 5.0})
+
+
+def test_precision_auto_is_bfloat16_only_where_the_cpu_has_native_bfloat16():
+    from aldk_tf.cli.train import training_precision
+    with_bf16 = "processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n"
+    without = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n"
+    assert training_precision("auto", with_bf16) == "bfloat16"
+    assert training_precision("auto", without) == "float32"
+    assert training_precision("float32", with_bf16) == "float32"
+    assert training_precision("bfloat16", without) == "bfloat16"
