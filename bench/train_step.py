@@ -225,7 +225,9 @@ def op_kind(name: str) -> str | None:
     function's run, None for the framework's own events (executor, eager, threads)."""
     if name == XLA_RUN:
         return "XLA cluster (warp, smoothness, compiled parts)"
-    return name.rsplit(":", 1)[-1] if ":" in name and "::" not in name else None
+    if ":" not in name or "::" in name or ": " in name:     # e.g. "EagerExecute: f"
+        return None
+    return name.rsplit(":", 1)[-1]
 
 
 def op_self_times(space) -> dict[str, float]:

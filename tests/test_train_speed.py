@@ -131,6 +131,7 @@ def xspace(events) -> xplane_pb2.XSpace:
 def test_profile_reader_counts_self_time_per_op_type():
     ms = 10 ** 9                                                  # picoseconds
     space = xspace([("ExecutorState::Process", 0, 100 * ms),       # framework: left out
+                    ("EagerLocalExecute: __inference_step_1", 0, 100 * ms),
                     ("model/conv/Conv3D:_MklNativeConv3D", 0, 10 * ms),
                     ("model/loss/mul:Mul", 10 * ms, 6 * ms),
                     ("model/loss/inner:Mul", 11 * ms, 2 * ms),        # nested in the Mul
