@@ -76,6 +76,8 @@ def parse_args(argv=None):
     parser.add_argument("--profile", choices=ROWS, help="trace this row's steps")
     parser.add_argument("--profile-batch", type=int, default=2)
     parser.add_argument("--label", default="", help="a name for this run (e.g. before)")
+    parser.add_argument("--before", help="the JSON of an earlier run (e.g. of the code "
+                        "before a change): each row gets its before_ms and speed_up")
     parser.add_argument("--json", default=os.path.join(HERE, "results", "train-64.json"))
     return parser.parse_args(argv)
 
@@ -259,6 +261,20 @@ def _close(entry, totals) -> None:
     totals[kind] = totals.get(kind, 0.0) + (duration - nested) / 1e9     # ps -> ms
 
 
+def compare_with(document: dict, before: dict) -> dict:
+    """Each row of ``document`` with ``before_ms`` (the same row, size and batch in
+    ``before``; a ``_bf16`` row against its float32 row there) and ``speed_up``."""
+    earlier = {(r["row"], r["size"], r["batch"]): r["ms_per_step"] for r in before["rows"]}
+    for row in document["rows"]:
+        key = (row["row"].replace("_bf16", ""), row["size"], row["batch"])
+        if key in earlier:
+            row["before_ms"] = earlier[key]
+            row["speed_up"] = earlier[key] / row["ms_per_step"]
+    document["before"] = {key: before.get(key) for key in ("command", "label", "peak",
+                                                            "generator")}
+    return document
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from bench.machine import peak_gflops
@@ -270,8 +286,15 @@ def main(argv=None) -> int:
     document = {"command": command, "label": args.label, "cpus": os.cpu_count(),
                 "load_average_before": os.getloadavg(), "peak": peaks, "rows": []}
 
+    before = None
+    if args.before:
+        with open(args.before) as handle:
+            before = json.load(handle)
+
     def write():
         document["load_average_after"] = os.getloadavg()
+        if before is not None:
+            compare_with(document, before)
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         atomic_write_text(args.json, json.dumps(document, indent=1) + "\n")
 
