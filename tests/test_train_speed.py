@@ -150,3 +150,15 @@ def test_precision_auto_is_bfloat16_only_where_the_cpu_has_native_bfloat16():
     assert training_precision("auto", without) == "float32"
     assert training_precision("float32", with_bf16) == "float32"
     assert training_precision("bfloat16", without) == "bfloat16"
+
+
+def test_compare_with_pairs_each_row_with_its_earlier_float32_row():
+    before = {"rows": [{"row": "student", "size": 64, "batch": 2, "ms_per_step": 180.0}],
+              "command": "before", "label": "before", "peak": {}}
+    after = {"rows": [{"row": "student", "size": 64, "batch": 2, "ms_per_step": 150.0},
+                      {"row": "student_bf16", "size": 64, "batch": 2, "ms_per_step": 120.0},
+                      {"row": "student", "size": 64, "batch": 1, "ms_per_step": 80.0}]}
+    rows = train_step.compare_with(after, before)["rows"]
+    assert [row.get("speed_up") for row in rows] == [pytest.approx(1.2), pytest.approx(1.5),
+                                                     None]
+    assert rows[1]["before_ms"] == 180.0 and after["before"]["command"] == "before"
