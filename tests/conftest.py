@@ -35,18 +35,9 @@ def demo_dataset_32(tmp_path_factory):
 def student_run_32(tmp_path_factory, demo_dataset_32):
     """``weights/<run>`` of an untrained 32^3 student whose weights are perturbed enough
     (N(0, 0.05)) that its flows reach a few voxels, so output comparisons can fail."""
-    from aldk_tf.training import runs
-    from aldk_tf.config import ModelConfig, RunConfig
-    run_dir = tmp_path_factory.mktemp("weights") / "student32"
-    config = RunConfig(dataset=demo_dataset_32,
-                       model=ModelConfig(image_size=(DEMO_SIZE,) * 3))
-    model = config.model.build()
-    noise = np.random.default_rng(0)
-    model.set_weights([w + noise.normal(0, 0.05, w.shape).astype(w.dtype)
-                       for w in model.get_weights()])
-    config.save(str(run_dir))
-    model.save_weights(runs.weights_path(str(run_dir)))
-    return str(run_dir)
+    from synthetic import perturbed_student_run
+    return perturbed_student_run(tmp_path_factory.mktemp("weights") / "student32",
+                                 demo_dataset_32, DEMO_SIZE, std=0.05, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -41,3 +41,19 @@ def write_blob_dataset(folder, size=32, train=6, validation=2, test=2, seed=0) -
                          image_size=(size,) * 3, image_type="synthetic",
                          segmentation_class_value={"core": 1, "shell": 2})
     return json_path
+
+
+def perturbed_student_run(run_dir, dataset: str, size: int, std: float = 0.05,
+                          seed: int = 0) -> str:
+    """``weights/<run>`` of an untrained ``size``³ student whose weights are perturbed by
+    N(0, ``std``), so that its flows reach a few voxels and output comparisons can fail."""
+    from aldk_tf.config import ModelConfig, RunConfig
+    from aldk_tf.training import runs
+    config = RunConfig(dataset=dataset, model=ModelConfig(image_size=(size,) * 3))
+    model = config.model.build()
+    noise = np.random.default_rng(seed)
+    model.set_weights([w + noise.normal(0, std, w.shape).astype(w.dtype)
+                       for w in model.get_weights()])
+    config.save(str(run_dir))
+    model.save_weights(runs.weights_path(str(run_dir)))
+    return str(run_dir)

@@ -297,21 +297,14 @@ def test_refine_grid_scores_a_model_on_a_dataset_twice_as_fine(demo_dataset_32, 
                                                                capsys):
     """A 16^3 student on the 32^3 demo pairs: reports named -grid2, refinement on the
     fine grid helps, and a grid that does not fit is one line naming both sizes."""
-    from aldk_tf.config import ModelConfig, RunConfig
-    from aldk_tf.training import runs
-    run_dir = tmp_path / "student16"
-    config = RunConfig(dataset=demo_dataset_32, model=ModelConfig(image_size=(16,) * 3))
-    model = config.model.build()
-    noise = np.random.default_rng(1)
-    model.set_weights([w + noise.normal(0, 0.02, w.shape).astype(w.dtype)
-                       for w in model.get_weights()])
-    config.save(str(run_dir))
-    model.save_weights(runs.weights_path(str(run_dir)))
+    from synthetic import perturbed_student_run
+    run_dir = perturbed_student_run(tmp_path / "student16", demo_dataset_32, 16, std=0.02,
+                                    seed=1)
     evaluate = load_cli("evaluate")
     out = tmp_path / "out"
     dice = {}
     for steps in (0, 20):
-        flags = ["-c", str(run_dir), "-v", "test", "--out", str(out), "--no-progress",
+        flags = ["-c", run_dir, "-v", "test", "--out", str(out), "--no-progress",
                  "--no-surface", "--refine-grid", "2", "--refine", str(steps)]
         assert evaluate.main(flags) == 0
         stem = f"student16{f'-refine{steps}' if steps else ''}-grid2-test"
@@ -320,7 +313,7 @@ def test_refine_grid_scores_a_model_on_a_dataset_twice_as_fine(demo_dataset_32, 
         dice[steps] = report["summary"]["dice"]["mean"]
     assert dice[20] > dice[0] + 0.01, dice
     capsys.readouterr()
-    code = evaluate.main(["-c", str(run_dir), "-v", "test", "--out", str(tmp_path / "o3"),
+    code = evaluate.main(["-c", run_dir, "-v", "test", "--out", str(tmp_path / "o3"),
                           "--refine-grid", "3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "3x finer grid takes (48, 48, 48)" in err[0], err
