@@ -127,6 +127,18 @@ def build(config: RunConfig):
     return build_trainer(config, teacher, online=True), teacher
 
 
+def ready(config: RunConfig, fed: bool = False):
+    """``(trainer parts, teacher, train function, batches)`` of a row: the batches are one
+    fixed generated batch repeated, or (``fed``) the pair generator itself."""
+    from aldk_tf.training.run import generated_dataset
+    parts, teacher = build(config)
+    batches = (generated_dataset(config, 0) if fed else
+               tf.data.Dataset.from_tensors(generated_batch(config)).repeat())
+    # Keras 3 sets the function (ALDKTrainer's override returns it).
+    train_function = parts.trainer.make_train_function() or parts.trainer.train_function
+    return parts, teacher, train_function, iter(batches)
+
+
 def step_gflop(parts, teacher, batch: int) -> dict:
     from bench.work import count_work
     trained = count_work(parts.network, batch, subpixel=True)["total"]
@@ -157,13 +169,7 @@ def measure_row(row: str, size: int, batch: int, rounds: int, peak: float,
     import keras
     keras.utils.set_random_seed(0)
     config = row_config(row, size, batch, precision)
-    parts, teacher = build(config)
-    if fed:
-        from aldk_tf.training.run import generated_dataset
-        iterator = iter(generated_dataset(config, 0))
-    else:
-        iterator = iter(tf.data.Dataset.from_tensors(generated_batch(config)).repeat())
-    train_function = parts.trainer.make_train_function() or parts.trainer.train_function
+    parts, teacher, train_function, iterator = ready(config, fed)
     seconds = time_steps(train_function, iterator, rounds)
     work = step_gflop(parts, teacher, batch)
     ms = 1000.0 * float(np.median(seconds))
@@ -199,9 +205,7 @@ def profile_row(row: str, size: int, batch: int, steps: int = 6, top: int = 20) 
     """Self time per op type over ``steps`` traced steps (all host threads summed)."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
     config = row_config(row, size, batch)
-    parts, _ = build(config)
-    iterator = iter(tf.data.Dataset.from_tensors(generated_batch(config)).repeat())
-    train_function = parts.trainer.make_train_function() or parts.trainer.train_function
+    _, _, train_function, iterator = ready(config)
     time_steps(train_function, iterator, rounds=0)
     with tempfile.TemporaryDirectory() as folder:
         tf.profiler.experimental.start(folder)

@@ -267,7 +267,7 @@ def use_fast_layers(model, subpixel: bool = True) -> keras.Model:
     (:func:`transposed_conv3d`; ``subpixel``), narrow concatenations (image pairs) as
     padded sums. Used by :func:`inference_graph` and by training
     (:func:`aldk_tf.training.run.build_trainer`), where the flow head's transposed
-    convolution and its gradients cost more than the network's other layers together
+    convolution was the costliest single kernel of a 64³ student step
     (``bench/train_step.py --profile``). Returns ``model``."""
     for layer in _all_layers(model):
         if subpixel and _subpixel_eligible(layer):
