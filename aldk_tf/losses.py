@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from aldk_tf.compiled import xla
 from aldk_tf.spatial.checks import slice_along
 
 PEARSON_EPS = 1e-6
@@ -92,9 +93,8 @@ def _smoothness_gradient(flow: tf.Tensor, upstream: tf.Tensor) -> tf.Tensor:
     return gradient * tf.reshape(upstream, [-1, 1, 1, 1, 1]) / voxels
 
 
-_smoothness_xla = tf.function(_smoothness, jit_compile=True, reduce_retracing=True)
-_smoothness_gradient_xla = tf.function(_smoothness_gradient, jit_compile=True,
-                                       reduce_retracing=True)
+_smoothness_xla = xla(_smoothness)
+_smoothness_gradient_xla = xla(_smoothness_gradient)
 
 
 def det3(matrix: tf.Tensor) -> tf.Tensor:

@@ -66,9 +66,11 @@ def parse_args(argv=None):
                          help="the teacher's shared-weight repetitions (0: as trained)")
     distill.add_argument("--flow-distill", type=float, default=0.0,
                          help="weight of the plain distillation term")
-    distill.add_argument("--distill-target", choices=("flow", "warped"), default="flow",
+    distill.add_argument("--distill-target", choices=("flow", "warped", "warped_gated"),
+                         default="flow",
                          help="what --flow-distill compares: the flows, or the moving "
-                              "image warped by each (image-level)")
+                              "image warped by each (image-level; warped_gated: only on "
+                              "pairs the teacher aligns better than the student)")
     distill.add_argument("--aldk", action="store_true",
                          help="adversarial distillation (WGAN-GP critic)")
     distill.add_argument("--critic-input", choices=("flow", "images"), default="flow",

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from aldk_tf.deploy import fixed_grid
 from aldk_tf.deploy.fixed_grid import FixedGrid
 
 
@@ -83,3 +84,19 @@ def test_without_jacobian_only_the_field(rng):
     field, det = grid.carry(jacobian=False)
     assert det is None
     np.testing.assert_array_equal(field, grid.carry()[0])
+
+
+def test_model_grid_jacobian_matches_the_library_and_numpy_gradient(rng):
+    """The numpy det(J) of the register's model-grid statistics: the same numbers as
+    aldk_tf.spatial.jacobian_determinant, and as numpy.gradient's Jacobian."""
+    import tensorflow as tf
+
+    from aldk_tf import spatial
+    flow = rng.standard_normal((12, 9, 7, 3)).astype(np.float32)
+    det = fixed_grid.jacobian_determinant(flow)
+    library = spatial.jacobian_determinant(tf.constant(flow[None])).numpy()[0]
+    np.testing.assert_allclose(det, library, atol=2e-5)
+    jacobian = np.stack([np.stack(np.gradient(flow[..., row].astype(np.float64)), -1)
+                         for row in range(3)], -2) + np.eye(3)
+    np.testing.assert_allclose(det, np.linalg.det(jacobian), atol=2e-5)
+    assert det.shape == flow.shape[:3] and det.dtype == np.float32

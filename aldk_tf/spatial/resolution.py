@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from aldk_tf.compiled import xla
+
 from .checks import check_volume
 from .sampling import _trilinear_forward
 
@@ -60,8 +62,7 @@ def _block_mean(volume: tf.Tensor, factor: int) -> tf.Tensor:
     return volume
 
 
-_block_mean_static_xla = tf.function(_block_mean_static, jit_compile=True,
-                                     reduce_retracing=True)
+_block_mean_static_xla = xla(_block_mean_static)
 
 
 def upsample(volume: tf.Tensor, factor: int) -> tf.Tensor:
@@ -103,7 +104,7 @@ def _upsample(volume: tf.Tensor, factor: int) -> tf.Tensor:
 
 # XLA fuses the three passes' slices, blends and stacks into one loop (timed against the
 # same ops without XLA by `python bench/warp.py`).
-_upsample_xla = tf.function(_upsample, jit_compile=True, reduce_retracing=True)
+_upsample_xla = xla(_upsample)
 
 
 def downsample_flow(flow: tf.Tensor, factor: int) -> tf.Tensor:
@@ -152,5 +153,4 @@ def _upsample_and_warp(image, low_flow, factor):
     return flow, _trilinear_forward(image, flow)
 
 
-_upsample_and_warp_xla = tf.function(_upsample_and_warp, jit_compile=True,
-                                     reduce_retracing=True)
+_upsample_and_warp_xla = xla(_upsample_and_warp)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from aldk_tf.compiled import xla
+
 from .checks import check_same_grid, check_volume, slice_along
 
 
@@ -262,9 +264,8 @@ def _trilinear_backward(image, upstream, corner, fractions, inside):
             _flow_backward(image, upstream, corner, fractions, inside))
 
 
-_trilinear_forward_xla = tf.function(_trilinear_forward, jit_compile=True,
-                                     reduce_retracing=True)
-_sample_linear_xla = tf.function(_sample_linear, jit_compile=True)
-_flow_cells_xla = tf.function(_flow_cells, jit_compile=True, reduce_retracing=True)
-_flow_backward_xla = tf.function(_flow_backward, jit_compile=True, reduce_retracing=True)
-_image_backward_xla = tf.function(_image_backward, jit_compile=True, reduce_retracing=True)
+_trilinear_forward_xla = xla(_trilinear_forward)
+_sample_linear_xla = xla(_sample_linear, reduce_retracing=False)
+_flow_cells_xla = xla(_flow_cells)
+_flow_backward_xla = xla(_flow_backward)
+_image_backward_xla = xla(_image_backward)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from aldk_tf.compiled import xla
+
 from .checks import check_volume, slice_along
 from .sampling import warp
 
@@ -76,8 +78,8 @@ def _compose_affine(matrix, affine, flow):
     return result
 
 
-_affine_flow_xla = tf.function(_affine_flow, jit_compile=True, reduce_retracing=True)
-_compose_affine_xla = tf.function(_compose_affine, jit_compile=True, reduce_retracing=True)
+_affine_flow_xla = xla(_affine_flow)
+_compose_affine_xla = xla(_compose_affine)
 
 
 def compose(aggregate_flow: tf.Tensor, flow: tf.Tensor) -> tf.Tensor:

@@ -153,7 +153,8 @@ class ALDKTrainer(BuiltTrainer):
             terms = add_label_loss(terms, self.loss_weights.label, batch, outputs)
             terms = add_distillation(terms, self.distiller, batch, outputs, targets)
             terms = add_flow_distillation(terms, aldk.flow_weight, teacher_flow, outputs,
-                                          batch["moving"], aldk.flow_target)
+                                          batch["moving"], aldk.flow_target,
+                                          batch["fixed"])
             rec = average_over_batch(terms["total"], self.global_batch_size)
             dis = _branch(
                 adversarial,

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from aldk_tf import losses, spatial
+from aldk_tf.compiled import xla
 # The flags and the default step size (voxels: roughly the largest move of a voxel's flow
 # per step, Adam's update being ~learning_rate * sign(gradient) early on) live where the
 # command lines read them without TensorFlow.
@@ -112,7 +113,7 @@ def objective(fixed_image, moving_image, initial_flow, increment, similarity=1.0
             + smoothness * losses.smoothness_loss(increment))
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)    # an explicit tf.while_loop
 def _refine(fixed_image, moving_image, initial_flow, steps, learning_rate, similarity,
             smoothness):
     """:func:`refine_flow` on validated float32 tensors; ``(flow, initial, final loss)``.
@@ -157,4 +158,4 @@ def _adam(increment, first_moment, second_moment, gradient, step, learning_rate)
 
 
 # One elementwise loop under XLA instead of a dozen passes over [B, D, H, W, 3] arrays.
-_adam_xla = tf.function(_adam, jit_compile=True, reduce_retracing=True)
+_adam_xla = xla(_adam)

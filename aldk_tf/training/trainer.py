@@ -66,7 +66,7 @@ def flow_distillation_loss(student_flow: tf.Tensor, teacher_flow: tf.Tensor) -> 
     return tf.reduce_mean(tf.reshape(difference ** 2, [tf.shape(difference)[0], -1]), 1)
 
 
-FLOW_TARGETS = ("flow", "warped")
+FLOW_TARGETS = ("flow", "warped", "warped_gated")
 
 
 def warped_distillation_loss(moving: tf.Tensor, teacher_flow: tf.Tensor,
@@ -84,17 +84,39 @@ def warped_distillation_loss(moving: tf.Tensor, teacher_flow: tf.Tensor,
     return similarity_loss(target, student_warped)
 
 
+def gated_warped_distillation_loss(fixed: tf.Tensor, moving: tf.Tensor,
+                                   teacher_flow: tf.Tensor,
+                                   student_warped: tf.Tensor) -> tf.Tensor:
+    """:func:`warped_distillation_loss` on the pairs where the teacher's warped image is
+    closer to the fixed image (similarity loss) than the student's, 0 on the others,
+    ``[B]``: the student is never pulled towards a teacher that aligns a pair worse than
+    it does itself. The gate carries no gradient."""
+    fixed = tf.cast(fixed, tf.float32)
+    student_warped = tf.cast(student_warped, tf.float32)
+    target = tf.stop_gradient(spatial.warp(tf.cast(moving, tf.float32),
+                                           tf.cast(teacher_flow, tf.float32)))
+    gate = tf.stop_gradient(tf.cast(
+        similarity_loss(fixed, target) < similarity_loss(fixed, student_warped),
+        tf.float32))
+    return gate * similarity_loss(target, student_warped)
+
+
 def add_flow_distillation(terms: dict, weight: float, teacher_flow, outputs,
-                          moving=None, target: str = "flow") -> dict:
+                          moving=None, target: str = "flow", fixed=None) -> dict:
     """Add ``weight`` times the plain distillation term (no critic) to ``terms`` and its
     total; nothing when ``weight`` is 0. ``target`` "flow": the mean squared flow
-    difference; "warped": :func:`warped_distillation_loss` (needs ``moving``)."""
+    difference; "warped": :func:`warped_distillation_loss` (needs ``moving``);
+    "warped_gated": :func:`gated_warped_distillation_loss` (needs ``moving`` and
+    ``fixed``)."""
     if not weight:
         return terms
     if teacher_flow is None:
         raise ValueError("flow distillation needs a 'teacher_flow' in the batch")
     if target == "warped":
         term = weight * warped_distillation_loss(moving, teacher_flow, outputs["warped"])
+    elif target == "warped_gated":
+        term = weight * gated_warped_distillation_loss(fixed, moving, teacher_flow,
+                                                       outputs["warped"])
     elif target == "flow":
         term = weight * flow_distillation_loss(outputs["flow"], teacher_flow)
     else:
@@ -206,7 +228,8 @@ class RegistrationTrainer(BuiltTrainer):
             terms = add_label_loss(terms, self.loss_weights.label, batch, outputs)
             terms = add_distillation(terms, self.distiller, batch, outputs, targets)
             terms = add_flow_distillation(terms, self.flow_weight, teacher_flow, outputs,
-                                          batch["moving"], self.flow_target)
+                                          batch["moving"], self.flow_target,
+                                          batch["fixed"])
             loss = average_over_batch(terms["total"], self.global_batch_size)
         variables = self.trainable_weights_to_update()
         self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
