@@ -71,6 +71,9 @@ def parse_args(argv=None):
                          help="what --flow-distill compares: the flows, or the moving "
                               "image warped by each (image-level; warped_gated: only on "
                               "pairs the teacher aligns better than the student)")
+    distill.add_argument("--refine-targets", type=int, default=0, metavar="N",
+                         help="refine the teacher's flow of every batch by N steps of "
+                              "instance optimisation before it is a target")
     distill.add_argument("--aldk", action="store_true",
                          help="adversarial distillation (WGAN-GP critic)")
     distill.add_argument("--critic-input", choices=("flow", "images"), default="flow",
@@ -125,7 +128,8 @@ def run_config(args, dataset: str) -> RunConfig:
     return RunConfig(dataset=dataset, model=model, teacher=teacher,
                      aldk=ALDKConfig(enabled=args.aldk, flow_weight=args.flow_distill,
                                      flow_target=args.distill_target,
-                                     critic_input=args.critic_input),
+                                     critic_input=args.critic_input,
+                                     refine=args.refine_targets),
                      preprocessing=preprocessing(args.size).to_dict(),
                      losses=LossWeights(label=args.label_weight),
                      train=TrainConfig(batch=args.batch, round=args.steps // epochs,

@@ -15,20 +15,26 @@ from scripts import load_script
 
 
 def test_run_configs_differ_only_where_the_rows_say(tmp_path):
-    args = demo_cli.parse_args(["--student-steps", "7", "--teacher-steps", "5",
-                                "--crd-control"])
-    configs = demo.run_configs(args, "data/demo.json", "weights/teacher")
+    args = demo_cli.parse_args(["--student-steps", "12", "--teacher-steps", "6",
+                                "--crd-control", "--precision", "float32"])
+    configs = demo.run_configs(args, "data/demo.json", "weights/teacher", teacher_rep=2)
     assert list(configs) == ["teacher", "student", "student_warp_distill", "student_aldk",
                              "student_distilled", "student_crd"]
-    assert configs["teacher"].train.round == 5
+    teacher = configs["teacher"]
+    assert teacher.train.round * teacher.train.epochs == 6 and teacher.teacher.run is None
     students = [configs[name] for name in list(configs)[1:]]
-    assert all(c.train == students[0].train and c.train.round == 7 for c in students)
-    assert all(c.train.augment for c in students)          # one augmentation for all
+    # The same generated pairs, schedule, budget and losses for every student row.
+    assert all(c.train == students[0].train for c in students)
+    assert students[0].train.round * students[0].train.epochs == 12
+    assert students[0].train.schedule == "step" and students[0].train.epochs == 6
+    assert students[0].train.generator["source"] == "mixed"
+    assert all(c.losses == students[0].losses and c.losses.label == 1.0 for c in students)
+    assert teacher.train.generator == students[0].train.generator
     flow, aldk = configs["student_warp_distill"].aldk, configs["student_aldk"].aldk
-    assert flow.flow_weight > 0 and not flow.enabled and aldk.enabled
-    assert flow.flow_target == "warped" and aldk.flow_weight == 0
-    assert flow.refine == aldk.refine == 30
-    assert {c.teacher.run for c in students} == {None, "weights/teacher"}
+    assert flow.flow_weight == 3.0 and not flow.enabled and aldk.enabled
+    assert flow.flow_target == "warped_gated" and aldk.flow_weight == 0
+    assert {(c.teacher.run, c.teacher.rep) for c in students} == {(None, 0),
+                                                                 ("weights/teacher", 2)}
     assert configs["student"].teacher.run is None
     assert "student_distilled" not in demo.run_configs(demo_cli.parse_args([]), "d", "t")
     control, crd = configs["student_distilled"], configs["student_crd"]
@@ -43,7 +49,7 @@ def test_demo_end_to_end_tiny_budget(demo_dataset_32, tmp_path, capsys):
     out = tmp_path / "demo"
     shutil.copytree(Path(demo_dataset_32).parent, out / "data")   # skip building it
     code = demo_cli.main(["--out", str(out), "--teacher-steps", "2", "--student-steps",
-                          "2", "--refine-steps", "2", "--crd-control", "--no-export"])
+                          "2", "--teacher-reps", "2", "--crd-control", "--no-export"])
     printed = capsys.readouterr().out
     assert code == 0
     results = json.loads((out / "results.json").read_text())
@@ -51,7 +57,10 @@ def test_demo_end_to_end_tiny_budget(demo_dataset_32, tmp_path, capsys):
     for method, row in results.items():
         assert 0.0 < row["dice"] <= 1.0 and 0.0 < row["jacc"] <= row["dice"], method
         assert demo.LABELS[method] in printed
-    assert results["before"]["params"] == 0
+    assert results["before"]["params"] == 0 and results["teacher"]["rep"] in (1, 2)
+    reps = json.loads((out / "evaluate" / "teacher-rep.json").read_text())
+    assert set(reps) == {"1", "2"} and results["teacher"]["rep"] == int(max(reps,
+                                                                           key=reps.get))
     config = RunConfig.load(str(out / "weights" / "student_crd"))
     assert config.model.resolution_factor == 2 and config.train.round == 2
     _, model = runs.load_model(str(out / "weights" / "student_crd"))

@@ -37,7 +37,8 @@ from aldk_tf import spatial
 from aldk_tf.losses import critic_loss, distillation_loss, registration_losses
 from aldk_tf.training.trainer import (BuiltTrainer, add_distillation, add_flow_distillation,
                                       add_label_loss,
-                                      average_over_batch, network_inputs, replica_mean,
+                                      average_over_batch, network_inputs, online_target,
+                                      replica_mean,
                                       unpack)
 
 ALDK_METRICS = ("loss", "rec", "dis", "critic", "gp", "adversarial")
@@ -114,7 +115,7 @@ class ALDKTrainer(BuiltTrainer):
         if self.teacher is None:
             raise ValueError("ALDK batch has no 'teacher_flow' and no teacher model was "
                              "given")
-        return tf.stop_gradient(self.teacher(network_inputs(batch), training=False)["flow"])
+        return online_target(self.teacher, batch, self.aldk.refine)
 
     def _alpha(self, batch_size, step):
         """Uniform ``[B, 1, 1, 1, 1]`` weights for this replica's samples: the slice of a

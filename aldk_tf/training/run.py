@@ -30,6 +30,7 @@ from aldk_tf.training.checkpoints import (CheckpointCallback, RunCheckpoint,
 from aldk_tf.config import RunConfig, atomic_write_text
 from aldk_tf.networks.critic import FlowCritic
 from aldk_tf.training.crd import CrossResolutionDistiller
+from aldk_tf.training.optimizers import FusedAdam
 from aldk_tf.training.schedules import release_schedule
 from aldk_tf.training.flow_store import (TeacherFlowStore, check_flow_shapes, flows_path,
                                          missing_pairs, provenance, set_aside_if_stale,
@@ -335,7 +336,7 @@ def build_trainer(config: RunConfig, teacher=None, online: bool = False) -> Trai
     schedule = release_schedule(config.train.schedule, config.train.lr,
                                 config.train.round, total_steps,
                                 cosine=config.model.role == "student")
-    optimizer = keras.optimizers.Adam(schedule, global_clipnorm=config.train.clip_norm or None)
+    optimizer = FusedAdam(schedule, global_clipnorm=config.train.clip_norm or None)
     distiller = None
     if config.crd.enabled:
         # The distiller runs the teacher on every batch, so ALDK uses those flows too.
@@ -346,7 +347,7 @@ def build_trainer(config: RunConfig, teacher=None, online: bool = False) -> Trai
     if config.aldk.enabled:
         critic = FlowCritic(config.model.image_size, output=config.aldk.critic_output,
                             channels=3 if config.aldk.critic_input == "flow" else 2)
-        critic_optimizer = keras.optimizers.Adam(config.aldk.critic_lr)
+        critic_optimizer = FusedAdam(config.aldk.critic_lr)
         trainer = ALDKTrainer(network, critic, config.losses, config.aldk,
                               teacher=teacher if online else None,
                               global_batch_size=config.train.batch,
@@ -358,7 +359,8 @@ def build_trainer(config: RunConfig, teacher=None, online: bool = False) -> Trai
                                   distiller=distiller,
                                   flow_weight=config.aldk.flow_weight,
                                   flow_target=config.aldk.flow_target,
-                                  teacher=teacher if generated else None)
+                                  teacher=teacher if generated else None,
+                                  refine=config.aldk.refine if generated else 0)
     trainer.compile(optimizer=optimizer)
     optimizer.build(trainer.trainable_weights_to_update())
     return TrainerParts(network, optimizer, trainer, distiller=distiller)

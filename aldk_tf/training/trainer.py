@@ -101,6 +101,21 @@ def gated_warped_distillation_loss(fixed: tf.Tensor, moving: tf.Tensor,
     return gate * similarity_loss(target, student_warped)
 
 
+def online_target(teacher, batch: dict, refine: int = 0) -> tf.Tensor:
+    """The teacher's flow for ``batch`` (no gradient), refined by ``refine`` steps of
+    instance optimisation per pair when ``refine`` > 0 (:mod:`aldk_tf.training.refine`,
+    its default step size): the refined targets of stored flows, made on every generated
+    batch."""
+    flow = tf.stop_gradient(teacher(network_inputs(batch), training=False)["flow"])
+    if refine:
+        from aldk_tf.training.refine import refine_flow
+        flow, _ = refine_flow(tf.cast(batch["fixed"], tf.float32),
+                              tf.cast(batch["moving"], tf.float32),
+                              tf.cast(flow, tf.float32), int(refine))
+        flow = tf.stop_gradient(flow)
+    return flow
+
+
 def add_flow_distillation(terms: dict, weight: float, teacher_flow, outputs,
                           moving=None, target: str = "flow", fixed=None) -> dict:
     """Add ``weight`` times the plain distillation term (no critic) to ``terms`` and its
@@ -202,10 +217,11 @@ class RegistrationTrainer(BuiltTrainer):
 
     def __init__(self, network, loss_weights, global_batch_size=None, distiller=None,
                  flow_weight: float = 0.0, flow_target: str = "flow", teacher=None,
-                 **kwargs):
+                 refine: int = 0, **kwargs):
         super().__init__(("loss",), distiller, flow_weight, loss_weights.label, **kwargs)
         self.flow_target = flow_target
         self.teacher = teacher            # run per batch when the batch has no teacher_flow
+        self.refine = int(refine)         # its flow refined by this many steps
         self.network = network
         self.loss_weights = loss_weights
         self.global_batch_size = global_batch_size
@@ -220,8 +236,7 @@ class RegistrationTrainer(BuiltTrainer):
                    if self.distiller is not None else None)
         teacher_flow = batch.get("teacher_flow")
         if teacher_flow is None and self.teacher is not None and self.flow_weight:
-            teacher_flow = tf.stop_gradient(
-                self.teacher(network_inputs(batch), training=False)["flow"])
+            teacher_flow = online_target(self.teacher, batch, self.refine)
         with tf.GradientTape() as tape:
             outputs = self.network(network_inputs(batch), training=True)
             terms = registration_losses(outputs, batch["fixed"], self.loss_weights)
