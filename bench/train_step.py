@@ -78,7 +78,8 @@ def parse_args(argv=None):
     parser.add_argument("--label", default="", help="a name for this run (e.g. before)")
     parser.add_argument("--before", help="the JSON of an earlier run (e.g. of the code "
                         "before a change): each row gets its before_ms and speed_up")
-    parser.add_argument("--json", default=os.path.join(HERE, "results", "train-64.json"))
+    parser.add_argument("--json", help="write the rows here (default: printed only, so a "
+                        "trial run never overwrites a committed measurement)")
     return parser.parse_args(argv)
 
 
@@ -299,6 +300,8 @@ def main(argv=None) -> int:
         document["load_average_after"] = os.getloadavg()
         if before is not None:
             compare_with(document, before)
+        if not args.json:
+            return
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         atomic_write_text(args.json, json.dumps(document, indent=1) + "\n")
 
