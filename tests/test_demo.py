@@ -31,8 +31,9 @@ def test_run_configs_differ_only_where_the_rows_say(tmp_path):
     assert all(c.losses == students[0].losses and c.losses.label == 1.0 for c in students)
     assert teacher.train.generator == students[0].train.generator
     flow, aldk = configs["student_warp_distill"].aldk, configs["student_aldk"].aldk
-    assert flow.flow_weight == 3.0 and not flow.enabled and aldk.enabled
-    assert flow.flow_target == "warped_gated" and aldk.flow_weight == 0
+    assert flow.flow_weight == 1.0 and not flow.enabled and aldk.enabled
+    assert flow.flow_target == "warped" and aldk.flow_weight == 0
+    assert flow.refine == aldk.refine == 20
     assert {(c.teacher.run, c.teacher.rep) for c in students} == {(None, 0),
                                                                  ("weights/teacher", 2)}
     assert configs["student"].teacher.run is None
@@ -49,14 +50,16 @@ def test_demo_end_to_end_tiny_budget(demo_dataset_32, tmp_path, capsys):
     out = tmp_path / "demo"
     shutil.copytree(Path(demo_dataset_32).parent, out / "data")   # skip building it
     code = demo_cli.main(["--out", str(out), "--teacher-steps", "2", "--student-steps",
-                          "2", "--teacher-reps", "2", "--crd-control", "--no-export"])
+                          "2", "--teacher-reps", "2", "--refine-steps", "2", "--crd-control",
+                          "--no-export",
+                          "--lr", "1e-4"])     # two steps that cannot throw the teacher off
     printed = capsys.readouterr().out
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results) == list(demo.METHODS)
     for method, row in results.items():
         assert 0.0 < row["dice"] <= 1.0 and 0.0 < row["jacc"] <= row["dice"], method
-        assert demo.LABELS[method] in printed
+        assert demo.LABELS[method].replace("Rx", f"{row.get('rep', 1)}x") in printed
     assert results["before"]["params"] == 0 and results["teacher"]["rep"] in (1, 2)
     reps = json.loads((out / "evaluate" / "teacher-rep.json").read_text())
     assert set(reps) == {"1", "2"} and results["teacher"]["rep"] == int(max(reps,

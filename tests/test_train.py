@@ -22,7 +22,7 @@ from aldk_tf.networks import build_student, build_teacher
 from aldk_tf.training.flow_store import TeacherFlowStore, flows_path, stored_keys
 from aldk_tf.training.teacher_flows import extract_teacher_flows
 from aldk_tf.training.run import train
-from aldk_tf.training.trainer import RegistrationTrainer
+from aldk_tf.training.trainer import RegistrationTrainer, network_inputs
 
 from synthetic import write_blob_dataset
 
@@ -528,6 +528,31 @@ def test_gated_warped_distillation_only_where_the_teacher_aligns_better():
     assert float(plain[1]) > 0.05 and float(gated[1]) == 0.0
     gradient = tape.gradient(gated, student_flow).numpy()
     assert np.abs(gradient[0]).max() > 0 and np.abs(gradient[1]).max() == 0
+
+
+def test_online_target_is_the_teachers_flow_refined_per_pair():
+    """Generated batches: the distillation target is the teacher's flow, refined by N
+    instance-optimisation steps when asked (refine_flow's result), never differentiated."""
+    from aldk_tf.training.refine import refine_flow
+    from aldk_tf.training.trainer import online_target
+    keras.utils.set_random_seed(0)
+    size = (16, 16, 16)
+    teacher = build_student(size)
+    rng = np.random.default_rng(0)
+    grid = np.indices(size).astype(np.float32)
+    def blob(centre):
+        return np.exp(-((grid - np.reshape(centre, (3, 1, 1, 1))) ** 2).sum(0) / 10.0)
+    batch = {"fixed": blob([7.0, 8.0, 8.0])[None, ..., None],
+             "moving": blob([9.0, 7.0, 8.0])[None, ..., None]}
+    batch = {k: tf.constant(v + 0.01 * rng.random(v.shape, np.float32))
+             for k, v in batch.items()}
+    raw = online_target(teacher, batch)
+    expected = teacher(network_inputs(batch), training=False)["flow"]
+    np.testing.assert_allclose(raw.numpy(), expected.numpy(), atol=1e-6)
+    refined = online_target(teacher, batch, refine=5)
+    reference, _ = refine_flow(batch["fixed"], batch["moving"], expected, 5)
+    np.testing.assert_allclose(refined.numpy(), reference.numpy(), atol=1e-5)
+    assert np.abs(refined.numpy() - raw.numpy()).max() > 1e-3
 
 
 def test_warped_distillation_trains_the_student_towards_the_target(dataset):

@@ -24,20 +24,24 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="demo_run", help="output folder (default demo_run)")
     parser.add_argument("--size", type=int, default=32, help="volume size (32, 64, 128)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--teacher-steps", type=int, default=1200)
-    parser.add_argument("--student-steps", type=int, default=600,
+    parser.add_argument("--teacher-steps", type=int, default=960)
+    parser.add_argument("--student-steps", type=int, default=480,
                         help="steps of every student row (the same generated batches)")
     parser.add_argument("--teacher-reps", type=int, default=3,
                         help="apply the teacher's cascade 1..N times on the validation "
                              "pairs and keep the best (default 3)")
-    parser.add_argument("--warp-weight", type=float, default=3.0,
+    parser.add_argument("--refine-steps", type=int, default=20,
+                        help="instance-optimisation steps refining the teacher's flow of "
+                             "every batch before it is a distillation target (default 20; "
+                             "0: the raw flow)")
+    parser.add_argument("--warp-weight", type=float, default=1.0,
                         help="weight of the image-level distillation term (the student's "
                              "warped image against the moving image warped by the "
-                             "teacher's flow; the similarity's weight is 1)")
+                             "teacher's refined flow; the similarity's weight is 1)")
     parser.add_argument("--distill-target", choices=("warped", "warped_gated"),
-                        default="warped_gated",
-                        help="warped_gated (default): the image-level term only on pairs "
-                             "the teacher aligns better than the student")
+                        default="warped",
+                        help="warped_gated: the image-level term only on pairs the "
+                             "teacher aligns better than the student")
     parser.add_argument("--teacher-cascades", type=int, default=1)
     parser.add_argument("--validation", type=int, default=4, help="validation subjects")
     parser.add_argument("--test", type=int, default=4, help="test subjects")

@@ -136,7 +136,8 @@ def make_parser() -> argparse.ArgumentParser:
     aldk.add_argument("--refine-targets", "--refine_targets", dest="refine_targets",
                       type=int, default=0, metavar="N",
                       help="distil from teacher flows refined by N instance-optimisation "
-                           "steps per training pair (stored once beside the teacher)")
+                           "steps per training pair (stored once beside the teacher; "
+                           "with --generator: on every batch)")
     aldk.add_argument("--beta", type=float, default=0.1)
     aldk.add_argument("--gamma", type=float, default=0.3)
     aldk.add_argument("--lamb", type=float, default=0.1)

@@ -7,8 +7,9 @@ generated pairs (a new pair every step: the template's anatomy under random defo
 half with synthesised intensities; the label term; the step schedule) -> choose how many
 times to apply its cascade on the validation pairs -> train, on the same generated pairs
 with the same schedule and budget, the student alone, with image-level distillation and
-with ALDK from that teacher (run on every batch), and the cross-resolution student (with
-``--crd-control``, also the same CRD terms at full resolution) -> evaluate all on the test
+with ALDK from that teacher (run on every batch, its flows refined per pair), and the
+cross-resolution student (with ``--crd-control``, also the same CRD terms at full
+resolution) -> evaluate all on the test
 subjects -> export the student with the best validation Dice (SavedModel + TFLite) ->
 print a table and write ``DIR/results.json``. The student rows differ only in what their
 names say.
@@ -70,7 +71,8 @@ def run_configs(args, dataset: str, teacher_dir: str,
                 teacher_rep: int = 0) -> dict[str, RunConfig]:
     """The teacher's and the student rows' configurations; the distilled rows run the
     teacher of ``teacher_dir`` with its cascade applied ``teacher_rep`` times (0: as
-    trained)."""
+    trained) on every batch, its flows refined by ``--refine-steps`` (the image-level
+    and ALDK rows; the CRD terms take the raw flows)."""
     size = (args.size,) * 3
     student_model = ModelConfig(image_size=size)
     common = dict(dataset=dataset, losses=LossWeights(label=LABEL_WEIGHT),
@@ -81,9 +83,11 @@ def run_configs(args, dataset: str, teacher_dir: str,
         "student": RunConfig(model=student_model, **common),
         "student_warp_distill": RunConfig(
             model=student_model, aldk=ALDKConfig(flow_weight=args.warp_weight,
-                                                 flow_target=args.distill_target),
+                                                 flow_target=args.distill_target,
+                                                 refine=args.refine_steps),
             **distilled),
-        "student_aldk": RunConfig(model=student_model, aldk=ALDKConfig(enabled=True),
+        "student_aldk": RunConfig(model=student_model,
+                                  aldk=ALDKConfig(enabled=True, refine=args.refine_steps),
                                   **distilled),
     }
     if not args.no_crd:
