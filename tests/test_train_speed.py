@@ -143,7 +143,7 @@ def test_profile_reader_counts_self_time_per_op_type():
 
 
 def test_precision_auto_is_bfloat16_only_where_the_cpu_has_native_bfloat16():
-    from aldk_tf.cli.train import training_precision
+    from aldk_tf.deploy.cpu import training_precision
     with_bf16 = "processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n"
     without = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n"
     assert training_precision("auto", with_bf16) == "bfloat16"

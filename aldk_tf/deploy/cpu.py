@@ -34,3 +34,12 @@ def bf16_features(cpuinfo: str | None = None) -> list[str]:
     """The :data:`BF16_FLAGS` this CPU has, best first (``[]``: no native bfloat16)."""
     flags = cpu_flags(cpuinfo)
     return [flag for flag in BF16_FLAGS if flag in flags]
+
+
+def training_precision(flag: str, cpuinfo: str | None = None) -> str:
+    """``--precision``: auto is bfloat16 where the CPU has native bfloat16 arithmetic
+    (AMX or AVX512-BF16; at 1200 steps validation Dice 0.531 against float32's 0.533,
+    docs/training.md), else float32."""
+    if flag != "auto":
+        return flag
+    return "bfloat16" if bf16_features(cpuinfo) else "float32"

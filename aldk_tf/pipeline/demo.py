@@ -49,7 +49,7 @@ LABELS = {"before": "before registration", "teacher": "teacher (affine + VTN, Rx
 def train_settings(args, steps: int) -> TrainConfig:
     """The schedule every demo run trains with: generated pairs, ``steps`` in six epochs
     (Adam at ``--lr`` for three, then halved every epoch), gradient norm clipped at 1."""
-    from aldk_tf.cli.train import training_precision
+    from aldk_tf.deploy.cpu import training_precision
     from aldk_tf.data.synth import GeneratorSettings
     epochs = DECAY_EPOCHS if steps >= DECAY_EPOCHS else 1
     return TrainConfig(batch=args.batch, round=-(-steps // epochs), epochs=epochs,
