@@ -45,6 +45,16 @@ def test_run_configs_differ_only_where_the_rows_say(tmp_path):
     assert "student_crd" not in demo.run_configs(demo_cli.parse_args(["--no-crd"]), "d", "t")
 
 
+def test_a_budget_the_schedule_cannot_split_is_one_line(tmp_path, capsys):
+    """Six epochs of the step schedule: 1000 steps would silently become 1002."""
+    out = tmp_path / "demo"
+    assert demo_cli.main(["--out", str(out), "--student-steps", "1000"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1] == ("error: --student-steps 1000: expected a multiple of 6 (the "
+                         "schedule's epochs), or 1 to 5 (a constant rate)")
+    assert not (out / "weights").exists()
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_tiny_budget(demo_dataset_32, tmp_path, capsys):
     out = tmp_path / "demo"

@@ -46,13 +46,16 @@ LABELS = {"before": "before registration", "teacher": "teacher (affine + VTN, Rx
           "student_crd": "student, cross-resolution (1/2)"}
 
 
-def train_settings(args, steps: int) -> TrainConfig:
+def train_settings(args, steps: int, flag: str) -> TrainConfig:
     """The schedule every demo run trains with: generated pairs, ``steps`` in six epochs
     (Adam at ``--lr`` for three, then halved every epoch), gradient norm clipped at 1."""
     from aldk_tf.deploy.cpu import training_precision
     from aldk_tf.data.synth import GeneratorSettings
     epochs = DECAY_EPOCHS if steps >= DECAY_EPOCHS else 1
-    return TrainConfig(batch=args.batch, round=-(-steps // epochs), epochs=epochs,
+    if steps < 1 or steps % epochs:
+        raise ValueError(f"{flag} {steps}: expected a multiple of {DECAY_EPOCHS} (the "
+                         f"schedule's epochs), or 1 to {DECAY_EPOCHS - 1} (a constant rate)")
+    return TrainConfig(batch=args.batch, round=steps // epochs, epochs=epochs,
                        lr=args.lr, seed=args.seed,
                        schedule="step" if epochs > 1 else "constant",
                        checkpoint_every=100, validate_every=0, clip_norm=1.0,
@@ -64,7 +67,7 @@ def teacher_config(args, dataset: str) -> RunConfig:
     return RunConfig(dataset=dataset, model=ModelConfig(
         role="teacher", base="vtn", affine="vtn", n_cascades=args.teacher_cascades,
         image_size=(args.size,) * 3), losses=LossWeights(label=LABEL_WEIGHT),
-        train=train_settings(args, args.teacher_steps))
+        train=train_settings(args, args.teacher_steps, "--teacher-steps"))
 
 
 def run_configs(args, dataset: str, teacher_dir: str,
@@ -76,7 +79,7 @@ def run_configs(args, dataset: str, teacher_dir: str,
     size = (args.size,) * 3
     student_model = ModelConfig(image_size=size)
     common = dict(dataset=dataset, losses=LossWeights(label=LABEL_WEIGHT),
-                  train=train_settings(args, args.student_steps))
+                  train=train_settings(args, args.student_steps, "--student-steps"))
     distilled = dict(common, teacher=TeacherConfig(run=teacher_dir, rep=teacher_rep))
     configs = {
         "teacher": teacher_config(args, dataset),
@@ -212,6 +215,9 @@ def run_demo(args) -> tuple[dict, str | None]:
     from aldk_tf.data import DataError, load_dataset_config
     from aldk_tf.data.demo_set import build_demo
     from aldk_tf.training.run import train
+    for steps, flag in ((args.teacher_steps, "--teacher-steps"),
+                        (args.student_steps, "--student-steps")):
+        train_settings(args, steps, flag)          # a bad budget fails before any work
     out = os.path.abspath(args.out)
     data_dir = os.path.join(out, "data")
     dataset = os.path.join(data_dir, "demo.json")

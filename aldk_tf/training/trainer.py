@@ -79,9 +79,14 @@ def warped_distillation_loss(moving: tf.Tensor, teacher_flow: tf.Tensor,
     many, and matching it voxel by voxel spends the student's capacity on that choice.
     The target is reachable by a deformation, unlike the fixed image itself.
     """
-    target = tf.stop_gradient(spatial.warp(tf.cast(moving, tf.float32),
-                                           tf.cast(teacher_flow, tf.float32)))
-    return similarity_loss(target, student_warped)
+    return similarity_loss(teacher_warped(moving, teacher_flow), student_warped)
+
+
+def teacher_warped(moving: tf.Tensor, teacher_flow: tf.Tensor) -> tf.Tensor:
+    """The moving image warped by the teacher's flow, float32, without gradient: the
+    image-level terms' target."""
+    return tf.stop_gradient(spatial.warp(tf.cast(moving, tf.float32),
+                                         tf.cast(teacher_flow, tf.float32)))
 
 
 def gated_warped_distillation_loss(fixed: tf.Tensor, moving: tf.Tensor,
@@ -93,8 +98,7 @@ def gated_warped_distillation_loss(fixed: tf.Tensor, moving: tf.Tensor,
     it does itself. The gate carries no gradient."""
     fixed = tf.cast(fixed, tf.float32)
     student_warped = tf.cast(student_warped, tf.float32)
-    target = tf.stop_gradient(spatial.warp(tf.cast(moving, tf.float32),
-                                           tf.cast(teacher_flow, tf.float32)))
+    target = teacher_warped(moving, teacher_flow)
     gate = tf.stop_gradient(tf.cast(
         similarity_loss(fixed, target) < similarity_loss(fixed, student_warped),
         tf.float32))
