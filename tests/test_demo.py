@@ -61,17 +61,19 @@ def test_demo_end_to_end_tiny_budget(demo_dataset_32, tmp_path, capsys):
     shutil.copytree(Path(demo_dataset_32).parent, out / "data")   # skip building it
     code = demo_cli.main(["--out", str(out), "--teacher-steps", "2", "--student-steps",
                           "2", "--teacher-reps", "2", "--refine-steps", "2", "--crd-control",
-                          "--no-export",
-                          "--lr", "1e-4", "--precision", "float32"])
+                          "--no-export", "--lr", "1e-4"])    # --precision auto
     printed = capsys.readouterr().out
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results) == list(demo.METHODS)
+    before = results["before"]["dice"]
     for method, row in results.items():
-        # Two-step models have scored Dice 0 in CI (the teacher twice, an image-level
-        # distilled student once; never in local runs): not diagnosed, so only the range
-        # is checked here. The pipeline's numbers are checked by the real demo run.
-        assert 0.0 <= row["dice"] <= 1.0 and 0.0 <= row["jacc"] <= row["dice"], method
+        # Two steps at lr 1e-4 barely move a model: every row scores about "before".
+        # (Under bfloat16 the teacher's and distilled students' rows once scored 0: NaN
+        # weights from oneDNN's bfloat16 weight gradient of the VTN's deepest layers,
+        # now float32; see aldk_tf.deploy.inference._input_smaller_than_kernel.)
+        assert abs(row["dice"] - before) < 0.03, (method, row["dice"], before)
+        assert 0.0 < row["jacc"] <= row["dice"], method
         assert demo.LABELS[method].replace("Rx", f"{row.get('rep', 1)}x") in printed
     assert results["before"]["params"] == 0 and results["teacher"]["rep"] in (1, 2)
     reps = json.loads((out / "evaluate" / "teacher-rep.json").read_text())

@@ -167,6 +167,57 @@ def test_inference_graph_rewrites_pairs_and_keeps_geometry_float32():
     assert policy["cascade_1_conv2"] == "mixed_bfloat16"
 
 
+def test_bfloat16_keeps_convolutions_on_inputs_smaller_than_their_kernel_float32():
+    """A 32^3 teacher's deepest convolutions see 1-2 voxels under a 3x3x3 kernel: exactly
+    those stay float32 under bfloat16 (oneDNN's bfloat16 weight gradient of them is
+    garbage), every other convolution computes in bfloat16."""
+    from aldk_tf.deploy.inference import use_bfloat16_layers
+    model = use_bfloat16_layers(build_teacher(SIZE, 1))
+    convs = [layer for layer in _all_layers(model)
+             if isinstance(layer, keras.layers.Conv3D)
+             and not isinstance(layer, keras.layers.Conv3DTranspose)
+             and layer.filters not in (3, 9)]                 # not the affine heads
+    small = {layer.name for layer in convs
+             if min(layer.input.shape[1:4]) < layer.kernel_size[0]}
+    assert {"affine_stem_conv10", "cascade_1_conv6_1", "cascade_1_conv5"} <= small
+    for layer in convs:
+        expected = "float32" if layer.name in small else "mixed_bfloat16"
+        assert layer.dtype_policy.name == expected, layer.name
+
+
+@pytest.mark.parametrize("size,stride", [(1, 2), (2, 1), (2, 2), (4, 2)])
+def test_bfloat16_weight_gradients_match_float32(size, stride):
+    """The weight gradient of a small stack under ``use_bfloat16_layers`` agrees with the
+    float32 one, including convolutions on inputs smaller than their kernel (where
+    oneDNN's own bfloat16 gradient was 1e16 or NaN: without the float32 rule this fails
+    on an AVX512-BF16 CPU)."""
+    from aldk_tf.deploy.inference import use_bfloat16_layers
+
+    def stack():
+        inputs = keras.Input((4 * size, 4 * size, 4 * size, 2), batch_size=2)
+        x = keras.layers.Conv3D(8, 3, strides=2, padding="same", name="a")(inputs)
+        x = keras.layers.Conv3D(16, 3, strides=2, padding="same", name="b")(x)
+        x = keras.layers.Conv3D(16, 3, strides=stride, padding="same", name="c")(x)
+        return keras.Model(inputs, x)
+
+    reference = stack()
+    mixed = use_bfloat16_layers(stack())
+    mixed.set_weights(reference.get_weights())
+    x = tf.constant(np.random.default_rng(3).normal(size=(2, *(4 * size,) * 3, 2)),
+                    tf.float32)
+    gradients = []
+    for model in (reference, mixed):
+        for _ in range(3):                     # garbage reads vary from call to call
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.cast(model(x), tf.float32) ** 2)
+            gradients.append(tape.gradient(loss, model.trainable_weights))
+    for mixed_gradients in gradients[3:]:
+        for g, r in zip(mixed_gradients, gradients[0]):
+            g, r = g.numpy(), r.numpy()
+            assert np.isfinite(g).all()
+            assert np.abs(g - r).max() <= 0.05 * np.abs(r).max() + 1e-6
+
+
 @pytest.mark.parametrize("subpixel", [True, False])
 def test_flow_multipliers_fold_into_the_sub_pixel_flow_heads(subpixel):
     """Each cascade's flow multiplier (1/2 here) moves into its sub-pixel flow head, whose

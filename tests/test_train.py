@@ -645,3 +645,28 @@ def test_cli_generator_flags_reach_the_config_and_resume_unchanged(dataset, tmp_
                           "--label-weight: expected")):
         with pytest.raises(ValueError, match=message):
             cli.build_config(cli.parse_args(["-b", "LDR", "-d", dataset, *bad]))
+
+
+def test_non_finite_loss_stops_training_before_anything_is_saved(dataset, tmp_path,
+                                                                 monkeypatch):
+    """A step whose loss is NaN stops the run with one clear error naming the run and
+    the step; the NaN state is neither checkpointed nor saved, so the last checkpoint
+    (step 2) is what a resumed run starts from."""
+    import aldk_tf.training.run as run_module
+    run_dir = str(tmp_path / "nan")
+    config = run_config(dataset)
+    train(config, run_dir, verbose=0, max_steps=2)
+    weights = os.path.getmtime(runs.weights_path(run_dir))
+
+    class Exploding(run_module.FusedAdam):        # every update leaves NaN weights
+        def update_step(self, gradient, variable, learning_rate):
+            variable.assign(variable * np.nan)
+
+    monkeypatch.setattr(run_module, "FusedAdam", Exploding)
+    with pytest.raises(runs.RunError, match=r"nan.*became nan at step \d+"):
+        train(runs.load_run_config(run_dir), run_dir, verbose=0, max_steps=9)
+    latest = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    assert latest.endswith("ckpt-2")
+    assert os.path.getmtime(runs.weights_path(run_dir)) == weights
+    _, model = runs.load_model(run_dir)
+    assert all(np.isfinite(w).all() for w in model.get_weights())

@@ -250,11 +250,33 @@ def _affine_heads(model) -> set[int]:
             for layer in stem.layers if getattr(layer, "filters", None) in _GEOMETRY_CHANNELS}
 
 
+def _input_smaller_than_kernel(layer) -> bool:
+    """A forward convolution whose input is, along some axis, shorter than its kernel
+    (the deepest levels of a VTN: 1-2 voxels under a 3x3x3 kernel).
+
+    Such a layer stays float32 under bfloat16: oneDNN's bfloat16 weight gradient
+    (``Conv3DBackpropFilter``) of it reads memory it never wrote -- garbage such as 1e16
+    or NaN where the float32 gradient is finite (TensorFlow 2.21 on an AVX512-BF16 CPU;
+    ``tests/test_inference.py`` checks every case). Through the global gradient-norm clip
+    one such gradient made a whole step a no-op, a NaN one made every weight NaN. The
+    layers are tiny (a few voxels), so float32 costs nothing measurable."""
+    if (not isinstance(layer, keras.layers.Conv3D)
+            or isinstance(layer, keras.layers.Conv3DTranspose)):
+        return False
+    try:
+        shape = layer.input.shape
+    except (AttributeError, ValueError):                 # never called in a graph
+        return False
+    return any(n is not None and n < k for n, k in zip(shape[1:4], layer.kernel_size))
+
+
 def _use_bfloat16(layer, keep_float32: set[int]) -> None:
     if isinstance(layer, _FLOAT32_LAYERS) or not isinstance(layer, _BFLOAT16_LAYERS):
         return
     if id(layer) in keep_float32 or _narrow_concat_eligible(layer):
         return          # affine matrix heads, and image pairs (the networks' float32 input)
+    if _input_smaller_than_kernel(layer):
+        return          # see the function: a wrong bfloat16 weight gradient
     layer.dtype_policy = "mixed_bfloat16"
     if isinstance(getattr(layer, "activation", None), keras.layers.Layer):
         layer.activation.dtype_policy = "mixed_bfloat16"
@@ -280,9 +302,10 @@ def use_fast_layers(model, subpixel: bool = True) -> keras.Model:
 def use_bfloat16_layers(model, keep_float32: set[int] | None = None) -> keras.Model:
     """Mixed precision in place: ``model``'s feature layers (convolutions, activations,
     pooling, concatenations of features) compute in bfloat16 on their float32 variables;
-    the geometry (affine ``W``/``b`` heads, flows, warps, compositions) and the image
-    pairs stay float32. Inference (``dtype="bfloat16"``) and training
-    (``TrainConfig.precision``) use the same split. Returns ``model``."""
+    the geometry (affine ``W``/``b`` heads, flows, warps, compositions), the image
+    pairs and convolutions on inputs smaller than their kernel stay float32. Inference
+    (``dtype="bfloat16"``) and training (``TrainConfig.precision``) use the same split.
+    Returns ``model``."""
     keep_float32 = _affine_heads(model) if keep_float32 is None else keep_float32
     for layer in _all_layers(model):
         _use_bfloat16(layer, keep_float32)

@@ -224,6 +224,24 @@ def preview_images(fixed, moving, warped, flow) -> dict[str, np.ndarray]:
     return {name: image[None] for name, image in images.items()}
 
 
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops training with one clear error the first step whose loss is NaN or infinite,
+    before anything of that step is checkpointed or saved (it runs first): the run's
+    last checkpoint stays the last good state, and a resumed run starts from it."""
+
+    def __init__(self, step_variable, run_dir: str):
+        super().__init__()
+        self.step_variable, self.run_dir = step_variable, run_dir
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            raise runs.RunError(
+                f"{self.run_dir}: the training loss became {float(loss)} at step "
+                f"{int(self.step_variable.numpy())}; stopped before saving it (the last "
+                f"checkpoint is kept). Try a lower --lr or --precision float32.")
+
+
 class ValidationDice(keras.callbacks.Callback):
     """Mean Dice on the first pairs of the validation scheme every ``every`` steps; with
     a log folder also the Dice scalar and previews of the first pair
@@ -443,7 +461,8 @@ def train(config: RunConfig, run_dir: str, verbose: int | str = "auto",
         return {}
 
     log_dir = os.path.join(run_dir, runs.LOG_DIR)
-    callbacks = [CheckpointCallback(checkpoint, config.train.checkpoint_every, run_dir,
+    callbacks = [StopOnNonFiniteLoss(optimizer.iterations, run_dir),
+                 CheckpointCallback(checkpoint, config.train.checkpoint_every, run_dir,
                                     network, write_weights=chief)]
     validation = None
     # On every worker: reading the trackers is a collective under a multi-worker strategy.
