@@ -24,8 +24,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="demo_run", help="output folder (default demo_run)")
     parser.add_argument("--size", type=int, default=32, help="volume size (32, 64, 128)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--teacher-steps", type=int, default=960)
-    parser.add_argument("--student-steps", type=int, default=480,
+    parser.add_argument("--teacher-steps", type=int, default=720)
+    parser.add_argument("--student-steps", type=int, default=360,
                         help="steps of every student row (the same generated batches)")
     parser.add_argument("--teacher-reps", type=int, default=3,
                         help="apply the teacher's cascade 1..N times on the validation "

@@ -58,7 +58,7 @@ def train_settings(args, steps: int, flag: str) -> TrainConfig:
     return TrainConfig(batch=args.batch, round=steps // epochs, epochs=epochs,
                        lr=args.lr, seed=args.seed,
                        schedule="step" if epochs > 1 else "constant",
-                       checkpoint_every=100, validate_every=0, clip_norm=1.0,
+                       checkpoint_every=max(steps // 4, 1), validate_every=0, clip_norm=1.0,
                        generator=GeneratorSettings(source="mixed").to_dict(),
                        precision=training_precision(args.precision))
 
