@@ -78,10 +78,17 @@ def test_bfloat16_training_computes_features_in_bfloat16_and_geometry_in_float32
     keras.utils.set_random_seed(0)
     parts = build_trainer(config("bfloat16"))
     compute = {layer.name: layer.compute_dtype for layer in _layers(parts.network)}
-    convolutions = [name for name, layer in
-                    ((layer.name, layer) for layer in _layers(parts.network))
-                    if isinstance(layer, keras.layers.Conv3D)]
-    assert sum(compute[name] == "bfloat16" for name in convolutions) >= len(convolutions) - 2
+    convolutions = {layer.name: layer for layer in _layers(parts.network)
+                    if isinstance(layer, keras.layers.Conv3D)}
+    # At 16^3 the deepest convolutions see fewer voxels than their kernel: float32 (the
+    # bfloat16 weight gradient of those is wrong, aldk_tf.deploy.inference).
+    small = {name for name, layer in convolutions.items()
+             if not isinstance(layer, keras.layers.Conv3DTranspose)
+             and min(layer.input.shape[1:4]) < layer.kernel_size[0]}
+    assert small and all(compute[name] == "float32" for name in small)
+    others = set(convolutions) - small
+    assert len(others) >= 4
+    assert sum(compute[name] == "bfloat16" for name in others) >= len(others) - 2
     assert all(variable.dtype == "float32" for variable in parts.network.variables)
     outputs = parts.network(network_inputs(batches[0]))
     assert outputs["flow"].dtype == tf.float32 and outputs["warped"].dtype == tf.float32
