@@ -31,8 +31,6 @@ def parse_args(argv=None):
     parser.add_argument("--test", required=True, help="bench/heldout_eval.py --json output")
     parser.add_argument("--records", required=True,
                         help="folder of the runs' long-<name>.json records (--results)")
-    parser.add_argument("--record-prefix", default="long-",
-                        help="record file names: <prefix><name>.json")
     parser.add_argument("--compare", nargs="+", required=True, metavar="ROW:BASELINE")
     parser.add_argument("--seeds", nargs="+", type=int, required=True)
     parser.add_argument("--json", help="write the summary here")
@@ -40,18 +38,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def final_validation(records: str, prefix: str, name: str) -> float | None:
+def final_validation(records: str, name: str) -> float | None:
     """The validation Dice at the run's last validated step (not the best: the
     comparison is at the same budget), or None when the run has no record."""
-    path = os.path.join(records, f"{prefix}{name}.json")
+    path = os.path.join(records, f"long-{name}.json")
     if not os.path.isfile(path):
         return None
     history = json.load(open(path)).get("history") or []     # [[step, dice], ...]
     return float(history[-1][1]) if history else None
 
 
-def paired(test_rows: dict, records: str, prefix: str, row: str, baseline: str,
-           seeds) -> dict:
+def paired(test_rows: dict, records: str, row: str, baseline: str, seeds) -> dict:
     """Per-seed Dice of ``row`` and ``baseline`` (test and validation) and the summary
     of their test differences. Raises ``KeyError`` naming a missing row."""
     per_seed = []
@@ -61,7 +58,7 @@ def paired(test_rows: dict, records: str, prefix: str, row: str, baseline: str,
             if name not in test_rows:
                 raise KeyError(f"no test row {name!r} in the heldout_eval JSON")
         test = [float(test_rows[name]["dice"]) for name in names]
-        validation = [final_validation(records, prefix, name) for name in names]
+        validation = [final_validation(records, name) for name in names]
         per_seed.append({"seed": seed, "test": test, "validation": validation,
                          "difference": test[0] - test[1]})
     return {"row": row, "baseline": baseline, "seeds": per_seed,
@@ -121,8 +118,8 @@ def main(argv=None) -> int:
             print(f"error: --compare {spec!r}: expected ROW:BASELINE", file=sys.stderr)
             return 2
         try:
-            comparisons.append(paired(test_rows, args.records, args.record_prefix, row,
-                                      baseline, args.seeds))
+            comparisons.append(paired(test_rows, args.records, row, baseline,
+                                      args.seeds))
         except KeyError as error:
             print(f"error: --test {args.test}: {error.args[0]}", file=sys.stderr)
             return 2
